@@ -1,0 +1,1 @@
+"""One module per CLI verb: orchestration of the steps."""

@@ -1,0 +1,160 @@
+"""`kvm-borg backup`: freeze → store into every repository → merge back, for each domain."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+import libvirt
+
+from kvm_borg import metadata, signals
+from kvm_borg.actions.common import Context, ensure_state_dir, open_repositories, resolve_domains
+from kvm_borg.engine.planning import DomainHandle, handle_for, make_plan
+from kvm_borg.errors import Interrupted, KvmBorgError
+from kvm_borg.locks import domain_lock
+from kvm_borg.models import ArchiveRequest, DomainResult, RunSummary, StoreResult
+from kvm_borg.plugins import notify
+
+log = logging.getLogger(__name__)
+
+
+def _versions(conn: libvirt.virConnect) -> tuple[str, str]:
+    def dotted(number: int) -> str:
+        return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
+
+    return dotted(conn.getLibVersion()), dotted(conn.getVersion())
+
+
+def _store_all(ctx: Context, name: str, backends, request: ArchiveRequest) -> list[StoreResult]:
+    """Store one request into every repository; one failing repository does not stop the others."""
+    results = []
+    for repo, backend in backends:
+        try:
+            result = backend.store(request)
+        except KvmBorgError as exc:
+            result = StoreResult(repository=repo["name"], ok=False, error=str(exc))
+        if not result.ok:
+            log.error("domain '%s': repository %s failed: %s", name, repo["name"], result.error)
+        else:
+            log.info(
+                "domain '%s': stored %s in %s (%d bytes read, %d bytes added) in %.1fs",
+                name, result.archive, repo["name"], result.original_size, result.deduplicated_size, result.seconds,
+            )
+        notify(ctx.pm, "kvm_borg_after_store", domain=name, repository=repo["name"], result=result)
+        results.append(result)
+    return results
+
+
+def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[str], result: DomainResult,
+                   allow_retry: bool = True) -> None:
+    settings, name = ctx.settings, handle.name
+    timestamp = metadata.utc_timestamp()
+    plan = make_plan(handle, settings, excluded, timestamp)
+    source = ctx.pm.hook.kvm_borg_frozen_source(domain=handle, plan=plan, settings=settings)
+    if source is None:
+        raise KvmBorgError(f"domain '{name}': no plugin can freeze its disks")
+    staging = settings.staging_dir / plan.uuid
+    archive = metadata.archive_name(name, timestamp)
+    notify(ctx.pm, "kvm_borg_before_snapshot", domain=name, disks=list(plan.disks), quiesce=plan.quiesce)
+    release = None
+    try:
+        freeze = source.freeze()
+        result.consistency = freeze.consistency
+        result.freeze_seconds = freeze.freeze_seconds
+        result.warnings.extend(freeze.warnings)
+        notify(ctx.pm, "kvm_borg_after_snapshot", domain=name, disks=freeze.disks, quiesced=freeze.quiesced,
+               seconds=freeze.freeze_seconds)
+        persistent = bool(handle.dom.isPersistent())
+        flags = libvirt.VIR_DOMAIN_XML_SECURE
+        persistent_xml = handle.dom.XMLDesc(flags | libvirt.VIR_DOMAIN_XML_INACTIVE)
+        live_xml = handle.dom.XMLDesc(flags) if plan.running else None
+        lib_version, qemu_version = _versions(handle.connection.conn)
+        meta = metadata.build_meta(
+            plan, freeze, archive=archive, timestamp=timestamp, host=settings.hostname,
+            libvirt_version=lib_version, qemu_version=qemu_version, persistent=persistent,
+            staging_dir=str(staging), has_live_xml=live_xml is not None,
+        )
+        metadata.write_staging(staging, meta, persistent_xml, live_xml)
+        files = metadata.archive_files(meta, str(staging))
+        request = ArchiveRequest(
+            domain=name,
+            archive_name=archive,
+            timestamp=timestamp,
+            files=tuple(files),
+            block_devices=tuple(d.path for d in freeze.disks if d.is_block_device),
+            comment=metadata.archive_comment(meta),
+            total_bytes=sum(d.virtual_size for d in freeze.disks),
+        )
+        if hasattr(source, "mark_stage"):
+            source.mark_stage("storing")
+        result.stores = _store_all(ctx, name, backends, request)
+    finally:
+        with signals.shielded():
+            notify(ctx.pm, "kvm_borg_before_commit", domain=name, disks=list(plan.disks))
+            release = source.release()
+            result.commit_seconds = release.seconds
+            result.warnings.extend(release.warnings)
+            notify(ctx.pm, "kvm_borg_after_commit", domain=name, disks=list(plan.disks), seconds=release.seconds)
+            shutil.rmtree(staging, ignore_errors=True)
+    if release.inconsistent and allow_retry and handle.dom.isActive():
+        result.warnings.append(
+            f"archive {archive} of domain '{name}' may be inconsistent (the domain started while its images "
+            "were read); taking a live backup now"
+        )
+        result.stores = []
+        _backup_locked(ctx, handle, backends, excluded, result, allow_retry=False)
+        return
+    failed = [s.repository for s in result.stores if not s.ok]
+    result.ok = bool(result.stores) and not failed
+    if failed:
+        result.error = f"repository {', '.join(failed)} failed"
+
+
+def backup_domain(ctx: Context, name: str, backends, cli_excluded: list[str]) -> DomainResult:
+    """Given a domain name and the opened repositories, back it up; return its DomainResult.
+
+    Every failure is caught into the result (the run goes on with the next domain) except an
+    interrupting signal, which propagates after the overlays are merged back."""
+    result = DomainResult(domain=name, ok=False)
+    started = time.monotonic()
+    stage = "plan"
+    try:
+        handle = handle_for(ctx.connection, name)
+        excluded = ctx.settings.domains["disks_exclude"].get(name, []) + cli_excluded
+        ensure_state_dir(ctx.settings)
+        with domain_lock(ctx.settings.lock_dir, handle.uuid, name):
+            stage = "backup"
+            _backup_locked(ctx, handle, backends, excluded, result)
+    except KvmBorgError as exc:
+        result.ok = False
+        result.error = str(exc)
+        log.error("%s", exc)
+        notify(ctx.pm, "kvm_borg_on_error", domain=name, stage=stage, error=exc)
+    except libvirt.libvirtError as exc:
+        result.ok = False
+        result.error = f"domain '{name}': libvirt: {exc.get_error_message()}"
+        log.error("%s", result.error)
+        notify(ctx.pm, "kvm_borg_on_error", domain=name, stage=stage, error=exc)
+    finally:
+        result.seconds = time.monotonic() - started
+    return result
+
+
+def run_backup(ctx: Context, names: list[str], all_domains: bool, repo_names: list[str] | None,
+               cli_excluded: list[str]) -> RunSummary:
+    """Given domain names (or --all), --repo names and --exclude-disk targets, back up every domain.
+
+    Bad input (unknown domain or repository) raises before anything changes."""
+    backends = open_repositories(ctx, repo_names)
+    domains = resolve_domains(ctx, names, all_domains)
+    summary = RunSummary()
+    with signals.interruptible():
+        try:
+            for name in domains:
+                summary.domains.append(backup_domain(ctx, name, backends, cli_excluded))
+        except Interrupted:
+            notify(ctx.pm, "kvm_borg_backup_finished", summary=summary)
+            raise
+    notify(ctx.pm, "kvm_borg_backup_finished", summary=summary)
+    return summary

@@ -1,0 +1,129 @@
+"""What every command needs: the plugin manager, repository backends, the embedded default's
+first-use set-up, passphrase-file checks and domain selection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvm_borg.config import Settings, select_repositories
+from kvm_borg.engine.connection import Connection
+from kvm_borg.engine.domain_xml import domain_selected
+from kvm_borg.errors import ConfigError, UsageError
+from kvm_borg.plugins import make_plugin_manager
+
+log = logging.getLogger(__name__)
+
+NOTICE_MARKER = ".first-use-notice-shown"
+
+
+@dataclass
+class Context:
+    """One command's world: settings, plugins, and (lazily) the libvirt connection."""
+
+    settings: Settings
+    pm: object
+    _connection: Connection | None = None
+
+    @property
+    def connection(self) -> Connection:
+        if self._connection is None:
+            self._connection = Connection(self.settings.libvirt_uri)
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+
+def make_context(settings: Settings) -> Context:
+    """Given Settings, return a Context with every plugin loaded."""
+    return Context(settings, make_plugin_manager(settings.plugins))
+
+
+def ensure_state_dir(settings: Settings) -> None:
+    """Create state_dir (0711: QEMU must reach overlays below it, nobody may list it)."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.state_dir, 0o711)
+
+
+def check_passphrase_file(repo: dict) -> None:
+    """Refuse a passphrase file that is missing or readable by group/others (exit 2)."""
+    path = repo.get("passphrase_file")
+    if not path or repo.get("auto_init"):
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"repository {repo['name']}: passphrase_file {path} does not exist") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"repository {repo['name']}: passphrase_file {path} is accessible by others "
+            f"(mode {stat.S_IMODE(mode):04o}); run `chmod 600 {path}`"
+        )
+
+
+def backend_for(ctx: Context, repo: dict):
+    """Given a repository dict, return the backend a plugin offers for its type (ConfigError if none)."""
+    backend = ctx.pm.hook.kvm_borg_repository_backend(repository=repo, settings=ctx.settings)
+    if backend is None:
+        raise ConfigError(f"repository {repo['name']}: no plugin handles repository type {repo['type']!r}")
+    return backend
+
+
+def ensure_embedded_default(ctx: Context, repo: dict, backend) -> None:
+    """For the zero-config repository: generate the passphrase (0600) and create the repository on
+    first use, and tell the user once to export the key and keep the passphrase."""
+    if not repo.get("auto_init"):
+        return
+    ensure_state_dir(ctx.settings)
+    passphrase = Path(repo["passphrase_file"])
+    if not passphrase.exists():
+        fd = os.open(passphrase, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+    if backend.init():
+        marker = ctx.settings.state_dir / NOTICE_MARKER
+        if not marker.exists():
+            print(
+                f"kvm-borg: created the encrypted borg repository {repo['path']} with a generated passphrase "
+                f"in {passphrase} (root only). Keep a copy of both somewhere else: without them the backups "
+                f"cannot be read. Export the key with: BORG_PASSCOMMAND='cat {passphrase}' "
+                f"borg key export {repo['path']} /root/kvm-borg-repo.key",
+                file=sys.stderr,
+            )
+            marker.touch(mode=0o600)
+
+
+def open_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict, object]]:
+    """Given --repo names (or None), return [(repo dict, backend)], checking passphrase files."""
+    chosen = select_repositories(ctx.settings, names)
+    result = []
+    for repo in chosen:
+        check_passphrase_file(repo)
+        backend = backend_for(ctx, repo)
+        ensure_embedded_default(ctx, repo, backend)
+        result.append((repo, backend))
+    return result
+
+
+def resolve_domains(ctx: Context, names: list[str], all_domains: bool) -> list[str]:
+    """Given domain names or --all, return the names to work on; an unknown name is a UsageError."""
+    conn = ctx.connection
+    if all_domains:
+        include = ctx.settings.domains["include"]
+        exclude = ctx.settings.domains["exclude"]
+        return sorted(d.name() for d in conn.conn.listAllDomains(0) if domain_selected(d.name(), include, exclude))
+    if not names:
+        raise UsageError("name at least one domain, or use --all")
+    for name in names:
+        try:
+            conn.lookup(name)
+        except Exception as exc:
+            raise UsageError(str(exc)) from None
+    return list(dict.fromkeys(names))

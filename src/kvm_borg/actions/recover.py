@@ -1,0 +1,52 @@
+"""`kvm-borg recover`: complete what interrupted runs left in the journal. Idempotent."""
+
+from __future__ import annotations
+
+import logging
+
+from kvm_borg import journal
+from kvm_borg.actions.common import Context
+from kvm_borg.errors import KvmBorgError, LockedError, UsageError
+from kvm_borg.locks import domain_lock
+
+log = logging.getLogger(__name__)
+
+
+def run_recover(ctx: Context, names: list[str]) -> list[dict]:
+    """Given domain names (empty: every entry), complete their journal entries.
+
+    Returns one dict per entry: {domain, ok, actions, warnings, error}. A domain whose lock is
+    held by a running backup is reported, not touched."""
+    settings = ctx.settings
+    entries = journal.list_entries(settings.journal_dir)
+    if names:
+        known = {e.domain for e in entries}
+        for name in names:
+            if name not in known:
+                try:
+                    ctx.connection.lookup(name)
+                except KvmBorgError as exc:
+                    raise UsageError(str(exc)) from None
+        entries = [e for e in entries if e.domain in names]
+    outcomes = []
+    for entry in entries:
+        outcome = {"domain": entry.domain, "ok": False, "actions": [], "warnings": [], "error": None}
+        try:
+            with domain_lock(settings.lock_dir, entry.uuid, entry.domain):
+                fresh = journal.read_entry(settings.journal_dir, entry.uuid)
+                if fresh is None:  # completed meanwhile
+                    outcome["ok"] = True
+                else:
+                    report = ctx.pm.hook.kvm_borg_recover_entry(
+                        entry=fresh, connection=ctx.connection, settings=settings
+                    )
+                    if report is None:
+                        raise KvmBorgError(f"no plugin can recover entries of source {fresh.source!r}")
+                    outcome.update(ok=True, actions=report.actions, warnings=report.warnings)
+        except LockedError as exc:
+            outcome["error"] = str(exc)
+        except KvmBorgError as exc:
+            outcome["error"] = str(exc)
+            log.error("%s", exc)
+        outcomes.append(outcome)
+    return outcomes

@@ -1,0 +1,364 @@
+"""Load, validate and normalize the YAML configuration.
+
+Validation is strict: an unknown key, a wrong type or a bad value is a ConfigError whose one-line
+message names the key (``repositories[1].path: required``). With no file at all, the embedded
+default backs up into an encrypted borg repository under ``state_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from kvm_borg.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/kvm-borg/config.yaml")
+CONFIG_ENV = "KVM_BORG_CONFIG"
+QUIESCE_MODES = ("auto", "required", "off")
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2,
+               "g": 1024**3, "gib": 1024**3, "t": 1024**4, "tib": 1024**4,
+               "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Given an int (bytes) or a string like '1GiB' / '500M', return bytes; ConfigError names `key`."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size like 1GiB, got {value!r}")
+    if isinstance(value, int) and value >= 0:
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"{key}: expected a size like 1GiB or 500M, got {value!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Given seconds or a string like '90s', '30m', '26h', '7d', return seconds; ConfigError names `key`."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like 30m or 26h, got {value!r}")
+    if isinstance(value, (int, float)) and value >= 0:
+        return float(value)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
+    if not match:
+        raise ConfigError(f"{key}: expected a duration like 90s, 30m, 26h or 7d, got {value!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+# --- schema --------------------------------------------------------------------------------
+# Each key maps to (checker, default). A checker takes (value, key) and returns the normalized
+# value or raises ConfigError naming the key.
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    return lambda value, key: None if value is None else check(value, key)
+
+
+def _path(value: Any, key: str) -> str:
+    text = _str(value, key)
+    if not os.path.isabs(text):
+        raise ConfigError(f"{key}: expected an absolute path, got {value!r}")
+    return text
+
+
+def _int(minimum: int) -> Callable[[Any, str], int]:
+    def check(value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}: expected a whole number ≥ {minimum}, got {value!r}")
+        return value
+
+    return check
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _str_list(value: Any, key: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    return list(value)
+
+
+def _quiesce(value: Any, key: str) -> str:
+    if value is False:  # YAML 1.1 reads a bare `off` as false
+        return "off"
+    if value not in QUIESCE_MODES:
+        raise ConfigError(f"{key}: expected one of auto, required, off, got {value!r}")
+    return value
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(data: dict, schema: dict, prefix: str) -> dict:
+    """Given a mapping and its schema, return it normalized with defaults filled in."""
+    unknown = sorted(set(data) - set(schema), key=str)
+    if unknown:
+        known = ", ".join(sorted(schema))
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys: {known})")
+    result = {}
+    for name, (check, default) in schema.items():
+        key = f"{prefix}{name}"
+        if name in data:
+            result[name] = check(data[name], key)
+        elif default is _REQUIRED:
+            raise ConfigError(f"{key}: required")
+        else:
+            result[name] = default() if callable(default) else default
+    return result
+
+
+_REQUIRED = object()
+
+
+def _domains(value: Any, key: str) -> dict:
+    data = _check_keys(_mapping(value, key), _DOMAINS_SCHEMA, f"{key}.")
+    excludes = _mapping(data["disks_exclude"], f"{key}.disks_exclude")
+    data["disks_exclude"] = {
+        str(dom): _str_list(targets, f"{key}.disks_exclude.{dom}") for dom, targets in excludes.items()
+    }
+    return data
+
+
+_DOMAINS_SCHEMA = {
+    "include": (_str_list, lambda: ["*"]),
+    "exclude": (_str_list, list),
+    "disks_exclude": (_mapping, dict),
+}
+
+_COMMON_REPOSITORY_SCHEMA = {
+    "name": (_str, _REQUIRED),
+    "type": (_str, _REQUIRED),
+    "passphrase_file": (_optional(_path), None),
+    "passphrase_command": (_optional(_str), None),
+}
+
+REPOSITORY_SCHEMAS: dict[str, dict] = {
+    "borg": {
+        **_COMMON_REPOSITORY_SCHEMA,
+        "path": (_str, _REQUIRED),
+        "encryption": (_str, "repokey-blake2"),
+        "compression": (_str, "lz4"),
+        "chunker_params": (_str, "fixed,4194304"),
+        "lock_wait": (_int(0), 60),
+        "ssh_command": (_optional(_str), None),
+        "remote_path": (_optional(_str), None),
+    },
+    "restic": {
+        **_COMMON_REPOSITORY_SCHEMA,
+        "url": (_str, _REQUIRED),
+        "compression": (_optional(_str), None),
+        "ssh_command": (_optional(_str), None),
+        "host": (_optional(_str), None),
+    },
+}
+
+BORG_ENCRYPTION_MODES = ("none", "authenticated", "authenticated-blake2", "repokey", "keyfile",
+                         "repokey-blake2", "keyfile-blake2")
+
+
+def _repository(value: Any, key: str) -> dict:
+    data = _mapping(value, key)
+    kind = data.get("type")
+    if kind is None:
+        raise ConfigError(f"{key}.type: required (one of {', '.join(REPOSITORY_SCHEMAS)})")
+    if kind not in REPOSITORY_SCHEMAS:
+        raise ConfigError(
+            f"{key}.type: unknown repository type {kind!r} (known: {', '.join(REPOSITORY_SCHEMAS)})"
+        )
+    repo = _check_keys(data, REPOSITORY_SCHEMAS[kind], f"{key}.")
+    if repo["passphrase_file"] and repo["passphrase_command"]:
+        raise ConfigError(f"{key}: give passphrase_file or passphrase_command, not both")
+    if kind == "borg":
+        if repo["encryption"] not in BORG_ENCRYPTION_MODES:
+            raise ConfigError(f"{key}.encryption: unknown borg encryption mode {repo['encryption']!r}")
+        if repo["encryption"] != "none" and not (repo["passphrase_file"] or repo["passphrase_command"]):
+            raise ConfigError(f"{key}: an encrypted repository needs passphrase_file or passphrase_command")
+    if kind == "restic" and not (repo["passphrase_file"] or repo["passphrase_command"]):
+        raise ConfigError(f"{key}: a restic repository needs passphrase_file or passphrase_command")
+    return repo
+
+
+def _repositories(value: Any, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of repositories")
+    repos = [_repository(item, f"{key}[{i}]") for i, item in enumerate(value)]
+    names = [r["name"] for r in repos]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"{key}[{i}].name: duplicate repository name {name!r}")
+    return repos
+
+
+SCHEMA = {
+    "libvirt_uri": (_str, "qemu:///system"),
+    "state_dir": (_path, "/var/lib/kvm-borg"),
+    "overlay_dir": (_optional(_path), None),
+    "overlay_min_free": (parse_size, 1024**3),
+    "quiesce": (_quiesce, "auto"),
+    "guest_agent_timeout": (parse_duration, 10.0),
+    "commit_timeout": (parse_duration, 3600.0),
+    "commit_retries": (_int(1), 5),
+    "domains": (_domains, lambda: {"include": ["*"], "exclude": [], "disks_exclude": {}}),
+    "plugins": (_str_list, list),
+    "borg_binary": (_optional(_path), None),
+    "restic_binary": (_optional(_path), None),
+    "hostname": (_optional(_str), None),
+    "repositories": (_repositories, None),
+}
+
+
+@dataclass
+class Settings:
+    """The validated configuration plus how it was loaded. Plugins receive this object."""
+
+    libvirt_uri: str
+    state_dir: Path
+    overlay_dir: Path | None
+    overlay_min_free: int
+    quiesce: str
+    guest_agent_timeout: float
+    commit_timeout: float
+    commit_retries: int
+    domains: dict
+    plugins: list[str]
+    borg_binary: str | None
+    restic_binary: str | None
+    hostname: str
+    repositories: list[dict]
+    config_path: Path | None = None
+    embedded_default: bool = False
+    progress: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.state_dir / "journal"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.state_dir / "locks"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.state_dir / "staging"
+
+
+def embedded_default_repository(state_dir: str) -> dict:
+    """Given the state dir, return the zero-config repository: local, encrypted, created on first use."""
+    return {
+        "name": "local",
+        "type": "borg",
+        "path": os.path.join(state_dir, "repository"),
+        "encryption": "repokey-blake2",
+        "passphrase_file": os.path.join(state_dir, "passphrase"),
+        "passphrase_command": None,
+        "compression": "lz4",
+        "chunker_params": "fixed,4194304",
+        "lock_wait": 60,
+        "ssh_command": None,
+        "remote_path": None,
+        "auto_init": True,
+    }
+
+
+def validate(data: Any) -> dict:
+    """Given the parsed YAML document, return the normalized config dict or raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    return _check_keys(data, SCHEMA, "")
+
+
+def parse_text(text: str, source: str = "config") -> dict:
+    """Given YAML text, return the normalized config dict; malformed YAML is a one-line ConfigError."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+    return validate(data)
+
+
+def config_path_from(cli_path: str | None) -> tuple[Path, bool]:
+    """Given --config (or None), return (path, explicit): flag, then $KVM_BORG_CONFIG, then /etc."""
+    if cli_path:
+        return Path(cli_path), True
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV]), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_settings(cli_path: str | None = None, *, progress: bool = False) -> Settings:
+    """Given --config (or None), read and validate the configuration and return Settings.
+
+    An explicitly named file that is missing is an error; a missing default file means the
+    embedded default (a local encrypted borg repository under state_dir)."""
+    path, explicit = config_path_from(cli_path)
+    embedded = False
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        data = parse_text(text, str(path))
+    elif explicit:
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{path}: config file {what}")
+    else:
+        data, embedded = validate({}), True
+    if data["repositories"] is None:
+        data["repositories"] = [embedded_default_repository(data["state_dir"])]
+        embedded = True
+    return Settings(
+        libvirt_uri=data["libvirt_uri"],
+        state_dir=Path(data["state_dir"]),
+        overlay_dir=Path(data["overlay_dir"]) if data["overlay_dir"] else None,
+        overlay_min_free=data["overlay_min_free"],
+        quiesce=data["quiesce"],
+        guest_agent_timeout=data["guest_agent_timeout"],
+        commit_timeout=data["commit_timeout"],
+        commit_retries=data["commit_retries"],
+        domains=data["domains"],
+        plugins=data["plugins"],
+        borg_binary=data["borg_binary"],
+        restic_binary=data["restic_binary"],
+        hostname=data["hostname"] or socket.gethostname(),
+        repositories=data["repositories"],
+        config_path=path if path.is_file() else None,
+        embedded_default=embedded,
+        progress=progress,
+    )
+
+
+def select_repositories(settings: Settings, names: list[str] | None) -> list[dict]:
+    """Given Settings and --repo names (or None for all), return the chosen repository dicts."""
+    if not names:
+        return list(settings.repositories)
+    known = {r["name"]: r for r in settings.repositories}
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"--repo {name}: no such repository (configured: {', '.join(known)})")
+    return [known[name] for name in names]

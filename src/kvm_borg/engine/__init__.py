@@ -1,0 +1,1 @@
+"""The built-in libvirt engine: disk choice, snapshot, blockcommit, recovery."""

@@ -1,0 +1,112 @@
+"""Decide what a backup of one domain will do, and refuse unsafe states before anything changes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+import libvirt
+
+from kvm_borg import journal
+from kvm_borg.config import Settings
+from kvm_borg.engine.connection import Connection
+from kvm_borg.engine.domain_xml import choose_disks, is_overlay_path, overlay_path
+from kvm_borg.errors import RefusedError
+from kvm_borg.models import DomainPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DomainHandle:
+    """A libvirt domain as the steps and plugins see it."""
+
+    name: str
+    uuid: str
+    dom: libvirt.virDomain
+    connection: Connection
+
+
+def handle_for(connection: Connection, name: str) -> DomainHandle:
+    """Given a connection and a domain name, return its DomainHandle (KvmBorgError if missing)."""
+    dom = connection.lookup(name)
+    return DomainHandle(dom.name(), dom.UUIDString(), dom, connection)
+
+
+def overlay_fallback_dir(settings: Settings) -> str:
+    """Return the directory for overlays of block-device disks when `overlay_dir` is unset."""
+    return str(settings.state_dir / "overlays")
+
+
+def _checkpoint_names(dom: libvirt.virDomain) -> list[str]:
+    try:
+        return [c.getName() for c in dom.listAllCheckpoints(0)]
+    except (libvirt.libvirtError, AttributeError):
+        return []
+
+
+def make_plan(handle: DomainHandle, settings: Settings, excluded_targets: list[str], timestamp: str) -> DomainPlan:
+    """Given a domain, the settings, disk targets to leave out and the run's timestamp, return its DomainPlan.
+
+    Raises RefusedError, with nothing changed, when a backup would be unsafe: a pending journal
+    entry or a disk already on a kvm-borg overlay (run `kvm-borg recover`), libvirt checkpoints,
+    an active block job, an overlay that already exists, or too little room for overlays."""
+    name, dom = handle.name, handle.dom
+    running = bool(dom.isActive())
+    recover_hint = f"run `kvm-borg recover '{name}'` first"
+    if journal.read_entry(settings.journal_dir, handle.uuid) is not None:
+        raise RefusedError(f"domain '{name}' has an unfinished backup in the journal: {recover_hint}")
+    xml = dom.XMLDesc(0)
+    disks, skipped = choose_disks(xml, excluded_targets)
+    for skip in skipped:
+        log.info("domain '%s': skipping disk %s (%s)", name, skip.target, skip.reason)
+    if not disks:
+        raise RefusedError(f"domain '{name}' has no disk to back up")
+    checkpoints = _checkpoint_names(dom)
+    if checkpoints:
+        raise RefusedError(
+            f"domain '{name}' has libvirt checkpoints ({', '.join(checkpoints)}): external snapshots are "
+            "impossible while they exist; remove them (virsh checkpoint-delete) or exclude the domain"
+        )
+    for disk in disks:
+        if is_overlay_path(disk.source):
+            raise RefusedError(
+                f"disk {disk.target} of domain '{name}' runs on a kvm-borg overlay ({disk.source}): {recover_hint}"
+            )
+        if running and dom.blockJobInfo(disk.target, 0):
+            raise RefusedError(f"disk {disk.target} of domain '{name}' has an active block job; try again later")
+    overlays: dict[str, str] = {}
+    if running:
+        fallback = overlay_fallback_dir(settings)
+        overlay_dir = str(settings.overlay_dir) if settings.overlay_dir else None
+        overlays = {d.target: overlay_path(d.source, d.source_type, overlay_dir, fallback, timestamp) for d in disks}
+        if any(os.path.dirname(p) == fallback for p in overlays.values()):
+            os.makedirs(fallback, mode=0o755, exist_ok=True)  # QEMU must reach its overlays
+        check_overlay_room(name, list(overlays.values()), settings.overlay_min_free)
+    return DomainPlan(
+        name=name,
+        uuid=handle.uuid,
+        running=running,
+        disks=tuple(disks),
+        skipped=tuple(skipped),
+        overlays=overlays,
+        quiesce=settings.quiesce,
+    )
+
+
+def check_overlay_room(name: str, overlays: list[str], min_free: int) -> None:
+    """Refuse when an overlay already exists or a directory for overlays lacks `min_free` bytes."""
+    for path in overlays:
+        if os.path.lexists(path):
+            raise RefusedError(f"domain '{name}': overlay {path} already exists; run `kvm-borg recover '{name}'`")
+    for directory in sorted({os.path.dirname(p) for p in overlays}):
+        if not os.path.isdir(directory):
+            raise RefusedError(f"domain '{name}': overlay directory {directory} does not exist")
+        free = shutil.disk_usage(directory).free
+        if free < min_free:
+            raise RefusedError(
+                f"domain '{name}': only {free // 2**20} MiB free in {directory} for overlays, "
+                f"{min_free // 2**20} MiB required (overlay_min_free)"
+            )

@@ -1,0 +1,35 @@
+"""Exceptions that the CLI turns into one clear line and an exit code."""
+
+
+class KvmBorgError(Exception):
+    """A failure the user can act on; the message is one line. Exit code 2."""
+
+    exit_code = 2
+
+
+class UsageError(KvmBorgError):
+    """Bad input (config, arguments, names): nothing was changed."""
+
+
+class ConfigError(UsageError):
+    """The configuration file is malformed or names a bad value; the message names the key."""
+
+
+class RefusedError(KvmBorgError):
+    """The domain is in a state where a backup would be unsafe; nothing was changed."""
+
+
+class LockedError(KvmBorgError):
+    """Another kvm-borg run holds the lock of this domain."""
+
+
+class CommitError(KvmBorgError):
+    """Overlays could not be merged back; the journal entry stays for `kvm-borg recover`."""
+
+
+class Interrupted(BaseException):
+    """Raised from the SIGTERM/SIGINT handler so every `finally` runs (commit, journal)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum

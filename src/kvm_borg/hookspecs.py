@@ -1,0 +1,76 @@
+"""The whole plugin contract of kvm-borg.
+
+A plugin is any object or module with functions marked ``@hookimpl`` whose names match the
+hooks below. Built-in steps (the libvirt snapshot engine, the borg and restic backends) are
+plugins too; third-party ones load from the ``kvm_borg`` entry-point group and from the module
+names listed under ``plugins:`` in the configuration.
+
+Two kinds of hook:
+- *choosing* hooks (``firstresult=True``): the first plugin that returns something other than
+  ``None`` wins (a backend for a repository type, the source of a domain's frozen disk data);
+- *notification* hooks: every plugin is called, return values are ignored, and an exception
+  raised by a notifier is logged without stopping the backup.
+"""
+
+import pluggy
+
+PROJECT_NAME = "kvm_borg"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# --- choosing hooks -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def kvm_borg_repository_backend(repository, settings):
+    """Given a repository config dict and the Settings, return a RepositoryBackend for its ``type`` or None."""
+
+
+@hookspec(firstresult=True)
+def kvm_borg_frozen_source(domain, plan, settings):
+    """Given a DomainHandle and its DomainPlan, return a FrozenSource that freezes and releases its disks, or None."""
+
+
+@hookspec(firstresult=True)
+def kvm_borg_recover_entry(entry, connection, settings):
+    """Given a journal Entry left by an interrupted run, complete it and return a RecoveryReport, or None if not ours."""
+
+
+# --- notification hooks ---------------------------------------------------------------------
+
+
+@hookspec
+def kvm_borg_before_snapshot(domain, disks, quiesce):
+    """Called before a domain's disks are frozen: its name, the chosen DiskPlans, the quiesce mode."""
+
+
+@hookspec
+def kvm_borg_after_snapshot(domain, disks, quiesced, seconds):
+    """Called once the disks are frozen: FrozenDisks, whether the guest was quiesced, seconds taken."""
+
+
+@hookspec
+def kvm_borg_after_store(domain, repository, result):
+    """Called after one repository stored (or failed to store) a domain's archive: a StoreResult."""
+
+
+@hookspec
+def kvm_borg_before_commit(domain, disks):
+    """Called before overlays are merged back into the domain's images: the FrozenDisks."""
+
+
+@hookspec
+def kvm_borg_after_commit(domain, disks, seconds):
+    """Called after every overlay has been merged back and removed, with the seconds taken."""
+
+
+@hookspec
+def kvm_borg_on_error(domain, stage, error):
+    """Called when a stage (plan, snapshot, store, commit, recover) fails, with the exception."""
+
+
+@hookspec
+def kvm_borg_backup_finished(summary):
+    """Called once per ``kvm-borg backup`` run with the RunSummary of every domain and repository."""

@@ -1,0 +1,137 @@
+"""The archive's layout and its `meta.json`: pure functions, plus writing the staged files.
+
+Layout of every archive (borg and restic alike; paths are relative to the archive root, restic
+shows them with a leading "/"):
+- the disk images (and any backing files below them) at their host path, e.g.
+  `var/lib/libvirt/images/web01.qcow2`, read in place from the frozen images;
+- `<state_dir>/staging/<domain uuid>/meta.json`, `domain.xml` (persistent definition) and
+  `domain-live.xml` (the running definition, absent for a shut-off domain).
+`meta.json` maps each disk target to its image inside the archive; restore reads it first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kvm_borg import __version__
+from kvm_borg.models import DomainPlan, FreezeResult
+
+META_NAME = "meta.json"
+PERSISTENT_XML_NAME = "domain.xml"
+LIVE_XML_NAME = "domain-live.xml"
+META_FORMAT = 1
+
+
+def utc_timestamp(now: datetime | None = None) -> str:
+    """Return the run's UTC time in ISO 8601 basic format, e.g. 20261126T121638Z."""
+    return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def archive_name(domain: str, timestamp: str) -> str:
+    """Given a domain name and a timestamp, return the archive name `{domain}-{timestamp}`."""
+    return f"{domain}-{timestamp}"
+
+
+def relative_archive_path(host_path: str) -> str:
+    """Given an absolute host path, return it relative to the archive root."""
+    return host_path.lstrip("/")
+
+
+def build_meta(
+    plan: DomainPlan,
+    freeze: FreezeResult,
+    *,
+    archive: str,
+    timestamp: str,
+    host: str,
+    libvirt_version: str,
+    qemu_version: str,
+    persistent: bool,
+    staging_dir: str,
+    has_live_xml: bool,
+) -> dict:
+    """Given what a backup planned and froze, return the `meta.json` document."""
+    disks = []
+    for disk in freeze.disks:
+        planned = next(d for d in plan.disks if d.target == disk.target)
+        disks.append(
+            {
+                "target": disk.target,
+                "format": disk.driver_type,
+                "virtual_size": disk.virtual_size,
+                "original_source": disk.original_source,
+                "source_type": planned.source_type,
+                "read_from": disk.path,
+                "archive_path": relative_archive_path(disk.path),
+                "block_device": disk.is_block_device,
+                "backing_chain": [
+                    {"path": path, "archive_path": relative_archive_path(path)} for path in disk.backing_chain
+                ],
+            }
+        )
+    files = {"domain_xml": relative_archive_path(os.path.join(staging_dir, PERSISTENT_XML_NAME))}
+    if has_live_xml:
+        files["domain_live_xml"] = relative_archive_path(os.path.join(staging_dir, LIVE_XML_NAME))
+    return {
+        "kvm_borg": META_FORMAT,
+        "tool_version": __version__,
+        "archive": archive,
+        "created": timestamp,
+        "host": host,
+        "libvirt_version": libvirt_version,
+        "qemu_version": qemu_version,
+        "domain": {"name": plan.name, "uuid": plan.uuid, "running": plan.running, "persistent": persistent},
+        "quiesced": freeze.quiesced,
+        "consistency": freeze.consistency,
+        "disks": disks,
+        "skipped_disks": [{"target": s.target, "reason": s.reason} for s in plan.skipped],
+        "files": files,
+    }
+
+
+def archive_comment(meta: dict) -> str:
+    """Given meta.json, return the one-line JSON comment that marks an archive as kvm-borg's."""
+    return json.dumps(
+        {
+            "kvm_borg": META_FORMAT,
+            "domain": meta["domain"]["name"],
+            "uuid": meta["domain"]["uuid"],
+            "disks": [d["target"] for d in meta["disks"]],
+            "host": meta["host"],
+            "consistency": meta["consistency"],
+        },
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def archive_files(meta: dict, staging_dir: str) -> list[str]:
+    """Given meta.json and the staging dir, return the absolute host paths to store, metadata first."""
+    files = [os.path.join(staging_dir, META_NAME), os.path.join(staging_dir, PERSISTENT_XML_NAME)]
+    if "domain_live_xml" in meta["files"]:
+        files.append(os.path.join(staging_dir, LIVE_XML_NAME))
+    for disk in meta["disks"]:
+        for path in [disk["read_from"]] + [b["path"] for b in disk["backing_chain"]]:
+            if path not in files:
+                files.append(path)
+    return files
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def write_staging(staging_dir: Path, meta: dict, persistent_xml: str, live_xml: str | None) -> None:
+    """Write meta.json and the domain XMLs into a fresh root-only staging directory."""
+    shutil.rmtree(staging_dir, ignore_errors=True)
+    staging_dir.mkdir(parents=True, mode=0o700)
+    _write_private(staging_dir / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    _write_private(staging_dir / PERSISTENT_XML_NAME, persistent_xml)
+    if live_xml is not None:
+        _write_private(staging_dir / LIVE_XML_NAME, live_xml)

@@ -1,0 +1,185 @@
+"""Plain data passed between the steps and the plugins. No behaviour, no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """One disk of a domain chosen for backup, as its XML describes it."""
+
+    target: str  # guest device name, e.g. "vda"
+    source: str  # host path of the active image (file or block device)
+    source_type: str  # "file" or "block"
+    driver_type: str  # image format: "qcow2", "raw", ...
+    backing_chain: tuple[str, ...] = ()  # backing files below `source`, top first
+
+
+@dataclass(frozen=True)
+class SkippedDisk:
+    """A disk left out of the backup and the reason, for the log and meta.json."""
+
+    target: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DomainPlan:
+    """What a backup of one domain will do: which disks, which overlays, how to quiesce."""
+
+    name: str
+    uuid: str
+    running: bool
+    disks: tuple[DiskPlan, ...]
+    skipped: tuple[SkippedDisk, ...]
+    overlays: dict[str, str]  # target -> overlay path (empty for a shut-off domain)
+    quiesce: str  # "auto" | "required" | "off"
+
+
+@dataclass(frozen=True)
+class FrozenDisk:
+    """A disk whose content no longer changes while the backup reads `path`."""
+
+    target: str
+    path: str  # host path the backend reads (the frozen base image or block device)
+    driver_type: str
+    virtual_size: int
+    original_source: str
+    backing_chain: tuple[str, ...] = ()
+    is_block_device: bool = False
+
+
+@dataclass
+class FreezeResult:
+    """What a FrozenSource reports after freezing: the disks and how consistent they are."""
+
+    disks: list[FrozenDisk]
+    quiesced: bool
+    consistency: str  # "quiesced" | "crash-consistent" | "offline"
+    freeze_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+class FrozenSource(Protocol):
+    """Where a domain's frozen disk data comes from (snapshot+commit today, dirty bitmaps later)."""
+
+    def freeze(self) -> FreezeResult: ...
+
+    def release(self) -> "ReleaseResult":
+        """Merge back / clean up. Must be safe to call after a failed or partial freeze."""
+        ...
+
+
+@dataclass
+class ReleaseResult:
+    """What releasing a frozen domain did: warnings, and whether the data read may be inconsistent."""
+
+    warnings: list[str] = field(default_factory=list)
+    inconsistent: bool = False
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ArchiveRequest:
+    """Everything a backend needs to write one archive for one domain."""
+
+    domain: str
+    archive_name: str
+    timestamp: str  # UTC, ISO 8601 basic, e.g. 20261126T121638Z
+    files: tuple[str, ...]  # absolute host paths, metadata files first, images after
+    block_devices: tuple[str, ...]  # the subset of `files` that are block devices
+    comment: str  # one-line JSON that identifies the archive as kvm-borg's
+    total_bytes: int  # bytes to read, for progress
+
+
+@dataclass
+class StoreResult:
+    """One repository's outcome for one domain."""
+
+    repository: str
+    ok: bool
+    archive: str | None = None
+    original_size: int = 0
+    deduplicated_size: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class DomainResult:
+    """One domain's outcome in a run."""
+
+    domain: str
+    ok: bool
+    consistency: str | None = None
+    stores: list[StoreResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    freeze_seconds: float = 0.0
+    commit_seconds: float = 0.0
+
+
+@dataclass
+class RunSummary:
+    """A whole run: every domain's result. `exit_code` follows the documented 0/1/2 rule."""
+
+    domains: list[DomainResult] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if any(not d.ok for d in self.domains):
+            return 2
+        if any(d.warnings or any(s.warnings for s in d.stores) for d in self.domains):
+            return 1
+        return 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"exit_code": self.exit_code, "domains": [dataclasses.asdict(d) for d in self.domains]}
+
+
+@dataclass(frozen=True)
+class ArchiveInfo:
+    """One archive as `kvm-borg list` shows it."""
+
+    name: str
+    domain: str
+    time: str  # ISO 8601
+    repository: str
+    original_size: int | None = None
+    deduplicated_size: int | None = None
+    disks: tuple[str, ...] = ()
+    host: str | None = None
+
+
+class RepositoryBackend(Protocol):
+    """A repository kvm-borg writes to. Implemented by the borg and restic plugins."""
+
+    name: str
+
+    def init(self) -> bool:
+        """Create the repository if it does not exist; return True if it was created."""
+        ...
+
+    def exists(self) -> bool: ...
+
+    def store(self, request: ArchiveRequest) -> StoreResult: ...
+
+    def list_archives(self, domain: str | None = None) -> list[ArchiveInfo]: ...
+
+    def list_paths(self, archive: str) -> list[str]:
+        """Paths stored in an archive, as the backend names them."""
+        ...
+
+    def extract_file(self, archive: str, archive_path: str, destination: Path) -> None:
+        """Write one stored file to `destination` (sparse where the backend can)."""
+        ...
+
+    def archive_path(self, host_path: str) -> str:
+        """The path under which `host_path` is stored in this backend's archives."""
+        ...
