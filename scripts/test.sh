@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The one test command: makes sure libvirtd runs, then runs pytest in the venv.
+#
+#   sudo bash scripts/test.sh [pytest args...]     e.g. -k harness -x
+#
+# Needs `sudo bash scripts/setup.sh --dev` first (venv: KVM_BORG_VENV, default
+# /opt/kvm-borg/venv).
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+KB_STEP=test
+
+PY="$KB_VENV/bin/python"
+[ -x "$PY" ] || kb_die "no venv at $KB_VENV: run 'sudo bash scripts/setup.sh --dev' first"
+"$PY" -c 'import pytest' 2>/dev/null || kb_die "pytest is not installed in $KB_VENV: run 'sudo bash scripts/setup.sh --dev'"
+
+if kb_is_root; then kb_fix_kvm; fi
+kb_ensure_daemons
+
+cd "$KB_REPO_ROOT"
+kb_log "$PY -m pytest tests $*"
+set +e
+"$PY" -m pytest tests "$@"
+rc=$?
+set -e
+case "$rc" in
+    0) kb_log "tests passed" ;;
+    5) kb_log "pytest collected no tests (exit 5): treating that as a failure" >&2; exit 1 ;;
+    *) kb_log "pytest failed with exit code $rc" >&2 ;;
+esac
+exit "$rc"
