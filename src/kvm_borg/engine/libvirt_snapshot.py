@@ -21,6 +21,7 @@ from kvm_borg.engine import images
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import (
     disk_targets,
+    has_guest_agent_channel,
     parse_disks,
     rewrite_disk_source,
     snapshot_xml,
@@ -133,11 +134,14 @@ class SnapshotSource:
         warnings: list[str] = []
         quiesce = False
         if self.plan.quiesce != "off":
-            quiesce = guest_agent_answers(dom, self.settings.guest_agent_timeout)
+            has_channel = has_guest_agent_channel(dom.XMLDesc(0))
+            quiesce = has_channel and guest_agent_answers(dom, self.settings.guest_agent_timeout)
             if not quiesce and self.plan.quiesce == "required":
                 raise RefusedError(f"domain '{name}': quiesce is required but the guest agent does not answer")
-            if not quiesce:
+            if not quiesce and has_channel:
                 warnings.append(f"domain '{name}': guest agent not answering, snapshot is crash-consistent")
+            elif not quiesce:
+                log.info("domain '%s' has no guest agent channel: crash-consistent snapshot", name)
         started = time.monotonic()
         try:
             self._create_snapshot(quiesce)
