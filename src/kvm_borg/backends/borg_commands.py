@@ -1,0 +1,185 @@
+"""Pure builders of borg 1.4 argv tuples, one per subcommand. Nothing here runs borg.
+
+Every builder takes plain values and does borg's quoting itself: borg 1.4 expands ``{...}``
+placeholders in repository locations, archive names, ``--glob-archives`` and ``--comment``, so
+braces are doubled on the way in (a JSON comment would otherwise be refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# An archive name's timestamp: YYYYmmddTHHMMSSZ as shell-glob character classes.
+_TIMESTAMP_GLOB = "[0-9]" * 8 + "T" + "[0-9]" * 6 + "Z"
+_GLOB_METACHARACTERS = "*?[]"
+
+
+def escape_placeholders(text: str) -> str:
+    """Given text for a borg option that expands placeholders, return it with braces doubled."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def archive_location(repo: str, archive: str | None = None) -> str:
+    """Given a repository location and optionally an archive name, return borg's REPO[::ARCHIVE] argument."""
+    location = repo if archive is None else f"{repo}::{archive}"
+    return escape_placeholders(location)
+
+
+def archive_glob(domain: str | None) -> str:
+    """Given a domain name (None: any), return a shell glob matching only its `{domain}-YYYYmmddTHHMMSSZ` archives.
+
+    Glob metacharacters in the name match literally, and the fixed-width timestamp keeps a
+    domain `web` from matching the archives of a domain `web-2`."""
+    if domain is None:
+        return "*-" + _TIMESTAMP_GLOB
+    escaped = "".join(f"[{c}]" if c in _GLOB_METACHARACTERS else c for c in domain)
+    return f"{escaped}-{_TIMESTAMP_GLOB}"
+
+
+def _common_flags(log_json: bool, lock_wait: int | None) -> tuple[str, ...]:
+    return (("--log-json",) if log_json else ()) + (
+        ("--lock-wait", str(lock_wait)) if lock_wait is not None else ()
+    )
+
+
+def make_init_command(
+    binary: str, repo: str, encryption: str, make_parent_dirs: bool = True, *, log_json: bool = True
+) -> tuple[str, ...]:
+    """Given the borg binary, a repository location and an encryption mode, return the `borg init` argv."""
+    return (
+        (binary, "init", "--encryption", encryption)
+        + (("--make-parent-dirs",) if make_parent_dirs else ())
+        + (("--log-json",) if log_json else ())
+        + (archive_location(repo),)
+    )
+
+
+def make_create_command(
+    binary: str,
+    repo: str,
+    archive: str,
+    paths: Sequence[str],
+    *,
+    compression: str,
+    chunker_params: str,
+    read_special: bool,
+    sparse: bool,
+    comment: str | None,
+    progress: bool,
+    log_json: bool,
+    lock_wait: int | None,
+) -> tuple[str, ...]:
+    """Given a repository, a new archive's name and the absolute paths to store, return the `borg create --json` argv.
+
+    `--sparse` is kept only with a fixed chunker (borg refuses it otherwise), `--read-special`
+    only when asked (block devices among the paths); the files cache keeps borg's default mode."""
+    fixed_chunker = chunker_params.split(",", 1)[0] == "fixed"
+    return (
+        (binary, "create", "--json")
+        + _common_flags(log_json, lock_wait)
+        + (("--progress",) if progress else ())
+        + ("--compression", compression)
+        + ("--chunker-params", chunker_params)
+        + (("--sparse",) if sparse and fixed_chunker else ())
+        + (("--read-special",) if read_special else ())
+        + (("--comment", escape_placeholders(comment)) if comment else ())
+        + (archive_location(repo, archive),)
+        + tuple(paths)
+    )
+
+
+def make_list_command(
+    binary: str,
+    repo: str,
+    *,
+    glob: str | None = None,
+    last: int | None = None,
+    log_json: bool = True,
+    lock_wait: int | None = None,
+) -> tuple[str, ...]:
+    """Given a repository and optionally an archive glob and a count, return the `borg list --json` argv of its archives."""
+    return (
+        (binary, "list", "--json")
+        + _common_flags(log_json, lock_wait)
+        + (("--glob-archives", escape_placeholders(glob)) if glob else ())
+        + (("--last", str(last)) if last is not None else ())
+        + (archive_location(repo),)
+    )
+
+
+def make_info_command(
+    binary: str,
+    repo: str,
+    *,
+    glob: str | None = None,
+    log_json: bool = True,
+    lock_wait: int | None = None,
+) -> tuple[str, ...]:
+    """Given a repository and an archive glob, return the `borg info --json` argv (per-archive stats and comments)."""
+    return (
+        (binary, "info", "--json")
+        + _common_flags(log_json, lock_wait)
+        + (("--glob-archives", escape_placeholders(glob)) if glob else ())
+        + (archive_location(repo),)
+    )
+
+
+def make_list_archive_paths_command(
+    binary: str, repo: str, archive: str, *, log_json: bool = True, lock_wait: int | None = None
+) -> tuple[str, ...]:
+    """Given a repository and an archive name, return the `borg list --json-lines` argv of its items."""
+    return (
+        (binary, "list", "--json-lines")
+        + _common_flags(log_json, lock_wait)
+        + (archive_location(repo, archive),)
+    )
+
+
+def make_extract_command(
+    binary: str,
+    repo: str,
+    archive: str,
+    paths: Sequence[str],
+    *,
+    sparse: bool = True,
+    stdout: bool = False,
+    log_json: bool = True,
+    lock_wait: int | None = None,
+) -> tuple[str, ...]:
+    """Given an archive and the archive paths to extract, return the `borg extract` argv (into the cwd, or to stdout).
+
+    Each path is passed as a `pf:` pattern, so it names exactly one item and is never read as a
+    pattern of another style."""
+    return (
+        (binary, "extract")
+        + _common_flags(log_json, lock_wait)
+        + (("--sparse",) if sparse and not stdout else ())
+        + (("--stdout",) if stdout else ())
+        + (archive_location(repo, archive),)
+        + tuple(f"pf:{path}" for path in paths)
+    )
+
+
+def make_check_command(
+    binary: str,
+    repo: str,
+    *,
+    repository_only: bool = False,
+    archives_only: bool = False,
+    verify_data: bool = False,
+    glob: str | None = None,
+    progress: bool = False,
+    log_json: bool = True,
+    lock_wait: int | None = None,
+) -> tuple[str, ...]:
+    """Given a repository and what to check, return the `borg check` argv."""
+    return (
+        (binary, "check")
+        + _common_flags(log_json, lock_wait)
+        + (("--progress",) if progress else ())
+        + (("--repository-only",) if repository_only else ())
+        + (("--archives-only",) if archives_only else ())
+        + (("--verify-data",) if verify_data else ())
+        + (("--glob-archives", escape_placeholders(glob)) if glob else ())
+        + (archive_location(repo),)
+    )

@@ -1,0 +1,214 @@
+"""The one place that runs external commands whose output streams (borg, restic).
+
+It owns what every such run needs: the argv logged at DEBUG, secrets handed over through an
+inherited pipe (never argv, environment values or files), stderr read line by line for progress
+and error messages, and a child that is stopped when the caller is interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import selectors
+import shlex
+import signal
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+# Seconds a child gets after SIGTERM to clean up (borg releases its repository lock) before SIGKILL.
+TERMINATE_GRACE_SECONDS = 5.0
+# How many stderr lines a CommandResult keeps for error messages.
+STDERR_TAIL_LINES = 40
+# An error message is one line; long ones are cut here.
+MAX_MESSAGE_CHARS = 300
+
+_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+@dataclass
+class CommandResult:
+    """A finished command: its exit code, its whole stdout and its last stderr lines."""
+
+    returncode: int
+    stdout: str
+    stderr_tail: list[str] = field(default_factory=list)
+
+
+class CommandError(Exception):
+    """A command that could not run or failed. `argv` holds no secret; `returncode` is None if it never started."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, message: str):
+        super().__init__(message)
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.message = message
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Given any text, return it as one stripped line of at most `limit` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def summarize_stderr(stderr_tail: Sequence[str], returncode: int | None) -> str:
+    """Given a command's last stderr lines and exit code, return a short one-line message."""
+    for line in reversed(stderr_tail):
+        if line.strip():
+            return one_line(line)
+    if returncode is not None and returncode < 0:
+        return f"killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def run_command(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    secret: bytes | None = None,
+    secret_env: str | None = None,
+    on_stderr_line: Callable[[str], None] | None = None,
+    stdin=None,
+    stdout=None,
+    cwd=None,
+    ok_returncodes: Collection[int] | None = None,
+) -> CommandResult:
+    """Given an argv, run it to the end and return a CommandResult.
+
+    `env` is the child's whole environment (None: inherit ours). `secret` reaches the child
+    through an inherited pipe whose fd number goes into the variable `secret_env` (e.g.
+    BORG_PASSPHRASE_FD). Each stderr line goes to `on_stderr_line` as it arrives (in the calling
+    thread). `stdin` defaults to /dev/null so a child never prompts; `stdout` defaults to a pipe
+    whose text lands in the result (pass a file to write it there instead). With
+    `ok_returncodes`, any other exit code raises CommandError; a command that cannot start
+    always does. If the calling thread gets an exception while waiting (KeyboardInterrupt, a
+    signal handler's Interrupted, an error from `on_stderr_line`), the child is stopped (SIGTERM,
+    SIGKILL after TERMINATE_GRACE_SECONDS), reaped, and the exception re-raised.
+    """
+    argv = tuple(os.fspath(arg) for arg in argv)
+    if secret is not None and not secret_env:
+        raise ValueError("a secret needs secret_env, the variable that names its file descriptor")
+    logger.debug("running: %s", shlex.join(argv))
+
+    child_env = dict(os.environ if env is None else env)
+    read_fd = write_fd = None
+    if secret is not None:
+        read_fd, write_fd = os.pipe()  # both non-inheritable; pass_fds opens read_fd to the child only
+        child_env[secret_env] = str(read_fd)
+    try:
+        process = subprocess.Popen(
+            argv,
+            env=child_env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=subprocess.PIPE if stdout is None else stdout,
+            stderr=subprocess.PIPE,
+            pass_fds=() if read_fd is None else (read_fd,),
+            # Own session: no controlling terminal, so neither the child nor its ssh can prompt,
+            # and a Ctrl-C reaches only us; we stop the child in order.
+            start_new_session=True,
+        )
+    except OSError as exc:
+        if write_fd is not None:
+            os.close(write_fd)
+        raise CommandError(argv, None, f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    finally:
+        if read_fd is not None:
+            os.close(read_fd)
+
+    writer = None
+    if write_fd is not None:
+        writer = threading.Thread(target=_write_secret, args=(write_fd, secret), daemon=True)
+        writer.start()
+    try:
+        stdout_bytes, tail = _collect_output(process, on_stderr_line)
+        returncode = process.wait()
+    except BaseException:
+        _stop(process)
+        raise
+    finally:
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+        if writer is not None:
+            writer.join(timeout=TERMINATE_GRACE_SECONDS)
+
+    result = CommandResult(returncode, stdout_bytes.decode("utf-8", "replace"), tail)
+    logger.debug("%s exited with code %s", argv[0], returncode)
+    if ok_returncodes is not None and returncode not in ok_returncodes:
+        raise CommandError(argv, returncode, summarize_stderr(tail, returncode))
+    return result
+
+
+def _write_secret(fd: int, secret: bytes) -> None:
+    """Given the write end of the secret pipe, write the secret and close it (EOF for the child)."""
+    try:
+        view = memoryview(secret)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    except OSError:
+        pass  # the child exited without reading it
+    finally:
+        os.close(fd)
+
+
+def _collect_output(process: subprocess.Popen, on_stderr_line) -> tuple[bytes, list[str]]:
+    """Given a started process, read its stdout and stderr to EOF; return (stdout, last stderr lines)."""
+    tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+    stdout_chunks: list[bytes] = []
+    pending = b""
+
+    def emit(raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace")
+        if not line.strip():
+            return
+        tail.append(line)
+        if on_stderr_line is not None:
+            on_stderr_line(line)
+
+    with selectors.DefaultSelector() as selector:
+        if process.stdout is not None:
+            selector.register(process.stdout, selectors.EVENT_READ, "stdout")
+        selector.register(process.stderr, selectors.EVENT_READ, "stderr")
+        while selector.get_map():
+            for key, _ in selector.select():
+                data = os.read(key.fd, 65536)
+                if not data:
+                    selector.unregister(key.fileobj)
+                elif key.data == "stdout":
+                    stdout_chunks.append(data)
+                else:
+                    # Progress output may end its lines with "\r" only.
+                    *lines, pending = _LINE_BREAK.split(pending + data)
+                    for raw in lines:
+                        emit(raw)
+    if pending:
+        emit(pending)
+    return b"".join(stdout_chunks), list(tail)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Given a child that must not outlive an interrupted caller, SIGTERM it, then SIGKILL its group."""
+    if process.poll() is not None:
+        return
+    logger.warning("stopping %s (pid %d)", os.path.basename(process.args[0]), process.pid)
+    try:
+        process.terminate()
+        try:
+            process.wait(timeout=TERMINATE_GRACE_SECONDS)
+            return
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop after SIGTERM; killing it", process.args[0])
+    finally:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # its own session: take its helpers too
+            except ProcessLookupError:
+                pass
+            process.wait()

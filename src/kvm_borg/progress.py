@@ -1,0 +1,45 @@
+"""Progress bars for long transfers: rich on a terminal, nothing elsewhere (logs stay plain)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+
+@contextmanager
+def transfer_progress(
+    description: str, total: int | None, *, enabled: bool, console: Console | None = None
+) -> Iterator[Callable[[int], None]]:
+    """Given a description, the bytes expected and whether progress is wanted, yield `update(bytes_done)`.
+
+    A bar is drawn only when `enabled` and the console (stderr by default) is a terminal;
+    otherwise `update` does nothing. The bar is removed when the block ends."""
+    console = console or Console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield lambda completed: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total or None)
+
+        def update(completed: int) -> None:
+            progress.update(task, completed=completed)
+
+        yield update
