@@ -11,6 +11,7 @@
 KB_VENV="${KVM_BORG_VENV:-/opt/kvm-borg/venv}"
 KB_URI="${KVM_BORG_LIBVIRT_URI:-qemu:///system}"
 KB_DAEMON_WAIT="${KVM_BORG_DAEMON_WAIT:-60}"
+KB_KVM_DEV="${KVM_BORG_KVM_DEV:-/dev/kvm}"  # overridable for testing only
 KB_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 kb_log()  { printf '[kvm-borg %s] %s\n' "${KB_STEP:-setup}" "$*"; }
@@ -42,13 +43,17 @@ kb_ensure_daemons() {
         systemctl start virtlogd.socket virtlogd.service >/dev/null 2>&1 || systemctl start virtlogd || true
         systemctl start libvirtd.service || kb_warn "systemctl start libvirtd failed"
     fi
+    # The daemons fork into the background and close stdio themselves; their
+    # early output still goes to a file so that nothing keeps our stdout open.
+    local start_log=/var/log/libvirt/kvm-borg-daemon-start.log
+    mkdir -p /var/log/libvirt
     if ! pgrep -x virtlogd >/dev/null 2>&1; then
         kb_log "starting virtlogd -d"
-        virtlogd -d || kb_die "could not start virtlogd"
+        virtlogd -d </dev/null >>"$start_log" 2>&1 || { tail -20 "$start_log" >&2; kb_die "could not start virtlogd (see $start_log)"; }
     fi
     if ! pgrep -x libvirtd >/dev/null 2>&1; then
         kb_log "starting libvirtd -d"
-        libvirtd -d || kb_die "could not start libvirtd"
+        libvirtd -d </dev/null >>"$start_log" 2>&1 || { tail -20 "$start_log" >&2; kb_die "could not start libvirtd (see $start_log)"; }
     fi
 
     local waited=0
@@ -65,23 +70,23 @@ kb_ensure_daemons() {
 # Make /dev/kvm usable by QEMU (user libvirt-qemu, group kvm) when it exists.
 # Only widens permissions when the libvirt-qemu user cannot already open it.
 kb_fix_kvm() {
-    if [ ! -e /dev/kvm ]; then
-        kb_log "/dev/kvm does not exist: domains will use TCG (virt type 'qemu')"
+    if [ ! -e "$KB_KVM_DEV" ]; then
+        kb_log "${KB_KVM_DEV} does not exist: domains will use TCG (virt type 'qemu')"
         return 0
     fi
     local qemu_user=libvirt-qemu
     if ! id "$qemu_user" >/dev/null 2>&1; then
-        kb_warn "user $qemu_user does not exist; leaving /dev/kvm as it is"
+        kb_warn "user $qemu_user does not exist; leaving $KB_KVM_DEV as it is"
         return 0
     fi
-    if runuser -u "$qemu_user" -- test -r /dev/kvm -a -w /dev/kvm 2>/dev/null; then
-        kb_log "/dev/kvm is usable by $qemu_user ($(stat -c '%U:%G %a' /dev/kvm))"
+    if runuser -u "$qemu_user" -- test -r "$KB_KVM_DEV" -a -w "$KB_KVM_DEV" 2>/dev/null; then
+        kb_log "${KB_KVM_DEV} is usable by $qemu_user ($(stat -c '%U:%G %a' "$KB_KVM_DEV"))"
         return 0
     fi
-    kb_is_root || { kb_warn "/dev/kvm is not usable by $qemu_user and I am not root to fix it"; return 0; }
+    kb_is_root || { kb_warn "${KB_KVM_DEV} is not usable by $qemu_user and I am not root to fix it"; return 0; }
     getent group kvm >/dev/null 2>&1 || groupadd --system kvm
     id -nG "$qemu_user" | tr ' ' '\n' | grep -qx kvm || usermod -a -G kvm "$qemu_user"
-    chgrp kvm /dev/kvm
-    chmod g+rw /dev/kvm
-    kb_log "/dev/kvm is now $(stat -c '%U:%G %a' /dev/kvm)"
+    chgrp kvm "$KB_KVM_DEV"
+    chmod g+rw "$KB_KVM_DEV"
+    kb_log "${KB_KVM_DEV} is now $(stat -c '%U:%G %a' "$KB_KVM_DEV")"
 }

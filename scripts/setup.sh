@@ -42,7 +42,7 @@ START=$(date +%s)
 APT_PACKAGES=(
     libvirt-daemon-system libvirt-clients libvirt-dev
     qemu-system-x86 qemu-utils ovmf
-    restic openssh-server e2fsprogs
+    restic openssh-server e2fsprogs procps
     python3-venv python3-dev gcc pkg-config
     liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev
 )

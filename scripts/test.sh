@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: makes sure libvirtd runs, then runs pytest in the venv.
 #
-#   sudo bash scripts/test.sh [pytest args...]     e.g. -k harness -x
+#   sudo bash scripts/test.sh [pytest args...]     e.g. -x -k hmp, or tests/test_harness.py
 #
 # Needs `sudo bash scripts/setup.sh --dev` first (venv: KVM_BORG_VENV, default
 # /opt/kvm-borg/venv).
@@ -19,9 +19,16 @@ if kb_is_root; then kb_fix_kvm; fi
 kb_ensure_daemons
 
 cd "$KB_REPO_ROOT"
-kb_log "$PY -m pytest tests $*"
+# Run the whole tests/ tree unless the arguments name test paths themselves
+# (e.g. tests/test_harness.py or tests/test_x.py::test_y).
+paths=(tests)
+for arg in "$@"; do
+    case "$arg" in -*) continue ;; esac
+    if [ -e "${arg%%::*}" ]; then paths=(); break; fi
+done
+kb_log "$PY -m pytest ${paths[*]} $*"
 set +e
-"$PY" -m pytest tests "$@"
+"$PY" -m pytest "${paths[@]}" "$@"
 rc=$?
 set -e
 case "$rc" in

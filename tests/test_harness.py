@@ -22,6 +22,7 @@ from harness import (
     MiB,
     create_image,
     disk_aliases,
+    domain_xml,
     hmp_read_check,
     hmp_write,
     image_has_pattern,
@@ -183,7 +184,12 @@ def test_teardown_leaves_no_domain_and_no_files(libvirt_conn, run_dir, run_id):
     overlays = _external_snapshot(running, running.dir, metadata=True)
     assert running.dom.snapshotNum(0) == 1
     (running.dir / "vda.qcow2.kvm-borg-tmp").write_bytes(b"x")
-    names = {running.name, transient.name, stopped.name}
+    # A domain "restored" by the code under test, and a file it wrote elsewhere.
+    restored_name = factory.domain_name("restored ü")
+    restored_img = factory.track_path(parent / "restored-vda.qcow2")
+    create_image(restored_img, "qcow2", 4, "zero")
+    libvirt_conn.defineXML(domain_xml(restored_name, {"vda": (restored_img, "qcow2")}, vtype=virt_type()))
+    names = {running.name, transient.name, stopped.name, restored_name}
     dirs = [running.dir, transient.dir, stopped.dir]
     assert names <= _domain_names(libvirt_conn)
 

@@ -361,7 +361,22 @@ class DomainFactory:
         self.run_id = run_id
         self.label = _short_label(label)
         self.created: list[TestDomain] = []
+        self.extra_names: list[str] = []
+        self.extra_paths: list[Path] = []
         self._n = 0
+
+    def domain_name(self, suffix: str) -> str:
+        """``kbtest-<runid>-<suffix>``, removed at cleanup if a domain of that name
+        exists then (use it for domains the code under test creates, e.g. restores)."""
+        name = f"{DOMAIN_PREFIX}{self.run_id}-{suffix}"
+        self.extra_names.append(name)
+        return name
+
+    def track_path(self, path: str | Path) -> Path:
+        """Remove ``path`` (file or directory tree) at cleanup."""
+        p = Path(path)
+        self.extra_paths.append(p)
+        return p
 
     def __call__(self, *args, **kwargs) -> TestDomain:
         return self.make(*args, **kwargs)
@@ -431,7 +446,21 @@ class DomainFactory:
             shutil.rmtree(td.dir, ignore_errors=True)
             if td.dir.exists():
                 errors.append(f"{td.name}: could not remove {td.dir}")
+        for name in reversed(self.extra_names):
+            try:
+                remove_domain(self.conn, name)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{name}: {e}")
+        for p in reversed(self.extra_paths):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            if p.exists() or p.is_symlink():
+                errors.append(f"could not remove {p}")
         self.created.clear()
+        self.extra_names.clear()
+        self.extra_paths.clear()
         return errors
 
 
