@@ -1,0 +1,179 @@
+"""Failures of the spine: every path after a snapshot ends back on the domain's own images, or in a
+journal entry that `kvm-borg recover` completes; refusals change nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from harness import KVM_BORG_BIN, DiskSpec, run_cli
+from harness.cli import _merged_env
+from support import (
+    assert_back_on_own_images,
+    borg_archives,
+    cli_env,
+    journal_entries,
+    overlay_files,
+    write_config,
+    write_passphrase,
+)
+
+MiB = 1 << 20
+TWO_DISKS = [DiskSpec("vda", "qcow2", 32), DiskSpec("vdb", "raw", 32)]
+
+
+def _start_paused_backup(config, domain, pause_file, seconds=120):
+    """Start `kvm-borg backup` that pauses right after its snapshot; return the Popen once paused."""
+    env = _merged_env(cli_env(KBTEST_PAUSE_FILE=pause_file, KBTEST_PAUSE_SECONDS=seconds))
+    proc = subprocess.Popen([str(KVM_BORG_BIN), "--config", str(config), "backup", domain.name],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(pause_file):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "backup never reached its snapshot"
+        time.sleep(0.1)
+    return proc
+
+
+def test_wrong_passphrase_fails_cleanly_and_domain_is_back_on_its_images(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=TWO_DISKS)
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    write_passphrase(image_dir / "kb" / "passphrase", "not the passphrase")
+    proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env())
+    assert proc.returncode == 2
+    store = json.loads(proc.stdout)["domains"][0]["stores"][0]
+    assert not store["ok"] and "passphrase" in store["error"].lower()
+    assert_back_on_own_images(domain, image_dir / "kb" / "state")
+    assert borg_archives(tmp_path / "repo") == []
+
+
+def test_unreachable_repository_fails_cleanly_and_domain_is_back_on_its_images(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=TWO_DISKS)
+    config = write_config(image_dir / "kb", init=False, repositories=[{
+        "name": "gone", "type": "borg", "path": "ssh://nobody@127.0.0.1:1/nowhere",
+        "passphrase_file": str(write_passphrase(tmp_path / "pass")),
+        "ssh_command": "ssh -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no"}])
+    proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env())
+    assert proc.returncode == 2
+    result = json.loads(proc.stdout)["domains"][0]
+    assert not result["ok"] and result["stores"][0]["error"]
+    assert "\n" not in result["stores"][0]["error"]
+    assert_back_on_own_images(domain, image_dir / "kb" / "state")
+
+
+def test_sigterm_mid_backup_merges_back_before_exiting(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=TWO_DISKS)
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    proc = _start_paused_backup(config, domain, tmp_path / "paused")
+    assert domain.live_sources()["vda"].endswith(".qcow2") and ".kvm-borg-" in domain.live_sources()["vda"]
+    domain.hmp_write("vda", 0x5A, 4 * MiB, MiB)  # lands on the overlay
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "overlays were merged back" in err
+    assert_back_on_own_images(domain, image_dir / "kb" / "state")
+    assert domain.hmp_read_check("vda", 0x5A, 4 * MiB, MiB)
+
+
+def test_sigkill_mid_backup_is_completed_by_recover(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=TWO_DISKS)
+    state = image_dir / "kb" / "state"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    proc = _start_paused_backup(config, domain, tmp_path / "paused")
+    proc.kill()
+    proc.communicate(timeout=30)
+    # Stranded: the domain runs on overlays and the journal says so.
+    assert all(".kvm-borg-" in s for s in domain.live_sources().values())
+    assert len(journal_entries(state)) == 1
+    domain.hmp_write("vdb", 0x6B, 4 * MiB, MiB)  # written while stranded: must survive recovery
+    # The next backup refuses clearly and changes nothing.
+    again = run_cli("backup", domain.name, config=config, env=cli_env())
+    assert again.returncode == 2
+    assert "kvm-borg recover" in again.stderr
+    assert len(journal_entries(state)) == 1
+    recover = run_cli("recover", config=config, env=cli_env())
+    assert recover.returncode == 0, recover.stderr
+    assert domain.name in recover.stdout
+    assert_back_on_own_images(domain, state)
+    assert domain.hmp_read_check("vdb", 0x6B, 4 * MiB, MiB)
+    # Idempotent, and the next backup succeeds.
+    assert run_cli("recover", config=config, env=cli_env()).stdout.strip() == "nothing to recover"
+    assert run_cli("backup", domain.name, config=config, env=cli_env()).returncode == 0
+    assert_back_on_own_images(domain, state)
+
+
+def test_sigkill_of_backup_of_domain_shut_down_meanwhile_is_merged_offline(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=TWO_DISKS)
+    state = image_dir / "kb" / "state"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    proc = _start_paused_backup(config, domain, tmp_path / "paused")
+    proc.kill()
+    proc.communicate(timeout=30)
+    domain.hmp_write("vda", 0x7C, 6 * MiB, MiB)
+    domain.destroy()  # the guest powers off while on its overlays
+    assert all(".kvm-borg-" in s for s in domain.inactive_sources().values())
+    recover = run_cli("recover", domain.name, config=config, env=cli_env())
+    assert recover.returncode == 0, recover.stderr
+    assert "qemu-img commit" in recover.stdout
+    assert_back_on_own_images(domain, state)
+    assert domain.has_pattern("vda", 0x7C, 6 * MiB, MiB)
+    domain.start()  # the redefined domain boots from its own images (raw stays raw)
+    assert domain.live_sources() == {t: str(p) for t, p in domain.disks.items()}
+
+
+def test_domain_with_checkpoint_is_refused_with_no_change(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)])
+    domain.dom.checkpointCreateXML("<domaincheckpoint><name>nbd-1</name></domaincheckpoint>", 0)
+    try:
+        config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+        proc = run_cli("backup", domain.name, config=config, env=cli_env())
+        assert proc.returncode == 2
+        assert "checkpoints (nbd-1)" in proc.stderr
+        assert [c.getName() for c in domain.dom.listAllCheckpoints(0)] == ["nbd-1"]  # not deleted
+        assert_back_on_own_images(domain, image_dir / "kb" / "state")
+        assert borg_archives(tmp_path / "repo") == []
+    finally:
+        for checkpoint in domain.dom.listAllCheckpoints(0):
+            checkpoint.delete(0)
+
+
+def test_unknown_domain_is_one_clear_line_and_exit_2(image_dir, tmp_path):
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    proc = run_cli("backup", "kbtest-no-such-domain", config=config, env=cli_env())
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "kvm-borg: error: domain 'kbtest-no-such-domain' does not exist"
+    assert journal_entries(image_dir / "kb" / "state") == []
+
+
+def test_concurrent_backup_of_the_same_domain_is_refused(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "raw", 16)])
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    first = _start_paused_backup(config, domain, tmp_path / "paused", seconds=5)
+    second = run_cli("backup", domain.name, config=config, env=cli_env())
+    assert second.returncode == 2
+    assert f"being handled by another kvm-borg run (pid {first.pid})" in second.stderr
+    first.communicate(timeout=120)
+    assert first.returncode == 0
+    assert_back_on_own_images(domain, image_dir / "kb" / "state")
+
+
+def test_domain_on_a_stray_overlay_is_refused_naming_recover(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)])
+    overlay = domain.dir / "vda.qcow2.kvm-borg-20260101T000000Z.qcow2"
+    domain.dom.snapshotCreateXML(
+        f"<domainsnapshot><disks><disk name='vda' snapshot='external'><source file='{overlay}'/></disk>"
+        "</disks></domainsnapshot>", 0x10 | 0x80 | 0x4)  # DISK_ONLY | ATOMIC | NO_METADATA, by hand
+    try:
+        config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+        proc = run_cli("backup", domain.name, config=config, env=cli_env())
+        assert proc.returncode == 2
+        assert "runs on a kvm-borg overlay" in proc.stderr and "kvm-borg recover" in proc.stderr
+        assert domain.live_sources()["vda"] == str(overlay)
+    finally:
+        subprocess.run(["virsh", "blockcommit", domain.name, "vda", "--active", "--pivot", "--wait"],
+                       capture_output=True)
+        overlay.unlink(missing_ok=True)
