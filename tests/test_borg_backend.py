@@ -215,6 +215,21 @@ def test_error_message_adds_the_remote_reason():
     assert log.msgids == ["ConnectionClosedWithHint"]
 
 
+def test_error_message_names_a_question_we_answered_no():
+    log = BorgLog()
+    for record in (
+        {"type": "question_prompt", "msgid": "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK",
+         "message": "Warning: Attempting to access a previously unknown unencrypted repository!\nDo you want to continue? [yN] "},
+        {"type": "question_accepted_false", "msgid": "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK", "message": "Aborting."},
+        {"type": "log_message", "levelname": "ERROR", "message": "Cache initialization aborted"},
+    ):
+        log.feed(json.dumps(record))
+    assert log.error_message(2) == (
+        "Cache initialization aborted (Warning: Attempting to access a previously unknown unencrypted "
+        "repository! Answered no by BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=no)"
+    )
+
+
 def test_error_message_of_an_unexpected_exception_names_it():
     log = BorgLog()
     log.feed(json.dumps({"type": "log_message", "levelname": "ERROR", "message": "Local Exception"}))

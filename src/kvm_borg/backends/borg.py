@@ -176,6 +176,8 @@ class BorgLog:
         self.msgids: list[str] = []
         self.tracebacks: list[str] = []
         self.other_lines: list[str] = []
+        self.refused: list[str] = []  # questions borg asked that our environment answered "no"
+        self._question = ""
 
     def feed(self, line: str) -> None:
         """Given one stderr line, record it (a JSON record of borg's, or a plain line)."""
@@ -193,6 +195,11 @@ class BorgLog:
                 self.on_progress(int(record["original_size"]))
         elif kind == "log_message":
             self._log_message(record)
+        elif kind == "question_prompt":
+            self._question = (str(record.get("message", "")).strip().splitlines() or [""])[0]
+            logger.debug("borg asks: %s", record.get("message"))
+        elif kind == "question_accepted_false":
+            self.refused.append(f"{self._question or 'a question'} Answered no by {record.get('msgid')}=no")
         else:  # progress_message, progress_percent, file_status
             logger.debug("borg: %s", record.get("message") or record)
 
@@ -213,7 +220,7 @@ class BorgLog:
             self.warnings.append(one_line(message))
             logger.warning("borg: %s", message)
         else:
-            logger.log(logging.getLevelName(level) if level in ("INFO", "DEBUG") else logging.INFO, "borg: %s", message)
+            logger.log(logging.DEBUG if level == "DEBUG" else logging.INFO, "borg: %s", message)
 
     def error_message(self, returncode: int | None) -> str:
         """Given borg's exit code, return one line saying why it failed, with the remote side's reason if any."""
@@ -229,6 +236,8 @@ class BorgLog:
             message = f"borg was killed by signal {-returncode}"
         else:
             message = f"borg exited with code {returncode}"
+        if self.refused:
+            message = f"{message} ({self.refused[-1]})"
         remote = [w for w in self.warnings if w.startswith("Remote:")]
         if remote and remote[-1] not in message:
             message = f"{message} ({remote[-1]})"
