@@ -9,7 +9,7 @@ import time
 import libvirt
 
 from kvm_borg import metadata, signals
-from kvm_borg.actions.common import Context, ensure_state_dir, open_repositories, resolve_domains
+from kvm_borg.actions.common import Context, ensure_state_dir, open_repositories, print_json, resolve_domains
 from kvm_borg.engine.planning import DomainHandle, handle_for, make_plan
 from kvm_borg.errors import Interrupted, KvmBorgError
 from kvm_borg.locks import domain_lock
@@ -158,3 +158,39 @@ def run_backup(ctx: Context, names: list[str], all_domains: bool, repo_names: li
             raise
     notify(ctx.pm, "kvm_borg_backup_finished", summary=summary)
     return summary
+
+
+def add_arguments(subparsers) -> None:
+    """Register `kvm-borg backup`."""
+    parser = subparsers.add_parser("backup", help="back up domains")
+    parser.add_argument("domains", nargs="*", metavar="DOMAIN")
+    parser.add_argument("--all", action="store_true", help="every domain the config's `domains:` selects")
+    parser.add_argument("--repo", action="append", metavar="NAME", help="only this repository (repeatable)")
+    parser.add_argument("--exclude-disk", action="append", default=[], metavar="TARGET",
+                        help="leave this disk target out (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a TTY")
+    parser.set_defaults(run=run_from_args)
+
+
+def print_summary(summary: RunSummary) -> None:
+    """Print one block per domain: status, archives per repository, warnings."""
+    for domain in summary.domains:
+        status = "ok" if domain.ok else "FAILED"
+        print(f"{domain.domain}: {status} ({domain.consistency or '-'}, {domain.seconds:.1f}s)")
+        for store in domain.stores:
+            if store.ok:
+                print(f"  {store.repository}: {store.archive} ({store.original_size} bytes read, "
+                      f"{store.deduplicated_size} bytes added)")
+            else:
+                print(f"  {store.repository}: FAILED: {store.error}")
+        for warning in domain.warnings:
+            print(f"  warning: {warning}")
+        if domain.error and not domain.stores:
+            print(f"  error: {domain.error}")
+
+
+def run_from_args(ctx: Context, args) -> int:
+    summary = run_backup(ctx, args.domains, args.all, args.repo, args.exclude_disk)
+    print_json(summary.as_dict()) if args.json else print_summary(summary)
+    return summary.exit_code

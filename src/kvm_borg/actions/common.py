@@ -3,6 +3,7 @@ first-use set-up, passphrase-file checks and domain selection."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -127,3 +128,8 @@ def resolve_domains(ctx: Context, names: list[str], all_domains: bool) -> list[s
         except Exception as exc:
             raise UsageError(str(exc)) from None
     return list(dict.fromkeys(names))
+
+
+def print_json(data) -> None:
+    """Print `data` as indented JSON (dataclasses already turned into dicts)."""
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))

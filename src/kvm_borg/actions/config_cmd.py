@@ -20,3 +20,13 @@ def validate_config(ctx: Context) -> str:
         check_passphrase_file(repo)
     where = settings.config_path or "embedded default"
     return f"{where}: valid ({len(settings.repositories)} repositories, {len(settings.plugins)} extra plugins)"
+
+
+def add_arguments(subparsers) -> None:
+    """Register `kvm-borg config generate|validate`."""
+    config = subparsers.add_parser("config", help="generate or validate the configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    generate = config_sub.add_parser("generate", help="print a commented sample configuration")
+    generate.set_defaults(run=lambda _ctx, _args: print(sample_config(), end="") or 0, needs_settings=False)
+    validate = config_sub.add_parser("validate", help="check the configuration file and its plugins")
+    validate.set_defaults(run=lambda ctx, _args: print(validate_config(ctx)) or 0)

@@ -216,3 +216,12 @@ def run_doctor(ctx: Context, round_trip: bool = False, as_json: bool = False) ->
             print(f"  {plugin['name']} ({kind}): {', '.join(plugin['hooks'])}")
     statuses = {s for _, s, _ in rows}
     return 2 if FAIL in statuses else 1 if WARN in statuses else 0
+
+
+def add_arguments(subparsers) -> None:
+    """Register `kvm-borg doctor`."""
+    parser = subparsers.add_parser("doctor", help="check the host, show versions and plugins")
+    parser.add_argument("--round-trip", action="store_true",
+                        help="back up a scratch domain into a temporary repository and compare the restore")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(run=lambda ctx, args: run_doctor(ctx, round_trip=args.round_trip, as_json=args.json))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from kvm_borg.actions.common import Context, check_passphrase_file, backend_for, ensure_embedded_default
+from dataclasses import asdict
+
+from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, ensure_embedded_default, print_json
 from kvm_borg.config import select_repositories
 from kvm_borg.models import ArchiveInfo
 
@@ -32,3 +34,33 @@ def run_init(ctx: Context, repo_names: list[str] | None) -> list[dict]:
         else:
             outcomes.append({"repository": repo["name"], "created": backend.init()})
     return outcomes
+
+
+def add_arguments(subparsers) -> None:
+    """Register `kvm-borg list` and `kvm-borg init`."""
+    listing = subparsers.add_parser("list", help="list archives")
+    listing.add_argument("domain", nargs="?", metavar="DOMAIN")
+    listing.add_argument("--repo", action="append", metavar="NAME")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=list_from_args)
+    init = subparsers.add_parser("init", help="create the configured repositories")
+    init.add_argument("--repo", action="append", metavar="NAME")
+    init.set_defaults(run=init_from_args)
+
+
+def list_from_args(ctx: Context, args) -> int:
+    archives = run_list(ctx, args.domain, args.repo)
+    if args.json:
+        print_json([asdict(a) for a in archives])
+        return 0
+    print(f"{'REPOSITORY':<12} {'ARCHIVE':<48} {'TIME':<26} {'ORIGINAL':>14} {'ADDED':>14}  DISKS")
+    for a in archives:
+        print(f"{a.repository:<12} {a.name:<48} {a.time:<26} {a.original_size or 0:>14,d} "
+              f"{a.deduplicated_size or 0:>14,d}  {','.join(a.disks)}")
+    return 0
+
+
+def init_from_args(ctx: Context, args) -> int:
+    for outcome in run_init(ctx, args.repo):
+        print(f"{outcome['repository']}: {'created' if outcome['created'] else 'already exists'}")
+    return 0

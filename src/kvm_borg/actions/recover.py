@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from kvm_borg import journal
-from kvm_borg.actions.common import Context
+from kvm_borg.actions.common import Context, print_json
 from kvm_borg.errors import KvmBorgError, LockedError, UsageError
 from kvm_borg.locks import domain_lock
 
@@ -50,3 +50,30 @@ def run_recover(ctx: Context, names: list[str]) -> list[dict]:
             log.error("%s", exc)
         outcomes.append(outcome)
     return outcomes
+
+
+def add_arguments(subparsers) -> None:
+    """Register `kvm-borg recover`."""
+    parser = subparsers.add_parser("recover", help="merge back overlays left by interrupted runs")
+    parser.add_argument("domains", nargs="*", metavar="DOMAIN")
+    parser.add_argument("--all", action="store_true", help="every journal entry (the default without names)")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(run=run_from_args)
+
+
+def run_from_args(ctx: Context, args) -> int:
+    outcomes = run_recover(ctx, [] if args.all else args.domains)
+    if args.json:
+        print_json(outcomes)
+    else:
+        if not outcomes:
+            print("nothing to recover")
+        for outcome in outcomes:
+            print(f"{outcome['domain']}: {'recovered' if outcome['ok'] else 'FAILED: ' + outcome['error']}")
+            for action in outcome["actions"]:
+                print(f"  {action}")
+            for warning in outcome["warnings"]:
+                print(f"  warning: {warning}")
+    if any(not o["ok"] for o in outcomes):
+        return 2
+    return 1 if any(o["warnings"] for o in outcomes) else 0
