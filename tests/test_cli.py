@@ -1,0 +1,111 @@
+"""The CLI's promises: zero-config default, config generate/validate, doctor, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from harness import DiskSpec, run_cli
+from support import assert_back_on_own_images, borg, cli_env, write_config, write_passphrase
+
+DEFAULT_STATE_DIR = Path("/var/lib/kvm-borg")
+
+
+@pytest.fixture
+def pristine_default_state_dir(tmp_path):
+    """Move an existing /var/lib/kvm-borg aside for the test, and put it back afterwards."""
+    aside = None
+    if DEFAULT_STATE_DIR.exists():
+        aside = tmp_path / "kvm-borg-aside"
+        shutil.move(DEFAULT_STATE_DIR, aside)
+    yield DEFAULT_STATE_DIR
+    shutil.rmtree(DEFAULT_STATE_DIR, ignore_errors=True)
+    if aside is not None:
+        shutil.move(aside, DEFAULT_STATE_DIR)
+
+
+def test_zero_config_backs_up_into_an_encrypted_local_repository(domain_factory, pristine_default_state_dir, tmp_path,
+                                                                 monkeypatch):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)])
+    env = cli_env(KVM_BORG_CONFIG="")
+    assert not Path("/etc/kvm-borg/config.yaml").exists()
+    first = run_cli("backup", domain.name, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "Export the key with" in first.stderr  # the one-time notice
+    passphrase = pristine_default_state_dir / "passphrase"
+    assert stat.S_IMODE(passphrase.stat().st_mode) == 0o600
+    assert stat.S_IMODE((pristine_default_state_dir / "repository").stat().st_mode) & 0o077 == 0
+    info = json.loads(borg("info", "--json", pristine_default_state_dir / "repository",
+                           passphrase=passphrase.read_text().strip()).stdout)
+    assert info["encryption"]["mode"] == "repokey-blake2"
+    second = run_cli("backup", domain.name, env=env)
+    assert second.returncode == 0 and "Export the key with" not in second.stderr
+    listed = json.loads(run_cli("list", "--json", env=env).stdout)
+    assert [a["domain"] for a in listed] == [domain.name, domain.name]
+    assert passphrase.read_text().strip() not in first.stderr + first.stdout + second.stderr
+    assert_back_on_own_images(domain, pristine_default_state_dir)
+
+
+def test_generated_config_is_valid_and_validate_reports_it(tmp_path):
+    generated = run_cli("config", "generate")
+    assert generated.returncode == 0 and generated.stdout.startswith("# kvm-borg configuration")
+    path = tmp_path / "generated.yaml"
+    text = generated.stdout.replace("/etc/kvm-borg/passphrase", str(write_passphrase(tmp_path / "p")))
+    path.write_text(text)
+    proc = run_cli("config", "validate", config=path)
+    assert proc.returncode == 0, proc.stderr
+    assert "valid (1 repositories" in proc.stdout
+
+
+@pytest.mark.parametrize("text, message", [
+    ("repositories: [{name: a, type: borg}]", "repositories[0].path: required"),
+    ("quiesce: maybe", "quiesce: expected one of auto, required, off"),
+    ("repositories: [{name: a, type: zip, path: /x}]", "unknown repository type 'zip'"),
+    ("plugins: [kbtest_no_such_plugin]", "plugins[0]: cannot import plugin module 'kbtest_no_such_plugin'"),
+    ("state_dir: : :", "malformed YAML"),
+])
+def test_config_validate_errors_are_one_line_with_exit_2(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    proc = run_cli("config", "validate", config=path, env=cli_env())
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr
+
+
+def test_world_readable_passphrase_file_is_refused(image_dir, tmp_path):
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    os.chmod(image_dir / "kb" / "passphrase", 0o644)
+    proc = run_cli("list", config=config, env=cli_env())
+    assert proc.returncode == 2
+    assert "is accessible by others (mode 0644)" in proc.stderr and "chmod 600" in proc.stderr
+
+
+def test_doctor_round_trip_reports_versions_plugins_and_passes(tmp_path, libvirt_conn):
+    config = write_config(tmp_path / "kb", repo_path=tmp_path / "repo", plugins=["kbtest_plugins.probe"])
+    proc = run_cli("doctor", "--round-trip", "--json", config=config, env=cli_env())
+    assert proc.returncode in (0, 1), proc.stderr
+    report = json.loads(proc.stdout)
+    checks = {c["check"]: c for c in report["checks"]}
+    assert checks["round-trip"]["status"] == "ok", checks["round-trip"]
+    assert checks["libvirtd"]["status"] == "ok" and checks["qemu-img"]["status"] == "ok"
+    assert "borg" in checks["repository main"]["detail"]
+    plugins = {p["name"]: p for p in report["plugins"]}
+    assert plugins["kvm_borg.engine.libvirt_snapshot"]["builtin"]
+    assert "kvm_borg_frozen_source" in plugins["kvm_borg.engine.libvirt_snapshot"]["hooks"]
+    assert "kvm_borg_repository_backend" in plugins["kvm_borg.backends.borg"]["hooks"]
+    assert plugins["kbtest_plugins.probe"]["builtin"] is False
+    assert [n for n in (d.name() for d in libvirt_conn.listAllDomains(0)) if n.startswith("kvm-borg-doctor")] == []
+
+
+def test_bad_arguments_are_one_line_with_exit_2():
+    proc = run_cli("backup", "--frobnicate")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("backup", config="/nonexistent/config.yaml")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "kvm-borg: error: /nonexistent/config.yaml: config file does not exist"
