@@ -1,0 +1,1 @@
+"""Benchmarks of kvm-borg against plain command sequences (not part of the test suite)."""

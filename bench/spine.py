@@ -1,0 +1,136 @@
+"""kvm-borg backup vs the plain shell sequence on the same running domain, paired runs.
+
+    /opt/kvm-borg/venv/bin/python -m bench.spine [--runs 5] [--data-mib 1024] [--disk-mib 4096]
+
+Plain sequence = `virsh snapshot-create-as --disk-only --atomic --no-metadata`, `borg create` of
+the frozen image with kvm-borg's options (lz4, fixed,4194304, --sparse), `virsh blockcommit
+--active --pivot --wait`, `rm overlay`. Each run writes into a fresh repository (a full backup),
+variants alternate order (ABBA) so drift hits both. Writes docs/performance/spine.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import libvirt
+
+from bench.common import (
+    BORG,
+    KVM_BORG,
+    build_reference_domain,
+    machine_description,
+    median,
+    remove_domain,
+    run,
+    timed,
+)
+
+PASSPHRASE = "bench-passphrase"
+
+
+def borg_env(base: Path) -> dict:
+    return {**os.environ, "BORG_PASSPHRASE": PASSPHRASE, "BORG_BASE_DIR": str(base)}
+
+
+def plain_sequence(domain, repo: Path, env: dict, n: int) -> None:
+    overlay = domain.disk.with_name(f"disk.qcow2.plain-{n}.qcow2")
+    run("virsh", "snapshot-create-as", domain.name, "--name", f"plain-{n}", "--disk-only", "--atomic",
+        "--no-metadata", "--diskspec", f"vda,file={overlay}")
+    run(BORG, "create", "--compression", "lz4", "--chunker-params", "fixed,4194304", "--sparse",
+        f"{repo}::plain-{n}", domain.disk, env=env)
+    run("virsh", "blockcommit", domain.name, "vda", "--active", "--pivot", "--wait")
+    overlay.unlink()
+
+
+def kvm_borg_backup(domain, config: Path, env: dict) -> None:
+    proc = run(KVM_BORG, "--config", config, "-q", "backup", domain.name, "--json", env=env)
+    assert json.loads(proc.stdout)["domains"][0]["ok"], proc.stdout
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--data-mib", type=int, default=1024, help="real files on the disk's file system")
+    parser.add_argument("--disk-mib", type=int, default=4096, help="virtual disk size")
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/kvm-borg-bench"))
+    parser.add_argument("--out", type=Path, default=Path("docs/performance/spine.md"))
+    args = parser.parse_args(argv)
+
+    conn = libvirt.open("qemu:///system")
+    name = "kvm-borg-bench-spine"
+    remove_domain(conn, name)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    domain = build_reference_domain(conn, args.workdir, name, args.data_mib, args.disk_mib)
+    image_bytes = domain.disk.stat().st_size
+    base = args.workdir / "borg-base"
+    base.mkdir()
+    env = borg_env(base)
+    passfile = args.workdir / "passphrase"
+    passfile.write_text(PASSPHRASE)
+    os.chmod(passfile, 0o600)
+    times = {"plain": [], "kvm-borg": []}
+    try:
+        for n in range(args.runs):
+            order = ("plain", "kvm-borg") if n % 2 == 0 else ("kvm-borg", "plain")
+            for variant in order:
+                repo = args.workdir / f"repo-{variant}-{n}"
+                run(BORG, "init", "--encryption", "repokey-blake2", repo, env=env)
+                if variant == "plain":
+                    seconds = timed(lambda: plain_sequence(domain, repo, env, n))
+                else:
+                    config = args.workdir / "config.yaml"
+                    config.write_text(json.dumps({
+                        "state_dir": str(args.workdir / "state"), "quiesce": "off",
+                        "repositories": [{"name": "bench", "type": "borg", "path": str(repo),
+                                          "passphrase_file": str(passfile)}]}))
+                    seconds = timed(lambda: kvm_borg_backup(domain, config, env))
+                times[variant].append(seconds)
+                shutil.rmtree(repo)
+                print(f"run {n + 1}/{args.runs} {variant:<9} {seconds:7.2f}s", flush=True)
+        description = machine_description(conn)
+    finally:
+        remove_domain(conn, name)
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    ratios = [k / p for k, p in zip(times["kvm-borg"], times["plain"])]
+    report = render(args, description, image_bytes, domain.data_bytes, times, ratios)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    print(report)
+    return 0 if median(ratios) <= 1.10 else 1
+
+
+def render(args, description, image_bytes, data_bytes, times, ratios) -> str:
+    rows = "\n".join(
+        f"| {n + 1} | {p:.2f} | {k:.2f} | {r:.3f} |"
+        for n, (p, k, r) in enumerate(zip(times["plain"], times["kvm-borg"], ratios))
+    )
+    verdict = "met" if median(ratios) <= 1.10 else "MISSED"
+    return f"""# Spine benchmark: kvm-borg backup vs the plain sequence
+
+Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by
+`python -m bench.spine --runs {args.runs} --data-mib {args.data_mib} --disk-mib {args.disk_mib}`.
+
+Machine: {description}.
+
+Reference domain: running, one qcow2 disk ({args.disk_mib} MiB virtual, {image_bytes / 2**20:.0f} MiB image file)
+holding an ext4 file system with {data_bytes / 2**20:.0f} MiB of real files copied from /usr.
+Each run is a full backup into a fresh encrypted (repokey-blake2) borg repository with lz4 and
+`fixed,4194304` chunks; the two variants alternate order.
+
+| run | plain sequence (s) | kvm-borg backup (s) | ratio |
+|---:|---:|---:|---:|
+{rows}
+| **median** | **{median(times['plain']):.2f}** | **{median(times['kvm-borg']):.2f}** | **{median(ratios):.3f}** |
+
+Target: kvm-borg median ≤ 1.10× the plain sequence — **{verdict}** (median of the paired ratios
+{median(ratios):.3f}; ratio of medians {median(times['kvm-borg']) / median(times['plain']):.3f}).
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
