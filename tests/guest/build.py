@@ -20,6 +20,8 @@ wait_for_agent(dom, timeout=60.0) -> float
 agent_command(dom, command, arguments=None, timeout=10) -> object
 serial_last_seq(console_log) -> int | None
 serial_errors(console_log) -> list[str]
+serial_events(console_log) -> list[ConsoleEvent]   (KBSEQ/KBHOOK lines with guest mono_us)
+serial_seq_times(console_log) / serial_hooks(console_log) / longest_stall(seq_times, start_us, end_us)
 wait_for_progress(console_log, min_seq, timeout=60.0) -> int
 read_records(image_path, replay_journal=True) -> list[Record]
 check_records(records) -> RecordCheck
@@ -73,6 +75,9 @@ WANTED_MODULES = ["virtio_pci", "virtio_blk", "virtio_console", "ext4"]
 SOFTDEP_ALIASES = {"crypto-crc32c": "crc32c_generic", "crc32c": "crc32c_generic"}
 
 AGENT_PORT_NAME = "org.qemu.guest_agent.0"
+# qemu-ga runs this around fsfreeze; it is the workload binary, which prints
+# "KBHOOK freeze|thaw <mono_us>" when invoked under this name.
+FREEZE_HOOK = "/etc/qemu/fsfreeze-hook"
 
 # Record format, mirrored from workload.c.
 RECORD_SIZE = 64
@@ -81,6 +86,10 @@ _PAYLOAD_OFF = 24
 _CRC_OFF = 60
 
 _SEQ_RE = re.compile(rb"KBSEQ (\d+)")
+_SEQ_TIME_RE = re.compile(rb"KBSEQ (\d+) (\d+)\r?\n")
+_HOOK_RE = re.compile(rb"KBHOOK (\w+) (\d+)\r?\n")
+# Everything ordered as it appeared on the console (the workload and the hook share it).
+_EVENT_RE = re.compile(rb"(KBSEQ|KBHOOK) (\w+) (\d+)\r?\n")
 _ERR_RE = re.compile(rb"KBERR ([^\r\n]*)")
 
 
@@ -287,12 +296,13 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /dev/pts /run /tmp /data
 log() { echo "KBINIT $(cut -d' ' -f1 /proc/uptime) $*"; }
 
-INTERVAL=20 EVERY=1 WORKLOAD=1
+INTERVAL=20 EVERY=1 WORKLOAD=1 AGENT=1
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     kb.interval_ms=*) INTERVAL="${arg#*=}" ;;
     kb.print_every=*) EVERY="${arg#*=}" ;;
     kb.noworkload) WORKLOAD=0 ;;
+    kb.noagent) AGENT=0 ;;
   esac
 done
 
@@ -326,9 +336,12 @@ while [ -z "$PORT" ] && [ $i -lt 100 ]; do
   [ -n "$PORT" ] || sleep 0.1
   i=$((i+1))
 done
-if [ -n "$PORT" ]; then
+if [ "$AGENT" = 0 ]; then
+  log "agent not started (kb.noagent)"
+elif [ -n "$PORT" ]; then
   # No -d: it would need a pidfile dir and exits silently without one.
-  qemu-ga -m virtio-serial -p "/dev/$PORT" -t /run -f /run/qemu-ga.pid < /dev/null &
+  # -F: run /etc/qemu/fsfreeze-hook (the workload binary) around fsfreeze.
+  qemu-ga -m virtio-serial -p "/dev/$PORT" -t /run -f /run/qemu-ga.pid -F@FREEZE_HOOK@ < /dev/null &
   log "agent started on /dev/$PORT"
 else
   log "agent port @AGENT_PORT@ not found"
@@ -416,10 +429,11 @@ def _build(cache_dir: Path, key: str) -> dict:
         cpio.chardev("dev/console", 5, 1)
         cpio.chardev("dev/null", 1, 3, 0o666)
         cpio.file("init", INIT_SCRIPT.replace("@MODULES@", " ".join(m.stem for m in modules))
-                  .replace("@AGENT_PORT@", AGENT_PORT_NAME).encode(), 0o755)
+                  .replace("@AGENT_PORT@", AGENT_PORT_NAME).replace("@FREEZE_HOOK@", FREEZE_HOOK).encode(), 0o755)
         cpio.file("sbin/shutdown", SHUTDOWN_SCRIPT.encode(), 0o755)
         cpio.file("bin/busybox", bb.read_bytes(), 0o755)
         cpio.file("usr/bin/workload", wl.read_bytes(), 0o755)
+        cpio.symlink(FREEZE_HOOK, "/usr/bin/workload")  # workload.c's hook mode (argv[0])
         cpio.file("usr/sbin/qemu-ga", qga.read_bytes(), 0o755)
         for lib in libs:
             real = lib.resolve()
@@ -556,6 +570,7 @@ def guest_domain_xml(
     interval_ms: int = 20,
     print_every: int = 1,
     workload: bool = True,
+    agent: bool = True,
     disk_alias: str = "ua-data",
     extra_cmdline: str = "",
 ) -> str:
@@ -565,10 +580,14 @@ def guest_domain_xml(
     early.  The serial console goes to `console_log` (read it with
     serial_last_seq / wait_for_progress); the agent channel is
     org.qemu.guest_agent.0 on a libvirt-managed unix socket.  No network.
+    agent=False keeps the channel but does not start qemu-ga in the guest
+    (kb.noagent): libvirt then says "QEMU guest agent is not connected".
     """
     cmdline = f"console=ttyS0 quiet kb.interval_ms={int(interval_ms)} kb.print_every={int(print_every)}"
     if not workload:
         cmdline += " kb.noworkload"
+    if not agent:
+        cmdline += " kb.noagent"
     if extra_cmdline:
         cmdline += " " + extra_cmdline
     e = _xml_escape
@@ -666,6 +685,66 @@ def serial_last_seq(console_log: Path) -> int | None:
 def serial_errors(console_log: Path) -> list[str]:
     """All "KBERR ..." lines of the workload."""
     return [m.decode(errors="replace") for m in _ERR_RE.findall(_read_console(console_log))]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleEvent:
+    """One timed console line: ("seq", n, t) for "KBSEQ n t", ("hook", "freeze"|"thaw", t) for "KBHOOK".
+
+    mono_us is the guest's CLOCK_MONOTONIC in microseconds (it restarts at every boot).
+    """
+
+    kind: str
+    value: int | str
+    mono_us: int
+
+
+def serial_events(console_log: Path) -> list[ConsoleEvent]:
+    """Timed KBSEQ and KBHOOK lines in console order (only complete lines)."""
+    out = []
+    for kind, value, t in _EVENT_RE.findall(_read_console(console_log)):
+        if kind == b"KBSEQ":
+            out.append(ConsoleEvent("seq", int(value), int(t)))
+        else:
+            out.append(ConsoleEvent("hook", value.decode(), int(t)))
+    return out
+
+
+def serial_seq_times(console_log: Path) -> list[tuple[int, int]]:
+    """(seq, guest mono_us when the record was durable) for every timed KBSEQ line."""
+    return [(int(s), int(t)) for s, t in _SEQ_TIME_RE.findall(_read_console(console_log))]
+
+
+def serial_hooks(console_log: Path) -> list[tuple[str, int]]:
+    """(action, guest mono_us) of every qemu-ga fsfreeze hook run: "freeze" before FIFREEZE, "thaw" after FITHAW."""
+    return [(a.decode(), int(t)) for a, t in _HOOK_RE.findall(_read_console(console_log))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stall:
+    """The longest wait between two consecutive durable records (includes the workload's interval)."""
+
+    gap_us: int
+    after_seq: int  # the last record durable before the gap
+    start_us: int
+    end_us: int
+
+
+def longest_stall(seq_times: list[tuple[int, int]], start_us: int | None = None,
+                  end_us: int | None = None) -> Stall | None:
+    """The longest gap between consecutive records that overlaps [start_us, end_us] (guest mono us).
+
+    None when no pair of consecutive records overlaps the window.
+    """
+    best = None
+    for (s1, t1), (s2, t2) in zip(seq_times, seq_times[1:]):
+        if s2 <= s1 or t2 < t1:  # a reboot restarted the sequence or the clock
+            continue
+        if (start_us is not None and t2 < start_us) or (end_us is not None and t1 > end_us):
+            continue
+        if best is None or t2 - t1 > best.gap_us:
+            best = Stall(t2 - t1, s1, t1, t2)
+    return best
 
 
 def console_tail(console_log: Path, n: int = 2000) -> str:

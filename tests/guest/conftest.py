@@ -1,10 +1,7 @@
 """Fixtures for tests that need a real booting guest (see build.py, README.md).
 
-guest_artifacts (session) GuestArtifacts: kernel + initramfs, built/cached in
-                /var/cache/kvm-borg-tests/guest (first build ~10-30 s).
-guest_factory   (function) ``make(fmt="raw", size_mib=64, **xml_kwargs) -> Guest``:
-                data disk in image_dir, domain ``kbtest-<run_id>-guest-<n>``
-                defined and started (TCG); destroyed and undefined after the test.
+Defined in fixtures.py (so test modules outside this directory can import them):
+guest_artifacts (session) and guest_factory (function), see there.
 """
 
 from __future__ import annotations
@@ -12,30 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guest import build  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def guest_artifacts() -> build.GuestArtifacts:
-    return build.build_guest_artifacts()
-
-
-@pytest.fixture
-def guest_factory(libvirt_conn, run_id, image_dir, guest_artifacts):
-    # Domain names carry the harness run id: its stale-domain sweep (run by every
-    # pytest session on this machine) removes any "kbtest-" domain whose run id
-    # does not belong to a live pytest process.
-    names: list[str] = []
-
-    def make(fmt: str = "raw", size_mib: int = 64, **xml_kwargs) -> build.Guest:
-        name = f"kbtest-{run_id}-guest-{len(names) + 1}"
-        names.append(name)
-        return build.start_guest(libvirt_conn, name, guest_artifacts, image_dir, fmt, size_mib, **xml_kwargs)
-
-    yield make
-    for name in reversed(names):
-        build.remove_guest(libvirt_conn, name)
+from guest.fixtures import guest_artifacts, guest_factory  # noqa: E402,F401

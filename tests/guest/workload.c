@@ -19,7 +19,16 @@
  * On start it resumes after the last valid record already in the file
  * (truncating a torn tail), so a restored disk can be booted again.
  *
+ * Progress lines carry the guest CLOCK_MONOTONIC in microseconds, taken right
+ * after fsync() returned: "KBSEQ <n> <mono_us>".  The gap between two lines is
+ * how long the guest waited for its disk (plus interval_ms).
+ *
+ * Invoked as "fsfreeze-hook" (qemu-ga -F runs it with "freeze" before
+ * FIFREEZE and "thaw" after FITHAW) it prints "KBHOOK <arg> <mono_us>" to
+ * /dev/console and exits 0 (a failing hook would make the freeze fail).
+ *
  * Usage: workload [path] [interval_ms] [print_every]
+ *        fsfreeze-hook freeze|thaw
  * Built with: gcc -static -O2 -o workload workload.c
  */
 #include <errno.h>
@@ -92,6 +101,26 @@ static void say(const char *fmt, ...) {
     (void)r;
 }
 
+static unsigned long long mono_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000ull;
+}
+
+/* qemu-ga fsfreeze hook: one console line, always exit 0. */
+static int hook_main(int argc, char **argv) {
+    char buf[128];
+    unsigned long long now = mono_us();
+    int n = snprintf(buf, sizeof buf, "KBHOOK %s %llu\n", argc > 1 ? argv[1] : "?", now);
+    int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+    if (fd >= 0 && n > 0) {
+        ssize_t r = write(fd, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
+        (void)r;
+        close(fd);
+    }
+    return 0;
+}
+
 static void make_record(unsigned char *r, uint64_t seq) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -131,6 +160,10 @@ static void sleep_ms(long ms) {
 }
 
 int main(int argc, char **argv) {
+    const char *base = strrchr(argv[0], '/');
+    if (strcmp(base ? base + 1 : argv[0], "fsfreeze-hook") == 0)
+        return hook_main(argc, argv);
+
     const char *path = argc > 1 ? argv[1] : "/data/records.log";
     long interval_ms = argc > 2 ? atol(argv[2]) : 20;
     long print_every = argc > 3 ? atol(argv[3]) : 1;
@@ -170,8 +203,9 @@ int main(int argc, char **argv) {
             sleep_ms(1000);
             continue;
         }
+        unsigned long long durable = mono_us();
         if (seq % (uint64_t)print_every == 0)
-            say("KBSEQ %llu\n", (unsigned long long)seq);
+            say("KBSEQ %llu %llu\n", (unsigned long long)seq, durable);
         seq++;
         if (interval_ms > 0) sleep_ms(interval_ms);
     }
