@@ -3,6 +3,10 @@
 It owns what every such run needs: the argv logged at DEBUG, secrets handed over through an
 inherited pipe (never argv, environment values or files), stderr read line by line for progress
 and error messages, and a child that is stopped when the caller is interrupted.
+
+Commands run in worker threads (several repositories written at once) cannot see the main
+thread's interrupt; a `ChildScope` lets the main thread stop every child those threads started
+and keeps them from starting new ones.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import shlex
 import signal
 import subprocess
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +82,8 @@ def run_command(
     stdout=None,
     cwd=None,
     ok_returncodes: Collection[int] | None = None,
+    on_stdout: Callable[[bytes], None] | None = None,
+    stop_signal: int = signal.SIGTERM,
 ) -> CommandResult:
     """Given an argv, run it to the end and return a CommandResult.
 
@@ -84,16 +91,21 @@ def run_command(
     through an inherited pipe whose fd number goes into the variable `secret_env` (e.g.
     BORG_PASSPHRASE_FD). Each stderr line goes to `on_stderr_line` as it arrives (in the calling
     thread). `stdin` defaults to /dev/null so a child never prompts; `stdout` defaults to a pipe
-    whose text lands in the result (pass a file to write it there instead). With
+    whose text lands in the result (pass a file to write it there instead, or `on_stdout` to
+    receive the raw chunks as they arrive; the result's stdout is then empty). With
     `ok_returncodes`, any other exit code raises CommandError; a command that cannot start
     always does. If the calling thread gets an exception while waiting (KeyboardInterrupt, a
-    signal handler's Interrupted, an error from `on_stderr_line`), the child is stopped (SIGTERM,
-    SIGKILL after TERMINATE_GRACE_SECONDS), reaped, and the exception re-raised.
+    signal handler's Interrupted, an error from a callback), the child is stopped
+    (`stop_signal`, SIGKILL after TERMINATE_GRACE_SECONDS), reaped, and the exception re-raised.
+    Inside a `ChildScope` (see there) the child is registered so another thread can stop it.
     """
     argv = tuple(os.fspath(arg) for arg in argv)
     if secret is not None and not secret_env:
         raise ValueError("a secret needs secret_env, the variable that names its file descriptor")
     logger.debug("running: %s", shlex.join(argv))
+    scope = getattr(_thread_scope, "scope", None)
+    if scope is not None and scope.stopped:
+        raise CommandError(argv, None, f"{os.path.basename(argv[0])} not started: the run is being interrupted")
 
     child_env = dict(os.environ if env is None else env)
     read_fd = write_fd = None
@@ -121,17 +133,28 @@ def run_command(
         if read_fd is not None:
             os.close(read_fd)
 
+    if scope is not None and not scope.adopt(process, stop_signal):
+        _stop(process, stop_signal)
+        if write_fd is not None:
+            os.close(write_fd)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+        raise CommandError(argv, None, f"{os.path.basename(argv[0])} stopped: the run is being interrupted")
+
     writer = None
     if write_fd is not None:
         writer = threading.Thread(target=_write_secret, args=(write_fd, secret), daemon=True)
         writer.start()
     try:
-        stdout_bytes, tail = _collect_output(process, on_stderr_line)
+        stdout_bytes, tail = _collect_output(process, on_stderr_line, on_stdout)
         returncode = process.wait()
     except BaseException:
-        _stop(process)
+        _stop(process, stop_signal)
         raise
     finally:
+        if scope is not None:
+            scope.release(process)
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
@@ -158,8 +181,10 @@ def _write_secret(fd: int, secret: bytes) -> None:
         os.close(fd)
 
 
-def _collect_output(process: subprocess.Popen, on_stderr_line) -> tuple[bytes, list[str]]:
-    """Given a started process, read its stdout and stderr to EOF; return (stdout, last stderr lines)."""
+def _collect_output(process: subprocess.Popen, on_stderr_line, on_stdout=None) -> tuple[bytes, list[str]]:
+    """Given a started process, read its stdout and stderr to EOF; return (stdout, last stderr lines).
+
+    With `on_stdout`, stdout chunks go there instead of into the returned bytes."""
     tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
     stdout_chunks: list[bytes] = []
     pending = b""
@@ -182,7 +207,10 @@ def _collect_output(process: subprocess.Popen, on_stderr_line) -> tuple[bytes, l
                 if not data:
                     selector.unregister(key.fileobj)
                 elif key.data == "stdout":
-                    stdout_chunks.append(data)
+                    if on_stdout is not None:
+                        on_stdout(data)
+                    else:
+                        stdout_chunks.append(data)
                 else:
                     # Progress output may end its lines with "\r" only.
                     *lines, pending = _LINE_BREAK.split(pending + data)
@@ -193,13 +221,13 @@ def _collect_output(process: subprocess.Popen, on_stderr_line) -> tuple[bytes, l
     return b"".join(stdout_chunks), list(tail)
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Given a child that must not outlive an interrupted caller, SIGTERM it, then SIGKILL its group."""
+def _stop(process: subprocess.Popen, stop_signal: int = signal.SIGTERM) -> None:
+    """Given a child that must not outlive an interrupted caller, send it `stop_signal`, then SIGKILL its group."""
     if process.poll() is not None:
         return
     logger.warning("stopping %s (pid %d)", os.path.basename(process.args[0]), process.pid)
     try:
-        process.terminate()
+        process.send_signal(stop_signal)
         try:
             process.wait(timeout=TERMINATE_GRACE_SECONDS)
             return
@@ -212,3 +240,119 @@ def _stop(process: subprocess.Popen) -> None:
             except ProcessLookupError:
                 pass
             process.wait()
+
+
+_thread_scope = threading.local()
+
+
+class ChildScope:
+    """The children started by the threads working inside this scope, so that another thread
+    (the main thread, which alone receives signals) can stop them all.
+
+    A worker thread runs its function with `scope.call(fn, ...)`; every `run_command` it makes
+    meanwhile is registered here. `stop()` sends each running child its stop signal and makes
+    any later `run_command` of these threads fail at once; `kill()` SIGKILLs the process groups
+    still alive. Each worker's `run_command` still reaps its own child."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._children: dict[subprocess.Popen, int] = {}
+        self.stopped = False
+
+    def call(self, fn: Callable, *args, **kwargs):
+        """Given a function and its arguments, run it in this thread with this scope active; return its result."""
+        previous = getattr(_thread_scope, "scope", None)
+        _thread_scope.scope = self
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _thread_scope.scope = previous
+
+    def adopt(self, process: subprocess.Popen, stop_signal: int) -> bool:
+        """Register a started child; return False (not registered) if the scope is already stopped."""
+        with self._lock:
+            if self.stopped:
+                return False
+            self._children[process] = stop_signal
+            return True
+
+    def release(self, process: subprocess.Popen) -> None:
+        with self._lock:
+            self._children.pop(process, None)
+
+    def stop(self) -> None:
+        """Refuse new children and send every running one its stop signal (SIGTERM, SIGINT for restic)."""
+        with self._lock:
+            self.stopped = True
+            children = list(self._children.items())
+        for process, stop_signal in children:
+            if process.poll() is None:
+                logger.warning("stopping %s (pid %d)", os.path.basename(process.args[0]), process.pid)
+                try:
+                    process.send_signal(stop_signal)
+                except ProcessLookupError:
+                    pass
+
+    def kill(self) -> None:
+        """SIGKILL the process group of every child still registered (after `stop` and a grace period)."""
+        with self._lock:
+            children = list(self._children)
+        for process in children:
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def call_in_parallel(calls: Sequence[Callable[[], object]], on_result: Callable[[int, object], None] | None = None) -> list:
+    """Given zero-argument callables, run each in its own thread inside one ChildScope; return their results in order.
+
+    `on_result(index, result)` runs in the calling thread as each call finishes. A call's
+    exception is re-raised here once every thread has ended. If the calling thread is
+    interrupted while waiting (only the main thread gets signals), every child the threads
+    started is stopped (their stop signal, SIGKILL after TERMINATE_GRACE_SECONDS), the threads
+    are waited for, and the interrupt re-raised."""
+    scope = ChildScope()
+    results: list = [None] * len(calls)
+    errors: list = [None] * len(calls)
+
+    def work(index: int) -> None:
+        try:
+            results[index] = scope.call(calls[index])
+        except BaseException as exc:  # re-raised in the calling thread
+            errors[index] = exc
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"kvm-borg-{i}", daemon=True) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    pending = list(range(len(threads)))
+    try:
+        while pending:
+            for index in list(pending):
+                threads[index].join(timeout=0.2)
+                if not threads[index].is_alive():
+                    pending.remove(index)
+                    if errors[index] is None and on_result is not None:
+                        on_result(index, results[index])
+    except BaseException:
+        scope.stop()
+        _join_all(threads, TERMINATE_GRACE_SECONDS)
+        scope.kill()
+        _join_all(threads, TERMINATE_GRACE_SECONDS)
+        raise
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
+
+
+def _join_all(threads: Sequence[threading.Thread], seconds: float) -> None:
+    """Wait up to `seconds` in all for the threads to end; a further interrupt meanwhile does not cut the wait short."""
+    deadline = time.monotonic() + seconds
+    for thread in threads:
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:
+                thread.join(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+            except BaseException:  # a second signal: the first one is re-raised by the caller
+                continue

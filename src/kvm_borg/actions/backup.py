@@ -27,13 +27,24 @@ def _versions(conn: libvirt.virConnect) -> tuple[str, str]:
 
 
 def _store_all(ctx: Context, name: str, backends, request: ArchiveRequest) -> list[StoreResult]:
-    """Store one request into every repository; one failing repository does not stop the others."""
-    results = []
-    for repo, backend in backends:
+    """Store one request into every repository; return their StoreResults in the given order.
+
+    One failing repository does not stop the others. Repositories at distinct locations are
+    written at the same time, one thread each; those sharing a location (a backend's
+    `location`) one after the other. An interrupt stops every child process and propagates,
+    so the caller still merges the overlays back."""
+    from kvm_borg.execute import call_in_parallel
+
+    def store_one(repo, backend) -> StoreResult:
         try:
-            result = backend.store(request)
+            return backend.store(request)
         except KvmBorgError as exc:
-            result = StoreResult(repository=repo["name"], ok=False, error=str(exc))
+            return StoreResult(repository=repo["name"], ok=False, error=str(exc))
+        except Exception as exc:  # a backend's bug must not cost the other repositories their archive
+            log.exception("domain '%s': repository %s: unexpected error", name, repo["name"])
+            return StoreResult(repository=repo["name"], ok=False, error=f"unexpected error: {exc}")
+
+    def report(repo, result: StoreResult) -> None:
         if not result.ok:
             log.error("domain '%s': repository %s failed: %s", name, repo["name"], result.error)
         else:
@@ -42,8 +53,29 @@ def _store_all(ctx: Context, name: str, backends, request: ArchiveRequest) -> li
                 name, result.archive, repo["name"], result.original_size, result.deduplicated_size, result.seconds,
             )
         notify(ctx.pm, "kvm_borg_after_store", domain=name, repository=repo["name"], result=result)
-        results.append(result)
-    return results
+
+    groups: dict[str, list] = {}
+    for repo, backend in backends:
+        location = str(getattr(backend, "location", None) or repo["name"]).rstrip("/")
+        groups.setdefault(location, []).append((repo, backend))
+    if len(groups) <= 1:
+        results = []
+        for repo, backend in backends:
+            results.append(store_one(repo, backend))
+            report(repo, results[-1])
+        return results
+
+    group_list = list(groups.values())
+    by_name: dict[str, StoreResult] = {}
+
+    def finished(index: int, group_results: list[StoreResult]) -> None:
+        for (repo, _backend), result in zip(group_list[index], group_results):
+            by_name[repo["name"]] = result
+            report(repo, result)
+
+    calls = [lambda group=group: [store_one(repo, backend) for repo, backend in group] for group in group_list]
+    call_in_parallel(calls, finished)
+    return [by_name[repo["name"]] for repo, _backend in backends]
 
 
 def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[str], result: DomainResult,
