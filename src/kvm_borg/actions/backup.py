@@ -8,7 +8,7 @@ import time
 
 import libvirt
 
-from kvm_borg import metadata, signals
+from kvm_borg import host_state, metadata, signals
 from kvm_borg.actions.common import Context, ensure_state_dir, open_repositories, print_json, resolve_domains
 from kvm_borg.engine.planning import DomainHandle, handle_for, make_plan
 from kvm_borg.errors import Interrupted, KvmBorgError
@@ -78,10 +78,19 @@ def _store_all(ctx: Context, name: str, backends, request: ArchiveRequest) -> li
     return [by_name[repo["name"]] for repo, _backend in backends]
 
 
-def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[str], result: DomainResult,
-                   allow_retry: bool = True) -> None:
-    settings, name = ctx.settings, handle.name
+def _fresh_timestamp(previous: str | None) -> str:
+    """Return the run's timestamp, waiting for the next second if `previous` (same domain) used this one."""
     timestamp = metadata.utc_timestamp()
+    while timestamp == previous:
+        time.sleep(0.1)
+        timestamp = metadata.utc_timestamp()
+    return timestamp
+
+
+def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[str], result: DomainResult,
+                   previous_timestamp: str | None = None) -> None:
+    settings, name = ctx.settings, handle.name
+    timestamp = _fresh_timestamp(previous_timestamp)
     plan = make_plan(handle, settings, excluded, timestamp)
     source = ctx.pm.hook.kvm_borg_frozen_source(domain=handle, plan=plan, settings=settings)
     if source is None:
@@ -107,7 +116,11 @@ def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[
             libvirt_version=lib_version, qemu_version=qemu_version, persistent=persistent,
             staging_dir=str(staging), has_live_xml=live_xml is not None,
         )
-        metadata.write_staging(staging, meta, persistent_xml, live_xml)
+        captured = host_state.capture(handle.connection.conn, plan.uuid, persistent_xml, live_xml,
+                                      [d.source for d in plan.disks], str(staging))
+        host_state.add_to_meta(meta, captured, {d.target: host_state.file_owner(d.source) for d in plan.disks})
+        result.warnings.extend(f"domain '{name}': not in the archive: {piece}" for piece in captured.missing)
+        metadata.write_staging(staging, meta, persistent_xml, live_xml, captured.staged)
         files = metadata.archive_files(meta, str(staging))
         request = ArchiveRequest(
             domain=name,
@@ -129,13 +142,14 @@ def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[
             result.warnings.extend(release.warnings)
             notify(ctx.pm, "kvm_borg_after_commit", domain=name, disks=list(plan.disks), seconds=release.seconds)
             shutil.rmtree(staging, ignore_errors=True)
-    if release.inconsistent and allow_retry and handle.dom.isActive():
+    if release.inconsistent and previous_timestamp is None and handle.dom.isActive():
         result.warnings.append(
             f"archive {archive} of domain '{name}' may be inconsistent (the domain started while its images "
             "were read); taking a live backup now"
         )
+        log.warning("%s", result.warnings[-1])
         result.stores = []
-        _backup_locked(ctx, handle, backends, excluded, result, allow_retry=False)
+        _backup_locked(ctx, handle, backends, excluded, result, previous_timestamp=timestamp)
         return
     failed = [s.repository for s in result.stores if not s.ok]
     result.ok = bool(result.stores) and not failed
