@@ -109,3 +109,36 @@ def test_bad_arguments_are_one_line_with_exit_2():
     proc = run_cli("backup", config="/nonexistent/config.yaml")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "kvm-borg: error: /nonexistent/config.yaml: config file does not exist"
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(domain_factory, image_dir, tmp_path):
+    import pty
+    import subprocess
+
+    from harness import KVM_BORG_BIN
+    from harness.cli import _merged_env
+
+    domain = domain_factory.make(disks=[DiskSpec("vda", "raw", 256, fill="random")])
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(KVM_BORG_BIN), "--config", str(config), "backup", domain.name],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                            env=_merged_env(cli_env(COLUMNS="120")), text=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=300)
+    os.close(master)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, terminal
+    assert "━" in terminal and "MB" in terminal  # rich's bar with transferred bytes
+    plain = run_cli("backup", domain.name, config=config, env=cli_env())
+    assert plain.returncode == 0 and "━" not in plain.stderr
+    assert "borg create main::" in plain.stderr  # plain structured log lines instead
