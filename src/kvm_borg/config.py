@@ -168,7 +168,8 @@ REPOSITORY_SCHEMAS: dict[str, dict] = {
         "url": (_str, _REQUIRED),
         "compression": (_optional(_str), None),
         "ssh_command": (_optional(_str), None),
-        "host": (_optional(_str), None),
+        "host": (_optional(_str), None),  # --host of new snapshots (default: hostname)
+        "hosts": (_optional(_str_list), None),  # whose snapshots list/restore see (default: [host]; "*": all)
     },
 }
 

@@ -1,0 +1,600 @@
+"""The restic backend: stores each domain's archive in a restic repository through the restic CLI.
+
+A plugin like any other: `kvm_borg_repository_backend` answers for repositories of
+``type: restic``. Every call builds an argv (`restic_commands`), runs it through
+`kvm_borg.execute` with the repository and password in the environment (RESTIC_REPOSITORY,
+RESTIC_PASSWORD_FILE / RESTIC_PASSWORD_COMMAND), and reads restic's `--json` output.
+
+One archive is one main snapshot plus one snapshot per block-device disk (restic stores a
+device node, not its content, and cannot add a second backup to a snapshot): see
+`restic_commands` for the tags that tie them together and docs/repositories.md for why.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kvm_borg.backends import restic_commands as rc
+from kvm_borg.errors import ConfigError, KvmBorgError
+from kvm_borg.execute import CommandError, CommandResult, one_line, run_command
+from kvm_borg.hookspecs import hookimpl
+from kvm_borg.models import ArchiveInfo, ArchiveRequest, StoreResult
+from kvm_borg.progress import transfer_progress
+
+logger = logging.getLogger(__name__)
+
+# Without a configured ssh_command (sftp repositories): never ask for a password or a host key.
+DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
+# Bytes compared at a time when writing a restored file sparse: a zero block becomes a hole.
+SPARSE_BLOCK = 64 * 1024
+# Progress updates per second asked of restic while a progress bar is shown.
+PROGRESS_FPS = 4
+COMMENT_MARKER = "kvm_borg"
+
+_NO_REPOSITORY = ("Is there a repository at the following location?", "repository does not exist")
+_WRONG_PASSWORD = ("wrong password",)
+_TIME_FRACTION = re.compile(r"(\.\d+)")
+
+
+class ResticError(KvmBorgError):
+    """A restic command of a repository failed; the message is one line naming the repository."""
+
+
+@hookimpl
+def kvm_borg_repository_backend(repository, settings):
+    """Given a repository config dict and the Settings, return a ResticRepository for `type: restic`, else None."""
+    if repository.get("type") != "restic":
+        return None
+    return ResticRepository(repository, settings)
+
+
+def find_restic_binary(configured: str | None) -> str:
+    """Given the configured restic_binary (None: not set), return the restic to run (the one on PATH)."""
+    return configured or shutil.which("restic") or "restic"
+
+
+@functools.lru_cache(maxsize=8)
+def restic_features(binary: str) -> rc.Features:
+    """Given a restic binary, run `restic version` once and return what that version can do."""
+    try:
+        result = run_command(rc.make_version_command(binary), env={**os.environ, "TZ": "UTC"})
+    except CommandError as exc:
+        raise ResticError(exc.message) from None
+    version = rc.parse_version(result.stdout)
+    if result.returncode != 0 or version is None:
+        raise ResticError(f"cannot tell the version of {binary}: {one_line(result.stdout or 'no output')}")
+    logger.debug("%s is restic %s", binary, ".".join(map(str, version)))
+    return rc.Features(version)
+
+
+def utc_iso(restic_time: str) -> str:
+    """Given a restic JSON time (RFC 3339, nanoseconds), return ISO 8601 in UTC to the second, like the borg backend."""
+    text = _TIME_FRACTION.sub("", restic_time, count=1).replace("Z", "+00:00")
+    try:
+        return datetime.fromisoformat(text).astimezone(timezone.utc).isoformat(timespec="seconds")
+    except ValueError:
+        return restic_time
+
+
+def parse_comment(comment: str | None) -> dict | None:
+    """Given an archive comment, return its kvm-borg JSON object, or None if it is not kvm-borg's."""
+    if not comment:
+        return None
+    try:
+        data = json.loads(comment)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not data.get(COMMENT_MARKER) or not isinstance(data.get("domain"), str):
+        return None
+    return data
+
+
+@dataclass
+class ArchiveParts:
+    """The snapshots of one archive: its main snapshot (None while incomplete) and its device snapshots."""
+
+    archive: str
+    host: str
+    main: dict | None = None
+    devices: list[dict] = field(default_factory=list)
+
+    @property
+    def snapshots(self) -> list[dict]:
+        return self.devices + ([self.main] if self.main else [])
+
+
+def group_archives(snapshots: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], ArchiveParts]:
+    """Given `restic snapshots --json` entries, return {(host, archive): ArchiveParts} of kvm-borg's snapshots."""
+    groups: dict[tuple[str, str], ArchiveParts] = {}
+    for snapshot in snapshots:
+        tags = snapshot.get("tags") or []
+        if rc.MARKER_TAG not in tags:
+            continue
+        values = rc.parse_tags(tags)
+        archive, part = values.get("archive"), values.get("part")
+        if not archive or part not in (rc.PART_MAIN, rc.PART_DEVICE):
+            continue
+        host = str(snapshot.get("hostname", ""))
+        parts = groups.setdefault((host, archive), ArchiveParts(archive, host))
+        if part == rc.PART_MAIN:
+            parts.main = dict(snapshot)
+        else:
+            parts.devices.append(dict(snapshot))
+    return groups
+
+
+def archive_info_from(parts: ArchiveParts, repository: str, domain: str | None = None) -> ArchiveInfo | None:
+    """Given an archive's snapshots, return its ArchiveInfo, or None if it is incomplete or not kvm-borg's (or not `domain`'s)."""
+    if parts.main is None:
+        return None
+    values = rc.parse_tags(parts.main.get("tags") or [])
+    meta = parse_comment(rc.decode_comment(values.get("comment", "")))
+    if meta is None or (domain is not None and meta["domain"] != domain):
+        return None
+    size = values.get("size")
+    summaries = [s.get("summary") for s in parts.snapshots]  # restic 0.17+ keeps backup statistics
+    added = sum(int(s.get("data_added", 0)) for s in summaries) if all(isinstance(s, dict) for s in summaries) else None
+    disks = meta.get("disks") or []
+    return ArchiveInfo(
+        name=parts.archive,
+        domain=meta["domain"],
+        time=utc_iso(str(parts.main.get("time", ""))),
+        repository=repository,
+        original_size=int(size) if size and size.isdigit() else None,
+        deduplicated_size=added,
+        disks=tuple(d["target"] if isinstance(d, dict) and "target" in d else str(d) for d in disks),
+        host=parts.host or meta.get("host"),
+    )
+
+
+class BackupOutput:
+    """Given `restic backup --json` stdout chunks, report progress and keep the summary and errors."""
+
+    def __init__(self, on_bytes: Callable[[int], None] | None = None):
+        self.on_bytes = on_bytes
+        self.summary: dict | None = None
+        self.errors: list[str] = []
+        self._pending = b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        for line in lines:
+            self._line(line)
+
+    def close(self) -> None:
+        if self._pending:
+            self._line(self._pending)
+            self._pending = b""
+
+    def _line(self, raw: bytes) -> None:
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            if raw.strip():
+                logger.debug("restic: %s", raw.decode("utf-8", "replace"))
+            return
+        if not isinstance(record, dict):
+            return
+        kind = record.get("message_type")
+        if kind == "status":
+            if self.on_bytes is not None and "bytes_done" in record:
+                self.on_bytes(int(record["bytes_done"]))
+        elif kind == "summary":
+            self.summary = record
+        elif kind == "error":
+            self.errors.append(_json_error(record))
+        else:
+            logger.debug("restic: %s", record)
+
+
+def _json_error(record: Mapping[str, Any]) -> str:
+    error = record.get("error")
+    message = error.get("message") if isinstance(error, dict) else error
+    item = record.get("item")
+    return one_line(f"{item}: {message}" if item else str(message))
+
+
+class ResticLog:
+    """Given restic's stderr lines one at a time, log them and keep what error messages need."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def feed(self, line: str) -> None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and record.get("message_type") == "error":
+            line = _json_error(record)
+        self.lines.append(line)
+        logger.debug("restic: %s", line)
+
+    def says(self, phrases: Sequence[str]) -> bool:
+        return any(phrase in line for line in self.lines for phrase in phrases)
+
+    def error_message(self, returncode: int | None) -> str:
+        """Given restic's exit code, return one line saying why it failed, with ssh's reason if ssh said one."""
+        fatal = [line for line in self.lines if line.startswith("Fatal:")]
+        if fatal:
+            message = fatal[-1][len("Fatal:"):].strip()
+        elif self.lines:
+            message = self.lines[-1]
+        elif returncode is not None and returncode < 0:
+            message = f"restic was killed by signal {-returncode}"
+        else:
+            message = f"restic exited with code {returncode}"
+        ssh = [line for line in self.lines if line.startswith("subprocess ssh:")]
+        if ssh and ssh[-1] not in message:
+            message = f"{message} ({ssh[-1][len('subprocess '):]})"
+        if self.says(_NO_REPOSITORY) and "no repository" not in message:
+            message = f"{message} (no repository there: run `kvm-borg init`)"
+        return one_line(message)
+
+
+class SparseWriter:
+    """Writes a stream into an open file, leaving all-zero blocks as holes."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.length = 0
+        self._pending = b""
+        self._zero = bytes(SPARSE_BLOCK)
+
+    def write(self, data: bytes) -> None:
+        self._pending += data
+        if len(self._pending) >= 16 * SPARSE_BLOCK:
+            usable = len(self._pending) - len(self._pending) % SPARSE_BLOCK
+            self._flush(self._pending[:usable])
+            self._pending = self._pending[usable:]
+
+    def close(self) -> None:
+        """Write what is left and set the file's length (a trailing hole needs it)."""
+        self._flush(self._pending)
+        self._pending = b""
+        os.ftruncate(self.fd, self.length)
+
+    def _flush(self, data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), SPARSE_BLOCK):
+            block = view[start:start + SPARSE_BLOCK]
+            if block == self._zero[: len(block)]:
+                os.lseek(self.fd, len(block), os.SEEK_CUR)
+            else:
+                os.write(self.fd, block)
+            self.length += len(block)
+
+
+def stored_size(path: str) -> int:
+    """Given a host path, return the bytes restic will read for it (a block device's size, a file's length)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+class ResticRepository:
+    """One restic repository of the configuration, as a RepositoryBackend."""
+
+    def __init__(self, repository: Mapping[str, Any], settings: Any):
+        self.repository = dict(repository)
+        self.settings = settings
+        self.name: str = repository["name"]
+        self.url: str = repository["url"]
+        self.location: str = self.url  # repositories at one location are written one after the other
+        self.host: str = repository.get("host") or getattr(settings, "hostname", None) or os.uname().nodename
+        hosts = repository.get("hosts") or [self.host]
+        self.list_hosts: list[str] | None = None if "*" in hosts else list(hosts)
+        compression = repository.get("compression")
+        if compression is not None and compression not in rc.COMPRESSION_MODES:
+            raise ConfigError(
+                f"repository {self.name}: compression: expected one of {', '.join(rc.COMPRESSION_MODES)}, "
+                f"got {compression!r}"
+            )
+        self.compression: str | None = compression
+        self.binary = find_restic_binary(getattr(settings, "restic_binary", None))
+        self.progress = bool(getattr(settings, "progress", False))
+        ssh = rc.sftp_command(self.url, repository.get("ssh_command") or DEFAULT_SSH_COMMAND)
+        self.options: tuple[str, ...] = (f"sftp.command={ssh}",) if ssh else ()
+
+    def __repr__(self) -> str:
+        return f"ResticRepository({self.name!r}, {self.url!r})"
+
+    @property
+    def features(self) -> rc.Features:
+        return restic_features(self.binary)
+
+    # --- RepositoryBackend ------------------------------------------------------------------
+
+    def init(self) -> bool:
+        """Create the repository unless it exists; return True if it was created."""
+        if self.exists():
+            return False
+        self._run_checked(rc.make_init_command(self.binary, options=self.options), "init")
+        logger.info("created restic repository %s at %s", self.name, self.url)
+        return True
+
+    def exists(self) -> bool:
+        """Return whether a restic repository is at the url (a wrong password still means yes)."""
+        result, log = self._run(rc.make_cat_config_command(self.binary, options=self.options))
+        if result.returncode == 0:
+            return True
+        if (self.features.exit_codes and result.returncode == 12) or log.says(_WRONG_PASSWORD):
+            return True
+        if (self.features.exit_codes and result.returncode == 10) or log.says(_NO_REPOSITORY):
+            return False
+        raise self._error("cat config", log, result)
+
+    def store(self, request: ArchiveRequest) -> StoreResult:
+        """Given an ArchiveRequest, write its snapshots (device parts first, main last) and return the StoreResult.
+
+        A restic failure is `ok=False` with a one-line error, never an exception; the parts it
+        had written are forgotten again (best effort: an append-only server keeps them, unlisted).
+        An interrupt stops restic (SIGINT, so it releases its lock) and propagates."""
+        started = time.monotonic()
+        devices = [path for path in request.files if path in request.block_devices]
+        files = [path for path in request.files if path not in request.block_devices]
+        written: list[str] = []
+        original = deduplicated = 0
+        warnings: list[str] = []
+        try:
+            sizes = {path: stored_size(path) for path in request.files}
+        except OSError as exc:
+            return StoreResult(self.name, ok=False, seconds=time.monotonic() - started,
+                               error=f"cannot read {exc.filename}: {exc.strerror}")
+        total = sum(sizes.values())
+        logger.info(
+            "restic backup %s: %s (%d files, %d block devices, %d bytes)",
+            self.name, request.archive_name, len(files), len(devices), total,
+        )
+        try:
+            with transfer_progress(f"{request.domain} → {self.name}", total, enabled=self.progress) as update:
+                done = 0
+                parts = [(device, rc.PART_DEVICE) for device in devices] + [(None, rc.PART_MAIN)]
+                for device, part in parts:
+                    tags = rc.archive_tags(
+                        request.domain, request.archive_name, request.comment, part,
+                        size=total if part == rc.PART_MAIN else None,
+                    )
+                    offset = done
+                    summary = self._backup_part(
+                        request, tags, device=device, paths=files if device is None else (),
+                        on_bytes=lambda n, offset=offset: update(offset + n),
+                    )
+                    written.append(summary["snapshot_id"])
+                    original += int(summary.get("total_bytes_processed", 0))
+                    deduplicated += int(summary.get("data_added", 0))
+                    done += sizes[device] if device else sum(sizes[p] for p in files)
+        except ResticError as exc:
+            warnings += self._forget(written)
+            return StoreResult(self.name, ok=False, seconds=time.monotonic() - started, error=str(exc),
+                               warnings=warnings)
+        # On an interrupt the device parts written so far stay: without their main snapshot no
+        # listing shows them, and restic is not started again while the run is being stopped.
+        seconds = time.monotonic() - started
+        logger.info(
+            "stored %s in %s: %d bytes, %d new after deduplication, %.1fs (snapshots %s)",
+            request.archive_name, self.name, original, deduplicated, seconds, ", ".join(written),
+        )
+        return StoreResult(self.name, ok=True, archive=request.archive_name, original_size=original,
+                           deduplicated_size=deduplicated, seconds=seconds, warnings=warnings)
+
+    def list_archives(self, domain: str | None = None) -> list[ArchiveInfo]:
+        """Given a domain name (None: all), return kvm-borg's complete archives of the listed hosts, oldest first."""
+        infos = []
+        for parts in self._groups(domain).values():
+            info = archive_info_from(parts, self.name, domain)
+            if info is not None:
+                infos.append(info)
+        return sorted(infos, key=lambda info: (info.time, info.host or "", info.name))
+
+    def list_paths(self, archive: str) -> list[str]:
+        """Given an archive name, return the paths stored in it as restic names them (absolute)."""
+        paths: list[str] = []
+        for snapshot in self._archive(archive).snapshots:
+            for node in self._ls(snapshot["id"]):
+                if node["path"] not in paths:
+                    paths.append(node["path"])
+        return paths
+
+    def extract_file(self, archive: str, archive_path: str, destination: Path) -> None:
+        """Given an archive, one stored path and a destination file, write the file sparse and rename it into place.
+
+        restic 0.15+ restores it with `--sparse`; 0.14 has no sparse restore, so its `dump` is
+        written here with zero blocks left as holes. Either way the data lands in a temporary
+        name beside `destination` (same file system) and appears only when complete."""
+        destination = Path(destination)
+        archive_path = self.archive_path(archive_path)
+        snapshot = self._snapshot_holding(self._archive(archive), archive_path)
+        try:
+            workdir = tempfile.mkdtemp(prefix=".kvm-borg-extract-", dir=destination.parent)
+        except OSError as exc:
+            raise ResticError(f"cannot extract to {destination}: {exc.strerror or exc}") from None
+        try:
+            if self.features.restore_sparse:
+                extracted = self._restore_sparse(snapshot["id"], archive_path, workdir)
+            else:
+                extracted = self._dump_sparse(snapshot["id"], archive_path, workdir)
+            os.replace(extracted, destination)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def archive_path(self, host_path: str) -> str:
+        """Given an absolute host path, return the path restic stores it under (the same absolute path)."""
+        return posixpath.normpath("/" + host_path.lstrip("/"))
+
+    # --- the parts of store ----------------------------------------------------------------
+
+    def _backup_part(self, request: ArchiveRequest, tags: Sequence[str], *, device: str | None,
+                     paths: Sequence[str], on_bytes: Callable[[int], None]) -> dict:
+        """Write one snapshot (a block device's content through stdin, or files) and return restic's summary."""
+        argv = rc.make_backup_command(
+            self.binary, paths, host=self.host, tags=tags, time=rc.restic_time(request.timestamp),
+            compression=self.compression, options=self.options, stdin_filename=device,
+        )
+        output = BackupOutput(on_bytes)
+        what = f"restic backup of {device}" if device else "restic backup"
+        stdin = None
+        try:
+            if device is not None:
+                try:
+                    # The device itself is restic's stdin: no pipe, no helper, a read error is restic's.
+                    stdin = open(device, "rb", buffering=0)
+                except OSError as exc:
+                    raise ResticError(f"cannot read {device}: {exc.strerror}") from None
+            result, log = self._run(argv, stdin=stdin, on_stdout=output.feed)
+        finally:
+            if stdin is not None:
+                stdin.close()
+        output.close()
+        if result.returncode == 3 and output.summary and output.summary.get("snapshot_id"):
+            # An incomplete snapshot: some file was unreadable. Not a backup of this domain.
+            self._forget_quietly([output.summary["snapshot_id"]])
+            reason = output.errors[-1] if output.errors else log.error_message(result.returncode)
+            raise ResticError(f"{what} could not read every file: {reason}")
+        if result.returncode != 0 or not output.summary or not output.summary.get("snapshot_id"):
+            reason = log.error_message(result.returncode) if result.returncode != 0 else "no summary printed"
+            raise ResticError(f"{what} failed: {reason}")
+        return output.summary
+
+    def _forget(self, snapshot_ids: Sequence[str]) -> list[str]:
+        """Given snapshot ids of a failed store, forget them; return warnings if that fails too."""
+        if not snapshot_ids:
+            return []
+        try:
+            self._run_checked(rc.make_forget_command(self.binary, snapshot_ids, options=self.options), "forget")
+            return []
+        except ResticError as exc:
+            return [f"parts of the failed archive stay in the repository (snapshots {', '.join(snapshot_ids)}): {exc}"]
+
+    def _forget_quietly(self, snapshot_ids: Sequence[str]) -> None:
+        for warning in self._forget(snapshot_ids):
+            logger.warning("%s", warning)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def _groups(self, domain: str | None = None) -> dict[tuple[str, str], ArchiveParts]:
+        tags = [rc.MARKER_TAG] + ([rc.tag("domain", domain)] if domain is not None else [])
+        argv = rc.make_snapshots_command(self.binary, tags=tags, hosts=self.list_hosts, options=self.options)
+        data = self._run_json(argv, "snapshots")
+        if not isinstance(data, list):
+            raise ResticError(f"repository {self.name!r}: restic snapshots printed unexpected JSON")
+        return group_archives(data)
+
+    def _archive(self, archive: str) -> ArchiveParts:
+        """Given an archive name, return its complete ArchiveParts among the listed hosts (ResticError if none or ambiguous)."""
+        argv = rc.make_snapshots_command(
+            self.binary, tags=[rc.MARKER_TAG, rc.tag("archive", archive)], hosts=self.list_hosts,
+            options=self.options,
+        )
+        data = self._run_json(argv, "snapshots")
+        found = [parts for parts in group_archives(data if isinstance(data, list) else []).values()
+                 if parts.main is not None]
+        if not found:
+            raise ResticError(f"repository {self.name!r}: no archive {archive!r}")
+        if len(found) > 1:
+            hosts = ", ".join(sorted(parts.host for parts in found))
+            raise ResticError(
+                f"repository {self.name!r}: archive {archive!r} exists for several hosts ({hosts}); "
+                "set the repository's `hosts:` to one of them"
+            )
+        return found[0]
+
+    def _snapshot_holding(self, parts: ArchiveParts, archive_path: str) -> dict:
+        for snapshot in parts.devices:
+            if archive_path in (snapshot.get("paths") or []):
+                return snapshot
+        return parts.main  # type: ignore[return-value]
+
+    def _ls(self, snapshot_id: str) -> list[dict]:
+        result = self._run_checked(rc.make_ls_command(self.binary, snapshot_id, options=self.options), "ls")
+        nodes = []
+        for line in result.stdout.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ResticError(f"repository {self.name!r}: restic ls printed an unreadable line") from None
+            if isinstance(record, dict) and record.get("struct_type") == "node" and "path" in record:
+                nodes.append(record)
+        return nodes
+
+    def _restore_sparse(self, snapshot_id: str, archive_path: str, workdir: str) -> str:
+        argv = rc.make_restore_command(self.binary, snapshot_id, workdir, archive_path, sparse=True,
+                                       options=self.options)
+        self._run_checked(argv, "restore")
+        extracted = os.path.join(workdir, archive_path.lstrip("/"))
+        if not os.path.isfile(extracted):
+            raise ResticError(f"repository {self.name!r}: {archive_path} not restored from snapshot {snapshot_id}")
+        return extracted
+
+    def _dump_sparse(self, snapshot_id: str, archive_path: str, workdir: str) -> str:
+        extracted = os.path.join(workdir, "file")
+        fd = os.open(extracted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            writer = SparseWriter(fd)
+            argv = rc.make_dump_command(self.binary, snapshot_id, archive_path, options=self.options)
+            result, log = self._run(argv, on_stdout=writer.write)
+            if result.returncode != 0:
+                raise self._error("dump", log, result)
+            writer.close()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return extracted
+
+    # --- running restic ---------------------------------------------------------------------
+
+    def _environment(self) -> dict[str, str]:
+        return rc.make_environment(
+            os.environ,
+            url=self.url,
+            passphrase_file=self.repository.get("passphrase_file"),
+            passphrase_command=self.repository.get("passphrase_command"),
+            progress_fps=PROGRESS_FPS if self.progress else None,
+        )
+
+    def _run(self, argv: Sequence[str], *, stdin=None, on_stdout: Callable[[bytes], None] | None = None,
+             ) -> tuple[CommandResult, ResticLog]:
+        """Given a restic argv, run it with this repository's environment; return the result and its ResticLog.
+
+        restic releases its repository lock on SIGINT only, so that is how it is stopped."""
+        log = ResticLog()
+        try:
+            result = run_command(argv, env=self._environment(), on_stderr_line=log.feed, stdin=stdin,
+                                 on_stdout=on_stdout, stop_signal=signal.SIGINT)
+        except CommandError as exc:
+            raise ResticError(f"repository {self.name!r}: {exc.message}") from None
+        return result, log
+
+    def _run_checked(self, argv: Sequence[str], subcommand: str) -> CommandResult:
+        result, log = self._run(argv)
+        if result.returncode != 0:
+            raise self._error(subcommand, log, result)
+        return result
+
+    def _run_json(self, argv: Sequence[str], subcommand: str):
+        result = self._run_checked(argv, subcommand)
+        try:
+            return json.loads(result.stdout or "null")
+        except ValueError:
+            raise ResticError(f"repository {self.name!r}: restic {subcommand} printed unreadable JSON") from None
+
+    def _error(self, subcommand: str, log: ResticLog, result: CommandResult) -> ResticError:
+        return ResticError(
+            f"repository {self.name!r}: restic {subcommand} failed: {log.error_message(result.returncode)}"
+        )
