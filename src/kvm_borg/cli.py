@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "kvm_borg.actions.listing",
     "kvm_borg.actions.config_cmd",
     "kvm_borg.actions.doctor",
+    "kvm_borg.actions.restore",
 )
 
 

@@ -114,11 +114,21 @@ def archive_files(meta: dict, staging_dir: str) -> list[str]:
     files = [os.path.join(staging_dir, META_NAME), os.path.join(staging_dir, PERSISTENT_XML_NAME)]
     if "domain_live_xml" in meta["files"]:
         files.append(os.path.join(staging_dir, LIVE_XML_NAME))
+    files.extend("/" + path for path in staged_host_state(meta))
     for disk in meta["disks"]:
         for path in [disk["read_from"]] + [b["path"] for b in disk["backing_chain"]]:
             if path not in files:
                 files.append(path)
     return files
+
+
+def staged_host_state(meta: dict) -> list[str]:
+    """Given meta.json, return the archive paths of the host state staged beside it (NVRAM, TPM, networks, pools)."""
+    found = meta["files"]
+    paths = [found["nvram"]] if found.get("nvram") else []
+    paths += [entry["archive_path"] for entry in found.get("tpm_state") or []]
+    paths += list((found.get("networks") or {}).values()) + list((found.get("storage_pools") or {}).values())
+    return paths
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -127,10 +137,18 @@ def _write_private(path: Path, text: str) -> None:
         handle.write(text)
 
 
-def write_staging(staging_dir: Path, meta: dict, persistent_xml: str, live_xml: str | None) -> None:
-    """Write meta.json and the domain XMLs into a fresh root-only staging directory."""
+def write_staging(staging_dir: Path, meta: dict, persistent_xml: str, live_xml: str | None,
+                  host_files: dict[str, bytes] | None = None) -> None:
+    """Write meta.json, the domain XMLs and the captured host files ({name in staging: bytes}) into a
+    fresh root-only staging directory."""
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True, mode=0o700)
+    for name, data in (host_files or {}).items():
+        path = staging_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
     _write_private(staging_dir / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     _write_private(staging_dir / PERSISTENT_XML_NAME, persistent_xml)
     if live_xml is not None:

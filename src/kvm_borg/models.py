@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -182,4 +183,16 @@ class RepositoryBackend(Protocol):
 
     def archive_path(self, host_path: str) -> str:
         """The path under which `host_path` is stored in this backend's archives."""
+        ...
+
+    def stream_file(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Pass one stored file's bytes, as stored and authenticated by the backend, to `write` in order."""
+        ...
+
+    def mount(self, archive: str, mountpoint: str) -> str:
+        """Mount an archive read-only at `mountpoint` (in the background); return the directory of its root."""
+        ...
+
+    def unmount(self, mountpoint: str) -> None:
+        """Undo `mount`: the file system goes away and its process exits."""
         ...

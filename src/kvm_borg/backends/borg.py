@@ -416,6 +416,36 @@ class BorgRepository:
         """Given an absolute host path, return the path borg stores it under (without the leading "/")."""
         return posixpath.normpath(host_path).lstrip("/")
 
+    def stream_file(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and one stored path, pass the file's bytes as stored to `write`, in order.
+
+        `borg extract --stdout`: every chunk is authenticated by borg as it is read."""
+        argv = borg_commands.make_extract_command(
+            self.binary, self.location, archive, [archive_path], stdout=True, lock_wait=self.lock_wait
+        )
+        result, log = self._run(argv, on_stdout=write)
+        if _failed(result.returncode):
+            raise self._error("extract", log, result)
+        if any("never matched" in w for w in log.warnings):
+            raise BorgError(f"repository {self.name!r}: {archive_path} is not in {archive}")
+
+    def mount(self, archive: str, mountpoint: str) -> str:
+        """Given an archive and an empty directory, mount the archive there read-only (FUSE, in the
+        background); return the directory that holds the archive's root."""
+        argv = (self.binary, "mount", "--log-json") + (
+            ("--lock-wait", str(self.lock_wait)) if self.lock_wait is not None else ()
+        ) + ("-o", "ro", borg_commands.archive_location(self.location, archive), mountpoint)
+        result, log = self._run(argv)
+        if _failed(result.returncode):
+            raise self._error("mount", log, result)
+        return mountpoint
+
+    def unmount(self, mountpoint: str) -> None:
+        """Given a directory `mount` mounted, unmount it (borg's FUSE process then exits)."""
+        result, log = self._run((self.binary, "umount", "--log-json", mountpoint))
+        if _failed(result.returncode):
+            raise self._error("umount", log, result)
+
     # --- running borg -----------------------------------------------------------------------
 
     def _passphrase(self) -> bytes | None:
@@ -437,6 +467,7 @@ class BorgRepository:
         cache_suffix: str | None = None,
         on_progress: Callable[[int], None] | None = None,
         cwd: str | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
     ) -> tuple[CommandResult, BorgLog]:
         """Given a borg argv, run it with our environment and passphrase; return the result and its BorgLog."""
         secret = self._passphrase()
@@ -449,6 +480,7 @@ class BorgRepository:
                 secret_env="BORG_PASSPHRASE_FD" if secret is not None else None,
                 on_stderr_line=log.feed,
                 cwd=cwd,
+                on_stdout=on_stdout,
             )
         except CommandError as exc:
             raise BorgError(f"repository {self.name!r}: {exc.message}") from None

@@ -1,0 +1,116 @@
+"""`kvm-borg restore` against real libvirtd + QEMU + borg: the README's restore promises, one test each."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import xml.etree.ElementTree as ET
+
+import libvirt
+
+from harness import DiskSpec, qemu_img_compare, run_cli, wait_state
+from support import archived_meta, cli_env, extract_archive, write_config
+
+MiB = 1 << 20
+TWO_DISKS = [DiskSpec("vda", "qcow2", 64), DiskSpec("vdb", "raw", 64)]
+
+
+def backup(domain, config) -> str:
+    """Back up `domain`; return the archive name."""
+    proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["domains"][0]["stores"][0]["archive"]
+
+
+def restore(*args, config):
+    return run_cli("restore", *args, config=config, env=cli_env())
+
+
+def macs(xml: str) -> list[str]:
+    return [m.get("address") for m in ET.fromstring(xml).findall("./devices/interface/mac")]
+
+
+def test_running_two_disk_domain_restores_beside_the_original_and_starts(domain_factory, image_dir, tmp_path,
+                                                                          libvirt_conn):
+    domain = domain_factory.make(disks=TWO_DISKS, name="restore beside")
+    domain.hmp_write("vda", 0xC1, 3 * MiB, MiB)
+    domain.hmp_write("vdb", 0xC2, 5 * MiB, MiB)
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    archive = backup(domain, config)
+    copy = domain_factory.domain_name("restore beside copy")
+
+    proc = restore(domain.name, "--name", copy, "--start", "--json", config=config)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["domain"] == copy and result["archive"] == archive and result["defined"] and result["started"]
+    assert set(result["disks"]) == {"vda", "vdb"}
+
+    extracted = extract_archive(tmp_path / "repo", archive, tmp_path / "x")
+    meta = archived_meta(extracted)
+    for disk in meta["disks"]:
+        restored = result["disks"][disk["target"]]
+        assert restored != str(domain.disks[disk["target"]])  # beside, not over, the original
+        assert os.path.dirname(restored) == str(domain.dir)
+        assert qemu_img_compare(restored, extracted / disk["archive_path"], disk["format"], disk["format"])
+    # The copy runs on the restored images, with its own name, UUID and MACs.
+    dom = libvirt_conn.lookupByName(copy)
+    wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+    live = ET.fromstring(dom.XMLDesc(0))
+    sources = {d.find("target").get("dev"): d.find("source").get("file") for d in live.findall("./devices/disk")}
+    assert sources == result["disks"]
+    assert dom.UUIDString() != domain.dom.UUIDString()
+    assert domain.is_active()
+    assert ET.fromstring(open(result["xml"]).read()).findtext("name") == copy
+
+
+def test_refusals_change_nothing(domain_factory, image_dir, tmp_path, libvirt_conn):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)], name="refusals")
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    backup(domain, config)
+    before = {p: p.stat().st_mtime_ns for p in domain.dir.iterdir()}
+
+    # Over the running original's image: refused even with --overwrite.
+    for extra in ((), ("--overwrite",)):
+        proc = restore(domain.name, *extra, config=config)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1].startswith("kvm-borg: error: ")
+        assert "running domain" in proc.stderr or "exists" in proc.stderr
+    # An existing name.
+    proc = restore(domain.name, "--target-dir", image_dir / "elsewhere", "--define", config=config)
+    assert proc.returncode == 2 and f"domain {domain.name!r} exists" in proc.stderr
+    assert not (image_dir / "elsewhere").exists()
+    # An existing image (the domain shut off): refused without --overwrite.
+    domain.destroy()
+    proc = restore(domain.name, config=config)
+    assert proc.returncode == 2 and "give --overwrite" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in domain.dir.iterdir()} == before
+    # --overwrite on a shut-off domain: done.
+    domain.hmp_write  # (no writes possible: shut off)
+    proc = restore(domain.name, "--overwrite", "--define", "--json", config=config)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["disks"] == {"vda": str(domain.disks["vda"])}
+    assert domain.verify_fill("vda")
+
+
+def test_one_disk_to_a_file_and_to_stdout(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=TWO_DISKS, running=False, name="one disk")
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    backup(domain, config)
+    target = tmp_path / "vdb.img"
+    proc = restore(domain.name, "--disk", "vdb", "--to", target, "--json", config=config)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["disks"] == {"vdb": str(target)}
+    assert domain.verify_fill("vdb", target, "raw")
+    cmd_env = cli_env()
+    import subprocess
+
+    from harness import KVM_BORG_BIN
+    streamed = tmp_path / "vda.stream"
+    with open(streamed, "wb") as out:
+        proc = subprocess.run([str(KVM_BORG_BIN), "--config", str(config), "restore", domain.name, "--disk", "vda",
+                               "--to", "-"], stdout=out, stderr=subprocess.PIPE, env={**os.environ, **cmd_env},
+                              stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert domain.verify_fill("vda", streamed, "qcow2")
+    assert stat.S_ISREG(os.stat(streamed).st_mode)
