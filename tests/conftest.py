@@ -15,6 +15,8 @@ vtype          (session) "kvm" or "qemu" (see harness.virt_type).
 borg_env_dir   (function) an isolated BORG_BASE_DIR + env dict: ``(env, base_dir)``.
 borg_repo      (function) an initialised borg repo (repokey-blake2):
                ``BorgRepo(path, env, passphrase)``.
+sshd           (function) a private sshd on 127.0.0.1 for remote repositories
+               (``harness.sshd.SshServer``), stopped after the test.
 """
 
 from __future__ import annotations
@@ -141,3 +143,13 @@ def borg_repo(tmp_path, borg_env_dir) -> BorgRepo:
     path = tmp_path / "borg-repo"
     run_borg("init", "--encryption=repokey-blake2", str(path), env=env)
     return BorgRepo(path, env)
+
+
+@pytest.fixture
+def sshd(image_dir):
+    """A private sshd on 127.0.0.1 (own host key, own port, user ``kbtest-backup``): see harness/sshd.py."""
+    from harness.sshd import start_sshd
+
+    server = start_sshd(image_dir / "sshd")
+    yield server
+    server.stop()
