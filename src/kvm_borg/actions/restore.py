@@ -17,6 +17,7 @@ import posixpath
 import pwd
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -75,8 +76,22 @@ def read_bytes(backend, archive: str, archive_path: str, limit: int = MAX_META_B
             raise UsageError(f"{archive_path} in {archive} is larger than {limit} bytes")
         parts.append(data)
 
-    backend.stream_file(archive, archive_path, collect)
+    stream_file(backend, archive, archive_path, collect)
     return b"".join(parts)
+
+
+def stream_file(backend, archive: str, archive_path: str, write) -> None:
+    """Given a backend, pass one stored file's bytes to `write`; backends without `stream_file`
+    extract it into a private temporary directory first."""
+    if hasattr(backend, "stream_file"):
+        backend.stream_file(archive, archive_path, write)
+        return
+    with tempfile.TemporaryDirectory(prefix="kvm-borg-read-") as workdir:
+        path = Path(workdir, "file")
+        backend.extract_file(archive, archive_path, path)
+        with open(path, "rb") as handle:
+            while data := handle.read(FLUSH):
+                write(data)
 
 
 def read_meta(backend, archive: str, domain: str | None) -> tuple[dict, frozenset[str]]:
@@ -195,14 +210,14 @@ def restore_file(backend, archive: str, entry: RestoreFile, *, sparse: bool = Tr
     try:
         writer = SparseWriter(fd)
         if sparse:
-            backend.stream_file(archive, entry.archive_path, writer.write)
+            stream_file(backend, archive, entry.archive_path, writer.write)
             size = writer.close()
         else:
             def write_all(data: bytes) -> None:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-            backend.stream_file(archive, entry.archive_path, write_all)
+            stream_file(backend, archive, entry.archive_path, write_all)
             size = os.lseek(fd, 0, os.SEEK_CUR)
         uid, gid = _owner_ids(entry)
         os.fchown(fd, uid, gid)
@@ -526,7 +541,7 @@ def _restore_one_disk(ctx: Context, backend, repo: dict, archive: str, meta: dic
     if options.to == "-":
         out = sys.stdout.buffer
         sys.stdout.flush()
-        backend.stream_file(archive, disk.image.archive_path, out.write)
+        stream_file(backend, archive, disk.image.archive_path, out.write)
         out.flush()
         result.disks[disk.target] = "-"
     else:
