@@ -188,6 +188,11 @@ class RepositoryBackend(Protocol):
     def stream_file(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
         """Pass one stored file's bytes, as stored and authenticated by the backend, to `write` in order."""
         ...
+    def preflight(self) -> None:
+        """Raise KvmBorgError when the repository cannot be used at all (e.g. its client binary is
+        missing), so a backup refuses before any snapshot. Cheap: no repository access."""
+        ...
+
 
     def mount(self, archive: str, mountpoint: str) -> str:
         """Mount an archive read-only at `mountpoint` (in the background); return the directory of its root."""

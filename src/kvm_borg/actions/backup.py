@@ -9,7 +9,7 @@ import time
 import libvirt
 
 from kvm_borg import host_state, metadata, signals
-from kvm_borg.actions.common import Context, ensure_state_dir, open_repositories, print_json, resolve_domains
+from kvm_borg.actions.common import Context, check_disk_targets, ensure_state_dir, open_repositories, print_json, resolve_domains
 from kvm_borg.engine.planning import DomainHandle, handle_for, make_plan
 from kvm_borg.errors import Interrupted, KvmBorgError
 from kvm_borg.locks import domain_lock
@@ -194,6 +194,7 @@ def run_backup(ctx: Context, names: list[str], all_domains: bool, repo_names: li
     Bad input (unknown domain or repository) raises before anything changes."""
     backends = open_repositories(ctx, repo_names)
     domains = resolve_domains(ctx, names, all_domains)
+    check_disk_targets(ctx, domains, cli_excluded)
     summary = RunSummary()
     with signals.interruptible():
         try:

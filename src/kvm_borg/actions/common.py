@@ -14,8 +14,8 @@ from pathlib import Path
 
 from kvm_borg.config import Settings, select_repositories
 from kvm_borg.engine.connection import Connection
-from kvm_borg.engine.domain_xml import domain_selected
-from kvm_borg.errors import ConfigError, UsageError
+from kvm_borg.engine.domain_xml import disk_targets, domain_selected
+from kvm_borg.errors import ConfigError, KvmBorgError, UsageError
 from kvm_borg.plugins import make_plugin_manager
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ def open_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict,
     for repo in chosen:
         check_passphrase_file(repo)
         backend = backend_for(ctx, repo)
+        if hasattr(backend, "preflight"):  # third-party backends written before preflight existed
+            backend.preflight()
         ensure_embedded_default(ctx, repo, backend)
         result.append((repo, backend))
     return result
@@ -125,9 +127,22 @@ def resolve_domains(ctx: Context, names: list[str], all_domains: bool) -> list[s
     for name in names:
         try:
             conn.lookup(name)
-        except Exception as exc:
+        except KvmBorgError as exc:
             raise UsageError(str(exc)) from None
     return list(dict.fromkeys(names))
+
+
+def check_disk_targets(ctx: Context, domains: list[str], targets: list[str]) -> None:
+    """Refuse (UsageError) a --exclude-disk/--disk target that is a disk of none of `domains`."""
+    if not targets:
+        return
+    known: set[str] = set()
+    for name in domains:
+        known.update(disk_targets(ctx.connection.lookup(name).XMLDesc(0)))
+    for target in targets:
+        if target not in known:
+            where = f"domain '{domains[0]}'" if len(domains) == 1 else "any of the selected domains"
+            raise UsageError(f"disk {target} is not a disk of {where} (disks: {', '.join(sorted(known))})")
 
 
 def print_json(data) -> None:

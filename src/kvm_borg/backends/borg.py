@@ -310,6 +310,12 @@ class BorgRepository:
             self.binary,
             self.location,
             request.archive_name,
+    def preflight(self) -> None:
+        """Raise BorgError when the borg binary to run is missing or not executable."""
+        path = self.binary if os.sep in self.binary else shutil.which(self.binary)
+        if not path or not os.access(path, os.X_OK):
+            raise BorgError(f"repository {self.name!r}: borg binary {self.binary} not found (borg_binary)")
+
             request.files,
             compression=self.compression,
             chunker_params=self.chunker_params,
