@@ -223,3 +223,10 @@ def test_sparse_writer_leaves_zero_blocks_as_holes(tmp_path):
     os.close(fd)
     assert path.read_bytes() == data
     assert os.stat(path).st_blocks * 512 < 512 * 1024  # mostly holes
+
+
+def test_preflight_refuses_a_missing_restic_binary_naming_the_key():
+    settings = type("S", (), {"hostname": "hv1", "restic_binary": "/nonexistent/restic", "progress": False})()
+    backend = ResticRepository({"name": "r", "type": "restic", "url": "/r"}, settings)
+    with pytest.raises(Exception, match="restic_binary"):
+        backend.preflight()

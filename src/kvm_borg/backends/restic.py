@@ -321,6 +321,16 @@ class ResticRepository:
 
     # --- RepositoryBackend ------------------------------------------------------------------
 
+    def preflight(self) -> None:
+        """Raise ResticError when the restic binary is missing or its version unreadable (no repository access)."""
+        path = self.binary if os.sep in self.binary else shutil.which(self.binary)
+        if not path or not os.access(path, os.X_OK):
+            raise ResticError(f"repository {self.name!r}: restic binary {self.binary} not found (restic_binary)")
+        try:
+            self.features
+        except ResticError as exc:
+            raise ResticError(f"repository {self.name!r}: {exc}") from None
+
     def init(self) -> bool:
         """Create the repository unless it exists; return True if it was created."""
         if self.exists():
@@ -433,6 +443,16 @@ class ResticRepository:
             os.replace(extracted, destination)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def stream_file(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and one stored path, pass the file's bytes to `write`, in order (`restic dump`;
+        restic authenticates every blob it reads)."""
+        archive_path = self.archive_path(archive_path)
+        snapshot = self._snapshot_holding(self._archive(archive), archive_path)
+        result, log = self._run(rc.make_dump_command(self.binary, snapshot["id"], archive_path, options=self.options),
+                                on_stdout=write)
+        if result.returncode != 0:
+            raise self._error("dump", log, result)
 
     def archive_path(self, host_path: str) -> str:
         """Given an absolute host path, return the path restic stores it under (the same absolute path)."""
