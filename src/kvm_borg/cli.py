@@ -23,6 +23,9 @@ COMMAND_MODULES = (
     "kvm_borg.actions.listing",
     "kvm_borg.actions.config_cmd",
     "kvm_borg.actions.doctor",
+    "kvm_borg.actions.prune",
+    "kvm_borg.actions.check",
+    "kvm_borg.actions.status",
     "kvm_borg.actions.restore",
 )
 
@@ -54,11 +57,13 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 def _run(args) -> int:
     from kvm_borg.actions.common import make_context
     from kvm_borg.config import load_settings
+    from kvm_borg.plugins import bind_settings
 
     if not getattr(args, "needs_settings", True):
         return args.run(None, args)
     progress = sys.stderr.isatty() and not getattr(args, "no_progress", False) and not getattr(args, "json", False)
     ctx = make_context(load_settings(args.config, progress=progress))
+    bind_settings(ctx.pm, ctx.settings)
     try:
         return args.run(ctx, args)
     finally:

@@ -210,6 +210,77 @@ def _repositories(value: Any, key: str) -> list[dict]:
     return repos
 
 
+def _retention(value: Any, key: str) -> dict:
+    from kvm_borg import retention
+
+    return retention.check_rules(value, key)
+
+
+def _domains_retention(value: Any, key: str) -> dict:
+    from kvm_borg import retention
+
+    return {str(dom): retention.check_rules(rules, f"{key}.{dom}") for dom, rules in _mapping(value, key).items()}
+
+
+def _url(value: Any, key: str) -> str:
+    text = _str(value, key)
+    if not re.match(r"^https?://[^/\s]+", text):
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {value!r}")
+    return text
+
+
+def _str_mapping(value: Any, key: str) -> dict:
+    data = _mapping(value, key)
+    for name, item in data.items():
+        if not isinstance(name, str) or not isinstance(item, str):
+            raise ConfigError(f"{key}.{name}: expected a string, got {item!r}")
+    return dict(data)
+
+
+_WEBHOOK_SCHEMA = {
+    "url": (_optional(_url), None),
+    "start_url": (_optional(_url), None),
+    "success_url": (_optional(_url), None),
+    "failure_url": (_optional(_url), None),
+    "healthchecks_url": (_optional(_url), None),
+    "timeout": (parse_duration, 10.0),
+    "headers": (_str_mapping, dict),
+}
+
+
+def _webhook(value: Any, key: str) -> dict:
+    data = _check_keys(_mapping(value, key), _WEBHOOK_SCHEMA, f"{key}.")
+    if not any(data[name] for name in ("url", "start_url", "success_url", "failure_url", "healthchecks_url")):
+        raise ConfigError(f"{key}: give at least one of url, healthchecks_url, start_url, success_url, failure_url")
+    return data
+
+
+def _guest_commands(value: Any, key: str) -> list:
+    """A list of guest commands: each a string (run with /bin/sh -c) or a non-empty list of strings (an argv)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of commands, got {value!r}")
+    for i, command in enumerate(value):
+        if isinstance(command, str) and command.strip():
+            continue
+        if isinstance(command, list) and command and all(isinstance(a, str) for a in command):
+            continue
+        raise ConfigError(f"{key}[{i}]: expected a command string or a list of strings, got {command!r}")
+    return list(value)
+
+
+_PREFREEZE_DOMAIN_SCHEMA = {
+    "before": (_guest_commands, list),
+    "after": (_guest_commands, list),
+    "timeout": (parse_duration, 60.0),
+    "required": (_bool, False),
+}
+
+
+def _prefreeze(value: Any, key: str) -> dict:
+    return {str(dom): _check_keys(_mapping(spec, f"{key}.{dom}"), _PREFREEZE_DOMAIN_SCHEMA, f"{key}.{dom}.")
+            for dom, spec in _mapping(value, key).items()}
+
+
 SCHEMA = {
     "libvirt_uri": (_str, "qemu:///system"),
     "state_dir": (_path, "/var/lib/kvm-borg"),
@@ -225,6 +296,13 @@ SCHEMA = {
     "restic_binary": (_optional(_path), None),
     "hostname": (_optional(_str), None),
     "repositories": (_repositories, None),
+    "retention": (_retention, dict),
+    "domains_retention": (_domains_retention, dict),
+    "prune_after_backup": (_bool, False),
+    "max_age": (parse_duration, 26 * 3600.0),
+    "metrics_file": (_optional(_path), None),
+    "webhook": (_optional(_webhook), None),
+    "prefreeze": (_prefreeze, dict),
 }
 
 
@@ -250,6 +328,13 @@ class Settings:
     embedded_default: bool = False
     progress: bool = False
     extra: dict = field(default_factory=dict)
+    retention: dict = field(default_factory=dict)  # rules overriding retention.DEFAULT_POLICY
+    domains_retention: dict = field(default_factory=dict)  # {domain: rules overriding `retention`}
+    prune_after_backup: bool = False
+    max_age: float = 26 * 3600.0  # `kvm-borg status` exits 2 past this age
+    metrics_file: str | None = None  # node_exporter textfile written after every run
+    webhook: dict | None = None  # kvm_borg_hooks.webhook
+    prefreeze: dict = field(default_factory=dict)  # kvm_borg_hooks.prefreeze: {domain: {before, after, ...}}
 
     @property
     def journal_dir(self) -> Path:
@@ -351,6 +436,13 @@ def load_settings(cli_path: str | None = None, *, progress: bool = False) -> Set
         config_path=path if path.is_file() else None,
         embedded_default=embedded,
         progress=progress,
+        retention=data["retention"],
+        domains_retention=data["domains_retention"],
+        prune_after_backup=data["prune_after_backup"],
+        max_age=data["max_age"],
+        metrics_file=data["metrics_file"],
+        webhook=data["webhook"],
+        prefreeze=data["prefreeze"],
     )
 
 

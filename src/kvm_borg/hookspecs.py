@@ -9,7 +9,8 @@ Two kinds of hook:
 - *choosing* hooks (``firstresult=True``): the first plugin that returns something other than
   ``None`` wins (a backend for a repository type, the source of a domain's frozen disk data);
 - *notification* hooks: every plugin is called, return values are ignored, and an exception
-  raised by a notifier is logged without stopping the backup.
+  raised by a notifier is logged without stopping the backup. Every notification hook also
+  offers ``settings`` (the run's Settings; an implementation takes only the arguments it names).
 """
 
 import pluggy
@@ -42,35 +43,35 @@ def kvm_borg_recover_entry(entry, connection, settings):
 
 
 @hookspec
-def kvm_borg_before_snapshot(domain, disks, quiesce):
+def kvm_borg_before_snapshot(domain, disks, quiesce, settings):
     """Called before a domain's disks are frozen: its name, the chosen DiskPlans, the quiesce mode."""
 
 
 @hookspec
-def kvm_borg_after_snapshot(domain, disks, quiesced, seconds):
+def kvm_borg_after_snapshot(domain, disks, quiesced, seconds, settings):
     """Called once the disks are frozen: FrozenDisks, whether the guest was quiesced, seconds taken."""
 
 
 @hookspec
-def kvm_borg_after_store(domain, repository, result):
+def kvm_borg_after_store(domain, repository, result, settings):
     """Called after one repository stored (or failed to store) a domain's archive: a StoreResult."""
 
 
 @hookspec
-def kvm_borg_before_commit(domain, disks):
+def kvm_borg_before_commit(domain, disks, settings):
     """Called before overlays are merged back into the domain's images: the FrozenDisks."""
 
 
 @hookspec
-def kvm_borg_after_commit(domain, disks, seconds):
+def kvm_borg_after_commit(domain, disks, seconds, settings):
     """Called after every overlay has been merged back and removed, with the seconds taken."""
 
 
 @hookspec
-def kvm_borg_on_error(domain, stage, error):
+def kvm_borg_on_error(domain, stage, error, settings):
     """Called when a stage (plan, snapshot, store, commit, recover) fails, with the exception."""
 
 
 @hookspec
-def kvm_borg_backup_finished(summary):
+def kvm_borg_backup_finished(summary, settings):
     """Called once per ``kvm-borg backup`` run with the RunSummary of every domain and repository."""

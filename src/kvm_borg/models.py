@@ -158,10 +158,40 @@ class ArchiveInfo:
     host: str | None = None
 
 
+@dataclass
+class PruneResult:
+    """One domain's prune in one repository: the archives kept (with the rule) and deleted (or, with dry_run, to delete)."""
+
+    repository: str
+    domain: str
+    ok: bool
+    dry_run: bool = False
+    kept: dict[str, str] = field(default_factory=dict)  # archive -> rule that keeps it
+    pruned: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class CheckResult:
+    """One repository's consistency check."""
+
+    repository: str
+    ok: bool
+    mode: str = "metadata"  # "metadata" | "verify-data" | "read-data-subset=PCT"
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
 class RepositoryBackend(Protocol):
     """A repository kvm-borg writes to. Implemented by the borg and restic plugins."""
 
     name: str
+
+    def preflight(self) -> None:
+        """Raise KvmBorgError when the repository cannot be used at all (e.g. its client binary is
+        missing), so a backup refuses before any snapshot. Cheap: no repository access."""
+        ...
 
     def init(self) -> bool:
         """Create the repository if it does not exist; return True if it was created."""
@@ -188,11 +218,6 @@ class RepositoryBackend(Protocol):
     def stream_file(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
         """Pass one stored file's bytes, as stored and authenticated by the backend, to `write` in order."""
         ...
-    def preflight(self) -> None:
-        """Raise KvmBorgError when the repository cannot be used at all (e.g. its client binary is
-        missing), so a backup refuses before any snapshot. Cheap: no repository access."""
-        ...
-
 
     def mount(self, archive: str, mountpoint: str) -> str:
         """Mount an archive read-only at `mountpoint` (in the background); return the directory of its root."""
@@ -200,4 +225,17 @@ class RepositoryBackend(Protocol):
 
     def unmount(self, mountpoint: str) -> None:
         """Undo `mount`: the file system goes away and its process exits."""
+        ...
+
+    def prune(self, domain: str, policy: dict, dry_run: bool = False) -> PruneResult:
+        """Apply a complete retention policy (kvm_borg.retention) to one domain's archives only; a
+        failure is `ok=False`. Archives kvm-borg did not make are never deleted."""
+        ...
+
+    def compact(self) -> None:
+        """Free the space of deleted archives (borg compact; a no-op where prune already does it)."""
+        ...
+
+    def check(self, verify_data: bool = False, read_data_subset: str | None = None) -> CheckResult:
+        """Check the repository's consistency (and with `verify_data` / `read_data_subset`, its data)."""
         ...

@@ -19,6 +19,8 @@ DEFAULT_PLUGINS = (
     "kvm_borg.engine.libvirt_snapshot",
     "kvm_borg.backends.borg",
     "kvm_borg.backends.restic",
+    "kvm_borg.run_record",
+    "kvm_borg.actions.freeze",
 )
 
 
@@ -64,9 +66,20 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[dict]:
     return result
 
 
+_SETTINGS_ATTRIBUTE = "kvm_borg_settings"
+
+
+def bind_settings(pm: pluggy.PluginManager, settings) -> None:
+    """Given a PluginManager and the run's Settings, let `notify` hand them to notifiers that take `settings`."""
+    setattr(pm, _SETTINGS_ATTRIBUTE, settings)
+
+
 def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs) -> None:
-    """Call a notification hook; an exception from one notifier is logged, never fatal."""
+    """Call a notification hook; an exception from one notifier is logged, never fatal.
+
+    A notifier that takes `settings` gets the Settings bound with `bind_settings` (None if none)."""
     hook = getattr(pm.hook, hook_name)
+    kwargs.setdefault("settings", getattr(pm, _SETTINGS_ATTRIBUTE, None))
     for impl in reversed(hook.get_hookimpls()):
         try:
             impl.function(**{arg: kwargs[arg] for arg in impl.argnames})

@@ -27,7 +27,7 @@ from kvm_borg.backends import borg_commands
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, one_line, run_command
 from kvm_borg.hookspecs import hookimpl
-from kvm_borg.models import ArchiveInfo, ArchiveRequest, StoreResult
+from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,34 @@ def _utc_iso(borg_time: str) -> str:
         return borg_time
 
 
+# One line of `borg prune --list`: "{action:<44} {archive:<36} {time} [{id}]".
+_PRUNE_LINE = re.compile(
+    r"^(?P<action>Would prune:|Pruning archive \(\d+/\d+\):|Keeping checkpoint archive:"
+    r"|Keeping archive \(rule: (?P<rule>[^#]+?) #\d+\):)\s+(?P<name>.+?)\s+"
+    r"\w{3}, \d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} \[[0-9a-f]{64}\]\s*$"
+)
+# borg's rule names -> kvm-borg's (keep_last is borg's keep-secondly).
+_BORG_RULES = {"within": "keep_within", "secondly": "keep_last", "minutely": "keep_minutely",
+               "hourly": "keep_hourly", "daily": "keep_daily", "weekly": "keep_weekly",
+               "monthly": "keep_monthly", "yearly": "keep_yearly"}
+
+
+def parse_prune_line(line: str) -> tuple[str, str, str | None] | None:
+    """Given one line of `borg prune --list`, return (kept|pruned, archive, rule) or None if it is no such line."""
+    match = _PRUNE_LINE.match(line)
+    if not match:
+        return None
+    action, name = match.group("action"), match.group("name")
+    if action.startswith("Keeping archive"):
+        rule = match.group("rule")
+        base, oldest = (rule[:-len("[oldest]")], True) if rule.endswith("[oldest]") else (rule, False)
+        ours = _BORG_RULES.get(base, base)
+        return "kept", name, f"{ours} (oldest)" if oldest else ours
+    if action.startswith("Keeping checkpoint"):
+        return "kept", name, "checkpoint"
+    return "pruned", name, None
+
+
 class BorgLog:
     """Given borg's `--log-json` stderr lines one at a time, log them and keep what results need."""
 
@@ -177,6 +205,7 @@ class BorgLog:
         self.tracebacks: list[str] = []
         self.other_lines: list[str] = []
         self.refused: list[str] = []  # questions borg asked that our environment answered "no"
+        self.list_lines: list[str] = []  # `--list` output (borg.output.list), e.g. of prune
         self._question = ""
 
     def feed(self, line: str) -> None:
@@ -208,6 +237,8 @@ class BorgLog:
         level = record.get("levelname", "INFO")
         if record.get("msgid"):
             self.msgids.append(record["msgid"])
+        if record.get("name") == "borg.output.list":
+            self.list_lines.append(message)
         if level in ("ERROR", "CRITICAL"):
             if message.startswith("Traceback"):
                 self.tracebacks.append(message)
@@ -279,6 +310,12 @@ class BorgRepository:
 
     # --- RepositoryBackend ------------------------------------------------------------------
 
+    def preflight(self) -> None:
+        """Raise BorgError when the borg binary to run is missing or not executable."""
+        path = self.binary if os.sep in self.binary else shutil.which(self.binary)
+        if not path or not os.access(path, os.X_OK):
+            raise BorgError(f"repository {self.name!r}: borg binary {self.binary} not found (borg_binary)")
+
     def init(self) -> bool:
         """Create the repository (and its parent directories) unless it exists; return True if it was created."""
         argv = borg_commands.make_init_command(self.binary, self.location, self.encryption)
@@ -310,12 +347,6 @@ class BorgRepository:
             self.binary,
             self.location,
             request.archive_name,
-    def preflight(self) -> None:
-        """Raise BorgError when the borg binary to run is missing or not executable."""
-        path = self.binary if os.sep in self.binary else shutil.which(self.binary)
-        if not path or not os.access(path, os.X_OK):
-            raise BorgError(f"repository {self.name!r}: borg binary {self.binary} not found (borg_binary)")
-
             request.files,
             compression=self.compression,
             chunker_params=self.chunker_params,
@@ -451,6 +482,84 @@ class BorgRepository:
         result, log = self._run((self.binary, "umount", "--log-json", mountpoint))
         if _failed(result.returncode):
             raise self._error("umount", log, result)
+
+    def foreign_archives(self, domain: str) -> list[str]:
+        """Given a domain, return archives whose names match its archive glob but that kvm-borg did not make for it."""
+        argv = borg_commands.make_list_command(
+            self.binary, self.location, glob=borg_commands.archive_glob(domain), lock_wait=self.lock_wait,
+            format="{comment}",
+        )
+        entries = self._run_json(argv, "list").get("archives", [])
+        return [e["name"] for e in entries if (parse_comment(e.get("comment")) or {}).get("domain") != domain]
+
+    def prune(self, domain: str, policy: dict, dry_run: bool = False) -> PruneResult:
+        """Given a domain and a complete retention policy, prune that domain's archives only and return the PruneResult.
+
+        `borg prune --glob-archives` with the domain's exact archive glob; refused (ok=False,
+        nothing deleted) when an archive kvm-borg did not make for this domain matches the glob.
+        Space is freed only by `compact`."""
+        from kvm_borg import retention
+
+        result = PruneResult(self.name, domain, ok=False, dry_run=dry_run)
+        if retention.is_empty(policy):
+            result.error = f"the retention policy of domain '{domain}' keeps nothing: refusing to prune"
+            return result
+        try:
+            foreign = self.foreign_archives(domain)
+            if foreign:
+                result.error = (f"archive {foreign[0]} matches the archive names of domain '{domain}' but was not "
+                                f"made by kvm-borg for it: not pruning '{domain}' in {self.name}")
+                return result
+            argv = borg_commands.make_prune_command(
+                self.binary, self.location, borg_commands.archive_glob(domain), retention.borg_flags(policy),
+                dry_run=dry_run, lock_wait=self.lock_wait,
+            )
+            run, log = self._run(argv)
+        except BorgError as exc:
+            result.error = str(exc)
+            return result
+        if _failed(run.returncode):
+            result.error = self._error("prune", log, run).args[0]
+            return result
+        for line in log.list_lines:
+            parsed = parse_prune_line(line)
+            if parsed is None:
+                continue
+            action, name, rule = parsed
+            if action == "kept":
+                result.kept[name] = rule
+            else:
+                result.pruned.append(name)
+        result.ok = True
+        return result
+
+    def compact(self) -> None:
+        """Free the space of deleted archives (`borg compact`); a failure is a BorgError."""
+        self._run_checked(borg_commands.make_compact_command(self.binary, self.location, lock_wait=self.lock_wait),
+                          "compact")
+
+    def check(self, verify_data: bool = False, read_data_subset: str | None = None) -> CheckResult:
+        """Run `borg check` (with `verify_data`, `--verify-data`) and return the CheckResult; failures are ok=False.
+
+        Borg cannot read a subset of the data: with `read_data_subset` it runs the plain check,
+        which already reads every segment and checks its CRC, and says so in the result's mode."""
+        started = time.monotonic()
+        mode = "verify-data" if verify_data else "metadata"
+        if read_data_subset and not verify_data:
+            logger.info("repository %s: borg cannot check a subset of the data; running borg check", self.name)
+        argv = borg_commands.make_check_command(
+            self.binary, self.location, verify_data=verify_data, lock_wait=self.lock_wait, progress=self.progress,
+        )
+        try:
+            run, log = self._run(argv)
+        except BorgError as exc:
+            return CheckResult(self.name, ok=False, mode=mode, seconds=time.monotonic() - started, error=str(exc))
+        seconds = time.monotonic() - started
+        if _failed(run.returncode):
+            return CheckResult(self.name, ok=False, mode=mode, seconds=seconds,
+                               error=self._error("check", log, run).args[0])
+        warnings = log.warnings if run.returncode == 1 else []
+        return CheckResult(self.name, ok=True, mode=mode, seconds=seconds, warnings=list(warnings))
 
     # --- running borg -----------------------------------------------------------------------
 

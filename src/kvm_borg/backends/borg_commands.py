@@ -96,11 +96,15 @@ def make_list_command(
     last: int | None = None,
     log_json: bool = True,
     lock_wait: int | None = None,
+    format: str | None = None,
 ) -> tuple[str, ...]:
-    """Given a repository and optionally an archive glob and a count, return the `borg list --json` argv of its archives."""
+    """Given a repository and optionally an archive glob and a count, return the `borg list --json` argv of its archives.
+
+    `format` names extra keys for the JSON, e.g. "{comment}"."""
     return (
         (binary, "list", "--json")
         + _common_flags(log_json, lock_wait)
+        + (("--format", format) if format else ())
         + (("--glob-archives", escape_placeholders(glob)) if glob else ())
         + (("--last", str(last)) if last is not None else ())
         + (archive_location(repo),)
@@ -183,3 +187,35 @@ def make_check_command(
         + (("--glob-archives", escape_placeholders(glob)) if glob else ())
         + (archive_location(repo),)
     )
+
+
+def make_prune_command(
+    binary: str,
+    repo: str,
+    glob: str,
+    keep_flags: Sequence[str],
+    *,
+    dry_run: bool = False,
+    log_json: bool = True,
+    lock_wait: int | None = None,
+) -> tuple[str, ...]:
+    """Given a repository, the glob of ONE domain's archives and the --keep-* flags, return the `borg prune --list` argv.
+
+    The glob is mandatory: without it borg would apply the policy to every archive in the repository."""
+    if not glob:
+        raise ValueError("borg prune needs an archive glob")
+    return (
+        (binary, "prune", "--list")
+        + _common_flags(log_json, lock_wait)
+        + (("--dry-run",) if dry_run else ())
+        + ("--glob-archives", escape_placeholders(glob))
+        + tuple(keep_flags)
+        + (archive_location(repo),)
+    )
+
+
+def make_compact_command(
+    binary: str, repo: str, *, log_json: bool = True, lock_wait: int | None = None
+) -> tuple[str, ...]:
+    """Given a repository, return the `borg compact` argv (frees the space of deleted archives)."""
+    return (binary, "compact") + _common_flags(log_json, lock_wait) + (archive_location(repo),)

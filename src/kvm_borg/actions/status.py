@@ -1,0 +1,148 @@
+"""`kvm-borg status`: per domain and repository the last successful backup, its age, the archive
+count and the last size; exit code 2 when a domain's newest backup is older than `max_age`.
+
+It reads the run state kept by kvm-borg (kvm_borg.run_state) and opens no repository, so it
+answers at once even while a backup holds a repository's lock: usable as a Nagios/Icinga check
+(0 OK, 1 WARNING: the last attempt failed but a recent backup exists, 2 CRITICAL: stale or never
+backed up). `--refresh` first lists the repositories and records what they hold.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kvm_borg import run_state
+from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, print_json, resolve_domains
+from kvm_borg.config import parse_duration, select_repositories
+from kvm_borg.errors import ConfigError, UsageError
+
+
+def format_age(seconds: float | None) -> str:
+    """Given an age in seconds (None: never), return it short, e.g. '3d4h', '26h0m', '5m', 'never'."""
+    if seconds is None:
+        return "never"
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m"
+
+
+def domain_rows(state: dict, domains: list[str], repositories: list[str], max_age: float, now: float) -> list[dict]:
+    """Given the run state, the domains and repositories to report and max_age, return one row per pair.
+
+    A row is stale when the pair has no successful backup or its newest is older than max_age."""
+    rows = []
+    for domain in domains:
+        entry = state["domains"].get(domain, {})
+        for repository in repositories:
+            data = entry.get("repositories", {}).get(repository, {})
+            success = data.get("last_success") or {}
+            attempt = data.get("last_attempt") or {}
+            age = now - success["time"] if success.get("time") else None
+            rows.append({
+                "domain": domain,
+                "repository": repository,
+                "last_success": success.get("time"),
+                "age_seconds": age,
+                "archive": success.get("archive"),
+                "archive_count": data.get("archive_count"),
+                "last_size": success.get("original_size"),
+                "last_added": success.get("deduplicated_size"),
+                "last_attempt": attempt.get("time"),
+                "last_attempt_ok": attempt.get("ok"),
+                "last_error": attempt.get("error"),
+                "stale": age is None or age > max_age,
+            })
+    return rows
+
+
+def verdict(rows: list[dict]) -> int:
+    """Given status rows, return the exit code: 2 if any is stale, 1 if any last attempt failed, else 0."""
+    if any(row["stale"] for row in rows):
+        return 2
+    if any(row["last_attempt_ok"] is False for row in rows):
+        return 1
+    return 0
+
+
+def refresh(ctx: Context, repositories: list[dict]) -> None:
+    """List every chosen repository and record its archives per domain in the run state."""
+    from kvm_borg import run_record
+
+    found: dict[str, dict[str, list]] = {}
+    for repo in repositories:
+        check_passphrase_file(repo)
+        backend = backend_for(ctx, repo)
+        if repo.get("auto_init") and not backend.exists():
+            continue
+        per_domain = found.setdefault(repo["name"], {})
+        for archive in backend.list_archives(None):
+            per_domain.setdefault(archive.domain, []).append(archive)
+
+    def change(state: dict) -> dict:
+        for repository, per_domain in found.items():
+            for domain in set(per_domain) | set(state["domains"]):
+                if repository in state["domains"].get(domain, {}).get("repositories", {}) or domain in per_domain:
+                    archives = sorted(per_domain.get(domain, []), key=lambda a: a.time)
+                    run_state.record_archives(state, repository, domain, archives)
+        return state
+
+    run_record.update_state(ctx.settings, change)
+
+
+def run_status(ctx: Context, names: list[str], repo_names: list[str] | None, max_age: float,
+               refresh_first: bool) -> list[dict]:
+    """Given domain names (empty: those `--all` selects), --repo names and max_age, return the status rows."""
+    repositories = select_repositories(ctx.settings, repo_names)
+    if refresh_first:
+        refresh(ctx, repositories)
+    domains = resolve_domains(ctx, [], True) if not names else list(dict.fromkeys(names))
+    state = run_state.load(ctx.settings.state_dir)
+    return domain_rows(state, domains, [r["name"] for r in repositories], max_age, time.time())
+
+
+def add_arguments(subparsers) -> None:
+    """Register `kvm-borg status`."""
+    parser = subparsers.add_parser("status", help="last backup per domain; exit 2 when one is too old")
+    parser.add_argument("domains", nargs="*", metavar="DOMAIN",
+                        help="only these domains (default: every domain the config's `domains:` selects)")
+    parser.add_argument("--repo", action="append", metavar="NAME", help="only this repository (repeatable)")
+    parser.add_argument("--max-age", metavar="DURATION", help="stale after this age (default: max_age, 26h)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="first list the repositories (archive counts, backups made elsewhere)")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(run=run_from_args)
+
+
+def run_from_args(ctx: Context, args) -> int:
+    try:
+        max_age = parse_duration(args.max_age, "--max-age") if args.max_age else ctx.settings.max_age
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    rows = run_status(ctx, args.domains, args.repo, max_age, args.refresh)
+    code = verdict(rows)
+    if args.json:
+        print_json({"exit_code": code, "max_age_seconds": max_age, "domains": rows})
+        return code
+    stale = [row for row in rows if row["stale"]]
+    failed = [row for row in rows if row["last_attempt_ok"] is False]
+    if stale:
+        worst = ", ".join(f"{r['domain']} in {r['repository']} ({format_age(r['age_seconds'])})" for r in stale)
+        print(f"CRITICAL: no backup within {format_age(max_age)}: {worst}")
+    elif failed:
+        print("WARNING: last attempt failed: " + ", ".join(f"{r['domain']} in {r['repository']}" for r in failed))
+    else:
+        print(f"OK: {len({r['domain'] for r in rows})} domains backed up within {format_age(max_age)}")
+    print(f"{'DOMAIN':<24} {'REPOSITORY':<12} {'AGE':>8} {'ARCHIVES':>8} {'LAST SIZE':>14}  LAST ARCHIVE")
+    for row in rows:
+        count = "-" if row["archive_count"] is None else str(row["archive_count"])
+        size = "-" if row["last_size"] is None else f"{row['last_size']:,d}"
+        note = f"  (last attempt failed: {row['last_error']})" if row["last_attempt_ok"] is False else ""
+        print(f"{row['domain']:<24} {row['repository']:<12} {format_age(row['age_seconds']):>8} {count:>8} "
+              f"{size:>14}  {row['archive'] or '-'}{note}")
+    return code

@@ -1,0 +1,121 @@
+"""Prometheus metrics in the node_exporter textfile-collector format, rendered from the run state.
+
+`render` is pure: the run state (kvm_borg.run_state) in, the text out, so every domain keeps its
+series across runs that did not touch it. `write_textfile` replaces the file atomically (a
+temporary name node_exporter ignores, fsync, rename), so the collector never reads half a file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PREFIX = "kvm_borg_"
+
+# name -> (help, field of the per-domain-and-repository attempt or success record)
+_DOMAIN_REPOSITORY_GAUGES = (
+    ("last_success_timestamp_seconds", "Time of the last successful backup (Unix time).", "last_success", "time"),
+    ("last_attempt_timestamp_seconds", "Time of the last backup attempt (Unix time).", "last_attempt", "time"),
+    ("last_attempt_success", "1 if the last backup attempt stored an archive, else 0.", "last_attempt", "ok"),
+    ("last_duration_seconds", "Duration of the domain's last backup attempt, freeze to merge back.",
+     "last_attempt", "seconds"),
+    ("last_store_seconds", "Seconds the repository took to store the last attempt's archive.",
+     "last_attempt", "store_seconds"),
+    ("last_read_bytes", "Bytes read (archive original size) by the last successful backup.",
+     "last_success", "original_size"),
+    ("last_added_bytes", "Bytes added to the repository (deduplicated size) by the last successful backup.",
+     "last_success", "deduplicated_size"),
+    ("last_freeze_seconds", "Seconds the snapshot (freeze) took in the last attempt.", "last_attempt",
+     "freeze_seconds"),
+    ("last_commit_seconds", "Seconds merging the overlays back took in the last attempt.", "last_attempt",
+     "commit_seconds"),
+)
+_REPOSITORY_GAUGES = (
+    ("last_check_timestamp_seconds", "Time of the last repository check (Unix time).", "last_check", "time"),
+    ("last_check_success", "1 if the last repository check passed, else 0.", "last_check", "ok"),
+    ("last_check_duration_seconds", "Seconds the last repository check took.", "last_check", "seconds"),
+    ("last_prune_timestamp_seconds", "Time of the last prune (Unix time).", "last_prune", "time"),
+    ("last_prune_success", "1 if the last prune (and compact) succeeded, else 0.", "last_prune", "ok"),
+)
+
+
+def escape_label(value: str) -> str:
+    """Given a label value, return it escaped for the text format (backslash, double quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**labels: str) -> str:
+    return "{" + ",".join(f'{key}="{escape_label(str(value))}"' for key, value in labels.items()) + "}"
+
+
+def _number(value) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    return repr(float(value))
+
+
+def render(state: dict) -> str:
+    """Given the run state, return the metrics text: per domain and repository, per repository, per run."""
+    lines: list[str] = []
+    domains = state.get("domains", {})
+    for name, help_text, record, key in _DOMAIN_REPOSITORY_GAUGES:
+        samples = []
+        for domain in sorted(domains):
+            for repository, data in sorted(domains[domain].get("repositories", {}).items()):
+                value = (data.get(record) or {}).get(key)
+                if value is not None:
+                    samples.append(f"{PREFIX}{name}{_labels(domain=domain, repository=repository)} {_number(value)}")
+        _family(lines, name, help_text, samples)
+    samples = []
+    for domain in sorted(domains):
+        for repository, data in sorted(domains[domain].get("repositories", {}).items()):
+            if data.get("archive_count") is not None:
+                samples.append(f"{PREFIX}archives{_labels(domain=domain, repository=repository)} "
+                               f"{_number(data['archive_count'])}")
+    _family(lines, "archives", "Archives of the domain in the repository, as of the last prune or status --refresh.",
+            samples)
+    repositories = state.get("repositories", {})
+    for name, help_text, record, key in _REPOSITORY_GAUGES:
+        samples = []
+        for repository in sorted(repositories):
+            value = (repositories[repository].get(record) or {}).get(key)
+            if value is not None:
+                samples.append(f"{PREFIX}{name}{_labels(repository=repository)} {_number(value)}")
+        _family(lines, name, help_text, samples)
+    last_run = state.get("last_run")
+    if last_run:
+        _family(lines, "last_run_timestamp_seconds", "Time the last `kvm-borg backup` run ended (Unix time).",
+                [f"{PREFIX}last_run_timestamp_seconds {_number(last_run['time'])}"])
+        _family(lines, "last_run_exit_code", "Exit code of the last `kvm-borg backup` run (0 ok, 1 warnings, 2 error).",
+                [f"{PREFIX}last_run_exit_code {_number(last_run['exit_code'])}"])
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _family(lines: list[str], name: str, help_text: str, samples: list[str]) -> None:
+    if samples:
+        lines.append(f"# HELP {PREFIX}{name} {help_text}")
+        lines.append(f"# TYPE {PREFIX}{name} gauge")
+        lines.extend(samples)
+
+
+def write_textfile(path: str | Path, text: str) -> None:
+    """Given the textfile's path and its text, replace it atomically (world-readable: node_exporter reads it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # no .prom suffix: the collector skips it
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
