@@ -151,6 +151,14 @@ def test_live_two_disk_backup_into_local_restic_equals_snapshot_content(domain_f
     for target in ("vda", "vdb"):
         assert domain.hmp_read_check(target, AFTER_SNAPSHOT_PATTERN, AFTER_SNAPSHOT_OFFSET, AFTER_SNAPSHOT_LENGTH)
 
+    # `kvm-borg restore` reads the restic archive through the same backend.
+    restored = tmp_path / "restored"
+    proc = run_cli("restore", domain.name, "--repo", "restic", "--target-dir", restored, config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    for disk in meta["disks"]:
+        image = restored / os.path.basename(disk["original_source"])
+        assert qemu_img_compare(image, reference / f"{disk['target']}.raw", disk["format"], "raw")
+
 
 def test_block_device_disk_is_streamed_into_its_own_snapshot_at_its_device_path(domain_factory, image_dir, tmp_path):
     disks = [DiskSpec("vda", "qcow2", 32), DiskSpec("vdb", "raw", 32)]
