@@ -100,6 +100,8 @@ class Run:
     stall_commit_ms: float
     stall_idle_ms: float
     gap_idle_median_ms: float
+    start_to_snapshot_s: float
+    store_s: float
     consistency: str
     extra: dict = field(default_factory=dict)
 
@@ -157,6 +159,8 @@ def one_backup(config: Path, guest: build.Guest, watcher: ConsoleWatcher, mode: 
         stall_snapshot_ms=_stall_ms(seq_times, guest_us(marks["before_snapshot"]), guest_us(marks["after_snapshot"])),
         stall_commit_ms=_stall_ms(seq_times, guest_us(marks["before_commit"]), guest_us(marks["after_commit"])),
         stall_idle_ms=_stall_ms(seq_times, guest_us(idle_start), guest_us(idle_start + idle_s)),
+        start_to_snapshot_s=marks["before_snapshot"] - started,
+        store_s=marks["before_commit"] - marks["after_snapshot"],
         gap_idle_median_ms=_median_gap_ms(seq_times, guest_us(idle_start), guest_us(idle_start + idle_s)),
         consistency=result["consistency"],
     )
@@ -180,6 +184,8 @@ METRICS = [
     ("longest write stall, commit phase", "stall_commit_ms", "ms"),
     ("longest write stall, idle (reference)", "stall_idle_ms", "ms"),
     ("typical gap between records, idle (reference)", "gap_idle_median_ms", "ms"),
+    ("start of `kvm-borg` to before_snapshot, host", "start_to_snapshot_s", "s>ms"),
+    ("after_snapshot to before_commit (staging + borg), host", "store_s", "s>ms"),
     ("commit + pivot, host (`commit_seconds`)", "commit_s", "s>ms"),
     ("whole backup, host", "total_s", "s"),
 ]

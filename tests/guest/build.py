@@ -18,6 +18,8 @@ make_data_disk(path, size_mib=64, fmt="raw") -> Path
 guest_domain_xml(name, artifacts, data_disk, data_format, console_log, memory_mib=256, ...) -> str
 wait_for_agent(dom, timeout=60.0) -> float
 agent_command(dom, command, arguments=None, timeout=10) -> object
+agent_write_file(dom, path, data) -> None
+set_freeze_hook_delay(dom, "freeze"|"thaw", ms) -> None
 serial_last_seq(console_log) -> int | None
 serial_errors(console_log) -> list[str]
 serial_events(console_log) -> list[ConsoleEvent]   (KBSEQ/KBHOOK lines with guest mono_us)
@@ -640,6 +642,25 @@ def agent_command(dom: Any, command: str, arguments: dict | None = None, timeout
         msg["arguments"] = arguments
     reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(msg), timeout, 0)
     return json.loads(reply).get("return")
+
+
+def agent_write_file(dom: Any, path: str, data: bytes, timeout: int = 10) -> None:
+    """Write `data` to `path` inside the guest (guest-file-open/write/close)."""
+    import base64  # noqa: PLC0415
+
+    handle = agent_command(dom, "guest-file-open", {"path": path, "mode": "w"}, timeout)
+    try:
+        agent_command(dom, "guest-file-write", {"handle": handle, "buf-b64": base64.b64encode(data).decode()},
+                      timeout)
+    finally:
+        agent_command(dom, "guest-file-close", {"handle": handle}, timeout)
+
+
+def set_freeze_hook_delay(dom: Any, action: str, ms: int) -> None:
+    """Make the guest's fsfreeze hook sleep `ms` before "freeze" (i.e. before FIFREEZE) or "thaw"."""
+    if action not in ("freeze", "thaw"):
+        raise ValueError(action)
+    agent_write_file(dom, f"/run/kb-hook-sleep-{action}", f"{int(ms)}\n".encode())
 
 
 def wait_for_agent(dom: Any, timeout: float = 60.0) -> float:

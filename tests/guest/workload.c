@@ -26,6 +26,8 @@
  * Invoked as "fsfreeze-hook" (qemu-ga -F runs it with "freeze" before
  * FIFREEZE and "thaw" after FITHAW) it prints "KBHOOK <arg> <mono_us>" to
  * /dev/console and exits 0 (a failing hook would make the freeze fail).
+ * If /run/kb-hook-sleep-<arg> exists, it first sleeps that many milliseconds
+ * (a test writes the file through the agent to simulate a slow or hung hook).
  *
  * Usage: workload [path] [interval_ms] [print_every]
  *        fsfreeze-hook freeze|thaw
@@ -107,11 +109,22 @@ static unsigned long long mono_us(void) {
     return (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000ull;
 }
 
-/* qemu-ga fsfreeze hook: one console line, always exit 0. */
+/* qemu-ga fsfreeze hook: optional sleep, one console line, always exit 0. */
 static int hook_main(int argc, char **argv) {
+    const char *action = argc > 1 ? argv[1] : "?";
     char buf[128];
+    snprintf(buf, sizeof buf, "/run/kb-hook-sleep-%s", action);
+    FILE *f = strchr(action, '/') ? NULL : fopen(buf, "r");
+    if (f) {
+        long ms = 0;
+        if (fscanf(f, "%ld", &ms) == 1 && ms > 0) {
+            struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
+            while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {}
+        }
+        fclose(f);
+    }
     unsigned long long now = mono_us();
-    int n = snprintf(buf, sizeof buf, "KBHOOK %s %llu\n", argc > 1 ? argv[1] : "?", now);
+    int n = snprintf(buf, sizeof buf, "KBHOOK %s %llu\n", action, now);
     int fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
     if (fd >= 0 && n > 0) {
         ssize_t r = write(fd, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
