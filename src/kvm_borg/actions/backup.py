@@ -8,7 +8,7 @@ import time
 
 import libvirt
 
-from kvm_borg import host_state, metadata, signals
+from kvm_borg import failpoints, host_state, metadata, signals
 from kvm_borg.actions.common import Context, check_disk_targets, ensure_state_dir, open_repositories, print_json, resolve_domains
 from kvm_borg.engine.planning import DomainHandle, handle_for, make_plan
 from kvm_borg.errors import Interrupted, KvmBorgError
@@ -133,6 +133,7 @@ def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[
         )
         if hasattr(source, "mark_stage"):
             source.mark_stage("storing")
+        failpoints.reached("storing")
         result.stores = _store_all(ctx, name, backends, request)
     finally:
         with signals.shielded():

@@ -120,6 +120,24 @@ class Connection:
         self.uri = uri
         self.block_jobs = BlockJobEvents(self.conn)
 
+    def reconnect_if_dead(self) -> bool:
+        """Reopen the connection when libvirtd went away (restart); return True if it did.
+
+        Raises libvirt.libvirtError while libvirtd is still down (callers retry)."""
+        try:
+            if self.conn.isAlive():
+                return False
+        except libvirt.libvirtError:
+            pass
+        log.warning("connection to libvirtd at %s lost; reconnecting", self.uri)
+        try:
+            self.conn.close()
+        except libvirt.libvirtError:
+            pass
+        self.conn = libvirt.open(self.uri)
+        self.block_jobs = BlockJobEvents(self.conn)
+        return True
+
     def lookup(self, name: str) -> libvirt.virDomain:
         """Given a domain name, return it; a missing one is a one-line KvmBorgError."""
         try:

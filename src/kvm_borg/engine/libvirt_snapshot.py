@@ -15,7 +15,7 @@ import libvirt
 import libvirt_qemu
 import tenacity
 
-from kvm_borg import journal
+from kvm_borg import failpoints, journal
 from kvm_borg.config import Settings
 from kvm_borg.engine import images
 from kvm_borg.engine.connection import Connection
@@ -131,6 +131,7 @@ class SnapshotSource:
         name, dom = self.plan.name, self.handle.dom
         journal.write_entry(self.settings.journal_dir, self.entry)  # BEFORE anything changes
         self.journal_written = True
+        failpoints.reached("journal-written")
         warnings: list[str] = []
         quiesce = False
         if self.plan.quiesce != "off":
@@ -158,6 +159,7 @@ class SnapshotSource:
         freeze_seconds = time.monotonic() - started
         self.entry.stage = "snapshot"
         journal.write_entry(self.settings.journal_dir, self.entry)
+        failpoints.reached("snapshot-taken")
         live = sources_by_target(dom.XMLDesc(0))
         for target, overlay in self.plan.overlays.items():
             if live.get(target) != overlay:
@@ -290,7 +292,8 @@ def wait_until_ready(connection: Connection, dom: libvirt.virDomain, target: str
 
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, libvirt.libvirtError):
-        return exc.get_error_code() in TRANSIENT_ERRORS or exc.get_error_domain() == libvirt.VIR_FROM_RPC
+        return (exc.get_error_code() in TRANSIENT_ERRORS or exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR
+                or exc.get_error_domain() == libvirt.VIR_FROM_RPC)
     return isinstance(exc, KvmBorgError) and not isinstance(exc, CommitError)
 
 
@@ -319,10 +322,12 @@ def commit_live_disk(connection: Connection, dom, entry, disk, settings: Setting
         dom.blockCommit(disk.target, None, None, 0, COMMIT_FLAGS)
         report.did(f"started blockcommit of {disk.target}")
     wait_until_ready(connection, dom, disk.target, settings.commit_timeout)
+    failpoints.reached("commit-ready")
     dom.blockJobAbort(disk.target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
     current = sources_by_target(dom.XMLDesc(0)).get(disk.target)
     if not (current == disk.base or _same_file(current, disk.base)):
         raise KvmBorgError(f"disk {disk.target} points at {current} after the pivot, not {disk.base}")
+    failpoints.reached("pivoted")
     disk.committed = True
     _save(entry, settings)
     report.did(f"pivoted {disk.target} back to {disk.base}")
@@ -370,6 +375,18 @@ def fix_persistent_definition(connection: Connection, dom, entry, report: Recove
         report.did("pointed the persistent definition back at the base images")
 
 
+def resume_if_paused_by_io_error(dom, report: RecoveryReport) -> None:
+    """Resume a guest QEMU paused on a write error (an overlay's file system ran full): now that it
+    runs on its base again, the failed write is retried. A guest paused by anyone else stays paused."""
+    if dom is None or not dom.isActive():
+        return
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+        dom.resume()
+        report.warn("the guest had been paused by a write error (overlay file system full?); resumed it "
+                    "on its own images")
+
+
 def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: Settings) -> RecoveryReport:
     """Given a journal Entry, leave its domain on its own images, delete the overlays, drop the entry.
 
@@ -378,6 +395,8 @@ def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: S
     report = RecoveryReport(entry.domain)
 
     def attempt():
+        if connection.reconnect_if_dead():
+            report.warn("the connection to libvirtd was lost (libvirtd restarted?); reconnected")
         dom = connection.lookup_uuid(entry.uuid)
         for disk in entry.disks:
             if dom is not None and dom.isActive():
@@ -385,6 +404,7 @@ def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: S
             else:
                 commit_offline_disk(dom, entry, disk, settings, report)
         fix_persistent_definition(connection, dom, entry, report)
+        resume_if_paused_by_io_error(dom, report)
 
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(settings.commit_retries),
