@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "kvm_borg.actions.check",
     "kvm_borg.actions.status",
     "kvm_borg.actions.restore",
+    "kvm_borg.actions.verify",
 )
 
 

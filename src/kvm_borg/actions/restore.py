@@ -388,6 +388,7 @@ class RestoreResult:
     bytes_written: int = 0
     meta: dict = field(default_factory=dict, repr=False)
     formats: dict[str, str] = field(default_factory=dict)
+    archived_xml: str | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
         return {
@@ -424,16 +425,16 @@ def run_restore(ctx: Context, options: RestoreOptions) -> RestoreResult:
     target_dir = os.path.abspath(options.target_dir) if options.target_dir else None
     plan = restore_plan.plan_restore(meta, paths, target_dir=target_dir, new_name=options.name,
                                      new_uuid=options.new_uuid, disks=options.disks)
-    xml_text = None
+    xml_text = archived_xml = None
     if plan.xml_path:
-        xml_text = _restored_xml(backend, archive, meta, paths, plan, options)
+        archived_xml, xml_text = _restored_xml(backend, archive, meta, paths, plan, options)
     define = options.define or options.start
     conn = ctx.connection.conn
     check_refusals(conn, plan, plan.destinations(), define=define, overwrite=options.overwrite)
 
     result = RestoreResult(domain=plan.domain, archive=archive, repository=repo["name"], disks={},
                            xml=plan.xml_path, uuid=plan.uuid if plan.xml_path else None, warnings=list(plan.warnings),
-                           meta=meta)
+                           meta=meta, archived_xml=archived_xml)
     created: list[str] = []
     try:
         for disk in plan.disks:
@@ -481,8 +482,8 @@ def run_restore(ctx: Context, options: RestoreOptions) -> RestoreResult:
 
 
 def _restored_xml(backend, archive: str, meta: dict, paths: frozenset[str], plan: RestorePlan,
-                  options: RestoreOptions) -> str:
-    """Given the plan, return the archived persistent XML rewritten for the restored domain."""
+                  options: RestoreOptions) -> tuple[str, str]:
+    """Given the plan, return (the archived persistent XML, that XML rewritten for the restored domain)."""
     xml_archive_path = restore_plan.check_archive_path((meta.get("files") or {}).get("domain_xml"), "domain XML")
     if xml_archive_path not in paths:
         raise UsageError(f"archive {archive} lacks the domain XML {xml_archive_path}")
@@ -496,7 +497,7 @@ def _restored_xml(backend, archive: str, meta: dict, paths: frozenset[str], plan
     drop = restore_plan.removable_skipped_disks(meta) if options.name is not None else []
     if drop:
         plan.warnings.append(f"disks left out of the backup are not attached to the copy: {', '.join(drop)}")
-    return restore_plan.rewrite_domain_xml(
+    return archived_xml, restore_plan.rewrite_domain_xml(
         archived_xml,
         disks={d.target: (d.image.destination, d.format) for d in plan.disks},
         nvram=plan.nvram.destination if plan.nvram else None,

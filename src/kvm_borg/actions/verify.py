@@ -1,0 +1,220 @@
+"""`kvm-borg verify`: the restore drill.
+
+Restore the archive into a scratch directory under a temporary name, run `qemu-img check` on
+every disk (the repository's own authenticated reads vouch for the bytes), and with `--boot`
+define the copy isolated (no network interfaces), start it, wait for a sign of life, then
+destroy and undefine it. Everything is cleaned up, whatever fails. Reports the time to
+restore and the time to the first sign of life (RTO).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import libvirt
+
+from kvm_borg import restore_plan
+from kvm_borg.actions.common import Context, ensure_state_dir, print_json
+from kvm_borg.actions.restore import RestoreOptions, qemu_img, run_restore
+from kvm_borg.engine.domain_xml import has_guest_agent_channel
+from kvm_borg.errors import KvmBorgError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BOOT_TIMEOUT = 300.0
+DEFAULT_ALIVE_SECONDS = 10.0
+_QEMU_IMG_CHECK_UNSUPPORTED = 63
+_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
+                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+
+
+@dataclass
+class VerifyReport:
+    domain: str
+    archive: str | None = None
+    repository: str | None = None
+    ok: bool = False
+    restore_seconds: float | None = None
+    disks: dict = field(default_factory=dict)
+    boot: dict | None = None
+    rto_seconds: float | None = None
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return rounded
+
+
+def check_image(path: str, fmt: str, expected_size: int) -> dict:
+    """Given a restored image, return {check, virtual_size, ok}: `qemu-img check` and the size meta.json recorded."""
+    outcome: dict = {"path": path, "format": fmt}
+    proc = qemu_img("check", "-f", fmt, path)
+    if proc.returncode == 0:
+        outcome["check"] = "no errors"
+    elif proc.returncode == _QEMU_IMG_CHECK_UNSUPPORTED:
+        outcome["check"] = f"not applicable to {fmt}"
+    elif proc.returncode == 3:
+        outcome["check"] = "leaked clusters only (harmless)"
+    else:
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        outcome["check"] = f"failed: {lines[-1] if lines else proc.returncode}"
+        outcome["ok"] = False
+        return outcome
+    info = qemu_img("info", "--output=json", "-f", fmt, path)
+    size = json.loads(info.stdout).get("virtual-size") if info.returncode == 0 else None
+    outcome["virtual_size"] = size
+    outcome["ok"] = size is not None and (not expected_size or size == expected_size)
+    if not outcome["ok"]:
+        outcome["check"] += f"; virtual size {size}, archive says {expected_size}"
+    return outcome
+
+
+def wait_for_sign_of_life(dom: libvirt.virDomain, agent: bool, timeout: float, alive_seconds: float) -> dict:
+    """Given a started domain, wait for a sign of life; return {sign_of_life, seconds}. A dead or silent guest is a KvmBorgError.
+
+    With a guest agent channel the sign is an answered guest-ping; without one, the domain
+    still running (not paused, not crashed) after `alive_seconds`."""
+    import libvirt_qemu
+
+    started = time.monotonic()
+    if agent:
+        last = "no answer"
+        while time.monotonic() - started < timeout:
+            _check_running(dom)
+            try:
+                libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-ping"}), 5, 0)
+                return {"sign_of_life": "guest agent answered guest-ping", "seconds": time.monotonic() - started}
+            except libvirt.libvirtError as exc:
+                last = exc.get_error_message()
+            time.sleep(0.5)
+        raise KvmBorgError(f"the guest agent did not answer within {timeout:.0f}s ({last})")
+    deadline = started + alive_seconds
+    while time.monotonic() < deadline:
+        _check_running(dom)
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    _check_running(dom)
+    return {"sign_of_life": f"still running after {alive_seconds:g}s", "seconds": time.monotonic() - started}
+
+
+def _check_running(dom: libvirt.virDomain) -> None:
+    state, reason = dom.state()
+    if state != libvirt.VIR_DOMAIN_RUNNING:
+        names = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+                 libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down"}
+        raise KvmBorgError(f"the restored copy is {names.get(state, f'in state {state}')} (reason {reason})")
+
+
+def remove_domain(conn: libvirt.virConnect, name: str) -> None:
+    """Destroy and undefine `name` with its NVRAM and TPM state; quiet if it is gone."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError as exc:
+        log.warning("cannot destroy %s: %s", name, exc.get_error_message())
+    try:
+        dom.undefineFlags(_UNDEFINE_FLAGS)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot undefine %s: %s", name, exc.get_error_message())
+
+
+def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: str | None = None,
+               boot: bool = False, boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+               alive_seconds: float = DEFAULT_ALIVE_SECONDS) -> VerifyReport:
+    """Given a domain and options, run the restore drill; return the VerifyReport (ok or not)."""
+    report = VerifyReport(domain=domain)
+    ensure_state_dir(ctx.settings)
+    root = ctx.settings.state_dir / "verify"
+    root.mkdir(mode=0o711, exist_ok=True)
+    os.chmod(root, 0o711)  # QEMU must reach the images inside
+    scratch = tempfile.mkdtemp(prefix="drill-", dir=root)
+    os.chmod(scratch, 0o711)
+    temp_name = f"kvm-borg-verify-{restore_plan.safe_file_name(domain)[:40]}-{secrets.token_hex(3)}"
+    tpm_dir = None
+    conn = None
+    try:
+        started = time.monotonic()
+        result = run_restore(ctx, RestoreOptions(domain=domain, archive=archive, repo=repo, target_dir=scratch,
+                                                 name=temp_name, define=boot, isolate=True))
+        report.restore_seconds = time.monotonic() - started
+        report.archive, report.repository, tpm_dir = result.archive, result.repository, result.tpm
+        report.warnings += result.warnings
+        sizes = {d["target"]: int(d.get("virtual_size") or 0) for d in result.meta["disks"]}
+        for target, path in result.disks.items():
+            outcome = check_image(path, result.formats[target], sizes.get(target, 0))
+            report.disks[target] = outcome
+            if not outcome["ok"]:
+                report.errors.append(f"disk {target}: {outcome['check']}")
+        if boot and not report.errors:
+            conn = ctx.connection.conn
+            dom = conn.lookupByName(temp_name)
+            agent = has_guest_agent_channel(result.archived_xml)
+            dom.create()
+            report.boot = wait_for_sign_of_life(dom, agent, boot_timeout, alive_seconds)
+            report.rto_seconds = report.restore_seconds + report.boot["seconds"]
+        elif not boot:
+            report.rto_seconds = None
+    except KvmBorgError as exc:
+        report.errors.append(str(exc))
+    except libvirt.libvirtError as exc:
+        report.errors.append(f"libvirt: {exc.get_error_message()}")
+    finally:
+        if boot:
+            remove_domain(ctx.connection.conn, temp_name)
+        if tpm_dir:
+            shutil.rmtree(tpm_dir, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    report.ok = not report.errors
+    return report
+
+
+def add_arguments(subparsers) -> None:
+    """Register `kvm-borg verify`."""
+    parser = subparsers.add_parser("verify", help="restore drill: restore to scratch, check, optionally boot")
+    parser.add_argument("domain", metavar="DOMAIN")
+    parser.add_argument("--archive", metavar="NAME", default="latest", help="archive name, or latest (default)")
+    parser.add_argument("--repo", metavar="NAME", help="repository to read (default: the first configured)")
+    parser.add_argument("--boot", action="store_true", help="start the copy isolated and wait for a sign of life")
+    parser.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT, metavar="SECONDS",
+                        help=f"wait this long for the guest agent (default {DEFAULT_BOOT_TIMEOUT:g})")
+    parser.add_argument("--alive-seconds", type=float, default=DEFAULT_ALIVE_SECONDS, metavar="SECONDS",
+                        help="without a guest agent: the copy must still run after this long "
+                             f"(default {DEFAULT_ALIVE_SECONDS:g})")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run_from_args)
+
+
+def run_from_args(ctx: Context, args) -> int:
+    report = run_verify(ctx, args.domain, archive=args.archive, repo=args.repo, boot=args.boot,
+                        boot_timeout=args.boot_timeout, alive_seconds=args.alive_seconds)
+    if args.json:
+        print_json(report.as_dict())
+    else:
+        status = "ok" if report.ok else "FAILED"
+        print(f"{report.domain}: verify {status} ({report.archive or '-'} in {report.repository or '-'})")
+        if report.restore_seconds is not None:
+            print(f"  restore: {report.restore_seconds:.1f}s")
+        for target, outcome in report.disks.items():
+            print(f"  {target}: {outcome['check']}")
+        if report.boot:
+            print(f"  boot: {report.boot['sign_of_life']} after {report.boot['seconds']:.1f}s")
+        if report.rto_seconds is not None:
+            print(f"  RTO (restore + first sign of life): {report.rto_seconds:.1f}s")
+        for warning in report.warnings:
+            print(f"  warning: {warning}")
+        for error in report.errors:
+            print(f"  error: {error}")
+    if not report.ok:
+        return 2
+    return 1 if report.warnings else 0
