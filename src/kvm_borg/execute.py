@@ -16,6 +16,7 @@ import os
 import re
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
 import threading
@@ -114,7 +115,7 @@ def run_command(
         child_env[secret_env] = str(read_fd)
     try:
         process = subprocess.Popen(
-            argv,
+            with_parent_death_signal(argv),
             env=child_env,
             cwd=cwd,
             stdin=subprocess.DEVNULL if stdin is None else stdin,
@@ -179,6 +180,20 @@ def _write_secret(fd: int, secret: bytes) -> None:
         pass  # the child exited without reading it
     finally:
         os.close(fd)
+
+
+SETPRIV = shutil.which("setpriv")
+
+
+def with_parent_death_signal(argv: Sequence[str]) -> tuple[str, ...]:
+    """Given a command, return it wrapped so the child gets SIGTERM if kvm-borg dies (SIGKILL, crash).
+
+    A borg left running after its parent was killed would keep reading a base image that
+    `kvm-borg recover` is merging an overlay into. util-linux `setpriv --pdeathsig` sets the
+    signal and execs the command (no preexec_fn in a threaded program)."""
+    if not SETPRIV or not shutil.which(argv[0]):  # a missing binary must still fail as OSError
+        return tuple(argv)
+    return (SETPRIV, "--pdeathsig", "TERM", "--", *argv)
 
 
 def _collect_output(process: subprocess.Popen, on_stderr_line, on_stdout=None) -> tuple[bytes, list[str]]:

@@ -213,3 +213,27 @@ def test_error_in_the_line_callback_stops_the_child():
     with pytest.raises(RuntimeError):
         run_command(python(SLEEPER), on_stderr_line=callback)
     assert pids and _pid_is_gone(pids[0])
+
+
+def test_child_gets_sigterm_when_kvm_borg_is_killed(tmp_path):
+    """A borg left running after kvm-borg was SIGKILLed would race `kvm-borg recover`."""
+    import subprocess
+    import sys
+    import textwrap
+
+    marker = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from kvm_borg.execute import run_command
+        run_command(["sh", "-c", "echo $$ > {marker}; exec sleep 60"])
+    """)])
+    deadline = time.monotonic() + 10
+    while not (marker.exists() and marker.read_text().strip()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    child = int(marker.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the child outlived its killed parent"
+        time.sleep(0.05)
