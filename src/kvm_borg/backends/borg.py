@@ -555,11 +555,10 @@ class BorgRepository:
         except BorgError as exc:
             return CheckResult(self.name, ok=False, mode=mode, seconds=time.monotonic() - started, error=str(exc))
         seconds = time.monotonic() - started
-        if _failed(run.returncode):
+        if run.returncode != 0:  # borg check reports what it found wrong with exit code 1
             return CheckResult(self.name, ok=False, mode=mode, seconds=seconds,
                                error=self._error("check", log, run).args[0])
-        warnings = log.warnings if run.returncode == 1 else []
-        return CheckResult(self.name, ok=True, mode=mode, seconds=seconds, warnings=list(warnings))
+        return CheckResult(self.name, ok=True, mode=mode, seconds=seconds)
 
     # --- running borg -----------------------------------------------------------------------
 

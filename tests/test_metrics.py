@@ -1,0 +1,91 @@
+"""The Prometheus textfile: written after every run, parsed by prometheus_client's own text parser."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import DiskSpec, run_cli
+from support import cli_env, write_config
+
+from kvm_borg import metrics
+from kvm_borg.models import DomainResult, RunSummary, StoreResult
+from kvm_borg.run_state import empty_state, record_backup
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Given textfile contents, return {(metric name, sorted labels): value} as prometheus_client parses them."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(found: dict, name: str, **labels) -> float:
+    return found[(f"kvm_borg_{name}", tuple(sorted(labels.items())))]
+
+
+def test_render_escapes_label_values_and_parses():
+    summary = RunSummary([DomainResult('we"ird\\ näme\nx', ok=True, freeze_seconds=0.25, commit_seconds=1.5,
+                                       seconds=9.0, stores=[StoreResult("main", ok=True, archive="a",
+                                                                        original_size=10, deduplicated_size=3)])])
+    state = record_backup(empty_state(), summary, ["main"], now=1700000000.0)
+    found = samples(metrics.render(state))
+    labels = {"domain": 'we"ird\\ näme\nx', "repository": "main"}
+    assert value(found, "last_success_timestamp_seconds", **labels) == 1700000000.0
+    assert value(found, "last_read_bytes", **labels) == 10 and value(found, "last_added_bytes", **labels) == 3
+    assert value(found, "last_freeze_seconds", **labels) == 0.25
+    assert metrics.render(empty_state()) == ""
+
+
+def test_textfile_after_each_run_keeps_other_domains_and_records_checks(domain_factory, image_dir, tmp_path):
+    good = domain_factory.make(disks=[DiskSpec("vda", "raw", 16)], name="metrics good")
+    other = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 8)], running=False, name="metrics other")
+    bad = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 8)], name="metrics bad")
+    bad.dom.checkpointCreateXML("<domaincheckpoint><name>cp1</name></domaincheckpoint>", 0)
+    textfile = tmp_path / "collector" / "kvm-borg.prom"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", metrics_file=str(textfile))
+    try:
+        started = time.time()
+        first = run_cli("backup", good.name, other.name, bad.name, "--json", config=config, env=cli_env())
+        assert first.returncode == 2, first.stderr
+        assert stat.S_IMODE(textfile.stat().st_mode) == 0o644
+        assert [p.name for p in textfile.parent.iterdir()] == ["kvm-borg.prom"]  # no temporary file left
+        found = samples(textfile.read_text())
+        result = {d["domain"]: d for d in json.loads(first.stdout)["domains"]}
+        g = {"domain": good.name, "repository": "main"}
+        assert value(found, "last_attempt_success", **g) == 1
+        assert started <= value(found, "last_success_timestamp_seconds", **g) <= time.time()
+        assert value(found, "last_read_bytes", **g) == result[good.name]["stores"][0]["original_size"] > 0
+        assert value(found, "last_added_bytes", **g) == result[good.name]["stores"][0]["deduplicated_size"]
+        assert value(found, "last_freeze_seconds", **g) == result[good.name]["freeze_seconds"] > 0
+        assert value(found, "last_commit_seconds", **g) == result[good.name]["commit_seconds"] > 0
+        assert value(found, "last_duration_seconds", **g) == result[good.name]["seconds"]
+        b = {"domain": bad.name, "repository": "main"}
+        assert value(found, "last_attempt_success", **b) == 0
+        assert ("kvm_borg_last_success_timestamp_seconds", tuple(sorted(b.items()))) not in found
+        assert value(found, "last_run_exit_code") == 2
+
+        # A second run of one domain only: the others keep their series.
+        second = run_cli("backup", good.name, config=config, env=cli_env())
+        assert second.returncode == 0, second.stderr
+        found = samples(textfile.read_text())
+        assert value(found, "last_attempt_success", domain=other.name, repository="main") == 1
+        assert value(found, "last_attempt_success", **b) == 0
+        assert value(found, "last_run_exit_code") == 0
+
+        # A check lands in the metrics too.
+        check = run_cli("check", config=config, env=cli_env())
+        assert check.returncode == 0, check.stderr
+        found = samples(textfile.read_text())
+        assert value(found, "last_check_success", repository="main") == 1
+        assert value(found, "last_check_timestamp_seconds", repository="main") >= started
+        assert os.stat(image_dir / "kb" / "state" / "run-state.json").st_mode & 0o077 == 0
+    finally:
+        for checkpoint in bad.dom.listAllCheckpoints(0):
+            checkpoint.delete(0)
