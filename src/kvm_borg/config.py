@@ -103,6 +103,15 @@ def _quiesce(value: Any, key: str) -> str:
     return value
 
 
+def _one_of(*choices: str) -> Callable[[Any, str], str]:
+    def check(value: Any, key: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
 def _mapping(value: Any, key: str) -> dict:
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -166,7 +175,7 @@ REPOSITORY_SCHEMAS: dict[str, dict] = {
     "restic": {
         **_COMMON_REPOSITORY_SCHEMA,
         "url": (_str, _REQUIRED),
-        "compression": (_optional(_str), None),
+        "compression": (_optional(_one_of("auto", "off", "max")), None),
         "ssh_command": (_optional(_str), None),
         "host": (_optional(_str), None),  # --host of new snapshots (default: hostname)
         "hosts": (_optional(_str_list), None),  # whose snapshots list/restore see (default: [host]; "*": all)

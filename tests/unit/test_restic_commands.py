@@ -230,3 +230,15 @@ def test_preflight_refuses_a_missing_restic_binary_naming_the_key():
     backend = ResticRepository({"name": "r", "type": "restic", "url": "/r"}, settings)
     with pytest.raises(Exception, match="restic_binary"):
         backend.preflight()
+
+
+def test_config_validates_restic_compression_and_hosts_naming_the_key():
+    from kvm_borg.config import validate
+
+    base = {"name": "r", "type": "restic", "url": "/x", "passphrase_file": "/p"}
+    with pytest.raises(ConfigError, match=r"repositories\[0\]\.compression: expected one of auto, off, max"):
+        validate({"repositories": [{**base, "compression": "zstd"}]})
+    with pytest.raises(ConfigError, match=r"repositories\[0\]\.hosts"):
+        validate({"repositories": [{**base, "hosts": "hv1"}]})
+    [repo] = validate({"repositories": [{**base, "hosts": ["hv1", "hv2"], "host": "hv1"}]})["repositories"]
+    assert repo["hosts"] == ["hv1", "hv2"] and repo["compression"] is None
