@@ -45,6 +45,7 @@ APT_PACKAGES=(
     restic openssh-server e2fsprogs procps
     python3-venv python3-dev gcc pkg-config
     liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev
+    fuse3 libfuse3-dev util-linux swtpm swtpm-tools
 )
 
 # ---------------------------------------------------------------- Debian packages

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "kvm_borg.actions.status",
     "kvm_borg.actions.restore",
     "kvm_borg.actions.verify",
+    "kvm_borg.actions.mount",
 )
 
 

@@ -1,0 +1,419 @@
+"""`kvm-borg mount` / `kvm-borg umount`: file-level restore from an archive.
+
+    MOUNTPOINT/archive/   the archive itself, read-only (borg mount / restic mount)
+    MOUNTPOINT/vda/       a disk's file system when the disk has no partition table
+    MOUNTPOINT/vda1/ ...  the file systems of its partitions, read-only
+
+How a disk image inside the archive becomes a block device without the kernel's nbd module
+(this host's kernel has none, and no partition-table parsers either): qemu-storage-daemon
+opens the image from the FUSE mount read-only, puts a throwaway qcow2 overlay in kvm-borg's
+state directory on top (a crash-consistent ext4/xfs needs its journal replayed: the replay
+lands in the overlay, never in the archive) and exports the overlay as a raw file through its
+own FUSE export. `partx` reads the partition table from that file; one loop device per
+partition (offset + size) is mounted `-o ro`.
+
+Each step is recorded in a state file (state_dir/mounts/) before the next one starts, so
+`umount` tears everything down in reverse order, also after a failure or a crash half-way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from kvm_borg import restore_plan
+from kvm_borg.actions.common import Context, ensure_state_dir, print_json
+from kvm_borg.actions.restore import open_repository, read_meta, resolve_archive
+from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_DIR = "archive"
+SECTOR = 512
+# File systems mounted; anything else (swap, LVM, LUKS, an extended partition) is listed as skipped.
+MOUNTABLE = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "exfat", "ntfs", "ntfs3", "iso9660"})
+PROCESS_EXIT_SECONDS = 10.0
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def parse_partx(output: str) -> list[tuple[int, int, int]]:
+    """Given `partx --show --noheadings -o NR,START,SECTORS` output, return [(number, start, sectors)]."""
+    parts = []
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and all(f.isdigit() for f in fields):
+            parts.append((int(fields[0]), int(fields[1]), int(fields[2])))
+    return parts
+
+
+def mount_options(fs_type: str) -> str:
+    """Given a file system type, return the read-only mount options (xfs: nouuid, the original may be mounted)."""
+    return "ro,nouuid" if fs_type == "xfs" else "ro"
+
+
+def blockdev_options(image: str, fmt: str, overlay: str, backing: list[tuple[str, str]]) -> list[str]:
+    """Given an image in the archive mount, its format, the overlay file and backing layers [(path, format)],
+    return qemu-storage-daemon --blockdev JSON arguments: the archive's files read-only, the overlay on top.
+
+    Every layer's `backing` is explicit, so no path written in an image header is ever opened."""
+    layers = [(image, fmt)] + backing
+    args = []
+    for index, (path, layer_format) in reversed(list(enumerate(layers))):
+        args.append(json.dumps({"driver": "file", "node-name": f"f{index}", "filename": path, "read-only": True}))
+        node = {"driver": layer_format, "node-name": f"l{index}", "file": f"f{index}", "read-only": True}
+        if layer_format == "qcow2":
+            node["backing"] = f"l{index + 1}" if index + 1 < len(layers) else None
+        args.append(json.dumps(node))
+    args.append(json.dumps({"driver": "file", "node-name": "of", "filename": overlay}))
+    args.append(json.dumps({"driver": "qcow2", "node-name": "overlay", "file": "of", "backing": "l0"}))
+    return args
+
+
+def state_file(state_dir: Path, mountpoint: str) -> Path:
+    """Given the state dir and a mount point, return the file that records what is mounted there."""
+    digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return state_dir / "mounts" / f"{digest}.json"
+
+
+# --- running tools -----------------------------------------------------------------------------
+
+
+def _run(argv: list[str], what: str) -> str:
+    """Run a tool; return its stdout. A failure is a KvmBorgError with its last stderr line."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    except FileNotFoundError:
+        raise KvmBorgError(f"{argv[0]} not found (needed to {what})") from None
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise KvmBorgError(f"cannot {what}: {lines[-1] if lines else f'{argv[0]} exited {proc.returncode}'}")
+    return proc.stdout
+
+
+def mounted_paths() -> set[str]:
+    """Return every mount point of this mount namespace."""
+    paths = set()
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            point = line.split()[4]
+            paths.add(point.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "replace"))
+    return paths
+
+
+def _pid_alive(pid: int, needle: str) -> bool:
+    """Given a pid and a string its command line must contain, return whether that process still runs."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return False
+    return needle in cmdline
+
+
+def _find_process(needle: str, program: str) -> int | None:
+    """Return the pid of a process whose command line mentions `program` and contains `needle`."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _pid_alive(int(entry.name), needle) and _pid_alive(int(entry.name), program):
+            return int(entry.name)
+    return None
+
+
+def _stop_process(pid: int, needle: str) -> None:
+    """SIGTERM a process of ours (identified by `needle` in its command line), SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _pid_alive(pid, needle):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + PROCESS_EXIT_SECONDS
+        while time.monotonic() < deadline and _pid_alive(pid, needle):
+            time.sleep(0.1)
+    if _pid_alive(pid, needle):
+        raise KvmBorgError(f"process {pid} does not exit")
+
+
+def _umount(path: str, *, lazy_fallback: bool = False) -> None:
+    if path not in mounted_paths():
+        return
+    proc = subprocess.run(["umount", path], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0 and lazy_fallback:
+        proc = subprocess.run(["umount", "-l", path], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0 and path in mounted_paths():
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "umount failed"
+        raise KvmBorgError(f"cannot unmount {path}: {reason}")
+
+
+def _loop_backing(device: str) -> str | None:
+    try:
+        return Path(f"/sys/block/{os.path.basename(device)}/loop/backing_file").read_text().strip()
+    except OSError:
+        return None
+
+
+# --- the record of what is mounted ------------------------------------------------------------
+
+
+class MountRecord:
+    """The state file of one mount point: every step appended and saved before the next starts."""
+
+    def __init__(self, path: Path, data: dict):
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def create(cls, path: Path, mountpoint: str, workdir: str) -> "MountRecord":
+        record = cls(path, {"mountpoint": mountpoint, "workdir": workdir, "steps": [], "complete": False})
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        record.save()
+        return record
+
+    @classmethod
+    def load(cls, path: Path) -> "MountRecord | None":
+        try:
+            return cls(path, json.loads(path.read_text()))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise KvmBorgError(f"mount state file {path} is unreadable") from None
+
+    def add(self, **step) -> None:
+        self.data["steps"].append(step)
+        self.save()
+
+    def save(self) -> None:
+        temp = self.path.with_suffix(".tmp")
+        temp.write_text(json.dumps(self.data, indent=2, ensure_ascii=False))
+        os.replace(temp, self.path)
+
+
+def teardown(ctx: Context, record: MountRecord) -> list[str]:
+    """Given a MountRecord, undo its steps in reverse order; return the problems left (empty: all gone)."""
+    problems = []
+    for step in reversed(record.data["steps"]):
+        try:
+            _undo(ctx, step)
+        except KvmBorgError as exc:
+            problems.append(str(exc))
+    if not problems:
+        shutil.rmtree(record.data["workdir"], ignore_errors=True)
+        record.path.unlink(missing_ok=True)
+    else:
+        record.data["steps"] = [s for s in record.data["steps"] if not s.get("undone")]
+        record.save()
+    return problems
+
+
+def _undo(ctx: Context, step: dict) -> None:
+    kind = step["kind"]
+    if kind == "fs":
+        _umount(step["path"])
+        _rmdir(step["path"])
+    elif kind == "loop":
+        if _loop_backing(step["device"]) == step["file"]:
+            _run(["losetup", "-d", step["device"]], f"detach {step['device']}")
+    elif kind == "qsd":
+        pid = step.get("pid")
+        if pid:
+            _stop_process(pid, step["export"])
+        _umount(step["export"], lazy_fallback=True)  # left behind if the daemon died
+    elif kind == "archive":
+        if step["path"] in mounted_paths():
+            try:
+                _repo, backend = open_repository(ctx, step["repository"])
+                backend.unmount(step["path"])
+            except KvmBorgError as exc:
+                log.warning("%s; unmounting lazily", exc)
+        _umount(step["path"], lazy_fallback=True)
+        if step.get("pid"):
+            _stop_process(step["pid"], step["path"])
+        _rmdir(step["path"])
+    elif kind == "dir":
+        _rmdir(step["path"])
+    step["undone"] = True
+
+
+def _rmdir(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise KvmBorgError(f"cannot remove {path}: {exc.strerror}") from None
+
+
+# --- mount -------------------------------------------------------------------------------------
+
+
+def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None = None, repo: str | None = None,
+              disks: list[str] | None = None) -> dict:
+    """Given a domain, an empty directory and options, mount the archive's images and their file systems; return what is where."""
+    mountpoint = os.path.realpath(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"{mountpoint} is not a directory")
+    if os.listdir(mountpoint):
+        raise RefusedError(f"{mountpoint} is not empty")
+    ensure_state_dir(ctx.settings)
+    path = state_file(ctx.settings.state_dir, mountpoint)
+    if path.exists():
+        raise RefusedError(f"kvm-borg already mounted something at {mountpoint}; run `kvm-borg umount {mountpoint}`")
+    repository, backend = open_repository(ctx, repo)
+    if not hasattr(backend, "mount"):
+        raise UsageError(f"repository {repository['name']!r} ({repository['type']}) cannot mount archives")
+    archive = resolve_archive(backend, domain, archive)
+    meta, paths = read_meta(backend, archive, domain)
+    plan = restore_plan.plan_restore(meta, paths, target_dir="/", disks=disks or (), with_xml=False)
+    workdir = str(path.with_suffix(""))
+    os.makedirs(workdir, mode=0o700, exist_ok=True)
+    record = MountRecord.create(path, mountpoint, workdir)
+    record.data.update(domain=domain, archive=archive, repository=repository["name"])
+    result = {"domain": domain, "archive": archive, "repository": repository["name"], "mountpoint": mountpoint,
+              "images": {}, "filesystems": {}, "skipped": []}
+    try:
+        archive_dir = os.path.join(mountpoint, ARCHIVE_DIR)
+        os.mkdir(archive_dir, 0o700)
+        record.add(kind="archive", path=archive_dir, repository=repository["name"], pid=None)
+        root = backend.mount(archive, archive_dir)
+        record.data["steps"][-1]["pid"] = _find_process(archive_dir, " mount ")
+        record.save()
+        for disk in plan.disks:
+            image = os.path.join(root, disk.image.archive_path)
+            if not os.path.isfile(image):
+                raise KvmBorgError(f"disk {disk.target}: {disk.image.archive_path} is not in the mounted archive")
+            result["images"][disk.target] = image
+            backing = [(os.path.join(root, f.archive_path), _probe_format(os.path.join(root, f.archive_path)))
+                       for f, _fmt in disk.backing]
+            export = _export_disk(record, workdir, disk.target, image, disk.format, backing)
+            for name, fs_path, fs_type, reason in _mount_filesystems(record, mountpoint, disk.target, export):
+                if fs_path:
+                    result["filesystems"][name] = {"path": fs_path, "type": fs_type}
+                else:
+                    result["skipped"].append({"partition": name, "reason": reason})
+        record.data["complete"] = True
+        record.save()
+    except BaseException:
+        problems = teardown(ctx, record)
+        for problem in problems:
+            log.error("cleanup after the failed mount: %s (run `kvm-borg umount %s`)", problem, mountpoint)
+        raise
+    return result
+
+
+def _probe_format(path: str) -> str:
+    data = _run(["qemu-img", "info", "--output=json", path], f"read {path}")
+    return json.loads(data)["format"]
+
+
+def _export_disk(record: MountRecord, workdir: str, target: str, image: str, fmt: str,
+                 backing: list[tuple[str, str]]) -> str:
+    """Given a disk image in the archive mount, export it (with a throwaway overlay) as a raw FUSE file; return its path."""
+    overlay = os.path.join(workdir, f"{target}.overlay.qcow2")
+    export = os.path.join(workdir, f"{target}.raw")
+    pidfile = os.path.join(workdir, f"{target}.pid")
+    size = json.loads(_run(["qemu-img", "info", "--output=json", "-f", fmt, image], f"read {image}"))["virtual-size"]
+    _run(["qemu-img", "create", "-q", "-f", "qcow2", overlay, str(size)], f"create the overlay of {target}")
+    Path(export).touch(mode=0o600)
+    record.add(kind="qsd", export=export, pid=None)
+    argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", pidfile]
+    for option in blockdev_options(image, fmt, overlay, backing):
+        argv += ["--blockdev", option]
+    argv += ["--export", json.dumps({"type": "fuse", "id": "export", "node-name": "overlay", "mountpoint": export,
+                                     "writable": True})]
+    try:
+        _run(argv, f"export disk {target}")
+    finally:
+        try:
+            record.data["steps"][-1]["pid"] = int(Path(pidfile).read_text().strip())
+            record.save()
+        except (OSError, ValueError):
+            pass
+    return export
+
+
+def _mount_filesystems(record: MountRecord, mountpoint: str, target: str, export: str):
+    """Given an exported disk, mount each partition's (or the whole disk's) file system; yield (name, path, type, reason)."""
+    proc = subprocess.run(["partx", "--show", "--noheadings", "-o", "NR,START,SECTORS", export],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    parts = parse_partx(proc.stdout) if proc.returncode == 0 else []
+    if parts:
+        pieces = [(f"{target}{number}", start * SECTOR, sectors * SECTOR) for number, start, sectors in parts]
+    else:
+        pieces = [(target, 0, os.path.getsize(export))]
+    for name, offset, size in pieces:
+        device = _run(["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size), export],
+                      f"attach a loop device to {name}").strip()
+        record.add(kind="loop", device=device, file=export)
+        fs_type = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], capture_output=True,
+                                 text=True, stdin=subprocess.DEVNULL).stdout.strip()
+        if fs_type not in MOUNTABLE:
+            _run(["losetup", "-d", device], f"detach {device}")
+            record.data["steps"].pop()
+            record.save()
+            yield name, None, fs_type or None, f"no mountable file system ({fs_type or 'none found'})"
+            continue
+        path = os.path.join(mountpoint, name)
+        os.mkdir(path, 0o755)
+        record.add(kind="dir", path=path)
+        _run(["mount", "-t", fs_type, "-o", mount_options(fs_type), device, path], f"mount {name} ({fs_type})")
+        record.data["steps"][-1] = {"kind": "fs", "path": path}
+        record.save()
+        yield name, path, fs_type, None
+
+
+def run_umount(ctx: Context, mountpoint: str) -> list[str]:
+    """Given a mount point, tear down everything kvm-borg mounted there; a leftover is a KvmBorgError."""
+    record = MountRecord.load(state_file(ctx.settings.state_dir, mountpoint))
+    if record is None:
+        raise UsageError(f"kvm-borg has nothing mounted at {os.path.realpath(mountpoint)}")
+    problems = teardown(ctx, record)
+    if problems:
+        raise KvmBorgError(f"{mountpoint} is not fully unmounted: {problems[0]}")
+    return []
+
+
+# --- the commands ------------------------------------------------------------------------------
+
+
+def add_arguments(subparsers) -> None:
+    """Register `kvm-borg mount` and `kvm-borg umount`."""
+    parser = subparsers.add_parser("mount", help="mount an archive's disks and their file systems read-only")
+    parser.add_argument("domain", metavar="DOMAIN")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    parser.add_argument("--archive", metavar="NAME", default="latest", help="archive name, or latest (default)")
+    parser.add_argument("--repo", metavar="NAME", help="repository to read (default: the first configured)")
+    parser.add_argument("--disk", action="append", default=[], metavar="TARGET", help="only this disk (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print what is mounted where as JSON")
+    parser.set_defaults(run=mount_from_args)
+    umount = subparsers.add_parser("umount", help="undo `kvm-borg mount`")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.set_defaults(run=umount_from_args)
+
+
+def mount_from_args(ctx: Context, args) -> int:
+    result = run_mount(ctx, args.domain, args.mountpoint, archive=args.archive, repo=args.repo, disks=args.disk)
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"{result['domain']}: {result['archive']} mounted at {result['mountpoint']}")
+    for target, image in result["images"].items():
+        print(f"  {target}: image {image}")
+    for name, fs in result["filesystems"].items():
+        print(f"  {name}: {fs['type']} at {fs['path']}")
+    for skipped in result["skipped"]:
+        print(f"  {skipped['partition']}: not mounted: {skipped['reason']}")
+    print(f"  undo with: kvm-borg umount {result['mountpoint']}")
+    return 0
+
+
+def umount_from_args(ctx: Context, args) -> int:
+    run_umount(ctx, args.mountpoint)
+    return 0
