@@ -72,8 +72,10 @@ def libvirt_conn(run_dir):
         pytest.fail(f"libvirt-python is not importable ({e}): run 'sudo bash scripts/setup.sh --dev'",
                     pytrace=False)
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # keep libvirt from printing to stderr
+    from harness.connection import ReconnectingConnection
+
     try:
-        conn = libvirt.open(LIBVIRT_URI)
+        conn = ReconnectingConnection(LIBVIRT_URI)  # the fault tests restart libvirtd
     except libvirt.libvirtError as e:
         pytest.fail(
             f"libvirtd is not reachable at {LIBVIRT_URI}: {e}\n"
