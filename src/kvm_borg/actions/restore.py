@@ -25,7 +25,7 @@ from pathlib import Path
 
 import libvirt
 
-from kvm_borg import restore_plan
+from kvm_borg import host_state, restore_plan
 from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, print_json
 from kvm_borg.config import select_repositories
 from kvm_borg.engine.domain_xml import firmware_files, parse_disks
@@ -476,7 +476,7 @@ def run_restore(ctx: Context, options: RestoreOptions) -> RestoreResult:
             except OSError:
                 pass
         raise
-    result.warnings += _network_warnings(conn, meta)
+    result.warnings += _network_warnings(conn, meta, xml_text)
     result.seconds = time.monotonic() - started_at
     return result
 
@@ -522,14 +522,16 @@ def _define(conn: libvirt.virConnect, plan: RestorePlan, xml_text: str, overwrit
         raise KvmBorgError(f"cannot define domain {plan.domain!r}: {exc.get_error_message()}") from None
 
 
-def _network_warnings(conn: libvirt.virConnect, meta: dict) -> list[str]:
+def _network_warnings(conn: libvirt.virConnect, meta: dict, domain_xml: str | None) -> list[str]:
+    """Given meta.json and the restored XML, return a warning for each network it uses that this host lacks."""
     warnings = []
-    for name in meta.get("networks") or []:
+    for name in host_state.interface_networks(domain_xml) if domain_xml else []:
         try:
             conn.networkLookupByName(name)
         except libvirt.libvirtError:
             path = ((meta.get("files") or {}).get("networks") or {}).get(name)
-            warnings.append(f"network {name!r} does not exist here; its archived XML is /{path} in the archive")
+            where = f"its XML is archived as /{path}" if path else "the archive has no XML of it either"
+            warnings.append(f"network {name!r} does not exist here ({where})")
     return warnings
 
 
