@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "kvm_borg.actions.prune",
     "kvm_borg.actions.check",
     "kvm_borg.actions.status",
+    "kvm_borg.actions.freeze",
     "kvm_borg.actions.restore",
     "kvm_borg.actions.verify",
     "kvm_borg.actions.mount",
