@@ -87,7 +87,6 @@ def test_refusals_change_nothing(domain_factory, image_dir, tmp_path, libvirt_co
     assert proc.returncode == 2 and "give --overwrite" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in domain.dir.iterdir()} == before
     # --overwrite on a shut-off domain: done.
-    domain.hmp_write  # (no writes possible: shut off)
     proc = restore(domain.name, "--overwrite", "--define", "--json", config=config)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["disks"] == {"vda": str(domain.disks["vda"])}
@@ -204,3 +203,72 @@ def test_uefi_domain_restores_with_its_nvram(domain_factory, image_dir, tmp_path
     assert ET.fromstring(copy_dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).findtext("./os/nvram") == restored_nvram
     copy_dom.destroy()
     assert open(restored_nvram, "rb").read() == original_vars
+
+
+def _evil_archive(repo, workdir, meta_changes) -> str:
+    """Store a hand-made kvm-borg archive whose meta.json is changed by `meta_changes(meta)`; return its name."""
+    from support import borg
+
+    staging = workdir / "var" / "lib" / "kvm-borg" / "staging" / "evil"
+    staging.mkdir(parents=True)
+    (workdir / "img").mkdir()
+    (workdir / "img" / "vda.raw").write_bytes(b"\1" * 4096)
+    meta = {"kvm_borg": 1, "domain": {"name": "evil", "uuid": "6c5d7b43-0000-4000-8000-000000000001"},
+            "disks": [{"target": "vda", "format": "raw", "virtual_size": 4096, "original_source": "/img/vda.raw",
+                       "archive_path": "img/vda.raw", "backing_chain": []}],
+            "skipped_disks": [], "files": {"domain_xml": "var/lib/kvm-borg/staging/evil/domain.xml"}}
+    meta_changes(meta)
+    (staging / "meta.json").write_text(json.dumps(meta))
+    (staging / "domain.xml").write_text("<domain type='qemu'><name>evil</name><os><type>hvm</type></os>"
+                                        "<devices/></domain>")
+    name = f"evil-2026010{len(list(workdir.parent.iterdir()))}T000000Z"
+    import subprocess
+
+    from harness import BORG_BIN, borg_env
+    subprocess.run([str(BORG_BIN), "create", f"{repo}::{name}", "var", "img"], cwd=workdir, check=True,
+                   env=borg_env(), capture_output=True)
+    return name
+
+
+def test_paths_from_a_hostile_archive_are_refused(image_dir, tmp_path):
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    target = image_dir / "target"
+    cases = {
+        "absolute archive path": lambda m: m["disks"][0].update(archive_path="/etc/passwd"),
+        "traversal in archive path": lambda m: m["disks"][0].update(archive_path="img/../../../etc/passwd"),
+        "traversal in original path": lambda m: m["disks"][0].update(original_source="/img/../etc/cron.d/x"),
+        "traversal in disk target": lambda m: m["disks"][0].update(target="../vda"),
+    }
+    for i, (case, change) in enumerate(cases.items()):
+        work = tmp_path / "evil" / str(i)
+        work.mkdir(parents=True)
+        archive = _evil_archive(tmp_path / "repo", work, change)
+        for extra in ((), ("--target-dir", target)):
+            proc = restore("evil", "--archive", archive, *extra, config=config)
+            assert proc.returncode == 2, (case, proc.stderr)
+            last = proc.stderr.strip().splitlines()[-1]
+            assert last.startswith("kvm-borg: error: archive names ") and ("refused" in last or "invalid" in last), case
+    assert not target.exists() and not os.path.exists("/img")
+
+
+def test_cross_node_restore_uses_the_paths_of_the_archive(domain_factory, image_dir, tmp_path, libvirt_conn):
+    """Node A backs up; node B (another hostname, same repository) has neither the domain nor its files."""
+    domain = domain_factory.make(disks=TWO_DISKS, running=False, name="cross node")
+    repo = tmp_path / "repo"
+    config_a = write_config(image_dir / "node-a", repo_path=repo, hostname="node-a")
+    backup(domain, config_a)
+    original_xml = domain.xml(inactive=True)
+    reference = {t: tmp_path / f"{t}.ref" for t in domain.disks}
+    for target, path in domain.disks.items():
+        os.rename(path, reference[target])
+    domain.dom.undefine()
+    config_b = write_config(image_dir / "node-b", repo_path=repo, hostname="node-b", init=False)
+    proc = restore(domain.name, "--start", "--json", config=config_b)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["disks"] == {t: str(p) for t, p in domain.disks.items()}
+    for target in domain.disks:
+        assert qemu_img_compare(domain.disks[target], reference[target], domain.formats[target],
+                                domain.formats[target])
+    assert domain.is_active()
+    assert domain.dom.UUIDString() == ET.fromstring(original_xml).findtext("uuid")
