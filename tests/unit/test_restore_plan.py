@@ -236,3 +236,27 @@ def test_sparse_writer_leaves_holes_for_zero_blocks(tmp_path):
         assert writer.close() == len(data)
     assert path.read_bytes() == data
     assert path.stat().st_blocks * 512 <= 3 * 4096
+
+
+def test_partx_output_is_parsed_and_garbage_ignored():
+    from kvm_borg.actions.mount import parse_partx
+
+    assert parse_partx(" 1  2048   40960\n 2 43008   88064\n") == [(1, 2048, 40960), (2, 43008, 88064)]
+    assert parse_partx("partx: failed\n") == []
+
+
+def test_blockdev_chain_never_follows_a_header_backing_path():
+    import json
+
+    from kvm_borg.actions.mount import blockdev_options
+
+    nodes = [json.loads(a) for a in blockdev_options("/m/top.qcow2", "qcow2", "/w/ov.qcow2", [("/m/base.raw", "raw")])]
+    by_name = {n["node-name"]: n for n in nodes}
+    assert by_name["l0"]["backing"] == "l1" and "backing" not in by_name["l1"]  # raw has none
+    assert all(by_name[f"f{i}"]["read-only"] for i in (0, 1))
+    assert by_name["overlay"]["backing"] == "l0" and by_name["of"]["filename"] == "/w/ov.qcow2"
+    single = {n["node-name"]: n for n in map(json.loads, blockdev_options("/m/a b,c.qcow2", "qcow2", "/w/o", []))}
+    assert single["l0"]["backing"] is None and single["f0"]["filename"] == "/m/a b,c.qcow2"
+    # Nodes are defined before they are referenced.
+    names = [n["node-name"] for n in nodes]
+    assert names.index("l1") < names.index("l0") < names.index("overlay")
