@@ -1,0 +1,96 @@
+"""Webhook notifier: tell an HTTP endpoint how each `kvm-borg backup` run went.
+
+Config (key `webhook:`):
+
+    plugins: [kvm_borg_hooks.webhook]
+    webhook:
+      url: https://hooks.example.org/kvm-borg        # POST the JSON summary after every run
+      healthchecks_url: https://hc-ping.com/UUID      # .../start, then ... (success) or .../fail
+      # or any of: start_url, success_url, failure_url (they win over healthchecks_url)
+      timeout: 10s
+      headers: {Authorization: "Bearer ..."}
+
+The start ping goes out when the run's first domain is about to be frozen; success means exit
+code 0 or 1 (warnings), failure exit code 2 (or an interrupted run). The payload:
+`{"event": "backup", "status": "success"|"warning"|"failure", "exit_code", "host", "time",
+"domains": [...]}` (the RunSummary). A notifier failure is logged, never fails the backup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import urllib.error
+import urllib.request
+
+from kvm_borg.hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS = 2
+_started: set[int] = set()  # id() of the Settings whose run already sent its start ping
+
+
+def endpoints(webhook: dict) -> dict[str, str | None]:
+    """Given the `webhook:` config, return {url, start, success, failure} (None where not configured)."""
+    base = (webhook.get("healthchecks_url") or "").rstrip("/") or None
+    return {
+        "url": webhook.get("url"),
+        "start": webhook.get("start_url") or (f"{base}/start" if base else None),
+        "success": webhook.get("success_url") or base,
+        "failure": webhook.get("failure_url") or (f"{base}/fail" if base else None),
+    }
+
+
+def payload(summary, host: str) -> dict:
+    """Given a RunSummary and the host name, return the JSON document the webhook receives."""
+    code = summary.exit_code
+    status = "success" if code == 0 else "warning" if code == 1 else "failure"
+    return {"event": "backup", "status": status, "exit_code": code, "host": host, "time": time.time(),
+            **summary.as_dict()}
+
+
+def post(url: str, body: bytes | None, webhook: dict) -> None:
+    """POST `body` (JSON) to `url` with the configured headers and timeout; retried once; errors are logged."""
+    headers = {"Content-Type": "application/json", "User-Agent": "kvm-borg-webhook", **webhook.get("headers", {})}
+    for attempt in range(1, ATTEMPTS + 1):
+        request = urllib.request.Request(url, data=body or b"", headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=webhook.get("timeout", 10.0)) as response:
+                response.read()
+            return
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            if attempt == ATTEMPTS:
+                log.warning("webhook %s failed: %s", url, getattr(exc, "reason", None) or exc)
+            else:
+                time.sleep(1)
+
+
+@hookimpl
+def kvm_borg_before_snapshot(domain, settings):
+    """Send the start ping once per run, when its first domain is about to be frozen."""
+    webhook = getattr(settings, "webhook", None)
+    if not webhook or id(settings) in _started:
+        return
+    _started.add(id(settings))
+    start = endpoints(webhook)["start"]
+    if start:
+        post(start, None, webhook)
+
+
+@hookimpl
+def kvm_borg_backup_finished(summary, settings):
+    """POST the run's summary to `url` and ping success or failure."""
+    webhook = getattr(settings, "webhook", None)
+    if not webhook:
+        return
+    document = payload(summary, getattr(settings, "hostname", None) or socket.gethostname())
+    body = json.dumps(document, default=str).encode()
+    urls = endpoints(webhook)
+    if urls["url"]:
+        post(urls["url"], body, webhook)
+    ping = urls["failure"] if document["status"] == "failure" else urls["success"]
+    if ping:
+        post(ping, body, webhook)
