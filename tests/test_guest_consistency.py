@@ -285,5 +285,59 @@ def test_snapshot_failing_after_the_freeze_leaves_guest_thawed_and_on_its_image(
     assert_guest_on_own_image(g, image_dir, image_dir / "kb" / "state")
 
 
+def test_slow_freeze_hook_delays_the_snapshot_but_the_backup_stays_quiesced(guest_factory, image_dir, tmp_path):
+    # A guest whose freeze takes seconds (a hook flushing a database, say): libvirt waits for it
+    # (guest_agent_timeout bounds only kvm-borg's ping, not the freeze), the writes go on until
+    # FIFREEZE, and the archive is still exactly what was durable at the freeze.
+    g = boot(guest_factory, fmt="qcow2", min_seq=10)
+    build.set_freeze_hook_delay(g.dom, "freeze", 4000)
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", quiesce="required",
+                          guest_agent_timeout="2s")
+    printed_before = build.serial_last_seq(g.console_log)
+
+    proc, result, _ = backup(config, g)
+    assert proc.returncode == 0, proc.stderr
+    assert result["ok"] and result["consistency"] == "quiesced", result
+    assert result["freeze_seconds"] >= 3.9, result
+    before_freeze, before_thaw = console_bounds(g.console_log)
+    assert before_freeze - printed_before >= 20, (printed_before, before_freeze)  # it wrote while the hook slept
+    print(freeze_report(g.console_log))
+    assert build.agent_command(g.dom, "guest-fsfreeze-status") == "thawed"
+
+    meta, image = the_disk_image(tmp_path / "repo", result["stores"][0]["archive"], tmp_path / "x")
+    assert meta["quiesced"] is True
+    assert build.fsck_image(image, repair_first=False).clean
+    check = build.check_records(build.read_records(image, replay_journal=False))
+    assert check.ok and not check.torn_tail, check
+    assert before_freeze <= check.last_seq <= before_thaw + 1, (before_freeze, check.last_seq, before_thaw)
+    build.wait_for_progress(g.console_log, build.serial_last_seq(g.console_log) + 10, timeout=60)
+    assert_guest_on_own_image(g, image_dir, image_dir / "kb" / "state")
+
+
+def test_hung_agent_with_quiesce_auto_falls_back_to_crash_consistent_after_the_timeout(guest_factory, image_dir,
+                                                                                      tmp_path):
+    # qemu-ga connected but not answering (SIGSTOPped through its own guest-exec): the ping gives up
+    # after guest_agent_timeout and the snapshot is taken without QUIESCE, never touching the agent.
+    g = boot(guest_factory, fmt="qcow2", min_seq=10)
+    build.agent_command(g.dom, "guest-exec", {"path": "/bin/sh",
+                                              "arg": ["-c", "kill -STOP $(cat /run/agent.pid)"]})
+    time.sleep(1)
+    with pytest.raises(libvirt.libvirtError):
+        build.agent_command(g.dom, "guest-ping", timeout=2)
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", quiesce="auto", guest_agent_timeout="3s")
+
+    started = time.monotonic()
+    proc, result, samples = backup(config, g)
+    assert proc.returncode == 1, proc.stderr
+    assert result["ok"] and result["consistency"] == "crash-consistent", result
+    assert any("guest agent not answering" in w for w in result["warnings"]), result
+    assert time.monotonic() - started < 60
+    assert build.serial_hooks(g.console_log) == []
+    assert max(samples) > samples[0]
+    build.wait_for_progress(g.console_log, build.serial_last_seq(g.console_log) + 10, timeout=60)
+    assert build.serial_errors(g.console_log) == []
+    assert_guest_on_own_image(g, image_dir, image_dir / "kb" / "state")
+
+
 def borg_comment(repo: Path, archive: str) -> str:
     return json.loads(borg("info", "--json", f"{repo}::{archive}").stdout)["archives"][0]["comment"]

@@ -344,6 +344,7 @@ elif [ -n "$PORT" ]; then
   # No -d: it would need a pidfile dir and exits silently without one.
   # -F: run /etc/qemu/fsfreeze-hook (the workload binary) around fsfreeze.
   qemu-ga -m virtio-serial -p "/dev/$PORT" -t /run -f /run/qemu-ga.pid -F@FREEZE_HOOK@ < /dev/null &
+  echo $! > /run/agent.pid  # qemu-ga writes its -f pidfile only with -d
   log "agent started on /dev/$PORT"
 else
   log "agent port @AGENT_PORT@ not found"
