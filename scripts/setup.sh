@@ -46,6 +46,7 @@ APT_PACKAGES=(
     python3-venv python3-dev gcc pkg-config
     liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev
     fuse3 libfuse3-dev util-linux swtpm swtpm-tools
+    systemd   # systemd-analyze, for the test of contrib/systemd (works without systemd as PID 1)
 )
 
 # ---------------------------------------------------------------- Debian packages
