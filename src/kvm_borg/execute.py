@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import selectors
 import shlex
@@ -324,37 +325,43 @@ def call_in_parallel(calls: Sequence[Callable[[], object]], on_result: Callable[
     """Given zero-argument callables, run each in its own thread inside one ChildScope; return their results in order.
 
     `on_result(index, result)` runs in the calling thread as each call finishes. A call's
-    exception is re-raised here once every thread has ended. If the calling thread is
+    exception is re-raised here once every call has ended. If the calling thread is
     interrupted while waiting (only the main thread gets signals), every child the threads
-    started is stopped (their stop signal, SIGKILL after TERMINATE_GRACE_SECONDS), the threads
-    are waited for, and the interrupt re-raised."""
+    started is stopped (their stop signal, SIGKILL after TERMINATE_GRACE_SECONDS), the calls
+    are waited for, and the interrupt re-raised.
+
+    Completion is reported through a queue, never `Thread.join`: a join interrupted by a signal
+    handler's exception can mark a still running thread as ended (CPython 3.11, bpo-45274)."""
     scope = ChildScope()
     results: list = [None] * len(calls)
     errors: list = [None] * len(calls)
+    finished: queue.SimpleQueue = queue.SimpleQueue()
 
     def work(index: int) -> None:
         try:
             results[index] = scope.call(calls[index])
         except BaseException as exc:  # re-raised in the calling thread
             errors[index] = exc
+        finally:
+            finished.put(index)
 
-    threads = [threading.Thread(target=work, args=(i,), name=f"kvm-borg-{i}", daemon=True) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    pending = list(range(len(threads)))
+    for index in range(len(calls)):
+        threading.Thread(target=work, args=(index,), name=f"kvm-borg-{index}", daemon=True).start()
+    pending = set(range(len(calls)))
     try:
         while pending:
-            for index in list(pending):
-                threads[index].join(timeout=0.2)
-                if not threads[index].is_alive():
-                    pending.remove(index)
-                    if errors[index] is None and on_result is not None:
-                        on_result(index, results[index])
+            try:
+                index = finished.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            pending.discard(index)
+            if errors[index] is None and on_result is not None:
+                on_result(index, results[index])
     except BaseException:
         scope.stop()
-        _join_all(threads, TERMINATE_GRACE_SECONDS)
+        _wait_finished(finished, pending, TERMINATE_GRACE_SECONDS)
         scope.kill()
-        _join_all(threads, TERMINATE_GRACE_SECONDS)
+        _wait_finished(finished, pending, TERMINATE_GRACE_SECONDS)
         raise
     for error in errors:
         if error is not None:
@@ -362,12 +369,13 @@ def call_in_parallel(calls: Sequence[Callable[[], object]], on_result: Callable[
     return results
 
 
-def _join_all(threads: Sequence[threading.Thread], seconds: float) -> None:
-    """Wait up to `seconds` in all for the threads to end; a further interrupt meanwhile does not cut the wait short."""
+def _wait_finished(finished: "queue.SimpleQueue", pending: set, seconds: float) -> None:
+    """Wait up to `seconds` for the pending calls to report; a further interrupt meanwhile does not cut the wait short."""
     deadline = time.monotonic() + seconds
-    for thread in threads:
-        while thread.is_alive() and time.monotonic() < deadline:
-            try:
-                thread.join(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
-            except BaseException:  # a second signal: the first one is re-raised by the caller
-                continue
+    while pending and time.monotonic() < deadline:
+        try:
+            pending.discard(finished.get(timeout=max(0.01, min(0.2, deadline - time.monotonic()))))
+        except queue.Empty:
+            continue
+        except BaseException:  # a second signal: the first one is re-raised by the caller
+            continue
