@@ -32,7 +32,7 @@ from kvm_borg.backends import restic_commands as rc
 from kvm_borg.errors import ConfigError, KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, one_line, run_command
 from kvm_borg.hookspecs import hookimpl
-from kvm_borg.models import ArchiveInfo, ArchiveRequest, StoreResult
+from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
 
 logger = logging.getLogger(__name__)
@@ -331,6 +331,10 @@ class ResticRepository:
         except ResticError as exc:
             raise ResticError(f"repository {self.name!r}: {exc}") from None
 
+    def version(self) -> str:
+        """Return the version of the restic this repository runs, e.g. "0.14.0" (for `doctor`)."""
+        return self.features.describe()
+
     def init(self) -> bool:
         """Create the repository unless it exists; return True if it was created."""
         if self.exists():
@@ -576,6 +580,71 @@ class ResticRepository:
         finally:
             os.close(fd)
         return extracted
+
+    # --- retention and checks ----------------------------------------------------------------
+
+    def prune(self, domain: str, policy: dict, dry_run: bool = False) -> PruneResult:
+        """Given a domain and a complete retention policy, forget the snapshots of that domain's archives the
+        policy does not keep; return the PruneResult (data is freed by `compact`).
+
+        An archive is several snapshots (main + one per block device) tied by tags, so restic's
+        own `forget --keep-*` grouping could keep half an archive: the policy is applied per
+        archive with kvm_borg.retention (borg's rules, the same for both backends), per host,
+        and the parts of each archive not kept are forgotten together by id. Only complete
+        kvm-borg archives of this domain are candidates."""
+        from kvm_borg import retention
+
+        result = PruneResult(self.name, domain, ok=False, dry_run=dry_run)
+        if retention.is_empty(policy):
+            result.error = f"the retention policy of domain '{domain}' keeps nothing: refusing to prune"
+            return result
+        try:
+            groups = self._groups(domain)
+        except ResticError as exc:
+            result.error = str(exc)
+            return result
+        by_host: dict[str, dict[str, tuple[datetime, ArchiveParts]]] = {}
+        for (host, name), parts in groups.items():
+            info = archive_info_from(parts, self.name, domain)
+            if info is not None:
+                by_host.setdefault(host, {})[name] = (datetime.fromisoformat(info.time), parts)
+        forget: list[str] = []
+        for archives in by_host.values():
+            kept = retention.kept_archives({name: when for name, (when, _) in archives.items()}, policy)
+            result.kept.update(kept)
+            for name, (_, parts) in sorted(archives.items()):
+                if name not in kept:
+                    result.pruned.append(name)
+                    forget.extend(str(snapshot["id"]) for snapshot in parts.snapshots)
+        if forget and not dry_run:
+            try:
+                self._run_checked(rc.make_forget_command(self.binary, forget, options=self.options), "forget")
+            except ResticError as exc:
+                result.error = str(exc)
+                return result
+        result.ok = True
+        return result
+
+    def compact(self) -> None:
+        """Free the space of forgotten snapshots (`restic prune`); a failure is a ResticError."""
+        self._run_checked(rc.make_prune_command(self.binary, options=self.options), "prune")
+
+    def check(self, verify_data: bool = False, read_data_subset: str | None = None) -> CheckResult:
+        """Run `restic check` (`--read-data` with verify_data, else `--read-data-subset` if given); failures are ok=False."""
+        started = time.monotonic()
+        subset = None if verify_data else read_data_subset
+        mode = "verify-data" if verify_data else f"read-data-subset={subset}" if subset else "metadata"
+        argv = rc.make_check_command(self.binary, read_data=verify_data, read_data_subset=subset,
+                                     options=self.options)
+        try:
+            result, log = self._run(argv)
+        except ResticError as exc:
+            return CheckResult(self.name, ok=False, mode=mode, seconds=time.monotonic() - started, error=str(exc))
+        seconds = time.monotonic() - started
+        if result.returncode != 0:
+            return CheckResult(self.name, ok=False, mode=mode, seconds=seconds,
+                               error=self._error("check", log, result).args[0])
+        return CheckResult(self.name, ok=True, mode=mode, seconds=seconds)
 
     # --- running restic ---------------------------------------------------------------------
 
