@@ -104,3 +104,14 @@ def test_prune_list_lines_are_parsed():
     assert parse_prune_line(f"{'Pruning archive (3/4):':<44} w-2 Sun, 2024-03-10 20:00:00 [{line_id}]") == (
         "pruned", "w-2", None)
     assert parse_prune_line("Keeping 3 archives") is None
+
+
+def test_restic_prune_and_check_argv():
+    from kvm_borg.backends import restic_commands as rc
+
+    assert rc.make_prune_command("restic", options=("sftp.command=ssh x",)) == (
+        "restic", "prune", "--option", "sftp.command=ssh x")
+    assert rc.make_check_command("restic", read_data_subset="10%") == ("restic", "check", "--read-data-subset", "10%")
+    assert rc.make_check_command("restic", read_data=True) == ("restic", "check", "--read-data")
+    with pytest.raises(ValueError):
+        rc.make_check_command("restic", read_data=True, read_data_subset="1/5")

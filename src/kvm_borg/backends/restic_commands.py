@@ -325,3 +325,22 @@ def make_environment(
     if progress_fps:
         env["RESTIC_PROGRESS_FPS"] = str(progress_fps)
     return env
+
+
+def make_prune_command(binary: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
+    """Return the `restic prune` argv: removes the data no snapshot refers to any more."""
+    return (binary, "prune") + _global_flags(options)
+
+
+def make_check_command(
+    binary: str, *, read_data: bool = False, read_data_subset: str | None = None, options: Sequence[str] = ()
+) -> tuple[str, ...]:
+    """Return the `restic check` argv: the structure; with `read_data` all data, with `read_data_subset` ("10%") a part."""
+    if read_data and read_data_subset:
+        raise ValueError("give read_data or read_data_subset, not both")
+    return (
+        (binary, "check")
+        + _global_flags(options)
+        + (("--read-data",) if read_data else ())
+        + (("--read-data-subset", read_data_subset) if read_data_subset else ())
+    )
