@@ -155,7 +155,14 @@ class SnapshotSource:
                 "took a crash-consistent one"
             )
             quiesce = False
-            self._create_snapshot(False)
+            try:
+                self._create_snapshot(False)
+            except libvirt.libvirtError as retry_exc:
+                self._remove_unused_overlays()
+                raise KvmBorgError(
+                    f"domain '{name}': snapshot failed: {retry_exc.get_error_message()} (the quiesced attempt "
+                    "failed too)"
+                ) from None
         freeze_seconds = time.monotonic() - started
         self.entry.stage = "snapshot"
         journal.write_entry(self.settings.journal_dir, self.entry)
