@@ -146,3 +146,27 @@ def test_freeze_leftovers_are_cleaned_by_recover(domain_factory, image_dir, tmp_
     assert any("unmounted" in action for action in json.loads(recovered.stdout)[0]["actions"])
     assert_back_on_own_images(domain, kb / "state")
     assert_nothing_exposed(expose, kb / "state")
+
+
+def test_a_failed_freeze_leaves_nothing_and_thaw_after_it_is_safe(domain_factory, image_dir, tmp_path):
+    good = domain_factory.make(disks=[DiskSpec("vda", "raw", 8)], name="freeze good")
+    bad = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 8)], name="freeze bad")
+    bad.dom.checkpointCreateXML("<domaincheckpoint><name>cp1</name></domaincheckpoint>", 0)
+    kb = image_dir / "kb"
+    config = write_config(kb, repo_path=tmp_path / "repo")
+    expose = image_dir / "expose"
+    try:
+        proc = run_cli("freeze", good.name, bad.name, "--expose", expose, "--json", config=config, env=cli_env())
+        assert proc.returncode == 2
+        outcomes = {o["domain"]: o for o in json.loads(proc.stdout)}
+        assert outcomes[good.name]["ok"] and not outcomes[bad.name]["ok"]
+        assert not (expose / bad.name).exists()
+        thawed = run_cli("thaw", "--expose", expose, "--json", config=config, env=cli_env())
+        assert thawed.returncode == 0, thawed.stderr
+        assert [o["domain"] for o in json.loads(thawed.stdout)] == [good.name]
+        assert_back_on_own_images(good, kb / "state")
+        assert_nothing_exposed(expose, kb / "state")
+        assert run_cli("thaw", config=config, env=cli_env()).stdout.strip() == "nothing to thaw"
+    finally:
+        for checkpoint in bad.dom.listAllCheckpoints(0):
+            checkpoint.delete(0)
