@@ -201,9 +201,9 @@ def render(runs: list[Run], modes: list[str], args, description: str, manifest: 
             cells.extend(_fmt([getattr(r, attr) for r in runs if r.mode == mode], unit))
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     per_run = "\n".join(
-        f"| {i + 1} | {r.mode} | {r.consistency} | {r.freeze_window_ms if r.freeze_window_ms is None else round(r.freeze_window_ms)} "
-        f"| {r.snapshot_call_s * 1000:.0f} | {r.stall_snapshot_ms:.0f} | {r.stall_commit_ms:.0f} | {r.stall_idle_ms:.0f} "
-        f"| {r.commit_s * 1000:.0f} | {r.total_s:.2f} |"
+        f"| {i + 1} | {r.mode} | {r.consistency} | {'-' if r.freeze_window_ms is None else round(r.freeze_window_ms)} "
+        f"| {r.snapshot_call_s * 1000:.0f} | {r.stall_snapshot_ms:.0f} | {r.stall_commit_ms:.0f} "
+        f"| {r.stall_idle_ms:.0f} | {r.commit_s * 1000:.0f} | {r.total_s:.2f} |"
         for i, r in enumerate(runs)
     )
     counts = ", ".join(f"{sum(r.mode == m for r in runs)} × quiesce={m}" for m in modes)
@@ -224,7 +224,8 @@ consecutive durable records, so an undisturbed guest shows ~{args.interval_ms} m
 
 Per run (ms unless noted):
 
-| run | mode | consistency | freeze window | snapshot call | stall snapshot | stall commit | stall idle | commit | backup (s) |
+| run | mode | consistency | freeze window | snapshot call | stall snapshot | stall commit | stall idle | commit \
+| backup (s) |
 |---:|---|---|---:|---:|---:|---:|---:|---:|---:|
 {per_run}
 """
