@@ -207,8 +207,6 @@ def test_uefi_domain_restores_with_its_nvram(domain_factory, image_dir, tmp_path
 
 def _evil_archive(repo, workdir, meta_changes) -> str:
     """Store a hand-made kvm-borg archive whose meta.json is changed by `meta_changes(meta)`; return its name."""
-    from support import borg
-
     staging = workdir / "var" / "lib" / "kvm-borg" / "staging" / "evil"
     staging.mkdir(parents=True)
     (workdir / "img").mkdir()

@@ -28,7 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from kvm_borg import restore_plan
+from kvm_borg import restore_plan, signals
 from kvm_borg.actions.common import Context, ensure_state_dir, print_json
 from kvm_borg.actions.restore import open_repository, read_meta, resolve_archive
 from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
@@ -399,7 +399,9 @@ def add_arguments(subparsers) -> None:
 
 
 def mount_from_args(ctx: Context, args) -> int:
-    result = run_mount(ctx, args.domain, args.mountpoint, archive=args.archive, repo=args.repo, disks=args.disk)
+    with signals.interruptible():  # a SIGTERM half-way still tears down what was mounted
+        result = run_mount(ctx, args.domain, args.mountpoint, archive=args.archive, repo=args.repo,
+                           disks=args.disk)
     if args.json:
         print_json(result)
         return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import libvirt
 
-from kvm_borg import host_state, restore_plan
+from kvm_borg import host_state, restore_plan, signals
 from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, print_json
 from kvm_borg.config import select_repositories
 from kvm_borg.engine.domain_xml import firmware_files, parse_disks
@@ -588,7 +588,8 @@ def run_from_args(ctx: Context, args) -> int:
         domain=args.domain, archive=args.archive, repo=args.repo, target_dir=args.target_dir, name=args.name,
         define=args.define, start=args.start, disks=args.disk, to=args.to, overwrite=args.overwrite,
     )
-    result = run_restore(ctx, options)
+    with signals.interruptible():  # a SIGTERM still removes temporary and partly restored files
+        result = run_restore(ctx, options)
     for warning in result.warnings:
         log.warning("%s", warning)
     if args.json:

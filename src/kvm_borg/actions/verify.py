@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import libvirt
 
-from kvm_borg import restore_plan
+from kvm_borg import restore_plan, signals
 from kvm_borg.actions.common import Context, ensure_state_dir, print_json
 from kvm_borg.actions.restore import RestoreOptions, qemu_img, run_restore
 from kvm_borg.engine.domain_xml import has_guest_agent_channel
@@ -196,8 +196,9 @@ def add_arguments(subparsers) -> None:
 
 
 def run_from_args(ctx: Context, args) -> int:
-    report = run_verify(ctx, args.domain, archive=args.archive, repo=args.repo, boot=args.boot,
-                        boot_timeout=args.boot_timeout, alive_seconds=args.alive_seconds)
+    with signals.interruptible():  # a SIGTERM still destroys the copy and removes the scratch directory
+        report = run_verify(ctx, args.domain, archive=args.archive, repo=args.repo, boot=args.boot,
+                            boot_timeout=args.boot_timeout, alive_seconds=args.alive_seconds)
     if args.json:
         print_json(report.as_dict())
     else:
