@@ -242,3 +242,21 @@ def test_config_validates_restic_compression_and_hosts_naming_the_key():
         validate({"repositories": [{**base, "hosts": "hv1"}]})
     [repo] = validate({"repositories": [{**base, "hosts": ["hv1", "hv2"], "host": "hv1"}]})["repositories"]
     assert repo["hosts"] == ["hv1", "hv2"] and repo["compression"] is None
+
+
+def test_a_lost_ssh_reason_is_asked_of_ssh_again(tmp_path):
+    """restic may exit before passing on ssh's complaint; the backend then runs the ssh command once more."""
+    fake_ssh = tmp_path / "ssh"
+    fake_ssh.write_text("#!/bin/sh\necho 'Host key verification failed.' >&2\nexit 255\n")
+    fake_ssh.chmod(0o755)
+    settings = type("S", (), {"hostname": "hv1", "restic_binary": None, "progress": False})()
+    backend = ResticRepository({"name": "r", "type": "restic", "url": "sftp:u@h:/r", "ssh_command": str(fake_ssh)},
+                               settings)
+    log = ResticLog()
+    log.feed("Fatal: unable to open repository at sftp:u@h:/r: unable to start the sftp session, error: EOF")
+    assert log.lost_ssh_reason()
+    result = type("R", (), {"returncode": 1})()
+    message = backend._reason(log, result)
+    assert message.endswith("(ssh: Host key verification failed.)") and "\n" not in message
+    log.feed("subprocess ssh: Host key verification failed.")
+    assert not log.lost_ssh_reason()

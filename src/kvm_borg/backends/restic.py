@@ -18,6 +18,7 @@ import logging
 import os
 import posixpath
 import re
+import shlex
 import shutil
 import signal
 import tempfile
@@ -227,6 +228,10 @@ class ResticLog:
     def says(self, phrases: Sequence[str]) -> bool:
         return any(phrase in line for line in self.lines for phrase in phrases)
 
+    def lost_ssh_reason(self) -> bool:
+        """Return whether the sftp session failed without ssh's own message (restic may exit before passing it on)."""
+        return self.says(("sftp session",)) and not self.says(("subprocess ssh:",))
+
     def error_message(self, returncode: int | None) -> str:
         """Given restic's exit code, return one line saying why it failed, with ssh's reason if ssh said one."""
         fatal = [line for line in self.lines if line.startswith("Fatal:")]
@@ -309,8 +314,8 @@ class ResticRepository:
         self.compression: str | None = compression
         self.binary = find_restic_binary(getattr(settings, "restic_binary", None))
         self.progress = bool(getattr(settings, "progress", False))
-        ssh = rc.sftp_command(self.url, repository.get("ssh_command") or DEFAULT_SSH_COMMAND)
-        self.options: tuple[str, ...] = (f"sftp.command={ssh}",) if ssh else ()
+        self.sftp_command = rc.sftp_command(self.url, repository.get("ssh_command") or DEFAULT_SSH_COMMAND)
+        self.options: tuple[str, ...] = (f"sftp.command={self.sftp_command}",) if self.sftp_command else ()
 
     def __repr__(self) -> str:
         return f"ResticRepository({self.name!r}, {self.url!r})"
@@ -492,7 +497,7 @@ class ResticRepository:
             reason = output.errors[-1] if output.errors else log.error_message(result.returncode)
             raise ResticError(f"{what} could not read every file: {reason}")
         if result.returncode != 0 or not output.summary or not output.summary.get("snapshot_id"):
-            reason = log.error_message(result.returncode) if result.returncode != 0 else "no summary printed"
+            reason = self._reason(log, result) if result.returncode != 0 else "no summary printed"
             raise ResticError(f"{what} failed: {reason}")
         return output.summary
 
@@ -684,6 +689,24 @@ class ResticRepository:
             raise ResticError(f"repository {self.name!r}: restic {subcommand} printed unreadable JSON") from None
 
     def _error(self, subcommand: str, log: ResticLog, result: CommandResult) -> ResticError:
-        return ResticError(
-            f"repository {self.name!r}: restic {subcommand} failed: {log.error_message(result.returncode)}"
-        )
+        return ResticError(f"repository {self.name!r}: restic {subcommand} failed: {self._reason(log, result)}")
+
+    def _reason(self, log: ResticLog, result: CommandResult) -> str:
+        """Given a failed restic run, return why in one line, with ssh's reason when the sftp session failed."""
+        message = log.error_message(result.returncode)
+        if self.sftp_command and log.lost_ssh_reason():
+            reason = self._ssh_reason()
+            if reason:
+                message = one_line(f"{message} ({reason})")
+        return message
+
+    def _ssh_reason(self) -> str | None:
+        """Run restic's sftp ssh command once more, with nothing to send, and return ssh's complaint (None if none)."""
+        argv = shlex.split(self.sftp_command)
+        argv[1:1] = ["-o", "ConnectTimeout=20"]
+        try:
+            result = run_command(argv)
+        except CommandError:
+            return None
+        lines = [line for line in result.stderr_tail if line.strip()]
+        return f"ssh: {lines[-1]}" if result.returncode != 0 and lines else None
