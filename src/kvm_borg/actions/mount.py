@@ -400,8 +400,11 @@ def add_arguments(subparsers) -> None:
 
 def mount_from_args(ctx: Context, args) -> int:
     with signals.interruptible():  # a SIGTERM half-way still tears down what was mounted
-        result = run_mount(ctx, args.domain, args.mountpoint, archive=args.archive, repo=args.repo,
-                           disks=args.disk)
+        try:
+            result = run_mount(ctx, args.domain, args.mountpoint, archive=args.archive, repo=args.repo,
+                               disks=args.disk)
+        except OSError as exc:  # after the teardown of what was mounted
+            raise KvmBorgError(f"mount failed: {exc.filename or ''}: {exc.strerror or exc}") from None
     if args.json:
         print_json(result)
         return 0

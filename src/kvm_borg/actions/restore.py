@@ -589,7 +589,10 @@ def run_from_args(ctx: Context, args) -> int:
         define=args.define, start=args.start, disks=args.disk, to=args.to, overwrite=args.overwrite,
     )
     with signals.interruptible():  # a SIGTERM still removes temporary and partly restored files
-        result = run_restore(ctx, options)
+        try:
+            result = run_restore(ctx, options)
+        except OSError as exc:  # ENOSPC, EACCES...: one line, after the partial files were removed
+            raise KvmBorgError(f"restore failed: {exc.filename or ''}: {exc.strerror or exc}") from None
     for warning in result.warnings:
         log.warning("%s", warning)
     if args.json:

@@ -169,6 +169,8 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
         report.errors.append(str(exc))
     except libvirt.libvirtError as exc:
         report.errors.append(f"libvirt: {exc.get_error_message()}")
+    except OSError as exc:
+        report.errors.append(f"{exc.filename or 'scratch directory'}: {exc.strerror or exc}")
     finally:
         if boot:
             remove_domain(ctx.connection.conn, temp_name)
