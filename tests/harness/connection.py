@@ -22,6 +22,7 @@ class ReconnectingConnection:
     def _live(self) -> libvirt.virConnect:
         try:
             if self._conn.isAlive():
+                self._conn.getLibVersion()  # without an event loop isAlive() misses a closed socket
                 return self._conn
         except libvirt.libvirtError:
             pass

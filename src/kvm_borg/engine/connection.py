@@ -126,6 +126,7 @@ class Connection:
         Raises libvirt.libvirtError while libvirtd is still down (callers retry)."""
         try:
             if self.conn.isAlive():
+                self.conn.getLibVersion()  # a cheap round trip: isAlive() can lag behind a closed socket
                 return False
         except libvirt.libvirtError:
             pass
