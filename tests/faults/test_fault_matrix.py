@@ -268,8 +268,7 @@ def test_overlay_file_system_full_pauses_the_guest_which_is_resumed_after_the_co
         sc.extra_dirs.append(overlay_dir)
         proc, pause = pause_at(sc, "storing")
         build.agent_command(sc.dom, "guest-exec", {
-            "path": "/bin/busybox", "arguments": ["dd", "if=/dev/urandom", "of=/data/fill", "bs=1M", "count=12",
-                                                  "conv=fsync"]})
+            "path": "/bin/sh", "arg": ["-c", "dd if=/dev/urandom of=/data/fill bs=1M count=12 conv=fsync"]})
         wait_for(lambda: sc.dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR],
                  "the guest to pause on ENOSPC", timeout=120, proc=proc)
         sc.note_console()
