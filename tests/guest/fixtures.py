@@ -13,14 +13,28 @@ guest_factory   (function) ``make(fmt="raw", size_mib=64, **xml_kwargs) -> Guest
 
 from __future__ import annotations
 
+import os
+
+import libvirt
 import pytest
 
 from guest import build
+
+LIBVIRT_URI = os.environ.get("KVM_BORG_TEST_URI", "qemu:///system")  # as tests/conftest.py
 
 
 @pytest.fixture(scope="session")
 def guest_artifacts() -> build.GuestArtifacts:
     return build.build_guest_artifacts()
+
+
+def _alive(conn) -> bool:
+    """True when an RPC gets through (isAlive() alone does not notice a restarted libvirtd)."""
+    try:
+        conn.getLibVersion()
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 @pytest.fixture
@@ -29,12 +43,19 @@ def guest_factory(libvirt_conn, run_id, image_dir, guest_artifacts):
     # pytest session on this machine) removes any "kbtest-" domain whose run id
     # does not belong to a live pytest process.
     names: list[str] = []
+    # The session connection dies when libvirtd restarts (tests/faults restarts it): then
+    # this test gets a connection of its own.
+    conn = libvirt_conn if _alive(libvirt_conn) else libvirt.open(LIBVIRT_URI)
 
     def make(fmt: str = "raw", size_mib: int = 64, **xml_kwargs) -> build.Guest:
         name = f"kbtest-{run_id}-guest-{len(names) + 1}"
         names.append(name)
-        return build.start_guest(libvirt_conn, name, guest_artifacts, image_dir, fmt, size_mib, **xml_kwargs)
+        return build.start_guest(conn, name, guest_artifacts, image_dir, fmt, size_mib, **xml_kwargs)
 
     yield make
+    if not _alive(conn):
+        conn = libvirt.open(LIBVIRT_URI)
     for name in reversed(names):
-        build.remove_guest(libvirt_conn, name)
+        build.remove_guest(conn, name)
+    if conn is not libvirt_conn:
+        conn.close()
