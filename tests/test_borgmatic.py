@@ -52,9 +52,10 @@ def assert_nothing_exposed(expose: Path, state_dir: Path) -> None:
 def test_borgmatic_backs_up_a_running_domain_and_kvm_borg_restores_it(domain_factory, image_dir, tmp_path):
     domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 32), DiskSpec("vdb", "raw", 16)], name="borgmatic")
     domain.hmp_write("vda", 0xA5, 4 * MiB, MiB)
+    second = domain_factory.make(disks=[DiskSpec("vdc", "raw", 8)], name="borgmatic second")
     repo = tmp_path / "repo"
     kb = image_dir / "kb"
-    config = write_config(kb, repo_path=repo, domains={"include": [domain.name]})  # kvm-borg init creates repo
+    config = write_config(kb, repo_path=repo, domains={"include": [domain.name, second.name]})  # init creates repo
     expose = image_dir / "expose"
     reference = image_dir / "reference"
     reference.mkdir()
@@ -96,6 +97,13 @@ def test_borgmatic_backs_up_a_running_domain_and_kvm_borg_restores_it(domain_fac
     for target, path in result["disks"].items():
         fmt = domain.formats[target]
         assert qemu_img_compare(path, reference / f"{target}.raw", fmt, "raw")
+    # The same archive holds the second domain too (freeze --all): restore picks it by name.
+    second_copy = domain_factory.domain_name("borgmatic second copy")
+    restored = run_cli("restore", second.name, "--archive", archive, "--name", second_copy, "--target-dir",
+                       image_dir / "restored-second", "--json", config=config, env=cli_env())
+    assert restored.returncode == 0, restored.stderr
+    assert second.verify_fill("vdc", json.loads(restored.stdout)["disks"]["vdc"], "raw")
+    assert_back_on_own_images(second, kb / "state")
 
     # A second run: the exposed paths are the same, borg's files cache sees the same names.
     again = borgmatic("create", config=bm_config, env={**env, "KBTEST_WRITE_AFTER_SNAPSHOT": ""})

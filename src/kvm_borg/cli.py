@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvm-borg: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
-        print(f"kvm-borg: {exc}; overlays were merged back", file=sys.stderr)
+        done = "overlays were merged back" if args.command in ("backup", "freeze", "thaw") else "cleaned up"
+        print(f"kvm-borg: {exc}; {done}", file=sys.stderr)
         return 130
 
 

@@ -106,12 +106,14 @@ def read_meta(backend, archive: str, domain: str | None) -> tuple[dict, frozense
             found.append(meta)
     if not found:
         raise UsageError(f"archive {archive} holds no kvm-borg meta.json")
+    if domain is not None:  # an archive of `kvm-borg freeze --all` (borgmatic) holds several domains
+        names = sorted(m["domain"].get("name") for m in found)
+        found = [m for m in found if m["domain"].get("name") == domain]
+        if not found:
+            raise UsageError(f"archive {archive} holds domain {', '.join(map(repr, names))}, not {domain!r}")
     if len(found) > 1:
         raise UsageError(f"archive {archive} holds {len(found)} kvm-borg meta.json files; refusing to guess")
-    meta = found[0]
-    if domain is not None and meta["domain"].get("name") != domain:
-        raise UsageError(f"archive {archive} holds domain {meta['domain'].get('name')!r}, not {domain!r}")
-    return meta, paths
+    return found[0], paths
 
 
 # --- writing files -----------------------------------------------------------------------------
