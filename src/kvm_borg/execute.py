@@ -116,7 +116,7 @@ def run_command(
         child_env[secret_env] = str(read_fd)
     try:
         process = subprocess.Popen(
-            with_parent_death_signal(argv),
+            with_parent_death_signal(argv, stop_signal),
             env=child_env,
             cwd=cwd,
             stdin=subprocess.DEVNULL if stdin is None else stdin,
@@ -186,15 +186,23 @@ def _write_secret(fd: int, secret: bytes) -> None:
 SETPRIV = shutil.which("setpriv")
 
 
-def with_parent_death_signal(argv: Sequence[str]) -> tuple[str, ...]:
-    """Given a command, return it wrapped so the child gets SIGTERM if kvm-borg dies (SIGKILL, crash).
+def with_parent_death_signal(argv: Sequence[str], stop_signal: int = signal.SIGTERM) -> tuple[str, ...]:
+    """Given a command, return it wrapped so the child gets `stop_signal` if kvm-borg dies (SIGKILL, crash).
 
     A borg left running after its parent was killed would keep reading a base image that
     `kvm-borg recover` is merging an overlay into. util-linux `setpriv --pdeathsig` sets the
     signal and execs the command (no preexec_fn in a threaded program)."""
     if not SETPRIV or not shutil.which(argv[0]):  # a missing binary must still fail as OSError
         return tuple(argv)
-    return (SETPRIV, "--pdeathsig", "TERM", "--", *argv)
+    return (SETPRIV, "--pdeathsig", signal.Signals(stop_signal).name.removeprefix("SIG"), "--", *argv)
+
+
+def command_name(process: subprocess.Popen) -> str:
+    """Given a started child, return the base name of the command it runs (not our setpriv wrapper)."""
+    args = list(process.args)
+    if SETPRIV and args and args[0] == SETPRIV and "--" in args:
+        args = args[args.index("--") + 1:]
+    return os.path.basename(str(args[0])) if args else "?"
 
 
 def _collect_output(process: subprocess.Popen, on_stderr_line, on_stdout=None) -> tuple[bytes, list[str]]:
@@ -241,14 +249,15 @@ def _stop(process: subprocess.Popen, stop_signal: int = signal.SIGTERM) -> None:
     """Given a child that must not outlive an interrupted caller, send it `stop_signal`, then SIGKILL its group."""
     if process.poll() is not None:
         return
-    logger.warning("stopping %s (pid %d)", os.path.basename(process.args[0]), process.pid)
+    logger.warning("stopping %s (pid %d)", command_name(process), process.pid)
     try:
         process.send_signal(stop_signal)
         try:
             process.wait(timeout=TERMINATE_GRACE_SECONDS)
             return
         except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop after SIGTERM; killing it", process.args[0])
+            logger.warning("%s did not stop after %s; killing it", command_name(process),
+                           signal.Signals(stop_signal).name)
     finally:
         if process.poll() is None:
             try:
@@ -303,7 +312,7 @@ class ChildScope:
             children = list(self._children.items())
         for process, stop_signal in children:
             if process.poll() is None:
-                logger.warning("stopping %s (pid %d)", os.path.basename(process.args[0]), process.pid)
+                logger.warning("stopping %s (pid %d)", command_name(process), process.pid)
                 try:
                     process.send_signal(stop_signal)
                 except ProcessLookupError:
