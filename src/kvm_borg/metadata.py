@@ -109,6 +109,19 @@ def archive_comment(meta: dict) -> str:
     )
 
 
+def parse_archive_comment(comment: str | None) -> dict | None:
+    """Given an archive's comment, return its kvm-borg JSON object, or None if the archive is not kvm-borg's."""
+    if not comment:
+        return None
+    try:
+        data = json.loads(comment)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not data.get("kvm_borg") or not isinstance(data.get("domain"), str):
+        return None
+    return data
+
+
 def archive_files(meta: dict, staging_dir: str) -> list[str]:
     """Given meta.json and the staging dir, return the absolute host paths to store, metadata first."""
     files = [os.path.join(staging_dir, META_NAME), os.path.join(staging_dir, PERSISTENT_XML_NAME)]

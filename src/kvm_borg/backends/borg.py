@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kvm_borg.metadata import parse_archive_comment
 from kvm_borg.backends import borg_commands
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, one_line, run_command
@@ -38,7 +39,6 @@ DEFAULT_CHUNKER_PARAMS = "fixed,4194304"
 DEFAULT_LOCK_WAIT = 60
 # Without a configured ssh_command: never ask for a password or a host key, fail instead.
 DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
-COMMENT_MARKER = "kvm_borg"
 
 # Set for every borg run, whatever the caller's environment says: borg never prompts, never
 # accepts a moved or unknown unencrypted repository, never deletes or repairs without asking,
@@ -126,17 +126,7 @@ def make_environment(
     return env
 
 
-def parse_comment(comment: str | None) -> dict | None:
-    """Given an archive comment, return its kvm-borg JSON object, or None if it is not kvm-borg's."""
-    if not comment:
-        return None
-    try:
-        data = json.loads(comment)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not data.get(COMMENT_MARKER) or not isinstance(data.get("domain"), str):
-        return None
-    return data
+parse_comment = parse_archive_comment  # the comment is built by metadata.archive_comment
 
 
 def archive_info_from(entry: Mapping[str, Any], repository: str, domain: str | None = None) -> ArchiveInfo | None:

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kvm_borg.metadata import parse_archive_comment
 from kvm_borg.backends import restic_commands as rc
 from kvm_borg.errors import ConfigError, KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, one_line, run_command
@@ -44,7 +45,6 @@ DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
 SPARSE_BLOCK = 64 * 1024
 # Progress updates per second asked of restic while a progress bar is shown.
 PROGRESS_FPS = 4
-COMMENT_MARKER = "kvm_borg"
 
 _NO_REPOSITORY = ("Is there a repository at the following location?", "repository does not exist")
 _WRONG_PASSWORD = ("wrong password",)
@@ -91,17 +91,7 @@ def utc_iso(restic_time: str) -> str:
         return restic_time
 
 
-def parse_comment(comment: str | None) -> dict | None:
-    """Given an archive comment, return its kvm-borg JSON object, or None if it is not kvm-borg's."""
-    if not comment:
-        return None
-    try:
-        data = json.loads(comment)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not data.get(COMMENT_MARKER) or not isinstance(data.get("domain"), str):
-        return None
-    return data
+parse_comment = parse_archive_comment  # the comment is built by metadata.archive_comment
 
 
 @dataclass
