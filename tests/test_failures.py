@@ -177,3 +177,23 @@ def test_domain_on_a_stray_overlay_is_refused_naming_recover(domain_factory, ima
         subprocess.run(["virsh", "blockcommit", domain.name, "vda", "--active", "--pivot", "--wait"],
                        capture_output=True)
         overlay.unlink(missing_ok=True)
+
+
+def test_overlay_deleted_by_hand_of_a_shut_off_domain_is_reported_and_the_disk_pointed_back(
+        domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=TWO_DISKS)
+    state = image_dir / "kb" / "state"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    proc = _start_paused_backup(config, domain, tmp_path / "paused")
+    proc.kill()
+    proc.communicate(timeout=30)
+    domain.destroy()
+    for source in domain.inactive_sources().values():
+        os.unlink(source)  # an admin "cleaning up" the overlays of a shut-off domain
+    recover = run_cli("recover", "--json", config=config, env=cli_env())
+    assert recover.returncode == 1, recover.stderr  # recovered, with a warning
+    [outcome] = json.loads(recover.stdout)
+    assert outcome["ok"] and any("is missing (deleted by hand?)" in w for w in outcome["warnings"])
+    assert_back_on_own_images(domain, state)
+    domain.start()  # boots from its own images again (raw stays raw, qcow2 stays qcow2)
+    assert domain.live_sources() == {t: str(p) for t, p in domain.disks.items()}
