@@ -406,3 +406,16 @@ def borg_env_for_tests() -> dict:
     from harness import borg_env
 
     return borg_env()
+
+
+def test_overlay_deleted_by_hand_while_the_domain_runs_on_it(scenario, report_row):
+    """QEMU keeps the deleted overlay open: the merge still takes every write from it."""
+    report_row["fault"] = "overlay deleted by hand (running domain)"
+    sc = scenario()
+    rc, _, _ = finish(start_backup(sc, "snapshot-taken:kill"))
+    assert rc == -signal.SIGKILL
+    overlay = Path(live_sources(sc.dom)["vda"])
+    overlay.unlink()
+    build.wait_for_progress(sc.guest.console_log, (build.serial_last_seq(sc.guest.console_log) or 0) + 10, 60)
+    recover(sc)
+    settle_and_verify(sc, report_row)
