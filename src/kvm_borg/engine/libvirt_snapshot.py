@@ -129,12 +129,9 @@ class SnapshotSource:
     def freeze(self) -> FreezeResult:
         """Write the journal entry, then take one atomic snapshot of all planned disks."""
         name, dom = self.plan.name, self.handle.dom
-        journal.write_entry(self.settings.journal_dir, self.entry)  # BEFORE anything changes
-        self.journal_written = True
-        failpoints.reached("journal-written")
         warnings: list[str] = []
         quiesce = False
-        if self.plan.quiesce != "off":
+        if self.plan.quiesce != "off":  # decided first: a refusal must not even touch the journal
             has_channel = has_guest_agent_channel(dom.XMLDesc(0))
             quiesce = has_channel and guest_agent_answers(dom, self.settings.guest_agent_timeout)
             if not quiesce and self.plan.quiesce == "required":
@@ -143,6 +140,9 @@ class SnapshotSource:
                 warnings.append(f"domain '{name}': guest agent not answering, snapshot is crash-consistent")
             elif not quiesce:
                 log.info("domain '%s' has no guest agent channel: crash-consistent snapshot", name)
+        journal.write_entry(self.settings.journal_dir, self.entry)  # BEFORE anything changes
+        self.journal_written = True
+        failpoints.reached("journal-written")
         started = time.monotonic()
         try:
             self._create_snapshot(quiesce)
