@@ -223,7 +223,7 @@ class BorgLog:
             logger.debug("borg: %s", record.get("message") or record)
 
     def _log_message(self, record: Mapping[str, Any]) -> None:
-        message = str(record.get("message", ""))
+        message = str(record.get("message", "")).strip()
         level = record.get("levelname", "INFO")
         if record.get("msgid"):
             self.msgids.append(record["msgid"])
@@ -235,7 +235,8 @@ class BorgLog:
             else:
                 self.errors.append(one_line(message.splitlines()[0] if message else ""))
             logger.debug("borg: %s", message)  # the caller reports the error itself
-        elif level == "WARNING" and _is_new_files_cache(message):
+        elif level == "WARNING" and (_is_new_files_cache(message) or "KEY AND PASSPHRASE" in message):
+            # expected on a first run / `borg init`'s key advice (kvm-borg gives its own): not a problem
             logger.info("borg: %s", message)
         elif level == "WARNING":
             self.warnings.append(one_line(message))
