@@ -131,3 +131,36 @@ def test_umount_tears_down_after_a_crash_in_the_middle(ext4_domain, image_dir, t
     assert list(mountpoint.iterdir()) == []
     proc = run_cli("umount", mountpoint, config=config, env=cli_env())
     assert proc.returncode == 2 and "nothing mounted" in proc.stderr
+
+
+def test_mount_of_a_restic_archive_shows_its_files_and_umount_leaves_nothing(ext4_domain, image_dir, tmp_path):
+    from support import write_passphrase
+
+    config = write_config(image_dir / "kb", repositories=[{
+        "name": "restic", "type": "restic", "url": str(tmp_path / "restic-repo"),
+        "passphrase_file": str(write_passphrase(tmp_path / "restic-pass"))}])
+    proc = run_cli("backup", ext4_domain.name, config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    state_dir = image_dir / "kb" / "state"
+    proc = run_cli("mount", ext4_domain.name, mountpoint, "--json", config=config, env=cli_env())
+    try:
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        assert set(result["filesystems"]) == {"vda1", "vdb"}
+        assert (mountpoint / "vda1" / "etc" / "hostname").read_text() == "restored-from-borg\n"
+        assert (mountpoint / "vdb" / "data.txt").read_text() == "on the second disk\n"
+        assert "/ids/" in result["images"]["vda"]  # served by `restic mount`
+    finally:
+        proc = run_cli("umount", mountpoint, config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    leftovers = our_leftovers(mountpoint, state_dir)
+    for entry in Path("/proc").iterdir():  # the restic FUSE process names the mount point
+        try:
+            if entry.name.isdigit() and str(mountpoint) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                leftovers["processes"].append(entry.name)
+        except OSError:  # gone meanwhile
+            continue
+    assert leftovers == {"mounts": [], "loops": [], "processes": []}
+    assert list(mountpoint.iterdir()) == []

@@ -21,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,11 +30,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kvm_borg.metadata import parse_archive_comment
 from kvm_borg.backends import restic_commands as rc
 from kvm_borg.errors import ConfigError, KvmBorgError
-from kvm_borg.execute import CommandError, CommandResult, one_line, run_command
+from kvm_borg.execute import CommandError, CommandResult, one_line, run_command, summarize_stderr
 from kvm_borg.hookspecs import hookimpl
+from kvm_borg.metadata import parse_archive_comment
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
 
@@ -45,6 +46,7 @@ DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
 SPARSE_BLOCK = 64 * 1024
 # Progress updates per second asked of restic while a progress bar is shown.
 PROGRESS_FPS = 4
+MOUNT_TIMEOUT = 60  # seconds for `restic mount` to show the snapshot
 
 _NO_REPOSITORY = ("Is there a repository at the following location?", "repository does not exist")
 _WRONG_PASSWORD = ("wrong password",)
@@ -452,6 +454,41 @@ class ResticRepository:
                                 on_stdout=write)
         if result.returncode != 0:
             raise self._error("dump", log, result)
+
+    def mount(self, archive: str, mountpoint: str) -> str:
+        """Given an archive and an empty directory, serve the repository there read-only with `restic mount`
+        (a FUSE process left running in the background); return the directory of the archive's main snapshot.
+
+        The password reaches restic through the environment only. Device parts (block-device disks
+        streamed at backup) are separate snapshots: they appear under `ids/` beside the main one."""
+        parts = self._archive(archive)
+        snapshot_dir = os.path.join(mountpoint, "ids", parts.main["id"][:8])
+        log_path = os.path.join(os.path.dirname(mountpoint), f".{os.path.basename(mountpoint)}.restic-mount.log")
+        argv = rc.make_mount_command(self.binary, mountpoint, options=self.options)
+        with open(log_path, "wb") as log_file:
+            process = subprocess.Popen(argv, env=self._environment(), stdin=subprocess.DEVNULL,
+                                       stdout=log_file, stderr=log_file, start_new_session=True)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not os.path.isdir(snapshot_dir):
+            if process.poll() is not None or time.monotonic() > deadline:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGINT)
+                    process.wait(timeout=10)
+                with open(log_path, errors="replace") as handle:
+                    lines = handle.read().strip().splitlines()
+                reason = one_line(lines[-1]) if lines else f"no snapshot directory after {MOUNT_TIMEOUT}s"
+                raise ResticError(f"repository {self.name!r}: restic mount failed: {reason}")
+            time.sleep(0.2)
+        os.unlink(log_path)
+        return snapshot_dir
+
+    def unmount(self, mountpoint: str) -> None:
+        """Given a directory `mount` served, unmount it; the restic process then exits by itself."""
+        result = run_command(("fusermount3", "-u", mountpoint))
+        if result.returncode != 0:
+            result = run_command(("umount", mountpoint))
+        if result.returncode != 0:
+            raise ResticError(f"cannot unmount {mountpoint}: {summarize_stderr(result.stderr_tail, result.returncode)}")
 
     def archive_path(self, host_path: str) -> str:
         """Given an absolute host path, return the path restic stores it under (the same absolute path)."""

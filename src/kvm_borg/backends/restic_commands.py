@@ -273,6 +273,11 @@ def make_dump_command(binary: str, snapshot_id: str, path: str, *, options: Sequ
     return (binary, "dump") + _global_flags(options) + ("--", snapshot_id, path)
 
 
+def make_mount_command(binary: str, mountpoint: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
+    """Given an empty directory, return the `restic mount` argv (runs in the foreground until unmounted)."""
+    return (binary, "mount") + _global_flags(options) + ("--", mountpoint)
+
+
 def make_restore_command(
     binary: str, snapshot_id: str, target: str, include: str, *, sparse: bool, options: Sequence[str] = ()
 ) -> tuple[str, ...]:
