@@ -1,14 +1,16 @@
-"""What every benchmark needs: a reference domain with a real file system, timing, reports."""
+"""What every benchmark needs: a reference domain with a real file system, timing, sizes, guest writes."""
 
 from __future__ import annotations
 
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,15 +19,19 @@ import libvirt
 VENV_BIN = Path(sys.executable).parent
 BORG = str(VENV_BIN / "borg")
 KVM_BORG = str(VENV_BIN / "kvm-borg")
+RESTIC = shutil.which("restic") or "restic"
 SOURCE_TREES = ("/usr/lib", "/usr/share")
 MiB = 1 << 20
+KiB = 1 << 10
+# Marks a directory as a benchmark's own scratch space: only such a directory is ever removed.
+WORKDIR_MARK = ".kvm-borg-bench"
 
 
-def run(*argv, env=None, cwd=None) -> subprocess.CompletedProcess:
-    """Run a command, fail loudly; return the CompletedProcess (text)."""
+def run(*argv, env=None, cwd=None, ok=(0, 1)) -> subprocess.CompletedProcess:
+    """Run a command, fail loudly on an exit code not in `ok`; return the CompletedProcess (text)."""
     proc = subprocess.run([str(a) for a in argv], env=env, cwd=cwd, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL)
-    if proc.returncode not in (0, 1):
+    if proc.returncode not in ok:
         raise RuntimeError(f"{' '.join(map(str, argv))} exited {proc.returncode}: {proc.stderr[-2000:]}")
     return proc
 
@@ -71,11 +77,34 @@ class ReferenceDomain:
     disk: Path
     workdir: Path
     data_bytes: int
+    disk_bytes: int = 0  # virtual size
+    fmt: str = "qcow2"
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """Given a scratch directory, empty it if it is a benchmark's own (marked), create it 0755; return it.
+
+    A directory that exists without the mark is refused: it may be anything of the user's."""
+    if workdir.exists():
+        if not (workdir / WORKDIR_MARK).exists():
+            raise SystemExit(f"{workdir} exists and is not a benchmark work directory "
+                             f"(no {WORKDIR_MARK} in it): choose another --workdir or remove it")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    os.chmod(workdir, 0o755)  # QEMU (libvirt-qemu) must reach the images
+    (workdir / WORKDIR_MARK).write_text(f"{os.getpid()}\n")
+    return workdir
+
+
+def remove_workdir(workdir: Path) -> None:
+    """Remove a benchmark's scratch directory (only if it carries the mark)."""
+    if (workdir / WORKDIR_MARK).exists():
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def build_reference_domain(conn: libvirt.virConnect, workdir: Path, name: str, data_mib: int,
-                           disk_mib: int) -> ReferenceDomain:
-    """Create and start a domain whose qcow2 disk holds an ext4 file system of real host files."""
+                           disk_mib: int, fmt: str = "qcow2") -> ReferenceDomain:
+    """Create and start a domain whose disk (qcow2 or raw) holds an ext4 file system of real host files."""
     workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(workdir, 0o755)
     tree = workdir / "tree"
@@ -83,16 +112,19 @@ def build_reference_domain(conn: libvirt.virConnect, workdir: Path, name: str, d
     raw = workdir / "disk.raw"
     run("mkfs.ext4", "-q", "-F", "-d", tree, raw, f"{disk_mib}M")
     shutil.rmtree(tree)
-    disk = workdir / "disk.qcow2"
-    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, disk)
-    raw.unlink()
+    if fmt == "qcow2":
+        disk = workdir / "disk.qcow2"
+        run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, disk)
+        raw.unlink()
+    else:
+        disk = raw
     xml = f"""<domain type='{virt_type()}'><name>{name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
       <os><type arch='x86_64'>hvm</type></os><devices>
-      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>
+      <disk type='file' device='disk'><driver name='qemu' type='{fmt}'/><source file='{disk}'/>
       <target dev='vda' bus='virtio'/></disk></devices></domain>"""
     dom = conn.defineXML(xml)
     dom.create()
-    return ReferenceDomain(name, disk, workdir, data)
+    return ReferenceDomain(name, disk, workdir, data, disk_mib * MiB, fmt)
 
 
 def remove_domain(conn: libvirt.virConnect, name: str) -> None:
@@ -123,3 +155,87 @@ def machine_description(conn: libvirt.virConnect) -> str:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+# --- sizes ---------------------------------------------------------------------------------------
+
+
+def tree_bytes(path: Path) -> int:
+    """Given a file or directory, return the apparent size of every regular file in it (0 if absent)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def allocated_bytes(path: Path) -> int:
+    """Given a file, return the bytes its blocks take on disk (holes excluded)."""
+    return os.stat(path).st_blocks * 512
+
+
+# --- writes through the running VM's block layer ----------------------------------------------
+
+
+def disk_alias(dom: libvirt.virDomain, target: str = "vda") -> str:
+    """Given a running domain and a disk target, return the disk's device alias from the live XML."""
+    for disk in ET.fromstring(dom.XMLDesc(0)).iter("disk"):
+        element = disk.find("target")
+        alias = disk.find("alias")
+        if element is not None and element.get("dev") == target and alias is not None:
+            return alias.get("name")
+    raise RuntimeError(f"domain {dom.name()} has no live disk {target}")
+
+
+def qemu_io(dom: libvirt.virDomain, alias: str, command: str) -> None:
+    """Given a running domain, a disk alias and a qemu-io command, run it on the disk's active layer (HMP)."""
+    import libvirt_qemu
+
+    reply = libvirt_qemu.qemuMonitorCommand(
+        dom, f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "{command}"',
+        libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    if reply.strip():  # qemu-io prints to QEMU's log; a reply is an error of the monitor
+        raise RuntimeError(f"qemu-io {command!r} on {dom.name()}: {reply.strip()}")
+
+
+def make_pattern(path: Path, size: int, seed: int) -> Path:
+    """Write `size` pseudo-random bytes (from `seed`) to `path`, readable by QEMU; return the path.
+
+    Random, so the written blocks neither compress nor deduplicate, like real new data."""
+    path.write_bytes(random.Random(seed).randbytes(size))
+    os.chmod(path, 0o644)
+    return path
+
+
+def write_extents(dom: libvirt.virDomain, extents: list[tuple[int, int]], pattern: Path,
+                  target: str = "vda", piece: int = 64 * MiB) -> None:
+    """Given (offset, length) extents, write them through the guest's disk (data from `pattern`), then flush."""
+    alias = disk_alias(dom, target)
+    for offset, length in extents:
+        done = 0
+        while done < length:
+            size = min(piece, length - done)
+            qemu_io(dom, alias, f"write -q -s {pattern} {offset + done} {size}")
+            done += size
+    qemu_io(dom, alias, "flush")
+
+
+def scattered_extents(disk_bytes: int, fraction: float, unit: int, seed: int) -> list[tuple[int, int]]:
+    """Given a disk size, a fraction of its `unit`-sized blocks and a seed, return the blocks chosen at
+    random as (offset, length) extents, adjacent blocks merged."""
+    units = disk_bytes // unit
+    chosen = sorted(random.Random(seed).sample(range(units), round(units * fraction)))
+    extents: list[tuple[int, int]] = []
+    for index in chosen:
+        offset = index * unit
+        if extents and extents[-1][0] + extents[-1][1] == offset:
+            extents[-1] = (extents[-1][0], extents[-1][1] + unit)
+        else:
+            extents.append((offset, unit))
+    return extents

@@ -231,7 +231,7 @@ Per run (ms unless noted):
 """
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="backups per quiesce mode")
     parser.add_argument("--modes", default="auto,off", help="comma-separated quiesce modes (auto, off, required)")
@@ -240,9 +240,12 @@ def main(argv=None) -> int:
     parser.add_argument("--fmt", default="qcow2", choices=["qcow2", "raw"])
     parser.add_argument("--idle-s", type=float, default=2.0, help="idle pause before each backup (reference window)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
-    args = parser.parse_args(argv)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    return parser.parse_args(argv)
 
+
+def measure(args: argparse.Namespace, modes: list[str]) -> tuple[list[Run], str, dict]:
+    """Given the parsed options and the quiesce modes, boot the guest, back it up `args.runs` times per
+    mode (alternating), remove everything; return (the runs, the machine description, the guest manifest)."""
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     conn = libvirt.open("qemu:///system")
     artifacts = build.build_guest_artifacts()
@@ -259,20 +262,30 @@ def main(argv=None) -> int:
         configs = {m: write_config(workdir / f"kb-{m}", repo_path=workdir / "repo", plugins=("guest.timing_plugin",),
                                    quiesce=m, init=(m == modes[0]))
                    for m in modes}
-        for n in range(args.runs):
-            for mode in (modes if n % 2 == 0 else modes[::-1]):
-                run = one_backup(configs[mode], guest, watcher, mode, workdir / "timing.jsonl", args.idle_s)
-                runs.append(run)
-                print(f"run {len(runs)}: quiesce={mode} consistency={run.consistency} "
-                      f"freeze window={run.freeze_window_ms} ms, stalls snapshot/commit/idle="
-                      f"{run.stall_snapshot_ms:.0f}/{run.stall_commit_ms:.0f}/{run.stall_idle_ms:.0f} ms, "
-                      f"backup {run.total_s:.2f}s", flush=True)
-        watcher.stop.set()
+        try:
+            for n in range(args.runs):
+                for mode in (modes if n % 2 == 0 else modes[::-1]):
+                    run = one_backup(configs[mode], guest, watcher, mode, workdir / "timing.jsonl", args.idle_s)
+                    runs.append(run)
+                    print(f"guest run {len(runs)}: quiesce={mode} consistency={run.consistency} "
+                          f"freeze window={run.freeze_window_ms} ms, stalls snapshot/commit/idle="
+                          f"{run.stall_snapshot_ms:.0f}/{run.stall_commit_ms:.0f}/{run.stall_idle_ms:.0f} ms, "
+                          f"backup {run.total_s:.2f}s", flush=True)
+        finally:
+            watcher.stop.set()
         description = machine_description(conn).replace("kvm guests", "KVM available but this guest is TCG")
     finally:
         build.remove_guest(conn, DOMAIN)
         shutil.rmtree(workdir, ignore_errors=True)
-    report = render(runs, modes, args, description, artifacts.manifest)
+        conn.close()
+    return runs, description, artifacts.manifest
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    runs, description, manifest = measure(args, modes)
+    report = render(runs, modes, args, description, manifest)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)
