@@ -124,54 +124,63 @@ class SparseWriter:
 
     def __init__(self, fd: int):
         self.fd = fd
-        self.offset = 0
-        self.pending = bytearray()
+        self.offset = 0  # file offset where `pending` starts
+        self.pending = b""  # the tail of the stream that does not fill a block yet
         self.written = 0  # bytes of data actually written (not holes)
 
     def write(self, data: bytes) -> None:
-        self.pending += data
-        if len(self.pending) >= FLUSH:
-            cut = len(self.pending) - len(self.pending) % SEGMENT
-            self._emit(bytes(self.pending[:cut]))
-            del self.pending[:cut]
+        # Each piece is written as it comes (no 4 MiB buffer to copy and shift): only a tail
+        # shorter than a block waits for the next piece.
+        if self.pending:
+            data = self.pending + data
+        elif not isinstance(data, bytes):
+            data = bytes(data)
+        usable = len(data) - len(data) % BLOCK
+        self.pending = data[usable:]
+        if usable:
+            self._emit(data, usable)
 
     def close(self) -> int:
         """Write what is left, set the final size (a trailing hole too); return the size."""
         if self.pending:
-            self._emit(bytes(self.pending))
-            self.pending.clear()
+            self._emit(self.pending, len(self.pending))
+            self.pending = b""
         os.ftruncate(self.fd, self.offset)
         return self.offset
 
-    def _emit(self, data: bytes) -> None:
-        run_start = None  # start (index in data) of a run of blocks to write
-        position = 0
-        length = len(data)
-        while position < length:
-            segment = data[position:position + SEGMENT]
-            if len(segment) == SEGMENT and segment == _ZERO_SEGMENT:
-                run_start = self._end_run(data, run_start, position)
-                position += SEGMENT
-                continue
-            for block_start in range(0, len(segment), BLOCK):
-                block = segment[block_start:block_start + BLOCK]
-                here = position + block_start
-                if len(block) == BLOCK and block == _ZERO_BLOCK:
-                    run_start = self._end_run(data, run_start, here)
-                elif run_start is None:
-                    run_start = here
-            position += len(segment)
-        self._end_run(data, run_start, length)
+    def _emit(self, data: bytes, length: int) -> None:
+        """Write data[:length] at `offset`, leaving the block-aligned all-zero blocks as holes."""
+        if data.find(_ZERO_BLOCK, 0, length) == -1:  # the common case: no block of zeros at all, one write
+            self._write(data, 0, length)
+        else:
+            run_start = None  # start (index in data) of a run of blocks to write
+            for position in range(0, length, SEGMENT):
+                end = min(position + SEGMENT, length)
+                if end - position == SEGMENT and data[position:end] == _ZERO_SEGMENT:
+                    run_start = self._end_run(data, run_start, position)
+                elif data.find(_ZERO_BLOCK, position, end) == -1:  # data only: test no block
+                    if run_start is None:
+                        run_start = position
+                else:
+                    for here in range(position, end, BLOCK):
+                        if here + BLOCK <= end and data[here:here + BLOCK] == _ZERO_BLOCK:
+                            run_start = self._end_run(data, run_start, here)
+                        elif run_start is None:
+                            run_start = here
+            self._end_run(data, run_start, length)
         self.offset += length
 
     def _end_run(self, data: bytes, run_start: int | None, end: int) -> None:
         if run_start is not None and end > run_start:
-            view = memoryview(data)[run_start:end]
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], self.offset + run_start + done)
-            self.written += len(view)
+            self._write(data, run_start, end)
         return None
+
+    def _write(self, data: bytes, start: int, end: int) -> None:
+        view = memoryview(data)[start:end]
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], self.offset + start + done)
+        self.written += len(view)
 
 
 def _owner_ids(entry: RestoreFile) -> tuple[int, int]:

@@ -1,0 +1,62 @@
+"""SparseWriter (kvm-borg restore): the bytes restored are the bytes stored, all-zero blocks become holes."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from kvm_borg.actions.restore import BLOCK, SEGMENT, SparseWriter
+
+
+def _stream(rng: random.Random) -> tuple[bytes, int]:
+    """A stream mixing data blocks, aligned zero blocks and segments, zeros that do not fill an aligned
+    block, and a short tail; return it and the number of its aligned all-zero blocks."""
+    parts, zero_blocks = [], 0
+    for _ in range(rng.randrange(20, 60)):
+        kind = rng.choice(["data", "zero-block", "zero-segment", "unaligned-zeros"])
+        if kind == "data":
+            parts.append(rng.randbytes(BLOCK * rng.randrange(1, 40)))
+        elif kind == "zero-block":
+            parts.append(bytes(BLOCK * rng.randrange(1, 5)))
+        elif kind == "zero-segment":
+            parts.append(bytes(SEGMENT * rng.randrange(1, 3)))
+        else:  # 4 KiB of zeros straddling two blocks, framed by data: must be written, not a hole
+            parts.append(b"\x01" * 2048 + bytes(BLOCK) + b"\x02" * 2048)
+    parts.append(rng.choice([b"", b"\x03" * rng.randrange(1, BLOCK), bytes(rng.randrange(1, BLOCK))]))
+    data = b"".join(parts)
+    for start in range(0, len(data) - len(data) % BLOCK, BLOCK):
+        zero_blocks += data[start:start + BLOCK] == bytes(BLOCK)
+    return data, zero_blocks
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sparse_writer_restores_every_byte_and_leaves_exactly_the_aligned_zero_blocks_out(tmp_path, seed):
+    rng = random.Random(seed)
+    data, zero_blocks = _stream(rng)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    writer = SparseWriter(fd)
+    position = 0
+    while position < len(data):  # pieces of any size and type, as a pipe delivers them
+        size = rng.choice([1, 100, BLOCK - 1, BLOCK, 65536, 65536 + 7, 1 << 20])
+        piece = data[position:position + size]
+        writer.write(rng.choice([bytes, bytearray, memoryview])(piece))
+        position += size
+    assert writer.close() == len(data)
+    os.close(fd)
+    assert path.read_bytes() == data
+    assert writer.written == len(data) - zero_blocks * BLOCK  # a tail shorter than a block is written
+
+
+def test_sparse_writer_of_an_all_zero_stream_writes_nothing(tmp_path):
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    writer = SparseWriter(fd)
+    for _ in range(64):
+        writer.write(bytes(65536))
+    assert writer.close() == 64 * 65536
+    os.close(fd)
+    assert writer.written == 0
+    assert path.stat().st_size == 64 * 65536 and path.stat().st_blocks == 0
