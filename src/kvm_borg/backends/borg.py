@@ -342,7 +342,11 @@ class BorgRepository:
             compression=self.compression,
             chunker_params=self.chunker_params,
             read_special=bool(request.block_devices),
-            sparse=True,
+            # No --sparse: borg's fixed chunker then cuts each data/hole range from its own start,
+            # so a hole moving at an unaligned offset (QEMU, the host file system, a guest discard)
+            # shifts every later chunk and the rest of the image is stored again. Without it the
+            # chunks stay at fixed offsets; all-zero chunks are still never stored.
+            sparse=False,
             comment=request.comment,
             progress=self.progress,
             log_json=True,
