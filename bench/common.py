@@ -204,24 +204,35 @@ def qemu_io(dom: libvirt.virDomain, alias: str, command: str) -> None:
         raise RuntimeError(f"qemu-io {command!r} on {dom.name()}: {reply.strip()}")
 
 
-def make_pattern(path: Path, size: int, seed: int) -> Path:
-    """Write `size` pseudo-random bytes (from `seed`) to `path`, readable by QEMU; return the path.
+def make_patterns(directory: Path, count: int, size: int, seed: int) -> list[Path]:
+    """Write `count` files of `size` pseudo-random bytes (from `seed`) into `directory`, readable by QEMU.
 
-    Random, so the written blocks neither compress nor deduplicate, like real new data."""
-    path.write_bytes(random.Random(seed).randbytes(size))
-    os.chmod(path, 0o644)
-    return path
+    Random, so written blocks neither compress nor deduplicate, like real new data; several, because
+    qemu-io fills every write from the start of its pattern file."""
+    directory.mkdir(exist_ok=True)
+    os.chmod(directory, 0o755)
+    rng = random.Random(seed)
+    paths = []
+    for index in range(count):
+        path = directory / f"pattern-{seed}-{index}"
+        path.write_bytes(rng.randbytes(size))
+        os.chmod(path, 0o644)
+        paths.append(path)
+    return paths
 
 
-def write_extents(dom: libvirt.virDomain, extents: list[tuple[int, int]], pattern: Path,
+def write_extents(dom: libvirt.virDomain, extents: list[tuple[int, int]], patterns: list[Path],
                   target: str = "vda", piece: int = 64 * MiB) -> None:
-    """Given (offset, length) extents, write them through the guest's disk (data from `pattern`), then flush."""
+    """Given (offset, length) extents, write them through the guest's disk in writes of at most `piece`
+    bytes, each filled from the next of `patterns` in turn, then flush."""
     alias = disk_alias(dom, target)
+    turn = 0
     for offset, length in extents:
         done = 0
         while done < length:
             size = min(piece, length - done)
-            qemu_io(dom, alias, f"write -q -s {pattern} {offset + done} {size}")
+            qemu_io(dom, alias, f"write -q -s {patterns[turn % len(patterns)]} {offset + done} {size}")
+            turn += 1
             done += size
     qemu_io(dom, alias, "flush")
 

@@ -240,6 +240,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fmt", default="qcow2", choices=["qcow2", "raw"])
     parser.add_argument("--idle-s", type=float, default=2.0, help="idle pause before each backup (reference window)")
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
+    parser.add_argument("--name", default=DOMAIN, help="the guest domain's name")
     return parser.parse_args(argv)
 
 
@@ -250,10 +251,10 @@ def measure(args: argparse.Namespace, modes: list[str]) -> tuple[list[Run], str,
     conn = libvirt.open("qemu:///system")
     artifacts = build.build_guest_artifacts()
     workdir = build.make_scratch_dir("bench-guest-")
-    build.remove_guest(conn, DOMAIN)
+    build.remove_guest(conn, args.name)
     runs: list[Run] = []
     try:
-        guest = build.start_guest(conn, DOMAIN, artifacts, workdir, args.fmt, args.size_mib,
+        guest = build.start_guest(conn, args.name, artifacts, workdir, args.fmt, args.size_mib,
                                   interval_ms=args.interval_ms)
         build.wait_for_agent(guest.dom, timeout=180)
         build.wait_for_progress(guest.console_log, 20, timeout=120)
@@ -275,7 +276,7 @@ def measure(args: argparse.Namespace, modes: list[str]) -> tuple[list[Run], str,
             watcher.stop.set()
         description = machine_description(conn).replace("kvm guests", "KVM available but this guest is TCG")
     finally:
-        build.remove_guest(conn, DOMAIN)
+        build.remove_guest(conn, args.name)
         shutil.rmtree(workdir, ignore_errors=True)
         conn.close()
     return runs, description, artifacts.manifest

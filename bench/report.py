@@ -195,6 +195,11 @@ def _restore_section(results) -> str:
         f = fig[variant]
         rows.append(f"| {names[variant]} | {f['seconds']:.2f} | {f['throughput'] / MiB:,.0f} | {_mib(f['size'])} "
                     f"| {_mib(f['allocated'])} |")
+    fsync = med([r.get("fsync_seconds") for r in res["borg-extract"]])
+    if fsync is not None:
+        f = fig["borg-extract"]
+        rows.append(f"| `borg extract --sparse` + `sync FILE` (durable, as kvm-borg's fsync) | {f['seconds'] + fsync:.2f} "
+                    f"| {f['size'] / MiB / (f['seconds'] + fsync):,.0f} | {_mib(f['size'])} | {_mib(f['allocated'])} |")
     same = {True: "identical", False: "DIFFERENT", None: "not compared"}[res.get("identical")]
     return (f"## Restore (case 7)\n\nArchive `{res['archive']}` (kvm-borg → borg, `fixed,4194304`), "
             f"{len(res['kvm-borg'])} runs each, alternating. The source image takes {_mib(res['source_allocated'])} "
@@ -319,14 +324,16 @@ def plot(results, out_dir: Path) -> list[Path]:
             ax1.bar(xs, added, width, label=SHORT[variant])
             ax2.bar(xs, secs, width, label=SHORT[variant])
         written_mib = [med([s["written"] for s in rep["steps"] if s["level"] == lv]) / MiB for lv in levels]
-        ax1.plot(range(len(levels)), [max(w, 1 / MiB) for w in written_mib], "k_", markersize=40,
-                 label="data written into the disk")
+        shown = [(i, w) for i, w in enumerate(written_mib) if w > 0]
+        if shown:
+            ax1.plot([i for i, _ in shown], [w for _, w in shown], "k_", markersize=40, markeredgewidth=2,
+                     label="data written into the disk")
         for ax in (ax1, ax2):
             ax.set_xticks(range(len(levels)), [f"{lv:g} % of blocks changed" for lv in levels])
         ax1.set_yscale("log")
         ax1.set_ylabel("MiB added to the repository (median, log)")
         ax2.set_ylabel("seconds per backup (median)")
-        ax1.legend(fontsize=7)
+        ax1.legend(fontsize=7, loc="upper left")
         ax1.set_title("Repository growth per repeat backup")
         ax2.set_title("Time per repeat backup")
         fig.tight_layout()

@@ -3,53 +3,25 @@
     /opt/kvm-borg/venv/bin/python -m bench.spine [--runs 5] [--data-mib 1024] [--disk-mib 4096]
 
 Plain sequence = `virsh snapshot-create-as --disk-only --atomic --no-metadata`, `borg create` of
-the frozen image with kvm-borg's options (lz4, fixed,4194304, --sparse), `virsh blockcommit
---active --pivot --wait`, `rm overlay`. Each run writes into a fresh repository (a full backup),
-variants alternate order (ABBA) so drift hits both. Writes docs/performance/spine.md.
+the frozen image with kvm-borg's options (lz4, fixed,4194304, no --sparse), `virsh blockcommit
+--active --pivot --wait`, `rm overlay` (bench/variants.py). Each run writes into a fresh
+repository (a full backup), variants alternate order (ABBA) so drift hits both. Writes
+docs/performance/spine.md. The whole suite (`python -m bench`) measures this case too, beside
+restic, virtnbdbackup, repeat runs and restores.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import libvirt
 
-from bench.common import (
-    BORG,
-    KVM_BORG,
-    build_reference_domain,
-    machine_description,
-    median,
-    remove_domain,
-    run,
-    timed,
-)
-
-PASSPHRASE = "bench-passphrase"
-
-
-def borg_env(base: Path) -> dict:
-    return {**os.environ, "BORG_PASSPHRASE": PASSPHRASE, "BORG_BASE_DIR": str(base)}
-
-
-def plain_sequence(domain, repo: Path, env: dict, n: int) -> None:
-    overlay = domain.disk.with_name(f"disk.qcow2.plain-{n}.qcow2")
-    run("virsh", "snapshot-create-as", domain.name, "--name", f"plain-{n}", "--disk-only", "--atomic",
-        "--no-metadata", "--diskspec", f"vda,file={overlay}")
-    run(BORG, "create", "--compression", "lz4", "--chunker-params", "fixed,4194304", "--sparse",
-        f"{repo}::plain-{n}", domain.disk, env=env)
-    run("virsh", "blockcommit", domain.name, "vda", "--active", "--pivot", "--wait")
-    overlay.unlink()
-
-
-def kvm_borg_backup(domain, config: Path, env: dict) -> None:
-    proc = run(KVM_BORG, "--config", config, "-q", "backup", domain.name, "--json", env=env)
-    assert json.loads(proc.stdout)["domains"][0]["ok"], proc.stdout
+from bench import variants as v
+from bench.common import build_reference_domain, machine_description, median, prepare_workdir, remove_domain, \
+    remove_workdir, timed
 
 
 def main(argv=None) -> int:
@@ -57,45 +29,35 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--data-mib", type=int, default=1024, help="real files on the disk's file system")
     parser.add_argument("--disk-mib", type=int, default=4096, help="virtual disk size")
-    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/kvm-borg-bench"))
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/kvm-borg-bench-spine"))
     parser.add_argument("--out", type=Path, default=Path("docs/performance/spine.md"))
     args = parser.parse_args(argv)
 
     conn = libvirt.open("qemu:///system")
     name = "kvm-borg-bench-spine"
     remove_domain(conn, name)
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    domain = build_reference_domain(conn, args.workdir, name, args.data_mib, args.disk_mib)
-    image_bytes = domain.disk.stat().st_size
-    base = args.workdir / "borg-base"
-    base.mkdir()
-    env = borg_env(base)
-    passfile = args.workdir / "passphrase"
-    passfile.write_text(PASSPHRASE)
-    os.chmod(passfile, 0o600)
+    workdir = prepare_workdir(args.workdir)
     times = {"plain": [], "kvm-borg": []}
     try:
+        domain = build_reference_domain(conn, workdir / "ref", name, args.data_mib, args.disk_mib)
+        image_bytes = domain.disk.stat().st_size
+        bench = v.Bench(domain, workdir)
         for n in range(args.runs):
             order = ("plain", "kvm-borg") if n % 2 == 0 else ("kvm-borg", "plain")
             for variant in order:
-                repo = args.workdir / f"repo-{variant}-{n}"
-                run(BORG, "init", "--encryption", "repokey-blake2", repo, env=env)
+                repo = v.init_borg(bench, workdir / f"repo-{variant}-{n}")
                 if variant == "plain":
-                    seconds = timed(lambda: plain_sequence(domain, repo, env, n))
+                    seconds = timed(lambda: v.plain_borg(bench, repo))
                 else:
-                    config = args.workdir / "config.yaml"
-                    config.write_text(json.dumps({
-                        "state_dir": str(args.workdir / "state"), "quiesce": "off",
-                        "repositories": [{"name": "bench", "type": "borg", "path": str(repo),
-                                          "passphrase_file": str(passfile)}]}))
-                    seconds = timed(lambda: kvm_borg_backup(domain, config, env))
+                    config = v.kvm_borg_config(bench, repo, "borg")
+                    seconds = timed(lambda: v.kvm_borg_backup(bench, config))
                 times[variant].append(seconds)
                 shutil.rmtree(repo)
                 print(f"run {n + 1}/{args.runs} {variant:<9} {seconds:7.2f}s", flush=True)
         description = machine_description(conn)
     finally:
         remove_domain(conn, name)
-        shutil.rmtree(args.workdir, ignore_errors=True)
+        remove_workdir(workdir)
     ratios = [k / p for k, p in zip(times["kvm-borg"], times["plain"])]
     report = render(args, description, image_bytes, domain.data_bytes, times, ratios)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,10 +92,7 @@ Each run is a full backup into a fresh encrypted (repokey-blake2) borg repositor
 
 Target: kvm-borg's median ≤ 1.10 × the plain sequence's median — **{verdict}** (ratio of the
 medians {ratio_of_medians:.3f}; median of the paired ratios {median(ratios):.3f}).
-
-Where the time goes in a kvm-borg run (traced with `-vv`): ~0.2 s Python start-up and imports,
-~0.05 s snapshot, ~0.05 s staging meta.json and the XMLs, then borg, then ~0.03 s commit + pivot.
-The rest of the spread between runs is noise of the shared 2-core machine.
+The whole suite, with restic, virtnbdbackup, repeat runs and restores: [suite.md](suite.md).
 """
 
 

@@ -47,7 +47,7 @@ from bench.common import (
     allocated_bytes,
     build_reference_domain,
     machine_description,
-    make_pattern,
+    make_patterns,
     prepare_workdir,
     remove_domain,
     remove_workdir,
@@ -192,13 +192,15 @@ def phase_repeat(bench: v.Bench, args, results: dict, conn) -> None:
         for level in levels:
             step += 1
             extents = scattered_extents(bench.domain.disk_bytes, level / 100, unit, seed=step)
-            pattern = make_pattern(bench.workdir / "pattern", max(unit, MiB), seed=1000 + step)
             written = sum(length for _offset, length in extents)
             write_s = 0.0
             if extents:
+                # One pattern file per write, so no two written blocks share their bytes.
+                patterns = make_patterns(bench.workdir / "patterns", 256, unit, seed=1000 + step)
                 started = time.perf_counter()
-                write_extents(dom, extents, pattern)
+                write_extents(dom, extents, patterns, piece=unit)
                 write_s = time.perf_counter() - started
+                shutil.rmtree(bench.workdir / "patterns")
             entry = {"round": rnd + 1, "level": level, "written": written, "write_seconds": write_s,
                      "extents": len(extents), "results": {}}
             order = list(REPEAT_VARIANTS)
@@ -247,6 +249,8 @@ def phase_restore(bench: v.Bench, args, results: dict) -> None:
                 seconds = v.measure(run, BORG, "extract", "--sparse", f"{repo}::{archive}", image_path,
                                     env=bench.env, cwd=out_dir, ok=(0,))["seconds"]
             entry = {"seconds": seconds, "size": target.stat().st_size, "allocated": allocated_bytes(target)}
+            if variant == "borg-extract":  # kvm-borg fsyncs what it restored; borg leaves it to the kernel
+                entry["fsync_seconds"] = v.measure(run, "sync", target, ok=(0,))["seconds"]
             res[variant].append(entry)
             print(f"restore {n + 1}/{args.restore_runs} {variant:<12} {seconds:7.2f}s "
                   f"{entry['size'] / MiB / seconds:7.0f} MiB/s, allocated {entry['allocated'] / MiB:.0f} MiB",
@@ -265,7 +269,7 @@ def phase_commit(bench: v.Bench, args, results: dict) -> None:
     amounts = [int(x) for x in args.commit_write_mib.split(",") if x.strip()]
     repo = v.init_borg(bench, bench.workdir / "commit-repo")
     config = v.kvm_borg_config(bench, repo, "borg", plugins=("bench.writer_plugin",))
-    pattern = make_pattern(bench.workdir / "commit-pattern", MiB, seed=7)
+    [pattern] = make_patterns(bench.workdir / "commit-pattern", 1, MiB, seed=7)
     log = bench.workdir / "writes.jsonl"
     rows = results["commit"] = []
     v.kvm_borg_backup(bench, config)  # the first backup reads everything; the measured ones repeat
@@ -292,7 +296,8 @@ def phase_guest(args, results: dict) -> None:
     from bench import guest_impact
 
     modes = [m.strip() for m in args.guest_modes.split(",") if m.strip()]
-    gargs = guest_impact.parse_args(["--runs", str(args.guest_runs), "--modes", ",".join(modes)])
+    gargs = guest_impact.parse_args(["--runs", str(args.guest_runs), "--modes", ",".join(modes),
+                                     "--name", f"{args.name}-guest"])
     runs, description, manifest = guest_impact.measure(gargs, modes)
     results["guest"] = {"modes": modes, "runs": [dataclasses.asdict(r) for r in runs],
                         "report": guest_impact.render(runs, modes, gargs, description, manifest)}
@@ -313,10 +318,10 @@ def run_suite(args, argv) -> dict:
     results["nbd_unavailable"] = ("left out (--no-virtnbdbackup)" if args.no_virtnbdbackup
                                   else v.virtnbdbackup_available())
     results["machine"] = machine_description(conn)
-    results["versions"] = {"restic": run(v.RESTIC, "version").stdout.strip(),
+    results["versions"] = {"restic": " ".join(run(v.RESTIC, "version").stdout.split()[:2]),
                            "kvm-borg": run(KVM_BORG, "--version", ok=(0, 1, 2)).stdout.strip()}
     if not results["nbd_unavailable"]:
-        results["versions"]["virtnbdbackup"] = run("virtnbdbackup", "--version").stdout.strip()
+        results["versions"]["virtnbdbackup"] = "virtnbdbackup " + run("virtnbdbackup", "--version").stdout.strip()
     started = time.monotonic()
     remove_domain(conn, args.name)
     workdir = prepare_workdir(args.workdir)

@@ -4,7 +4,8 @@ Every variant backs up the same running domain's disk image:
 
 - `read_image`: `cat IMAGE > /dev/null`, the read limit;
 - `plain_borg` / `plain_restic`: the shell sequence an administrator would write, `virsh
-  snapshot-create-as --disk-only --atomic --no-metadata`, `borg create` (kvm-borg's options) or
+  snapshot-create-as --disk-only --atomic --no-metadata`, `borg create` (kvm-borg's options:
+  lz4, `fixed,4194304`, no `--sparse`, see src/kvm_borg/backends/borg.py) or
   `restic backup` of the frozen image, `virsh blockcommit --active --pivot --wait`, `rm overlay`;
 - `kvm_borg_backup`: `kvm-borg backup DOMAIN --json` with a config naming one repository;
 - `virtnbdbackup`: the peer without deduplication (libvirt backup API + NBD), `-l copy [-z]`.
@@ -50,7 +51,8 @@ class Bench:
         os.chmod(self.passfile, 0o600)
         # PYTHONPATH: kvm-borg can import the benchmark's plugins (bench.writer_plugin).
         pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        self.env = {**os.environ, "BORG_PASSPHRASE": PASSPHRASE, "BORG_BASE_DIR": str(base),
+        inherited = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # as in production
+        self.env = {**inherited, "BORG_PASSPHRASE": PASSPHRASE, "BORG_BASE_DIR": str(base),
                     "RESTIC_PASSWORD_FILE": str(self.passfile), "RESTIC_CACHE_DIR": str(cache),
                     "PYTHONPATH": pythonpath}
 
@@ -112,12 +114,11 @@ def _commit(bench: Bench, overlay: Path) -> None:
 
 
 def plain_borg(bench: Bench, repo: Path, chunker: str = FIXED_CHUNKER) -> dict:
-    """snapshot, `borg create` with kvm-borg's options (lz4, the chunker, --sparse if fixed), commit."""
+    """snapshot, `borg create` with kvm-borg's options (lz4, the chunker, no --sparse), commit."""
     tag = f"plain-{bench.next_id()}"
-    sparse = ("--sparse",) if chunker.startswith("fixed") else ()
     overlay = _snapshot(bench, tag)
     try:
-        run(BORG, "create", "--compression", "lz4", "--chunker-params", chunker, *sparse,
+        run(BORG, "create", "--compression", "lz4", "--chunker-params", chunker,
             f"{repo}::{tag}", bench.domain.disk, env=bench.env)
     finally:
         _commit(bench, overlay)

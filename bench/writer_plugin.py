@@ -31,7 +31,7 @@ def kvm_borg_after_snapshot(domain, settings):
     try:
         dom = conn.lookupByName(domain)
         offset = int(os.environ.get("KVM_BORG_BENCH_WRITE_OFFSET", "0"))
-        write_extents(dom, [(offset, mib * MiB)], Path(os.environ["KVM_BORG_BENCH_WRITE_PATTERN"]))
+        write_extents(dom, [(offset, mib * MiB)], [Path(os.environ["KVM_BORG_BENCH_WRITE_PATTERN"])])
     finally:
         conn.close()
     log = os.environ.get("KVM_BORG_BENCH_WRITE_LOG")

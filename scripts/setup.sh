@@ -20,7 +20,7 @@ usage() {
     cat <<EOF
 
 Options:
-  --dev        editable install (pip install -e '.[test]')
+  --dev        editable install (pip install -e '.[test,bench]') and virtnbdbackup (the benchmark's peer)
   -h, --help   this text
 Environment:
   KVM_BORG_VENV=$KB_VENV
@@ -48,6 +48,8 @@ APT_PACKAGES=(
     fuse3 libfuse3-dev util-linux swtpm swtpm-tools
     systemd   # systemd-analyze, for the test of contrib/systemd (works without systemd as PID 1)
 )
+# The benchmark suite (python -m bench, tests/test_bench_smoke.py) compares kvm-borg with virtnbdbackup.
+if [ "$DEV" = 1 ]; then APT_PACKAGES+=(virtnbdbackup); fi
 
 # ---------------------------------------------------------------- Debian packages
 missing_packages() {
@@ -135,7 +137,7 @@ pip_install() {
     local -a pipargs=(--disable-pip-version-check)
     [ -t 0 ] || pipargs+=(--progress-bar off)
     if [ "$DEV" = 1 ]; then
-        target=(-e "$KB_REPO_ROOT[test]")
+        target=(-e "$KB_REPO_ROOT[test,bench]")   # bench: tests/test_bench_smoke.py draws the plots
     else
         target=("$KB_REPO_ROOT")
     fi

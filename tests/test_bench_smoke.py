@@ -1,0 +1,56 @@
+"""The benchmark suite (`python -m bench`) still runs end to end: every phase at tiny sizes, once.
+
+Not a timed test: it asserts that each case produced its rows and figures, never what they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(600)
+def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn, run_id, run_dir, tmp_path):
+    out = tmp_path / "performance"
+    name = f"kbtest-{run_id}-bench"  # the harness sweeps what a crashed run leaves
+    argv = [sys.executable, "-m", "bench", "--data-mib", "8", "--disk-mib", "64", "--runs", "1",
+            "--repeat-rounds", "1", "--restore-runs", "1", "--commit-write-mib", "0,8", "--commit-runs", "1",
+            "--guest-runs", "1", "--guest-modes", "auto", "--name", name, "--workdir", str(run_dir / "bench"),
+            "--out-dir", str(out)]
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    table = (out / "suite.md").read_text()
+    results = json.loads((out / "suite.json").read_text())
+    assert results["errors"] == {} and results["nbd_unavailable"] is None, results["errors"]
+    # Every variant of every case has its row, with a number in it.
+    for label in ("read limit", "plain sequence: snapshot, `borg create`", "`kvm-borg backup` → borg",
+                  "plain sequence: snapshot, `restic backup`", "`kvm-borg backup` → restic",
+                  "`virtnbdbackup -l copy`", "`virtnbdbackup -l copy -z`"):
+        rows = [line for line in table.splitlines() if line.startswith(f"| {label}")]
+        assert rows and any(c.strip(" *").replace(".", "", 1).isdigit() for c in rows[0].split("|")), label
+    for heading in ("## Targets", "## Full backups", "## Repeat runs", "## Restore", "## Blockcommit time",
+                    "## Guest impact", "## Plots"):
+        assert heading in table, heading
+    assert "borg, chunker `buzhash,19,23,21,4095`" in table  # case 9
+    targets = [line for line in table.split("## Targets")[1].split("##")[0].splitlines() if line.startswith("| ")]
+    assert len(targets) == 1 + 4 and not any("not measured" in line for line in targets), targets
+    assert [s["level"] for s in results["repeat"]["steps"]] == [0.0, 1.0, 10.0]
+    assert {r["mib"] for r in results["commit"]} == {0, 8}
+    assert [r["mode"] for r in results["guest"]["runs"]] == ["auto"]
+    assert (out / "guest-impact.md").read_text().startswith("# Guest impact")
+    for png in ("full-backup.png", "repeat-runs.png", "restore-and-commit.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"]({png})" in table
+
+    # Nothing is left behind: no domain, no scratch directory.
+    assert not [d for d in libvirt_conn.listAllDomains() if d.name().startswith(name)]
+    assert not (run_dir / "bench").exists()
