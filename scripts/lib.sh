@@ -69,6 +69,18 @@ kb_ensure_daemons() {
 
 # Make /dev/kvm usable by QEMU (user libvirt-qemu, group kvm) when it exists.
 # Only widens permissions when the libvirt-qemu user cannot already open it.
+# libvirt runs swtpm_setup as user tss (qemu.conf swtpm_user); its local CA must stay tss's. A
+# swtpm_setup run by hand as root leaves root-owned files there and every later vTPM fails to start
+# ("Need read/write rights on /var/lib/swtpm-localca/.lock.swtpm-localca for user tss").
+kb_fix_swtpm_localca() {
+    local dir=/var/lib/swtpm-localca
+    [ -d "$dir" ] && id tss >/dev/null 2>&1 || return 0
+    if [ -n "$(find "$dir" ! -user tss -print -quit 2>/dev/null)" ]; then
+        chown -R tss "$dir"
+        kb_log "$dir handed back to user tss (swtpm's local CA)"
+    fi
+}
+
 kb_fix_kvm() {
     if [ ! -e "$KB_KVM_DEV" ]; then
         kb_log "${KB_KVM_DEV} does not exist: domains will use TCG (virt type 'qemu')"

@@ -153,6 +153,7 @@ install_packages
 make_venv
 pip_install
 kb_fix_kvm
+kb_fix_swtpm_localca
 kb_ensure_daemons
 
 kb_log "done in $(( $(date +%s) - START ))s: venv $KB_VENV$([ "$DEV" = 1 ] && echo ' (dev)'), borg $("$KB_VENV/bin/borg" --version 2>/dev/null | awk '{print $2}'), restic $(restic version 2>/dev/null | awk '{print $2}')"

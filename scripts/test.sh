@@ -15,7 +15,7 @@ PY="$KB_VENV/bin/python"
 [ -x "$PY" ] || kb_die "no venv at $KB_VENV: run 'sudo bash scripts/setup.sh --dev' first"
 "$PY" -c 'import pytest' 2>/dev/null || kb_die "pytest is not installed in $KB_VENV: run 'sudo bash scripts/setup.sh --dev'"
 
-if kb_is_root; then kb_fix_kvm; fi
+if kb_is_root; then kb_fix_kvm; kb_fix_swtpm_localca; fi
 kb_ensure_daemons
 
 cd "$KB_REPO_ROOT"
