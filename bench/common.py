@@ -180,6 +180,25 @@ def allocated_bytes(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+def evict_cache(path: Path) -> None:
+    """Given a file or a directory, write its dirty pages and drop all its pages from the page cache.
+
+    Every measured run starts cold: borg drops what it reads from the cache itself
+    (POSIX_FADV_DONTNEED), so a warm cache could not be kept equal for every variant."""
+    path = Path(path)
+    files = [path] if path.is_file() else [Path(root, name) for root, _dirs, names in os.walk(path) for name in names]
+    for name in files:
+        try:
+            fd = os.open(name, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 # --- writes through the running VM's block layer ----------------------------------------------
 
 

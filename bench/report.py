@@ -143,10 +143,25 @@ def _full_section(results) -> str:
                 cells.append(f"{b:.2f} | {a:.2f} | {a / b:.3f}")
             body.append(f"| {n + 1} | " + " | ".join(cells) + " |")
         per_run = "\n\nPaired runs (same round, alternating order):\n\n" + "\n".join([head, sep, *body])
+    steps = ""
+    with_steps = [k for k in ("borg-plain", "borg-kvm", "restic-plain", "restic-kvm")
+                  if k in full and all("steps" in r for r in full[k])]
+    if with_steps:
+        rows = ["| variant | snapshot (s) | store: borg/restic (s) | commit + pivot (s) | the rest (s) | total (s) |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for k in with_steps:
+            parts = [med([r["steps"][key] for r in full[k]]) for key in ("snapshot_s", "store_s", "commit_s")]
+            rest = med([r["seconds"] - sum(r["steps"].values()) for r in full[k]])
+            rows.append(f"| {SHORT[k]} | " + " | ".join(f"{x:.2f}" for x in parts)
+                        + f" | {rest:.2f} | {med([r['seconds'] for r in full[k]]):.2f} |")
+        steps = ("\n\nWhere the time goes (medians; the plain sequences' steps are the `virsh` and `borg`/`restic` "
+                 "commands, kvm-borg's come from its `--json` result; \"the rest\" is process start-up, connecting "
+                 "to libvirt, staging the XML and meta.json):\n\n" + "\n".join(rows))
     return ("## Full backups (cases 1–5)\n\nEach run writes into a fresh repository (or output directory), so every "
-            "figure is a full backup; the variants alternate order (forward, then backward). The image is in the "
-            "page cache for every variant (it is read once before the first run).\n\n"
-            + "\n".join(lines) + per_run + "\n")
+            "figure is a full backup; the variants alternate order (forward, then backward). Every run reads the image "
+            "cold: it is dropped from the page cache before each run (borg drops what it reads itself, so a warm "
+            "cache could not be kept equal for every variant).\n\n"
+            + "\n".join(lines) + per_run + steps + "\n")
 
 
 def _repeat_section(results) -> str:
@@ -202,7 +217,8 @@ def _restore_section(results) -> str:
                     f"| {f['size'] / MiB / (f['seconds'] + fsync):,.0f} | {_mib(f['size'])} | {_mib(f['allocated'])} |")
     same = {True: "identical", False: "DIFFERENT", None: "not compared"}[res.get("identical")]
     return (f"## Restore (case 7)\n\nArchive `{res['archive']}` (kvm-borg → borg, `fixed,4194304`), "
-            f"{len(res['kvm-borg'])} runs each, alternating. The source image takes {_mib(res['source_allocated'])} "
+            f"{len(res['kvm-borg'])} runs each, alternating, the repository dropped from the page cache before each "
+            f"run. The source image takes {_mib(res['source_allocated'])} "
             f"MiB on disk. The two restored files are {same} (cmp).\n\n" + "\n".join(rows)
             + f"\n\nkvm-borg restore / borg extract throughput: **{fig['ratio']:.3f}**.\n")
 

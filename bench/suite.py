@@ -46,6 +46,7 @@ from bench.common import (
     KiB,
     allocated_bytes,
     build_reference_domain,
+    evict_cache,
     machine_description,
     make_patterns,
     prepare_workdir,
@@ -108,8 +109,9 @@ REPEAT_VARIANTS = ("borg-kvm", "borg-kvm-buzhash", "borg-plain", "restic-kvm", "
 
 
 def full_backup_once(bench: v.Bench, variant: str, repo: Path) -> dict:
-    """One full backup of `variant` into the fresh location `repo` (removed afterwards)."""
+    """One full backup of `variant` into the fresh location `repo` (removed afterwards), image read cold."""
     try:
+        evict_cache(bench.domain.disk)
         if variant == "read":
             return v.measure(v.read_image, bench)
         if variant == "borg-plain":
@@ -129,7 +131,12 @@ def full_backup_once(bench: v.Bench, variant: str, repo: Path) -> dict:
         else:
             raise ValueError(variant)
         out["stored"] = tree_bytes(repo)
-        out.pop("result", None)
+        result = out.pop("result", None) or {}
+        if "commit_seconds" in result:  # kvm-borg's own account of its steps
+            out["steps"] = {"snapshot_s": result["freeze_seconds"], "store_s": result["stores"][0]["seconds"],
+                            "commit_s": result["commit_seconds"]}
+        elif "store_s" in result:
+            out["steps"] = result
         return out
     finally:
         shutil.rmtree(repo, ignore_errors=True)
@@ -159,6 +166,7 @@ def phase_full(bench: v.Bench, args, results: dict) -> None:
 
 
 def _repeat_backup(bench: v.Bench, variant: str, repo: Path, configs: dict) -> dict:
+    evict_cache(bench.domain.disk)
     if variant == "borg-plain":
         return v.measure(v.plain_borg, bench, repo, size_of=repo)
     if variant == "restic-plain":
@@ -212,7 +220,8 @@ def phase_repeat(bench: v.Bench, args, results: dict, conn) -> None:
                 out = _repeat_backup(bench, variant, repos[variant], configs)
                 entry["results"][variant] = out
                 print(f"repeat r{rnd + 1} {level:>4g}% {variant:<17} {out['seconds']:7.2f}s "
-                      f"+{out['added'] / MiB:9.2f} MiB", flush=True)
+                      f"+{out['added'] / MiB:9.2f} MiB (writing {written / MiB:.0f} MiB took {write_s:.1f}s)",
+                      flush=True)
             rep["steps"].append(entry)
     results["_repeat_repos"] = {k: str(p) for k, p in repos.items()}
     results["_repeat_configs"] = {k: str(p) for k, p in configs.items()}
@@ -239,6 +248,7 @@ def phase_restore(bench: v.Bench, args, results: dict) -> None:
     for n in range(args.restore_runs):
         for variant in (("kvm-borg", "borg-extract") if n % 2 == 0 else ("borg-extract", "kvm-borg")):
             out_dir.mkdir(exist_ok=True)
+            evict_cache(repo)
             if variant == "kvm-borg":
                 target = out_dir / "vda.img"
                 argv = [KVM_BORG, "--config", config, "-q", "restore", bench.domain.name, "--archive", archive,
@@ -277,6 +287,7 @@ def phase_commit(bench: v.Bench, args, results: dict) -> None:
         for mib in (amounts if n % 2 == 0 else amounts[::-1]):
             mib = min(mib, bench.domain.disk_bytes // MiB)
             log.unlink(missing_ok=True)
+            evict_cache(bench.domain.disk)
             env = {"KVM_BORG_BENCH_WRITE_MIB": str(mib), "KVM_BORG_BENCH_WRITE_PATTERN": str(pattern),
                    "KVM_BORG_BENCH_WRITE_OFFSET": str(bench.domain.disk_bytes - mib * MiB),
                    "KVM_BORG_BENCH_WRITE_LOG": str(log)}
@@ -334,7 +345,6 @@ def run_suite(args, argv) -> dict:
                                     "image": domain.disk.stat().st_size, "image_allocated": allocated_bytes(domain.disk)}
             print(f"reference domain {args.name}: {domain.data_bytes / MiB:.0f} MiB of files, "
                   f"{results['reference']['image'] / MiB:.0f} MiB {domain.fmt} image", flush=True)
-            v.read_image(bench)  # warm the page cache: every variant reads it from memory
             for phase, fn in (("full", lambda: phase_full(bench, args, results)),
                               ("repeat", lambda: phase_repeat(bench, args, results, conn)),
                               ("restore", lambda: phase_restore(bench, args, results)),

@@ -113,26 +113,31 @@ def _commit(bench: Bench, overlay: Path) -> None:
     overlay.unlink()
 
 
-def plain_borg(bench: Bench, repo: Path, chunker: str = FIXED_CHUNKER) -> dict:
-    """snapshot, `borg create` with kvm-borg's options (lz4, the chunker, no --sparse), commit."""
-    tag = f"plain-{bench.next_id()}"
-    overlay = _snapshot(bench, tag)
+def _plain_sequence(bench: Bench, store) -> dict:
+    """snapshot, store(), commit; return the seconds of each step."""
+    marks = [time.perf_counter()]
+    overlay = _snapshot(bench, f"plain-{bench.next_id()}")
+    marks.append(time.perf_counter())
     try:
-        run(BORG, "create", "--compression", "lz4", "--chunker-params", chunker,
-            f"{repo}::{tag}", bench.domain.disk, env=bench.env)
+        store()
+        marks.append(time.perf_counter())
     finally:
         _commit(bench, overlay)
-    return {}
+    marks.append(time.perf_counter())
+    return {"snapshot_s": marks[1] - marks[0], "store_s": marks[2] - marks[1], "commit_s": marks[3] - marks[2]}
+
+
+def plain_borg(bench: Bench, repo: Path, chunker: str = FIXED_CHUNKER) -> dict:
+    """snapshot, `borg create` with kvm-borg's options (lz4, the chunker, no --sparse), commit."""
+    archive = f"plain-{bench.counter + 1}"
+    return _plain_sequence(bench, lambda: run(BORG, "create", "--compression", "lz4", "--chunker-params", chunker,
+                                              f"{repo}::{archive}", bench.domain.disk, env=bench.env))
 
 
 def plain_restic(bench: Bench, repo: Path) -> dict:
     """snapshot, `restic backup IMAGE` (default compression, like kvm-borg's), commit."""
-    overlay = _snapshot(bench, f"plain-{bench.next_id()}")
-    try:
-        run(RESTIC, "backup", "-q", bench.domain.disk, env={**bench.env, "RESTIC_REPOSITORY": str(repo)}, ok=(0,))
-    finally:
-        _commit(bench, overlay)
-    return {}
+    return _plain_sequence(bench, lambda: run(RESTIC, "backup", "-q", bench.domain.disk,
+                                              env={**bench.env, "RESTIC_REPOSITORY": str(repo)}, ok=(0,)))
 
 
 def kvm_borg_backup(bench: Bench, config: Path, extra_env: dict | None = None) -> dict:
