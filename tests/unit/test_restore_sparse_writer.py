@@ -60,3 +60,26 @@ def test_sparse_writer_of_an_all_zero_stream_writes_nothing(tmp_path):
     os.close(fd)
     assert writer.written == 0
     assert path.stat().st_size == 64 * 65536 and path.stat().st_blocks == 0
+
+
+def test_sparse_writer_hands_what_it_restored_to_writeback_in_steps(tmp_path, monkeypatch):
+    from kvm_borg.actions import restore
+
+    advised = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (
+        advised.append((offset, length, advice)), real(fd, offset, length, advice))[1])
+    monkeypatch.setattr(restore, "WRITEBACK", 1 << 20)
+    data = random.Random(9).randbytes(5 << 20) + bytes(65536)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    writer = SparseWriter(fd)
+    for start in range(0, len(data), 65536 + 100):
+        writer.write(data[start:start + 65536 + 100])
+    writer.close()
+    os.close(fd)
+    assert path.read_bytes() == data
+    assert all(advice == os.POSIX_FADV_DONTNEED for _o, _l, advice in advised)
+    covered = [(offset, offset + length) for offset, length, _a in advised]
+    assert covered[0][0] == 0 and all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # in order, no gap
+    assert covered[-1][1] >= 5 << 20 and all(end - start >= 1 << 20 for start, end in covered)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 BLOCK = 4096  # hole granularity: a file system block
 SEGMENT = 64 * 1024  # zero test of a larger piece first, blocks only inside mixed segments
 FLUSH = 4 * 1024 * 1024
+WRITEBACK = 64 * 1024 * 1024  # a restored file's pages are handed to writeback in steps of this size
 _ZERO_SEGMENT = bytes(SEGMENT)
 _ZERO_BLOCK = bytes(BLOCK)
 MAX_META_BYTES = 16 << 20
@@ -127,6 +128,7 @@ class SparseWriter:
         self.offset = 0  # file offset where `pending` starts
         self.pending = b""  # the tail of the stream that does not fill a block yet
         self.written = 0  # bytes of data actually written (not holes)
+        self.handed_back = 0  # the file up to here is written back or on its way
 
     def write(self, data: bytes) -> None:
         # Each piece is written as it comes (no 4 MiB buffer to copy and shift): only a tail
@@ -139,6 +141,15 @@ class SparseWriter:
         self.pending = data[usable:]
         if usable:
             self._emit(data, usable)
+        if self.offset - self.handed_back >= WRITEBACK:
+            # Start writing back what is restored so far and let it leave the page cache
+            # (DONTNEED starts writeback of dirty pages): the final fsync has little left to do,
+            # and a large restore does not push the host's cache out.
+            try:
+                os.posix_fadvise(self.fd, self.handed_back, self.offset - self.handed_back, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # only a hint
+            self.handed_back = self.offset
 
     def close(self) -> int:
         """Write what is left, set the final size (a trailing hole too); return the size."""
