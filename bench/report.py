@@ -183,6 +183,11 @@ def _repeat_section(results) -> str:
                       + " | ".join(_mib(med(repeat_added(results, variant, lv))) for lv in levels) + " |")
     written_row = ("| data written into the disk before the backup (MiB) | - | "
                    + " | ".join(_mib(written[lv]) for lv in levels) + " |")
+    if all("image" in s for s in rep["steps"]):
+        written_row += ("\n| the image file after the writes (MiB, median) | "
+                        f"{_mib(results.get('reference', {}).get('image'))} | "
+                        + " | ".join(_mib(med([s["image"] for s in rep["steps"] if s["level"] == lv])) for lv in levels)
+                        + " |")
     rounds = max(s["round"] for s in rep["steps"])
     growth = []
     for variant in variants:
@@ -258,7 +263,7 @@ def _guest_section(results) -> str:
         cells = []
         for m in modes:
             values = [r[key] * scale for r in guest["runs"] if r["mode"] == m and r[key] is not None and r[key] == r[key]]
-            cells.append("-" if not values else f"{med(values):.0f} | {max(values):.0f}")
+            cells.append("- | -" if not values else f"{med(values):.0f} | {max(values):.0f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     runs = sum(1 for r in guest["runs"] if r["mode"] == modes[0])
     return ("## Guest impact (case 8)\n\nThe real test guest of `tests/guest` (TCG, a workload that fsync()s one "

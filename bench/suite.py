@@ -210,7 +210,7 @@ def phase_repeat(bench: v.Bench, args, results: dict, conn) -> None:
                 write_s = time.perf_counter() - started
                 shutil.rmtree(bench.workdir / "patterns")
             entry = {"round": rnd + 1, "level": level, "written": written, "write_seconds": write_s,
-                     "extents": len(extents), "results": {}}
+                     "extents": len(extents), "image": bench.domain.disk.stat().st_size, "results": {}}
             order = list(REPEAT_VARIANTS)
             shift = step % len(order)
             order = order[shift:] + order[:shift]
