@@ -319,7 +319,10 @@ def test_extract_file_gives_identical_sparse_bytes(stored, tmp_path):
     assert sha256(destination) == sha256(stored.image)
     st = destination.stat()
     assert st.st_size == 64 * MiB
-    assert st.st_blocks * 512 < 8 * MiB  # holes stayed holes
+    # Holes stayed holes: `borg extract --sparse` leaves out every all-zero 4 MiB chunk, so only the
+    # two chunks holding data (at 10 MiB and 40 MiB) are allocated. (Archives are made without
+    # `borg create --sparse`, see BorgRepository.store; kvm-borg restore punches 4 KiB holes itself.)
+    assert st.st_blocks * 512 <= 2 * 4 * MiB
     assert [p.name for p in tmp_path.iterdir()] == ["restored.img"]  # no temporary directory left
 
 
