@@ -323,7 +323,7 @@ def plot(results, out_dir: Path) -> list[Path]:
             m = med(secs)
             ax.barh(i, m, color="#4c72b0" if "kvm" in name else ("#999999" if name == "read" else "#dd8452"))
             ax.plot(secs, [i] * len(secs), "k|", markersize=12)
-            ax.text(m, i, f"  {m:.1f} s, {image / MiB / m:,.0f} MiB/s", va="center", fontsize=8)
+            ax.text(max(secs), i, f"  {m:.1f} s, {image / MiB / m:,.0f} MiB/s", va="center", fontsize=8)
         ax.set_yticks(range(len(names)), [SHORT[n] for n in names])
         ax.invert_yaxis()
         ax.set_xlabel("seconds (bar: median, ticks: each run)")
@@ -354,10 +354,11 @@ def plot(results, out_dir: Path) -> list[Path]:
         ax1.set_yscale("log")
         ax1.set_ylabel("MiB added to the repository (median, log)")
         ax2.set_ylabel("seconds per backup (median)")
-        ax1.legend(fontsize=7, loc="upper left")
+        handles, labels = ax1.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False, markerscale=0.4)
         ax1.set_title("Repository growth per repeat backup")
         ax2.set_title("Time per repeat backup")
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         written.append(_save(fig, out_dir / PLOTS[1]))
     restore, commit = restore_figures(results), results.get("commit")
     if restore or commit:
@@ -365,10 +366,17 @@ def plot(results, out_dir: Path) -> list[Path]:
         if restore:
             names = ["kvm-borg", "borg-extract"]
             thr = [restore[n]["throughput"] / MiB for n in names]
-            ax1.bar(["kvm-borg restore\n--disk vda --to FILE", "borg extract --sparse"], thr,
-                    color=["#4c72b0", "#dd8452"])
-            for i, n in enumerate(names):
-                ax1.text(i, thr[i], f"{thr[i]:,.0f} MiB/s\nallocated {restore[n]['allocated'] / MiB:,.0f} MiB",
+            labels = ["kvm-borg restore\n--disk vda --to FILE", "borg extract --sparse"]
+            allocated = [restore[n]["allocated"] for n in names]
+            fsync = med([r.get("fsync_seconds") for r in results["restore"]["borg-extract"]])
+            if fsync is not None:
+                b = restore["borg-extract"]
+                thr.append(b["size"] / (b["seconds"] + fsync) / MiB)
+                labels.append("borg extract --sparse\n+ sync FILE")
+                allocated.append(b["allocated"])
+            ax1.bar(labels, thr, color=["#4c72b0", "#dd8452", "#e8a77f"][:len(thr)])
+            for i, value in enumerate(thr):
+                ax1.text(i, value, f"{value:,.0f} MiB/s\nallocated {allocated[i] / MiB:,.0f} MiB",
                          ha="center", va="bottom", fontsize=8)
             ax1.set_ylim(0, max(thr) * 1.3)
             ax1.set_ylabel("MiB/s of image restored (median)")
