@@ -317,6 +317,15 @@ def phase_guest(args, results: dict) -> None:
 # --- the run -------------------------------------------------------------------------------------
 
 
+def remove_reference(args) -> None:
+    """Remove the reference domain through a new connection (the suite's may have died with a libvirtd restart)."""
+    conn = libvirt.open(args.uri)
+    try:
+        remove_domain(conn, args.name)
+    finally:
+        conn.close()
+
+
 def run_suite(args, argv) -> dict:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - set(PHASES)
@@ -358,7 +367,7 @@ def run_suite(args, argv) -> dict:
                 except Exception as exc:  # record, go on with the next phase
                     traceback.print_exc()
                     results["errors"][phase] = f"{type(exc).__name__}: {exc}"
-            remove_domain(conn, args.name)
+            remove_reference(args)
         if "guest" not in skip:
             try:
                 phase_guest(args, results)
@@ -368,9 +377,12 @@ def run_suite(args, argv) -> dict:
                 traceback.print_exc()
                 results["errors"]["guest"] = f"{type(exc).__name__}: {exc}"
     finally:
-        remove_domain(conn, args.name)
+        remove_reference(args)
         remove_workdir(workdir)
-        conn.close()
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
     results["seconds"] = time.monotonic() - started
     for key in [k for k in results if k.startswith("_")]:
         del results[key]
