@@ -275,9 +275,12 @@ def measure(args: argparse.Namespace, modes: list[str]) -> tuple[list[Run], str,
             watcher.stop.set()
         description = machine_description(conn).replace("kvm guests", "KVM available but this guest is TCG")
     finally:
-        build.remove_guest(conn, args.name)
+        cleanup = libvirt.open("qemu:///system")  # a new connection: the first one dies if libvirtd restarts
+        try:
+            build.remove_guest(cleanup, args.name)
+        finally:
+            cleanup.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        conn.close()
     return runs, description, artifacts.manifest
 
 
