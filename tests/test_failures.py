@@ -39,6 +39,13 @@ def _start_paused_backup(config, domain, pause_file, seconds=120):
     return proc
 
 
+def _strand(config, domain, tmp_path) -> None:
+    """SIGKILL a backup right after its snapshot: the domain is left running on its overlays."""
+    proc = _start_paused_backup(config, domain, tmp_path / "paused")
+    proc.kill()
+    proc.communicate(timeout=30)
+
+
 def test_wrong_passphrase_fails_cleanly_and_domain_is_back_on_its_images(domain_factory, image_dir, tmp_path):
     domain = domain_factory.make(disks=TWO_DISKS)
     config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
@@ -83,9 +90,7 @@ def test_sigkill_mid_backup_is_completed_by_recover(domain_factory, image_dir, t
     domain = domain_factory.make(disks=TWO_DISKS)
     state = image_dir / "kb" / "state"
     config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
-    proc = _start_paused_backup(config, domain, tmp_path / "paused")
-    proc.kill()
-    proc.communicate(timeout=30)
+    _strand(config, domain, tmp_path)
     # Stranded: the domain runs on overlays and the journal says so.
     assert all(".kvm-borg-" in s for s in domain.live_sources().values())
     assert len(journal_entries(state)) == 1
@@ -110,9 +115,7 @@ def test_sigkill_of_backup_of_domain_shut_down_meanwhile_is_merged_offline(domai
     domain = domain_factory.make(disks=TWO_DISKS)
     state = image_dir / "kb" / "state"
     config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
-    proc = _start_paused_backup(config, domain, tmp_path / "paused")
-    proc.kill()
-    proc.communicate(timeout=30)
+    _strand(config, domain, tmp_path)
     domain.hmp_write("vda", 0x7C, 6 * MiB, MiB)
     domain.destroy()  # the guest powers off while on its overlays
     assert all(".kvm-borg-" in s for s in domain.inactive_sources().values())
@@ -184,9 +187,7 @@ def test_overlay_deleted_by_hand_of_a_shut_off_domain_is_reported_and_the_disk_p
     domain = domain_factory.make(disks=TWO_DISKS)
     state = image_dir / "kb" / "state"
     config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
-    proc = _start_paused_backup(config, domain, tmp_path / "paused")
-    proc.kill()
-    proc.communicate(timeout=30)
+    _strand(config, domain, tmp_path)
     domain.destroy()
     for source in domain.inactive_sources().values():
         os.unlink(source)  # an admin "cleaning up" the overlays of a shut-off domain
