@@ -20,8 +20,8 @@ from pathlib import Path
 import libvirt
 
 from bench import variants as v
-from bench.common import build_reference_domain, machine_description, median, prepare_workdir, remove_domain, \
-    remove_workdir, timed
+from bench.common import build_reference_domain, evict_cache, machine_description, median, prepare_workdir, \
+    remove_domain, remove_workdir, timed
 
 
 def main(argv=None) -> int:
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
             order = ("plain", "kvm-borg") if n % 2 == 0 else ("kvm-borg", "plain")
             for variant in order:
                 repo = v.init_borg(bench, workdir / f"repo-{variant}-{n}")
+                evict_cache(domain.disk)  # cold, as in the suite: borg drops what it reads from the cache
                 if variant == "plain":
                     seconds = timed(lambda: v.plain_borg(bench, repo))
                 else:
@@ -83,7 +84,8 @@ Machine: {description}.
 Reference domain: running, one qcow2 disk ({args.disk_mib} MiB virtual, {image_bytes / 2**20:.0f} MiB image file)
 holding an ext4 file system with {data_bytes / 2**20:.0f} MiB of real files copied from /usr.
 Each run is a full backup into a fresh encrypted (repokey-blake2) borg repository with lz4 and
-`fixed,4194304` chunks; the two variants alternate order.
+`fixed,4194304` chunks, reading the image cold (dropped from the page cache before each run); the
+two variants alternate order.
 
 | run | plain sequence (s) | kvm-borg backup (s) | ratio |
 |---:|---:|---:|---:|
