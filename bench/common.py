@@ -127,14 +127,28 @@ def build_reference_domain(conn: libvirt.virConnect, workdir: Path, name: str, d
     return ReferenceDomain(name, disk, workdir, data, disk_mib * MiB, fmt)
 
 
-def remove_domain(conn: libvirt.virConnect, name: str) -> None:
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    if dom.isActive():
-        dom.destroy()
-    dom.undefine()
+def remove_domain(conn: libvirt.virConnect, name: str, attempts: int = 5) -> None:
+    """Destroy and undefine domain `name` (quiet if there is none); retry, since a busy host can make
+    libvirt fail to terminate QEMU in time; raise if the domain is still there after `attempts`."""
+    flags = 0
+    for flag in ("VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA", "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA",
+                 "VIR_DOMAIN_UNDEFINE_NVRAM"):
+        flags |= getattr(libvirt, flag, 0)
+    error = None
+    for attempt in range(attempts):
+        try:
+            dom = conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return
+        try:
+            if dom.isActive():
+                dom.destroy()
+            if dom.isPersistent():
+                dom.undefineFlags(flags)
+        except libvirt.libvirtError as exc:
+            error = exc
+            time.sleep(1 + attempt)
+    raise RuntimeError(f"domain {name} could not be removed: {error}")
 
 
 def machine_description(conn: libvirt.virConnect) -> str:

@@ -46,7 +46,7 @@ from harness import KVM_BORG_BIN  # noqa: E402
 from harness.cli import _merged_env  # noqa: E402
 from support import cli_env, write_config  # noqa: E402
 
-from bench.common import machine_description  # noqa: E402
+from bench.common import machine_description, remove_domain  # noqa: E402
 
 DOMAIN = "kvm-borg-bench-guest"  # not "kbtest-": the test harness sweeps those
 
@@ -278,6 +278,7 @@ def measure(args: argparse.Namespace, modes: list[str]) -> tuple[list[Run], str,
         cleanup = libvirt.open("qemu:///system")  # a new connection: the first one dies if libvirtd restarts
         try:
             build.remove_guest(cleanup, args.name)
+            remove_domain(cleanup, args.name)  # remove_guest ignores a failed destroy: retry, then insist
         finally:
             cleanup.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -26,7 +26,8 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
             "--out-dir", str(out)]
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    output = proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, output
 
     table = (out / "suite.md").read_text()
     results = json.loads((out / "suite.json").read_text())
@@ -52,5 +53,6 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
         assert f"]({png})" in table
 
     # Nothing is left behind: no domain, no scratch directory.
-    assert not [d for d in libvirt_conn.listAllDomains() if d.name().startswith(name)]
-    assert not (run_dir / "bench").exists()
+    left = [d.name() for d in libvirt_conn.listAllDomains() if d.name().startswith(name)]
+    assert not left, f"left behind: {left}\n{output}"
+    assert not (run_dir / "bench").exists(), output
