@@ -24,14 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import libvirt
 
-from kvm_borg import host_state, journal, metadata
+from kvm_borg import host_state, journal, metadata, mountinfo
 from kvm_borg.actions.common import Context, ensure_state_dir, print_json, resolve_domains
 from kvm_borg.engine.libvirt_snapshot import RecoveryReport, SnapshotSource, bring_back_to_base, frozen_disk
 from kvm_borg.engine.planning import handle_for, make_plan
@@ -109,14 +108,9 @@ def _remove_record(settings, uuid: str) -> None:
         pass
 
 
-def _unescape(field: bytes) -> str:
-    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
-
-
 def mount_points() -> set[str]:
     """Return the mount points of this mount namespace (from /proc/self/mountinfo, escapes decoded)."""
-    with open("/proc/self/mountinfo", "rb") as handle:
-        return {_unescape(line.split(b" ")[4]) for line in handle if line.strip()}
+    return mountinfo.mount_points()
 
 
 def _bind_read_only(source: str, target: str) -> None:

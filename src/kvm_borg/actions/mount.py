@@ -28,7 +28,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from kvm_borg import restore_plan, signals
+from kvm_borg import mountinfo, restore_plan, signals
 from kvm_borg.actions.common import Context, ensure_state_dir, print_json
 from kvm_borg.actions.restore import open_repository, read_meta, resolve_archive
 from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
@@ -100,13 +100,8 @@ def _run(argv: list[str], what: str) -> str:
 
 
 def mounted_paths() -> set[str]:
-    """Return every mount point of this mount namespace."""
-    paths = set()
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        for line in handle:
-            point = line.split()[4]
-            paths.add(point.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "replace"))
-    return paths
+    """Return every mount point of this mount namespace (escapes decoded, see kvm_borg.mountinfo)."""
+    return mountinfo.mount_points()
 
 
 def _pid_alive(pid: int, needle: str) -> bool:
