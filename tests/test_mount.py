@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
+import stat
 import struct
 import subprocess
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness import DiskSpec, run_cli
+from kvm_borg import mountinfo
 from support import cli_env, write_config
 
 MiB = 1 << 20
@@ -80,7 +83,7 @@ def test_mount_shows_files_of_the_archived_file_systems_and_umount_leaves_nothin
     proc = run_cli("backup", ext4_domain.name, config=config, env=cli_env())
     assert proc.returncode == 0, proc.stderr
     mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
+    mountpoint.mkdir(mode=0o700)  # an existing MOUNTPOINT must be closed to other users
     state_dir = image_dir / "kb" / "state"
     started = time.monotonic()
     proc = run_cli("mount", ext4_domain.name, mountpoint, "--json", config=config, env=cli_env())
@@ -112,8 +115,7 @@ def test_mount_shows_files_of_the_archived_file_systems_and_umount_leaves_nothin
 def test_umount_tears_down_after_a_crash_in_the_middle(ext4_domain, image_dir, tmp_path):
     config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
     assert run_cli("backup", ext4_domain.name, config=config, env=cli_env()).returncode == 0
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
+    mountpoint = tmp_path / "mnt"  # does not exist: kvm-borg creates it (0700) and umount removes it
     state_dir = image_dir / "kb" / "state"
     proc = run_cli("mount", ext4_domain.name, mountpoint, "--disk", "vdb", config=config, env=cli_env())
     assert proc.returncode == 0, proc.stderr
@@ -128,7 +130,7 @@ def test_umount_tears_down_after_a_crash_in_the_middle(ext4_domain, image_dir, t
     proc = run_cli("umount", mountpoint, config=config, env=cli_env())
     assert proc.returncode == 0, proc.stderr
     assert our_leftovers(mountpoint, state_dir) == {"mounts": [], "loops": [], "processes": []}
-    assert list(mountpoint.iterdir()) == []
+    assert not mountpoint.exists()
     proc = run_cli("umount", mountpoint, config=config, env=cli_env())
     assert proc.returncode == 2 and "nothing mounted" in proc.stderr
 
@@ -142,13 +144,17 @@ def test_mount_of_a_restic_archive_shows_its_files_and_umount_leaves_nothing(ext
     proc = run_cli("backup", ext4_domain.name, config=config, env=cli_env())
     assert proc.returncode == 0, proc.stderr
     mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
+    mountpoint.mkdir(mode=0o700)
     state_dir = image_dir / "kb" / "state"
     proc = run_cli("mount", ext4_domain.name, mountpoint, "--json", config=config, env=cli_env())
     try:
         assert proc.returncode == 0, proc.stderr
         result = json.loads(proc.stdout)
         assert set(result["filesystems"]) == {"vda1", "vdb"}
+        for path in (mountpoint / "archive", mountpoint / "vda1", mountpoint / "vdb"):
+            entry = mountinfo.entry_at(str(path))
+            assert {"ro", "nosuid", "nodev", "noexec"} <= entry.options, (path, entry)
+        assert "allow_other" not in mountinfo.entry_at(str(mountpoint / "archive")).super_options
         assert (mountpoint / "vda1" / "etc" / "hostname").read_text() == "restored-from-borg\n"
         assert (mountpoint / "vdb" / "data.txt").read_text() == "on the second disk\n"
         assert "/ids/" in result["images"]["vda"]  # served by `restic mount`
@@ -164,3 +170,129 @@ def test_mount_of_a_restic_archive_shows_its_files_and_umount_leaves_nothing(ext
             continue
     assert leftovers == {"mounts": [], "loops": [], "processes": []}
     assert list(mountpoint.iterdir()) == []
+
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def as_nobody(*argv) -> subprocess.CompletedProcess:
+    """Run a command as the unprivileged user nobody; return the finished process (output captured)."""
+    return subprocess.run(NOBODY + [str(a) for a in argv], capture_output=True, text=True, timeout=60)
+
+
+HOST_SECRET = b"HOST-DISK-SECRET"
+
+
+@pytest.fixture
+def host_disk(tmp_path):
+    """A block device of this host holding HOST_SECRET: a loop device (the sandbox's cgroup denies /dev/vda to
+    everyone, so the disk under / cannot show the difference). Yields its (major, minor)."""
+    backing = tmp_path / "host-disk.img"
+    backing.write_bytes(HOST_SECRET + bytes(MiB - len(HOST_SECRET)))
+    device = subprocess.run(["losetup", "--find", "--show", "--read-only", str(backing)], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    try:
+        rdev = os.stat(device).st_rdev
+        yield os.major(rdev), os.minor(rdev)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=True)
+
+
+def plant_hostile_files(content: Path, host_disk: tuple[int, int]) -> None:
+    """Fill a directory with what a hostile guest would leave for the host: a setuid-root binary, an
+    executable, a /dev/null-like character device and a node of the host's disk `host_disk` (major, minor)."""
+    (content / "bin").mkdir(parents=True)
+    (content / "dev").mkdir()
+    shutil.copy("/usr/bin/id", content / "bin" / "suid-id")
+    os.chown(content / "bin" / "suid-id", 0, 0)
+    os.chmod(content / "bin" / "suid-id", 0o4755)
+    shutil.copy("/bin/true", content / "bin" / "tool")
+    os.chmod(content / "bin" / "tool", 0o755)
+    os.mknod(content / "dev" / "null-like", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(content / "dev" / "host-disk", 0o666 | stat.S_IFBLK, os.makedev(*host_disk))
+    (content / "secret.txt").write_text("guest data\n")
+    os.chmod(content / "secret.txt", 0o644)  # world-readable inside the guest
+
+
+def exec_errno(path: Path) -> int | None:
+    """Try to execute `path` as the current user; return the errno of the failure, or None if it ran."""
+    try:
+        subprocess.run([str(path)], capture_output=True, timeout=30)
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def open_errno(path: Path) -> int | None:
+    """Try to open `path` for reading; return the errno of the failure, or None if it opened."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def test_mount_honours_no_setuid_device_node_or_exec_and_other_users_cannot_reach_it(domain_factory, image_dir,
+                                                                                      tmp_path, host_disk):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "raw", 32, fill=None)], running=False, name="mount hostile")
+    content = tmp_path / "content"
+    plant_hostile_files(content, host_disk)
+    make_ext4(domain.disks["vda"], content, size_mib=32)
+    # The control: mounted with `ro` only (what kvm-borg did before), the planted files work.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    subprocess.run(["mount", "-o", "ro,loop", str(domain.disks["vda"]), str(plain)], check=True)
+    try:
+        assert exec_errno(plain / "bin" / "tool") is None
+        assert open_errno(plain / "dev" / "null-like") is None
+        assert (plain / "dev" / "host-disk").read_bytes()[:len(HOST_SECRET)] == HOST_SECRET
+    finally:
+        subprocess.run(["umount", "-d", str(plain)], check=True)
+
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    proc = run_cli("backup", domain.name, config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    state_dir = image_dir / "kb" / "state"
+    assert as_nobody("stat", image_dir).returncode == 0  # nobody can reach the parent of the mount point
+
+    # An existing MOUNTPOINT open to others is refused: one line, exit 2, nothing mounted.
+    open_dir = image_dir / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o755)
+    proc = run_cli("mount", domain.name, open_dir, config=config, env=cli_env())
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "accessible by other users (mode 0755)" in proc.stderr
+    assert list(open_dir.iterdir()) == [] and our_leftovers(open_dir, state_dir)["mounts"] == []
+
+    mountpoint = image_dir / "mnt"  # kvm-borg creates it
+    proc = run_cli("mount", domain.name, mountpoint, "--json", config=config, env=cli_env())
+    try:
+        assert proc.returncode == 0, proc.stderr
+        fs = mountpoint / "vda"
+        assert json.loads(proc.stdout)["filesystems"] == {"vda": {"path": str(fs), "type": "ext4"}}
+        assert stat.S_IMODE(mountpoint.stat().st_mode) == 0o700
+        # The planted files are there, as the guest made them...
+        assert os.lstat(fs / "bin" / "suid-id").st_mode & stat.S_ISUID
+        assert stat.S_ISCHR(os.lstat(fs / "dev" / "null-like").st_mode)
+        assert os.lstat(fs / "dev" / "host-disk").st_rdev == os.makedev(*host_disk)
+        assert (fs / "secret.txt").read_text() == "guest data\n"
+        # ...and every mount kvm-borg made says ro,nosuid,nodev,noexec (the archive's FUSE mount too).
+        for path in (fs, mountpoint / "archive"):
+            entry = mountinfo.entry_at(str(path))
+            assert entry is not None and {"ro", "nosuid", "nodev", "noexec"} <= entry.options, (path, entry)
+        assert "allow_other" not in mountinfo.entry_at(str(mountpoint / "archive")).super_options
+        # Even root cannot execute from it or open its device nodes.
+        assert exec_errno(fs / "bin" / "suid-id") == errno.EACCES
+        assert exec_errno(fs / "bin" / "tool") == errno.EACCES
+        assert open_errno(fs / "dev" / "null-like") == errno.EACCES
+        assert open_errno(fs / "dev" / "host-disk") == errno.EACCES
+        # Another user cannot list the mount point, read a world-readable guest file or run the setuid binary.
+        for argv in (("ls", mountpoint), ("ls", fs), ("cat", fs / "secret.txt"), (fs / "bin" / "suid-id",),
+                     ("ls", mountpoint / "archive")):
+            denied = as_nobody(*argv)
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr, (argv, denied)
+    finally:
+        proc = run_cli("umount", mountpoint, config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    assert our_leftovers(mountpoint, state_dir) == {"mounts": [], "loops": [], "processes": []}
+    assert not mountpoint.exists()

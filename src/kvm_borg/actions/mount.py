@@ -10,7 +10,20 @@ opens the image from the FUSE mount read-only, puts a throwaway qcow2 overlay in
 state directory on top (a crash-consistent ext4/xfs needs its journal replayed: the replay
 lands in the overlay, never in the archive) and exports the overlay as a raw file through its
 own FUSE export. `partx` reads the partition table from that file; one loop device per
-partition (offset + size) is mounted `-o ro`.
+partition (offset + size) is mounted `-o ro,nosuid,nodev,noexec` (xfs also `nouuid`).
+
+What the archive holds is untrusted (a guest, or whoever can write the repository, made it):
+- No file system kvm-borg mounts honours setuid bits, device nodes or exec; the archive's FUSE
+  mount gets the same flags (a bind remount) and no `allow_other`. MOUNTPOINT must be owned by
+  the caller and closed to others (0700; kvm-borg creates it so when it does not exist), and
+  every directory kvm-borg creates in it is 0700: other local users cannot even list it, so
+  guest file owners (uids that may exist on this host too) grant nothing here.
+- The journal of a crash-consistent file system is replayed (no `norecovery`/`noload`): the
+  replay lands in the throwaway overlay, and without it a live backup's file system would show
+  stale or inconsistent metadata.
+- Every image layer is opened with the format meta.json names (validated, raw or qcow2 only),
+  never probed; every qcow2 layer's backing is given explicitly, and a qcow2 layer that asks for
+  an external data file is refused, so no host path written in an image header is ever opened.
 
 Each step is recorded in a state file (state_dir/mounts/) before the next one starts, so
 `umount` tears everything down in reverse order, also after a failure or a crash half-way.
@@ -24,6 +37,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -39,6 +53,12 @@ ARCHIVE_DIR = "archive"
 SECTOR = 512
 # File systems mounted; anything else (swap, LVM, LUKS, an extended partition) is listed as skipped.
 MOUNTABLE = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "exfat", "ntfs", "ntfs3", "iso9660"})
+# Flags of every mount kvm-borg makes (file systems and the archive's FUSE mount).
+SAFE_FLAGS = ("ro", "nosuid", "nodev", "noexec")
+# Image formats mount opens: both are opened with every child node named, nothing from the header.
+MOUNT_FORMATS = frozenset({"raw", "qcow2"})
+QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_EXTERNAL_DATA_FILE = 1 << 2  # incompatible feature bit 2
 PROCESS_EXIT_SECONDS = 10.0
 
 
@@ -56,8 +76,51 @@ def parse_partx(output: str) -> list[tuple[int, int, int]]:
 
 
 def mount_options(fs_type: str) -> str:
-    """Given a file system type, return the read-only mount options (xfs: nouuid, the original may be mounted)."""
-    return "ro,nouuid" if fs_type == "xfs" else "ro"
+    """Given a file system type, return its mount options: read-only, no setuid, no devices, no exec
+    (xfs also nouuid: the original may be mounted on this host)."""
+    return ",".join(SAFE_FLAGS + (("nouuid",) if fs_type == "xfs" else ()))
+
+
+def check_mount_format(fmt: str, what: str) -> str:
+    """Given a (validated) image format from meta.json, return it if mount can open it safely; else a UsageError."""
+    fmt = restore_plan.check_format(fmt)
+    if fmt not in MOUNT_FORMATS:
+        raise UsageError(f"{what} is a {fmt} image: kvm-borg mount opens only "
+                         f"{' and '.join(sorted(MOUNT_FORMATS))} images (use kvm-borg restore)")
+    return fmt
+
+
+def qcow2_header_problem(header: bytes) -> str | None:
+    """Given the first 80 bytes of an image read as qcow2, return why it must not be opened, or None.
+
+    Refused: not a qcow2 header at all, and version 3 headers with the external data file bit
+    (the data file's path comes from the image and would be opened on the host)."""
+    if len(header) < 72 or header[:4] != QCOW2_MAGIC:
+        return "is not a qcow2 image"
+    version = int.from_bytes(header[4:8], "big")
+    if version >= 3:
+        if len(header) < 80:
+            return "has a truncated qcow2 header"
+        if int.from_bytes(header[72:80], "big") & QCOW2_EXTERNAL_DATA_FILE:
+            return "asks for an external data file (refused: its path comes from the image)"
+    return None
+
+
+def check_mount_point(mountpoint: str, *, uid: int, exists: bool, mode: int = 0, owner: int = 0,
+                      is_dir: bool = True, empty: bool = True) -> None:
+    """Given a resolved MOUNTPOINT and what stat says about it, raise a UsageError/RefusedError if kvm-borg
+    must not mount there: not a directory, not empty, owned by another user, or open to group/others."""
+    if not exists:
+        return
+    if not is_dir:
+        raise UsageError(f"{mountpoint} is not a directory")
+    if owner != uid:
+        raise UsageError(f"{mountpoint} is owned by uid {owner}, not by you: give a directory of your own")
+    if mode & 0o077:
+        raise UsageError(f"{mountpoint} is accessible by other users (mode {mode & 0o7777:04o}): chmod 700 it, "
+                         "or name a directory that does not exist yet (kvm-borg creates it 0700)")
+    if not empty:
+        raise RefusedError(f"{mountpoint} is not empty")
 
 
 def blockdev_options(image: str, fmt: str, overlay: str, backing: list[tuple[str, str]]) -> list[str]:
@@ -253,10 +316,15 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
               disks: list[str] | None = None) -> dict:
     """Given a domain, an empty directory and options, mount the archive's images and their file systems; return what is where."""
     mountpoint = os.path.realpath(mountpoint)
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"{mountpoint} is not a directory")
-    if os.listdir(mountpoint):
-        raise RefusedError(f"{mountpoint} is not empty")
+    try:
+        st = os.lstat(mountpoint)
+    except FileNotFoundError:
+        st = None
+        if not os.path.isdir(os.path.dirname(mountpoint)):
+            raise UsageError(f"{mountpoint}: its parent directory does not exist") from None
+    is_dir = st is not None and stat.S_ISDIR(st.st_mode)
+    check_mount_point(mountpoint, uid=os.geteuid(), exists=st is not None, mode=st.st_mode if st else 0,
+                      owner=st.st_uid if st else 0, is_dir=is_dir, empty=not (is_dir and os.listdir(mountpoint)))
     ensure_state_dir(ctx.settings)
     path = state_file(ctx.settings.state_dir, mountpoint)
     if path.exists():
@@ -267,6 +335,10 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
     archive = resolve_archive(backend, domain, archive)
     meta, paths = read_meta(backend, archive, domain)
     plan = restore_plan.plan_restore(meta, paths, target_dir="/", disks=disks or (), with_xml=False)
+    for disk in plan.disks:  # before anything is mounted: a refused format changes nothing
+        check_mount_format(disk.format, f"disk {disk.target}")
+        for layer, layer_format in disk.backing:
+            check_mount_format(layer_format, f"backing file {layer.archive_path} of disk {disk.target}")
     workdir = str(path.with_suffix(""))
     os.makedirs(workdir, mode=0o700, exist_ok=True)
     record = MountRecord.create(path, mountpoint, workdir)
@@ -274,19 +346,22 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
     result = {"domain": domain, "archive": archive, "repository": repository["name"], "mountpoint": mountpoint,
               "images": {}, "filesystems": {}, "skipped": []}
     try:
+        if st is None:  # created here, so removed by umount
+            os.mkdir(mountpoint, 0o700)
+            record.add(kind="dir", path=mountpoint)
         archive_dir = os.path.join(mountpoint, ARCHIVE_DIR)
         os.mkdir(archive_dir, 0o700)
         record.add(kind="archive", path=archive_dir, repository=repository["name"], pid=None)
         root = backend.mount(archive, archive_dir)
         record.data["steps"][-1]["pid"] = _find_process(archive_dir, " mount ")
         record.save()
+        _restrict_mount(archive_dir)
         for disk in plan.disks:
-            image = os.path.join(root, disk.image.archive_path)
-            if not os.path.isfile(image):
-                raise KvmBorgError(f"disk {disk.target}: {disk.image.archive_path} is not in the mounted archive")
+            image = _archive_image(root, disk.image.archive_path, disk.format, f"disk {disk.target}")
             result["images"][disk.target] = image
-            backing = [(os.path.join(root, f.archive_path), _probe_format(os.path.join(root, f.archive_path)))
-                       for f, _fmt in disk.backing]
+            backing = [(_archive_image(root, layer.archive_path, layer_format,
+                                       f"backing file {layer.archive_path} of disk {disk.target}"), layer_format)
+                       for layer, layer_format in disk.backing]
             export = _export_disk(record, workdir, disk.target, image, disk.format, backing)
             for name, fs_path, fs_type, reason in _mount_filesystems(record, mountpoint, disk.target, export):
                 if fs_path:
@@ -303,9 +378,32 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
     return result
 
 
-def _probe_format(path: str) -> str:
-    data = _run(["qemu-img", "info", "--output=json", path], f"read {path}")
-    return json.loads(data)["format"]
+def _restrict_mount(path: str) -> None:
+    """Given the archive's FUSE mount point, make it read-only, nosuid, nodev, noexec (a bind remount:
+    only the mount's flags change, whatever options the backend's FUSE process used)."""
+    _run(["mount", "-o", "remount,bind," + ",".join(SAFE_FLAGS), path], f"restrict the mount at {path}")
+    entry = mountinfo.entry_at(path)
+    if entry is None or not set(SAFE_FLAGS) <= entry.options:
+        raise KvmBorgError(f"the archive mount at {path} is not {','.join(SAFE_FLAGS)} after the remount")
+
+
+def _archive_image(root: str, archive_path: str, fmt: str, what: str) -> str:
+    """Given the archive's root in its FUSE mount, a validated archive path and format, return the host path of
+    that image if it is a regular file inside the archive (no symlink anywhere) whose header may be opened;
+    otherwise a KvmBorgError."""
+    path = os.path.join(root, archive_path)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        raise KvmBorgError(f"{what}: {archive_path} is not in the mounted archive") from None
+    if not stat.S_ISREG(st.st_mode) or os.path.realpath(path) != os.path.normpath(path):
+        raise KvmBorgError(f"{what}: {archive_path} is not a regular file in the archive (refused)")
+    if fmt == "qcow2":
+        with open(path, "rb") as handle:
+            problem = qcow2_header_problem(handle.read(80))
+        if problem:
+            raise KvmBorgError(f"{what}: {archive_path} {problem}")
+    return path
 
 
 def _export_disk(record: MountRecord, workdir: str, target: str, image: str, fmt: str,
@@ -356,7 +454,7 @@ def _mount_filesystems(record: MountRecord, mountpoint: str, target: str, export
             yield name, None, fs_type or None, f"no mountable file system ({fs_type or 'none found'})"
             continue
         path = os.path.join(mountpoint, name)
-        os.mkdir(path, 0o755)
+        os.mkdir(path, 0o700)
         record.add(kind="dir", path=path)
         _run(["mount", "-t", fs_type, "-o", mount_options(fs_type), device, path], f"mount {name} ({fs_type})")
         record.data["steps"][-1] = {"kind": "fs", "path": path}
