@@ -5,6 +5,10 @@ and sets `run(ctx, args) -> exit code` as the parser default.
 
 Exit codes: 0 success, 1 success with warnings, 2 error (bad input, refused, failed), 130 when
 interrupted by a signal (after the overlays were merged back).
+
+No command prints a traceback for an error: a libvirt error or any other unexpected exception
+becomes one line and exit 2; the traceback is printed only with `-v` or `--debug`. This module
+does not import libvirt (start-up time): a libvirt error is recognised by its class's name.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
 from kvm_borg import __version__
 from kvm_borg.errors import Interrupted, KvmBorgError
@@ -45,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", help="config file (default: $KVM_BORG_CONFIG or /etc/kvm-borg/config.yaml)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_arguments(subparsers)
@@ -55,6 +61,30 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="kvm-borg: %(levelname)s: %(message)s", stream=sys.stderr)
     logging.getLogger("sh").setLevel(logging.WARNING)
+
+
+def libvirt_error_message(exc: BaseException) -> str | None:
+    """Given an exception, return libvirt's one-line message if it is a libvirt.libvirtError (or a subclass),
+    else None. Recognised by class name and module, so libvirt is never imported here."""
+    if not any(cls.__name__ == "libvirtError" and cls.__module__ == "libvirt" for cls in type(exc).__mro__):
+        return None
+    getter = getattr(exc, "get_error_message", None)
+    return one_line(str(exc) or (getter() if callable(getter) else None) or "libvirt error")
+
+
+def one_line(text: str) -> str:
+    """Given a message, return it on one line (line breaks and runs of blanks become one space)."""
+    return " ".join(str(text).split())
+
+
+def error_line(exc: BaseException) -> str:
+    """Given an exception that escaped an action, return the one line the user sees for it."""
+    message = libvirt_error_message(exc)
+    if message is not None:
+        return f"kvm-borg: error: {message}"
+    detail = one_line(str(exc))
+    return (f"kvm-borg: error: unexpected {type(exc).__name__}{': ' + detail if detail else ''} "
+            "(run with --debug for the traceback)")
 
 
 def _run(args) -> int:
@@ -86,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         done = "overlays were merged back" if args.command in ("backup", "freeze", "thaw") else "cleaned up"
         print(f"kvm-borg: {exc}; {done}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # a SIGINT outside any signals.interruptible() block
+        print("kvm-borg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a libvirt error or a bug: one line, exit 2; the traceback on request
+        if args.debug or args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
