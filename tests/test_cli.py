@@ -142,3 +142,32 @@ def test_progress_bar_on_a_terminal_and_plain_lines_otherwise(domain_factory, im
     plain = run_cli("backup", domain.name, config=config, env=cli_env())
     assert plain.returncode == 0 and "━" not in plain.stderr
     assert "borg create main::" in plain.stderr  # plain structured log lines instead
+
+
+def test_a_libvirt_error_is_one_line_and_exit_2_not_a_traceback(domain_factory, image_dir, tmp_path, libvirt_conn):
+    """A real libvirt error escaping an action: `restore --start` of a domain whose interface names a
+    network this host does not have (defining works, starting fails in libvirt)."""
+    import xml.etree.ElementTree as ET
+
+    import libvirt
+
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)], running=False, name="libvirt error")
+    missing = domain_factory.domain_name("no-such-network")  # a name no network of this host has
+    assert missing not in libvirt_conn.listNetworks() + libvirt_conn.listDefinedNetworks()
+    root = ET.fromstring(domain.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    interface = ET.SubElement(root.find("devices"), "interface", type="network")
+    ET.SubElement(interface, "source", network=missing)
+    ET.SubElement(interface, "model", type="virtio")
+    libvirt_conn.defineXML(ET.tostring(root, encoding="unicode"))
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    proc = run_cli("backup", domain.name, config=config, env=cli_env())
+    assert proc.returncode in (0, 1), proc.stderr  # 1: a warning that the network definition is not archived
+
+    copy = domain_factory.domain_name("libvirt error copy")
+    proc = run_cli("restore", domain.name, "--name", copy, "--target-dir", image_dir / "copy", "--start",
+                   config=config, env=cli_env())
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.rstrip("\n").splitlines()[-1] == (
+        f"kvm-borg: error: Network not found: no network with matching name '{missing}'")
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("kvm-borg: ")] == []
