@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import DiskSpec, run_cli
+from harness import BORG_BIN, DiskSpec, borg_env, run_cli
 from kvm_borg import mountinfo
-from support import cli_env, write_config
+from support import borg, cli_env, extract_archive, write_config
 
 MiB = 1 << 20
 
@@ -296,3 +296,99 @@ def test_mount_honours_no_setuid_device_node_or_exec_and_other_users_cannot_reac
     assert proc.returncode == 0, proc.stderr
     assert our_leftovers(mountpoint, state_dir) == {"mounts": [], "loops": [], "processes": []}
     assert not mountpoint.exists()
+
+
+def store_crafted_archive(repo: Path, original: str, name: str, workdir: Path, edit) -> str:
+    """Extract `original` (a real kvm-borg archive), let `edit(root, meta_path, meta)` change the files and
+    return the meta.json to write, then store the result as archive `name` with the original's comment."""
+    root = extract_archive(repo, original, workdir / name)
+    [meta_path] = list(root.rglob("meta.json"))
+    meta = edit(root, meta_path, json.loads(meta_path.read_text()))
+    meta_path.write_text(json.dumps(meta))
+    comment = json.loads(borg("info", "--json", f"{repo}::{original}").stdout)["archives"][0]["comment"]
+    paths = sorted(str(p.relative_to(root)) for p in root.iterdir())
+    subprocess.run([str(BORG_BIN), "create", "--comment", comment.replace("{", "{{").replace("}", "}}"),
+                    f"{repo}::{name}", *paths], cwd=root, env=borg_env(), check=True, capture_output=True,
+                   stdin=subprocess.DEVNULL)
+    return name
+
+
+def test_mount_refuses_hostile_archives_and_leaves_nothing_mounted(domain_factory, image_dir, tmp_path):
+    """Archives edited by whoever can write the repository: each is refused (exit 2, one line) before
+    anything of this host is opened, and the mount point is left as it was."""
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16, fill=None)], running=False, name="mount crafted")
+    repo = tmp_path / "repo"
+    config = write_config(image_dir / "kb", repo_path=repo)
+    proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    original = json.loads(proc.stdout)["domains"][0]["stores"][0]["archive"]
+    state_dir = image_dir / "kb" / "state"
+    # A host file an attacker would like to see through the mount: an ext4 image with a secret.
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir()
+    (secret_dir / "shadow").write_text("host secret\n")
+    host_image = tmp_path / "host-fs.img"
+    host_image.write_bytes(b"")
+    os.truncate(host_image, 16 * MiB)
+    make_ext4(host_image, secret_dir, size_mib=16)
+    host_data = tmp_path / "host-data.raw"
+
+    def image_of(root, meta):
+        return root / meta["disks"][0]["archive_path"]
+
+    def symlink_to_host(root, _meta_path, meta):
+        image_of(root, meta).unlink()
+        image_of(root, meta).symlink_to(host_image)
+        meta["disks"][0]["format"] = "raw"
+        return meta
+
+    def external_data_file(root, _meta_path, meta):
+        image_of(root, meta).unlink()
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={host_data},data_file_raw=on",
+                        str(image_of(root, meta)), "16M"], check=True)
+        return meta
+
+    def format_(fmt):
+        def edit(_root, _meta_path, meta):
+            meta["disks"][0]["format"] = fmt
+            return meta
+        return edit
+
+    def backing_outside(_root, _meta_path, meta):
+        meta["disks"][0]["backing_chain"] = [{"path": "/etc/shadow", "archive_path": "../../../../etc/shadow",
+                                              "format": "raw"}]
+        return meta
+
+    def backing_vmdk(root, _meta_path, meta):
+        meta["disks"][0]["backing_chain"] = [{"path": "/x/base.vmdk", "archive_path": meta["disks"][0]["archive_path"],
+                                              "format": "vmdk"}]
+        return meta
+
+    cases = {
+        "symlink-to-host-file": (symlink_to_host, "is not a regular file in the archive"),
+        "qcow2-external-data-file": (external_data_file, "asks for an external data file"),
+        "format-vmdk": (format_("vmdk"), "is a vmdk image: kvm-borg mount opens only qcow2 and raw images"),
+        "format-traversal": (format_("../../x"), "invalid image format"),
+        "backing-outside-archive": (backing_outside, "outside the archive"),
+        "backing-format-vmdk": (backing_vmdk, "is a vmdk image"),
+    }
+    mountpoint = image_dir / "mnt"
+    mountpoint.mkdir(mode=0o700)
+    failures = {}
+    for case, (edit, message) in cases.items():
+        archive = store_crafted_archive(repo, original, f"crafted-{case}", tmp_path / "crafted", edit)
+        proc = run_cli("mount", domain.name, mountpoint, "--archive", archive, config=config, env=cli_env())
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("kvm-borg: error:")]
+        leftovers = our_leftovers(mountpoint, state_dir)
+        if (proc.returncode != 2 or len(errors) != 1 or message not in errors[0] or "Traceback" in proc.stderr
+                or list(mountpoint.iterdir()) or leftovers != {"mounts": [], "loops": [], "processes": []}
+                or list((state_dir / "mounts").glob("*.json"))):
+            failures[case] = (proc.returncode, proc.stderr[-600:], leftovers, list(mountpoint.iterdir()))
+            run_cli("umount", mountpoint, config=config, env=cli_env())
+    assert failures == {}
+    # The untouched archive still mounts at the same place.
+    proc = run_cli("mount", domain.name, mountpoint, "--archive", original, config=config, env=cli_env())
+    try:
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        assert run_cli("umount", mountpoint, config=config, env=cli_env()).returncode == 0
