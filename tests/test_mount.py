@@ -264,6 +264,12 @@ def test_mount_honours_no_setuid_device_node_or_exec_and_other_users_cannot_reac
     assert "accessible by other users (mode 0755)" in proc.stderr
     assert list(open_dir.iterdir()) == [] and our_leftovers(open_dir, state_dir)["mounts"] == []
 
+    # A dangling symlink is refused too: kvm-borg would create a directory wherever it points.
+    (image_dir / "link").symlink_to(image_dir / "elsewhere")
+    proc = run_cli("mount", domain.name, image_dir / "link", config=config, env=cli_env())
+    assert proc.returncode == 2 and "is a symlink to a missing directory" in proc.stderr
+    assert not (image_dir / "elsewhere").exists()
+
     mountpoint = image_dir / "mnt"  # kvm-borg creates it
     proc = run_cli("mount", domain.name, mountpoint, "--json", config=config, env=cli_env())
     try:

@@ -315,6 +315,8 @@ def _rmdir(path: str) -> None:
 def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None = None, repo: str | None = None,
               disks: list[str] | None = None) -> dict:
     """Given a domain, an empty directory and options, mount the archive's images and their file systems; return what is where."""
+    if os.path.islink(mountpoint) and not os.path.exists(mountpoint):  # kvm-borg would create its target
+        raise UsageError(f"{mountpoint} is a symlink to a missing directory: give the real path")
     mountpoint = os.path.realpath(mountpoint)
     try:
         st = os.lstat(mountpoint)
