@@ -398,3 +398,66 @@ def test_mount_refuses_hostile_archives_and_leaves_nothing_mounted(domain_factor
         assert proc.returncode == 0, proc.stderr
     finally:
         assert run_cli("umount", mountpoint, config=config, env=cli_env()).returncode == 0
+
+
+def test_mount_of_a_restic_archive_whose_image_is_a_symlink_to_a_host_file_is_refused(domain_factory, image_dir,
+                                                                                         tmp_path):
+    """One crafted restic archive: a snapshot carrying a real archive's tags (another name) whose meta.json
+    names an image that is a symlink to an ext4 image of this host. Refused, nothing of the host mounted."""
+    from harness.cli import RESTIC_BIN, restic_env
+    from kvm_borg.backends import restic_commands
+    from support import write_passphrase
+
+    domain = domain_factory.make(disks=[DiskSpec("vda", "raw", 16, fill=None)], running=False, name="mount crafted restic")
+    repo = tmp_path / "restic-repo"
+    config = write_config(image_dir / "kb", repositories=[{
+        "name": "restic", "type": "restic", "url": str(repo),
+        "passphrase_file": str(write_passphrase(tmp_path / "restic-pass"))}])
+    proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    original = json.loads(proc.stdout)["domains"][0]["stores"][0]["archive"]
+
+    def restic(*args):
+        return subprocess.run([str(RESTIC_BIN), "-r", str(repo), *map(str, args)], env=restic_env(), check=True,
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+    [main] = [s for s in json.loads(restic("snapshots", "--json").stdout) if "part=main" in s["tags"]]
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir()
+    (secret_dir / "shadow").write_text("host secret\n")
+    host_image = tmp_path / "host-fs.img"
+    host_image.write_bytes(b"")
+    os.truncate(host_image, 16 * MiB)
+    make_ext4(host_image, secret_dir, size_mib=16)
+    crafted = tmp_path / "crafted"
+    restored = tmp_path / "restored"
+    restic("restore", main["id"], "--target", restored, "--include", "/**/meta.json")
+    [meta_file] = list(restored.rglob("meta.json"))
+    meta = json.loads(meta_file.read_text())
+    crafted.mkdir()
+    (crafted / "disk.img").symlink_to(host_image)
+    meta["disks"][0]["archive_path"] = str(crafted / "disk.img").lstrip("/")
+    (crafted / "meta.json").write_text(json.dumps(meta))
+    name = "crafted-restic-symlink"
+    tags = [t for t in main["tags"] if not t.startswith("archive=")] + [restic_commands.tag("archive", name)]
+    restic("backup", "--host", main["hostname"], *[arg for t in tags for arg in ("--tag", t)], crafted)
+
+    mountpoint = image_dir / "mnt"
+    state_dir = image_dir / "kb" / "state"
+    proc = run_cli("mount", domain.name, mountpoint, "--archive", name, config=config, env=cli_env())
+    try:
+        assert proc.returncode == 2, proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("kvm-borg: error:")]
+        assert len(errors) == 1 and "is not a regular file in the archive" in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        if (state_dir / "mounts").is_dir() and list((state_dir / "mounts").glob("*.json")):
+            run_cli("umount", mountpoint, config=config, env=cli_env())
+    assert our_leftovers(mountpoint, state_dir) == {"mounts": [], "loops": [], "processes": []}
+    assert not mountpoint.exists()
+    # The real archive of the same repository mounts.
+    proc = run_cli("mount", domain.name, mountpoint, "--archive", original, config=config, env=cli_env())
+    try:
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        assert run_cli("umount", mountpoint, config=config, env=cli_env()).returncode == 0
