@@ -7,9 +7,11 @@ production path only pays one dictionary look-up. Actions:
 - `error`: raise a KvmBorgError (a failure at exactly that point).
 
 Points, in the order a live backup reaches them: `journal-written` (entry on disk, no snapshot
-yet), `snapshot-taken`, `storing` (just before the repositories are written), `commit-ready`
-(a disk's blockcommit is READY, not pivoted), `pivoted` (a disk is back on its base, overlay not
-yet deleted nor the pivot journaled).
+yet), `snapshot-taken`, `storing` (just before the repositories are written), `release`
+(the merge is about to start, signals are shielded), `merge-attempt` (each attempt of the merge,
+before any libvirt call: `error` there makes every retry fail, as a broken storage path would),
+`commit-ready` (a disk's blockcommit is READY, not pivoted), `pivoted` (a disk is back on its
+base, overlay not yet deleted nor the pivot journaled).
 """
 
 from __future__ import annotations

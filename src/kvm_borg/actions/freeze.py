@@ -178,8 +178,11 @@ def freeze_domain(ctx: Context, name: str, expose_dir: Path, excluded: list[str]
         ensure_state_dir(settings)
         with domain_lock(settings.lock_dir, handle.uuid, name):
             _freeze_locked(ctx, handle, expose_dir, excluded, outcome)
-    except (KvmBorgError, libvirt.libvirtError, OSError) as exc:
+    except Exception as exc:  # any type: reported for this domain, the others are still frozen
         outcome["error"] = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+        if not isinstance(exc, (KvmBorgError, libvirt.libvirtError, OSError)):
+            outcome["error"] = f"unexpected error: {type(exc).__name__}: {exc}"
+            log.debug("traceback of the unexpected error", exc_info=True)  # shown with -vv
         log.error("domain '%s': freeze failed: %s", name, outcome["error"])
     return outcome
 
@@ -302,6 +305,11 @@ def run_thaw(ctx: Context, expose_dir: Path | None, names: list[str]) -> list[di
         except KvmBorgError as exc:
             outcome["error"] = str(exc)
             log.error("domain '%s': thaw failed: %s", name, exc)
+        except Exception as exc:  # any type: reported for this domain, the others are still thawed
+            outcome["error"] = (exc.get_error_message() if isinstance(exc, libvirt.libvirtError)
+                                else f"{type(exc).__name__}: {exc}")
+            log.error("domain '%s': thaw failed: %s", name, outcome["error"])
+            log.debug("traceback", exc_info=True)
         outcomes.append(outcome)
     if expose_dir is not None and expose_dir.is_dir():
         _remove_stale_domain_dirs(expose_dir, settings)
