@@ -324,3 +324,30 @@ def test_a_full_state_dir_shared_with_the_overlays_never_skips_the_merge(domain_
         assert overlay_files(small) == []
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_recover_reports_a_corrupt_journal_entry_by_file_and_still_completes_the_others(
+        domain_factory, image_dir, tmp_path):
+    good = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)])
+    bad = domain_factory.make(disks=[DiskSpec("vda", "raw", 16)])
+    state = image_dir / "kb" / "state"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    for n, dom in enumerate((good, bad)):
+        proc = _start_paused_backup(config, dom, tmp_path / f"paused-{n}")
+        proc.kill()
+        proc.communicate(timeout=30)
+    bad_entry = state / "journal" / f"{bad.dom.UUIDString()}.json"
+    intact = bad_entry.read_bytes()
+    bad_entry.write_bytes(intact[: len(intact) // 2])  # a torn write
+    named = run_cli("recover", bad.name, config=config, env=cli_env())
+    assert named.returncode == 2 and f"FAILED: journal entry {bad_entry} is unreadable" in named.stdout
+    everything = run_cli("recover", "--all", config=config, env=cli_env())
+    assert everything.returncode == 2, everything.stderr  # at the end, after completing the good entry
+    assert f"{good.name}: recovered" in everything.stdout and str(bad_entry) in everything.stdout
+    assert "Traceback" not in everything.stderr
+    assert good.live_sources() == {t: str(p) for t, p in good.disks.items()}
+    assert journal_entries(state) == [bad_entry]
+    bad_entry.write_bytes(intact)  # the admin repairs it: recover completes it too
+    assert run_cli("recover", config=config, env=cli_env()).returncode == 0
+    assert_back_on_own_images(good, state)
+    assert_back_on_own_images(bad, state)

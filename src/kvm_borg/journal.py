@@ -21,6 +21,10 @@ ENTRY_VERSION = 1
 class CorruptEntryError(KvmBorgError):
     """A journal file that cannot be read or does not hold a valid entry; the message names it."""
 
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
+
 
 @dataclass
 class JournalDisk:
@@ -110,9 +114,9 @@ def load_entry(path: Path) -> Entry:
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
-        raise CorruptEntryError(f"journal entry {path} is unreadable or corrupt: {exc}") from None
+        raise CorruptEntryError(f"journal entry {path} is unreadable or corrupt: {exc}", path) from None
     if entry.uuid != path.stem:
-        raise CorruptEntryError(f"journal entry {path} names another domain UUID ({entry.uuid})")
+        raise CorruptEntryError(f"journal entry {path} names another domain UUID ({entry.uuid})", path)
     return entry
 
 

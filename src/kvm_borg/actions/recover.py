@@ -17,24 +17,25 @@ def run_recover(ctx: Context, names: list[str]) -> list[dict]:
 
     Returns one dict per entry: {domain, ok, actions, warnings, error}. A domain whose lock is
     held by a running backup is reported, not touched. An unreadable or corrupt entry file is
-    reported as one failed outcome naming the file (domain None when all entries are asked for)
-    and does not stop the others."""
+    reported as one failed outcome naming the file (domain None; with names, only the file of a
+    named domain's UUID) and does not stop the others."""
     settings = ctx.settings
     entries, corrupt = journal.scan_entries(settings.journal_dir)
     outcomes = []
-    if not names:
-        for exc in corrupt:
-            log.error("%s", exc)
-            outcomes.append({"domain": None, "ok": False, "actions": [], "warnings": [], "error": str(exc)})
     if names:
         known = {e.domain for e in entries}
+        named_uuids = set()
         for name in names:
             if name not in known:
                 try:
-                    ctx.connection.lookup(name)
+                    named_uuids.add(ctx.connection.lookup(name).UUIDString())
                 except KvmBorgError as exc:
                     raise UsageError(str(exc)) from None
         entries = [e for e in entries if e.domain in names]
+        corrupt = [exc for exc in corrupt if exc.path.stem in named_uuids]
+    for exc in corrupt:
+        log.error("%s", exc)
+        outcomes.append({"domain": None, "ok": False, "actions": [], "warnings": [], "error": str(exc)})
     for entry in entries:
         outcome = {"domain": entry.domain, "ok": False, "actions": [], "warnings": [], "error": None}
         try:
