@@ -178,3 +178,38 @@ def test_a_failed_freeze_leaves_nothing_and_thaw_after_it_is_safe(domain_factory
     finally:
         for checkpoint in bad.dom.listAllCheckpoints(0):
             checkpoint.delete(0)
+
+
+def test_thaw_removes_only_what_freeze_created_never_a_foreign_directory_or_a_mount(domain_factory, image_dir,
+                                                                                    tmp_path):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "raw", 8)], name="freeze marker")
+    kb = image_dir / "kb"
+    config = write_config(kb, repo_path=tmp_path / "repo")
+    expose = image_dir / "expose"
+    expose.mkdir()
+    # What an admin keeps beside the exposures: a directory that looks like one, and a mounted file system.
+    foreign = expose / "old-vm"
+    (foreign / "disks").mkdir(parents=True)
+    (foreign / "meta.json").write_text("{}")
+    mounted = expose / "scratch"
+    mounted.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mounted)], check=True)
+    try:
+        (mounted / "meta.json").write_text("{}")
+        (mounted / "disks").mkdir()
+        frozen = run_cli("freeze", domain.name, "--expose", expose, "--json", config=config, env=cli_env())
+        assert frozen.returncode == 0, frozen.stderr
+        domain_dir = expose / domain.name
+        marker = json.loads((domain_dir / ".kvm-borg-freeze").read_text())
+        assert "meta.json" in marker["files"] and "disks/vda.raw" in marker["files"]
+        (domain_dir / "notes.txt").write_text("an admin's file inside the exposure")
+        thawed = run_cli("thaw", "--expose", expose, "--json", config=config, env=cli_env())
+        assert thawed.returncode == 1, thawed.stderr  # thawed, with the warning that something was left
+        [outcome] = json.loads(thawed.stdout)
+        assert outcome["ok"] and any("did not create" in w for w in outcome["warnings"])
+        assert_back_on_own_images(domain, kb / "state")
+        assert sorted(p.name for p in domain_dir.iterdir()) == ["notes.txt"]  # everything of freeze is gone
+        assert (foreign / "meta.json").exists() and (foreign / "disks").is_dir()
+        assert str(mounted) in mount_points() and (mounted / "meta.json").exists() and (mounted / "disks").is_dir()
+    finally:
+        subprocess.run(["umount", "-l", str(mounted)], capture_output=True)

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from harness import KVM_BORG_BIN, DiskSpec, run_cli
 from harness.cli import _merged_env
 from support import (
@@ -198,3 +200,154 @@ def test_overlay_deleted_by_hand_of_a_shut_off_domain_is_reported_and_the_disk_p
     assert_back_on_own_images(domain, state)
     domain.start()  # boots from its own images again (raw stays raw, qcow2 stays qcow2)
     assert domain.live_sources() == {t: str(p) for t, p in domain.disks.items()}
+
+
+# --- signals and merges: an interrupt stays an interrupt; the merge runs first -------------------------
+
+
+def _start_backup(config, names, **env):
+    """Start `kvm-borg backup NAMES...` with extra environment variables; return the Popen."""
+    return subprocess.Popen([str(KVM_BORG_BIN), "--config", str(config), "backup", *names],
+                            env=_merged_env(cli_env(**env)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_file(path, proc, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"backup never reached {what}"
+        time.sleep(0.1)
+
+
+def _domains_in_events(events) -> set[str]:
+    lines = events.read_text().splitlines() if events.exists() else []
+    return {json.loads(line).get("domain") for line in lines} - {None}
+
+
+@pytest.mark.parametrize("merge_fails", [False, True], ids=["merge-succeeds", "merge-fails"])
+def test_sigterm_during_the_merge_of_domain_1_exits_130_and_never_starts_domain_2(
+        domain_factory, image_dir, tmp_path, merge_fails):
+    first = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)])
+    second = domain_factory.make(disks=[DiskSpec("vda", "raw", 16)])
+    state = image_dir / "kb" / "state"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", commit_retries=2)
+    pause, events = tmp_path / "at-release", tmp_path / "events.jsonl"
+    failpoint = f"release:pause={pause}" + (",merge-attempt:error" if merge_fails else "")
+    proc = _start_backup(config, [first.name, second.name], KVM_BORG_FAILPOINT=failpoint, KBTEST_EVENTS_FILE=events)
+    _wait_for_file(pause, proc, "the merge of domain 1")
+    proc.send_signal(signal.SIGTERM)  # arrives while the merge is shielded: remembered
+    os.unlink(pause)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert second.name not in _domains_in_events(events)  # never started
+    assert second.live_sources() == {t: str(p) for t, p in second.disks.items()}
+    if merge_fails:
+        assert f"kvm-borg recover '{first.name}'" in err and "overlays were merged back" not in err
+        assert len(journal_entries(state)) == 1
+        recover = run_cli("recover", config=config, env=cli_env())
+        assert recover.returncode == 0, recover.stderr
+    else:
+        assert "overlays were merged back" in err
+    assert_back_on_own_images(first, state)
+    assert_back_on_own_images(second, state)
+
+
+def test_a_merge_that_fails_on_every_retry_exits_2_naming_recover_and_the_run_goes_on(
+        domain_factory, image_dir, tmp_path):
+    first = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)])
+    second = domain_factory.make(disks=[DiskSpec("vda", "raw", 16)])
+    state = image_dir / "kb" / "state"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", commit_retries=2)
+    events = tmp_path / "events.jsonl"
+    proc = _start_backup(config, [first.name, second.name, "--json"], KVM_BORG_FAILPOINT="merge-attempt:error",
+                         KBTEST_EVENTS_FILE=events)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    results = {d["domain"]: d for d in json.loads(out)["domains"]}
+    for dom in (first, second):  # both were attempted: one failing merge does not stop the run
+        assert not results[dom.name]["ok"]
+        assert f"run `kvm-borg recover '{dom.name}'`" in results[dom.name]["error"]
+        assert f"kvm-borg recover '{dom.name}'" in err
+    assert _domains_in_events(events) == {first.name, second.name}
+    assert len(journal_entries(state)) == 2
+    recover = run_cli("recover", config=config, env=cli_env())
+    assert recover.returncode == 0, recover.stderr
+    assert_back_on_own_images(first, state)
+    assert_back_on_own_images(second, state)
+
+
+def test_an_unexpected_exception_in_one_domain_is_one_line_for_it_and_the_run_goes_on(
+        domain_factory, image_dir, tmp_path):
+    first = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)])
+    second = domain_factory.make(disks=[DiskSpec("vda", "raw", 16)])
+    state = image_dir / "kb" / "state"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    proc = _start_backup(config, [first.name, second.name, "--json"], KVM_BORG_FAILPOINT="storing:bug")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    results = json.loads(out)["domains"]
+    assert [d["domain"] for d in results] == [first.name, second.name]
+    assert all("unexpected error: RuntimeError: failpoint storing: simulated bug" in d["error"] for d in results)
+    assert_back_on_own_images(first, state)
+    assert_back_on_own_images(second, state)
+
+
+def test_a_full_state_dir_shared_with_the_overlays_never_skips_the_merge(domain_factory, image_dir, tmp_path):
+    """ENOSPC in state_dir (journal stage writes) must not skip or delay the blockcommit."""
+    small = image_dir / "small-state"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(small)], check=True)
+    try:
+        (small / "overlays").mkdir()
+        domain = domain_factory.make(disks=TWO_DISKS)  # started after the mount: QEMU's namespace sees it
+        config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", state_dir=str(small / "state"),
+                              overlay_dir=str(small / "overlays"), overlay_min_free="1MiB")
+        pause = tmp_path / "at-storing"
+        proc = _start_backup(config, [domain.name, "--json"], KVM_BORG_FAILPOINT=f"storing:pause={pause}")
+        _wait_for_file(pause, proc, "storing")
+        with open(small / "filler", "wb") as handle:  # the file system runs full, as a busy overlay does
+            try:
+                while True:
+                    handle.write(b"\0" * MiB)
+                    handle.flush()
+            except OSError:
+                pass
+        os.unlink(pause)
+        out, err = proc.communicate(timeout=300)
+        os.unlink(small / "filler")
+        assert proc.returncode == 1, err  # stored and merged back, with the journal warning
+        [result] = json.loads(out)["domains"]
+        assert result["ok"] and any("could not record stage 'committing'" in w for w in result["warnings"])
+        assert_back_on_own_images(domain, small / "state")
+        assert overlay_files(small) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_recover_reports_a_corrupt_journal_entry_by_file_and_still_completes_the_others(
+        domain_factory, image_dir, tmp_path):
+    good = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)])
+    bad = domain_factory.make(disks=[DiskSpec("vda", "raw", 16)])
+    state = image_dir / "kb" / "state"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    for n, dom in enumerate((good, bad)):
+        proc = _start_paused_backup(config, dom, tmp_path / f"paused-{n}")
+        proc.kill()
+        proc.communicate(timeout=30)
+    bad_entry = state / "journal" / f"{bad.dom.UUIDString()}.json"
+    intact = bad_entry.read_bytes()
+    bad_entry.write_bytes(intact[: len(intact) // 2])  # a torn write
+    named = run_cli("recover", bad.name, config=config, env=cli_env())
+    assert named.returncode == 2 and f"FAILED: journal entry {bad_entry} is unreadable" in named.stdout
+    everything = run_cli("recover", "--all", config=config, env=cli_env())
+    assert everything.returncode == 2, everything.stderr  # at the end, after completing the good entry
+    assert f"{good.name}: recovered" in everything.stdout and str(bad_entry) in everything.stdout
+    assert "Traceback" not in everything.stderr
+    assert good.live_sources() == {t: str(p) for t, p in good.disks.items()}
+    assert journal_entries(state) == [bad_entry]
+    bad_entry.write_bytes(intact)  # the admin repairs it: recover completes it too
+    assert run_cli("recover", config=config, env=cli_env()).returncode == 0
+    assert_back_on_own_images(good, state)
+    assert_back_on_own_images(bad, state)

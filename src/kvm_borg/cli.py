@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except Interrupted as exc:
         done = "overlays were merged back" if args.command in ("backup", "freeze", "thaw") else "cleaned up"
+        if isinstance(exc.__cause__, KvmBorgError):  # the merge failed: its message names `kvm-borg recover`
+            done = f"but {exc.__cause__}"
         print(f"kvm-borg: {exc}; {done}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a SIGINT outside any signals.interruptible() block

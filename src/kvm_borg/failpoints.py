@@ -4,12 +4,15 @@ Inactive unless $KVM_BORG_FAILPOINT is set (a comma-separated list of `POINT:ACT
 production path only pays one dictionary look-up. Actions:
 - `kill`: SIGKILL this process right there (a crash, a power cut of the tool);
 - `pause=FILE`: write our PID into FILE and wait until FILE is deleted (a test acts meanwhile);
-- `error`: raise a KvmBorgError (a failure at exactly that point).
+- `error`: raise a KvmBorgError (a failure at exactly that point);
+- `bug`: raise a RuntimeError (an unexpected exception type, as a bug in kvm-borg or a plugin).
 
 Points, in the order a live backup reaches them: `journal-written` (entry on disk, no snapshot
-yet), `snapshot-taken`, `storing` (just before the repositories are written), `commit-ready`
-(a disk's blockcommit is READY, not pivoted), `pivoted` (a disk is back on its base, overlay not
-yet deleted nor the pivot journaled).
+yet), `snapshot-taken`, `storing` (just before the repositories are written), `release`
+(the merge is about to start, signals are shielded), `merge-attempt` (each attempt of the merge,
+before any libvirt call: `error` there makes every retry fail, as a broken storage path would),
+`commit-ready` (a disk's blockcommit is READY, not pivoted), `pivoted` (a disk is back on its
+base, overlay not yet deleted nor the pivot journaled).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ def reached(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "error":
         raise KvmBorgError(f"failpoint {point} reached")
+    elif action == "bug":
+        raise RuntimeError(f"failpoint {point}: simulated bug")
     elif action.startswith("pause="):
         path = action.split("=", 1)[1]
         with open(path, "w") as handle:

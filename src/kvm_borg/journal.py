@@ -7,12 +7,23 @@ and removed only when every overlay is merged and deleted. `kvm-borg recover` re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvm_borg.errors import KvmBorgError
+
 ENTRY_VERSION = 1
+
+
+class CorruptEntryError(KvmBorgError):
+    """A journal file that cannot be read or does not hold a valid entry; the message names it."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass
@@ -42,8 +53,25 @@ class Entry:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Entry":
-        disks = [JournalDisk(**d) for d in data.pop("disks")]
-        return cls(disks=disks, **data)
+        """Given the decoded JSON of an entry, return the Entry; ValueError/TypeError if malformed."""
+        if not isinstance(data, dict) or not isinstance(data.get("disks"), list):
+            raise ValueError("not a journal entry (no list of disks)")
+        data = dict(data)
+        disks = []
+        for disk in data.pop("disks"):
+            if not isinstance(disk, dict):
+                raise ValueError("a disk is not an object")
+            disks.append(JournalDisk(**disk))
+            for name in ("target", "base", "base_type", "base_format", "overlay"):
+                if not isinstance(getattr(disks[-1], name), str):
+                    raise ValueError(f"disk field {name!r} is not a string")
+        entry = cls(disks=disks, **data)
+        for name in ("domain", "uuid", "source", "stage"):
+            if not isinstance(getattr(entry, name), str):
+                raise ValueError(f"field {name!r} is not a string")
+        if not isinstance(entry.created, (int, float)) or isinstance(entry.created, bool):
+            raise ValueError("field 'created' is not a number")
+        return entry
 
 
 def entry_path(journal_dir: Path, uuid: str) -> Path:
@@ -65,32 +93,63 @@ def write_entry(journal_dir: Path, entry: Entry) -> Path:
     path = entry_path(journal_dir, entry.uuid)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(asdict(entry), handle, indent=2, ensure_ascii=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(asdict(entry), handle, indent=2, ensure_ascii=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. ENOSPC: the previous entry stays as it was, no half-written temp file
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(journal_dir)
     return path
 
 
-def read_entry(journal_dir: Path, uuid: str) -> Entry | None:
-    """Given a domain UUID, return its pending Entry or None."""
-    path = entry_path(journal_dir, uuid)
+def load_entry(path: Path) -> Entry:
+    """Given an entry's file, return its Entry; CorruptEntryError (naming the file) if it cannot be
+    read or is not a valid entry of the domain its name says. FileNotFoundError passes through."""
     try:
-        return Entry.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        entry = Entry.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise CorruptEntryError(f"journal entry {path} is unreadable or corrupt: {exc}", path) from None
+    if entry.uuid != path.stem:
+        raise CorruptEntryError(f"journal entry {path} names another domain UUID ({entry.uuid})", path)
+    return entry
+
+
+def read_entry(journal_dir: Path, uuid: str) -> Entry | None:
+    """Given a domain UUID, return its pending Entry or None; CorruptEntryError if it is unreadable."""
+    try:
+        return load_entry(entry_path(journal_dir, uuid))
     except FileNotFoundError:
         return None
 
 
-def list_entries(journal_dir: Path) -> list[Entry]:
-    """Return every pending Entry, oldest first."""
+def scan_entries(journal_dir: Path) -> tuple[list[Entry], list[CorruptEntryError]]:
+    """Return (every readable pending Entry, oldest first; one CorruptEntryError per unreadable file)."""
     if not journal_dir.is_dir():
-        return []
-    entries = [
-        Entry.from_dict(json.loads(p.read_text(encoding="utf-8"))) for p in journal_dir.glob("*.json")
-    ]
-    return sorted(entries, key=lambda e: e.created)
+        return [], []
+    entries, corrupt = [], []
+    for path in sorted(journal_dir.glob("*.json")):
+        try:
+            entries.append(load_entry(path))
+        except FileNotFoundError:  # completed meanwhile
+            continue
+        except CorruptEntryError as exc:
+            corrupt.append(exc)
+    return sorted(entries, key=lambda e: e.created), corrupt
+
+
+def list_entries(journal_dir: Path) -> list[Entry]:
+    """Return every readable pending Entry, oldest first; unreadable ones are logged and left out
+    (`kvm-borg recover` reports them and exits 2)."""
+    entries, corrupt = scan_entries(journal_dir)
+    for exc in corrupt:
+        logging.getLogger(__name__).warning("%s", exc)
+    return entries
 
 
 def remove_entry(journal_dir: Path, uuid: str) -> None:

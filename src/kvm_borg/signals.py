@@ -1,5 +1,9 @@
 """Signal handling: SIGTERM/SIGINT/SIGHUP become an `Interrupted` exception so every `finally`
-runs, except inside `shielded()` blocks (merging overlays back), where they wait until the end."""
+runs, except inside `shielded()` blocks (merging overlays back), where they wait until the end.
+
+An interrupt stays an interrupt: a shielded block that fails after a signal arrived raises
+`Interrupted` (its `__cause__` is the block's own failure), and the remembered signal is cleared
+when the outermost shielded block ends, whichever way it ends, so it never fires in a later one."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from kvm_borg.errors import Interrupted
 log = logging.getLogger(__name__)
 
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_state = {"shielded": 0, "pending": None}
+_state: dict = {"shielded": 0, "pending": None}
 
 
 def _handler(signum, _frame):
@@ -22,6 +26,11 @@ def _handler(signum, _frame):
         _state["pending"] = signum
         return
     raise Interrupted(signum)
+
+
+def pending() -> int | None:
+    """Return the signal remembered by the current shielded block (None if none)."""
+    return _state["pending"]
 
 
 @contextlib.contextmanager
@@ -35,14 +44,28 @@ def interruptible():
             signal.signal(sig, old)
 
 
+def _leave_shield() -> int | None:
+    """Leave one shielded level; when it was the outermost, clear and return the remembered signal."""
+    _state["shielded"] -= 1
+    if _state["shielded"]:
+        return None
+    signum, _state["pending"] = _state["pending"], None
+    return signum
+
+
 @contextlib.contextmanager
 def shielded():
-    """Within this block, signals are remembered, not raised; the last one is raised at the end."""
+    """Within this block, signals are remembered, not raised. When the outermost block ends the
+    remembered signal is cleared and raised as Interrupted: after a normal end, and also when the
+    block raised something else (the interrupt wins; the block's exception becomes its __cause__)."""
     _state["shielded"] += 1
     try:
         yield
-    finally:
-        _state["shielded"] -= 1
-    if not _state["shielded"] and _state["pending"] is not None:
-        signum, _state["pending"] = _state["pending"], None
+    except BaseException as exc:
+        signum = _leave_shield()
+        if signum is not None and not isinstance(exc, Interrupted):
+            raise Interrupted(signum) from exc
+        raise
+    signum = _leave_shield()
+    if signum is not None:
         raise Interrupted(signum)

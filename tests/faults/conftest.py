@@ -13,6 +13,19 @@ import pytest
 from guest.fixtures import guest_artifacts, guest_factory  # noqa: F401
 
 ROWS: list[dict] = []
+ROW_NOTES = """\
+Rows about signals and merges (issue 11): "SIGTERM of backup while the guest writes" exits 130
+after the run merged back by itself. "merge fails on every retry (failpoint merge-attempt)" makes
+every merge attempt fail (`commit_retries: 2`): the run exits 2 naming `kvm-borg recover 'NAME'`,
+the domain stays on its overlay with its journal entry, and that command completes it. "SIGTERM
+during a failing merge" sends the signal while the merge is shielded, then the merge fails: exit
+130 (not 2, no further domain started), the recover command printed, recover completes it.
+"state_dir and overlays on one full file system" puts both on a 4 MiB tmpfs that the guest fills
+while the repository is written: the journal's stage writes fail with ENOSPC, the merge runs all
+the same, the guest paused by the full overlay is resumed on its own images, exit 1 with those
+warnings. "corrupt journal entry beside a good one": `recover --all` completes the good entry,
+names the bad file, exits 2 and leaves the bad file for the admin.
+"""
 COMMAND = "KVM_BORG_RELIABILITY_REPORT=docs/reliability.md sudo -E bash scripts/test.sh tests/faults"
 
 
@@ -48,5 +61,5 @@ def pytest_terminal_summary(terminalreporter):
             "fault: `kvm-borg recover` (or the run itself) brings the domain back onto its own images, no\n"
             "overlay file or journal entry remains, the next backup succeeds, the guest's records in its\n"
             "image have no gap and reach at least the last sequence number the guest reported, and\n"
-            "`borg check` passes on the repository.\n\n" + render_table(ROWS) + "\n"
+            "`borg check` passes on the repository.\n\n" + ROW_NOTES + "\n" + render_table(ROWS) + "\n"
         )

@@ -419,3 +419,93 @@ def test_overlay_deleted_by_hand_while_the_domain_runs_on_it(scenario, report_ro
     build.wait_for_progress(sc.guest.console_log, (build.serial_last_seq(sc.guest.console_log) or 0) + 10, 60)
     recover(sc)
     settle_and_verify(sc, report_row)
+
+
+# --- signals and merges: an interrupt stays an interrupt; the merge runs first -------------------------
+
+
+def test_sigterm_while_the_guest_writes_exits_130_merged_back(scenario, report_row):
+    report_row["fault"] = "SIGTERM of backup while the guest writes"
+    sc = scenario()
+    proc, pause = pause_at(sc, "storing")
+    sc.note_console()
+    proc.send_signal(signal.SIGTERM)
+    rc, _, err = finish(proc, pause)
+    assert rc == 130, err
+    assert "overlays were merged back" in err
+    assert not on_overlay(sc) and journal_entries(sc.state) == []  # merged by the run itself
+    settle_and_verify(sc, report_row)
+
+
+def test_merge_failing_on_every_retry_exits_2_naming_recover_which_completes_it(scenario, report_row):
+    report_row["fault"] = "merge fails on every retry (failpoint merge-attempt)"
+    sc = scenario(commit_retries=2)
+    rc, out, err = finish(start_backup(sc, "merge-attempt:error"))
+    assert rc == 2, err
+    assert f"run `kvm-borg recover '{sc.guest.name}'`" in err
+    assert json.loads(out)["domains"][0]["ok"] is False
+    assert on_overlay(sc) and len(journal_entries(sc.state)) == 1  # the journal keeps it for recover
+    build.wait_for_progress(sc.guest.console_log, (build.serial_last_seq(sc.guest.console_log) or 0) + 5, 60)
+    recover(sc, sc.guest.name)
+    settle_and_verify(sc, report_row)
+
+
+def test_sigterm_during_a_failing_merge_exits_130_and_recover_completes_it(scenario, report_row):
+    report_row["fault"] = "SIGTERM during a failing merge"
+    sc = scenario(commit_retries=2)
+    pause = sc.tmp / "pause-release"
+    proc = start_backup(sc, f"release:pause={pause},merge-attempt:error")
+    wait_for(pause.exists, "the merge to start", proc=proc)
+    proc.send_signal(signal.SIGTERM)  # remembered: the merge is shielded, then fails
+    rc, _, err = finish(proc, pause)
+    assert rc == 130, err  # the interrupt wins over the merge's failure (not 2)
+    assert f"kvm-borg recover '{sc.guest.name}'" in err and "overlays were merged back" not in err
+    assert on_overlay(sc) and len(journal_entries(sc.state)) == 1
+    recover(sc)
+    settle_and_verify(sc, report_row)
+
+
+def test_full_file_system_shared_by_state_dir_and_overlays_still_merges_and_resumes(scenario, image_dir,
+                                                                                    report_row):
+    report_row["fault"] = "state_dir and overlays on one full file system"
+    small = image_dir / "small-state"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(small)], check=True)
+    try:
+        (small / "overlays").mkdir()
+        sc = scenario(state_dir=str(small / "state"), overlay_dir=str(small / "overlays"), overlay_min_free="1MiB")
+        sc.state = small / "state"
+        sc.extra_dirs.append(small)
+        proc, pause = pause_at(sc, "storing")
+        build.agent_command(sc.dom, "guest-exec", {
+            "path": "/bin/sh", "arg": ["-c", "dd if=/dev/urandom of=/data/fill bs=1M count=12 conv=fsync"]})
+        wait_for(lambda: sc.dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR],
+                 "the guest to pause on ENOSPC", timeout=120, proc=proc)
+        sc.note_console()
+        rc, out, err = finish(proc, pause)
+        assert rc == 1, err  # stored and merged back; the warnings say what could not be written
+        [result] = json.loads(out)["domains"]
+        assert any("could not record stage 'committing'" in w for w in result["warnings"]), result
+        assert any("paused by a write error" in w for w in result["warnings"]), result
+        assert sc.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # not left paused
+        assert not on_overlay(sc)
+        settle_and_verify(sc, report_row)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)
+
+
+def test_corrupt_journal_entry_beside_a_good_one_is_reported_and_the_good_one_recovered(scenario, report_row):
+    report_row["fault"] = "corrupt journal entry beside a good one"
+    sc = scenario()
+    rc, _, _ = finish(start_backup(sc, "snapshot-taken:kill"))
+    assert rc == -signal.SIGKILL and on_overlay(sc)
+    corrupt = sc.state / "journal" / "00000000-0000-0000-0000-000000000000.json"
+    corrupt.write_text('{"domain": "gone", "disks": [')  # a torn write, a disk error
+    proc = run_cli("recover", "--all", config=sc.config, env=cli_env())
+    assert proc.returncode == 2, proc.stderr  # reported at the end ...
+    assert str(corrupt) in proc.stdout and "Traceback" not in proc.stderr
+    assert f"{sc.guest.name}: recovered" in proc.stdout  # ... after completing the good entry
+    assert not on_overlay(sc)
+    assert journal_entries(sc.state) == [corrupt]  # left for the admin to look at
+    corrupt.unlink()
+    settle_and_verify(sc, report_row)

@@ -87,6 +87,50 @@ def _fresh_timestamp(previous: str | None) -> str:
     return timestamp
 
 
+def _merge_back(ctx: Context, source, name: str, plan, staging, result: DomainResult,
+                failure: BaseException | None):
+    """Given the frozen source and what the freeze/store phase raised (None: nothing), merge the
+    overlays back with signals shielded and remove the staging files; return the ReleaseResult.
+
+    The merge is always attempted, whatever failed before. An interrupt stays an interrupt: when the
+    merge fails after (or while) a signal arrived, the merge's error (it names `kvm-borg recover`)
+    is logged and recorded in `result`, and Interrupted is raised with that error as its cause, so
+    the run stops (exit 130) instead of going on with the next domain. When the merge fails after
+    another error, that error is logged first, then the merge's CommitError propagates."""
+    try:
+        with signals.shielded():
+            notify(ctx.pm, "kvm_borg_before_commit", domain=name, disks=list(plan.disks))
+            release = source.release()
+            result.commit_seconds = release.seconds
+            result.warnings.extend(release.warnings)
+            notify(ctx.pm, "kvm_borg_after_commit", domain=name, disks=list(plan.disks), seconds=release.seconds)
+    except Interrupted as exc:  # a signal arrived during the merge, which may have failed
+        if exc.__cause__ is not None:
+            result.error = str(exc.__cause__)
+            log.error("%s", result.error)
+        raise
+    except BaseException as exc:
+        if isinstance(failure, Interrupted):
+            result.error = str(exc)
+            log.error("%s", result.error)
+            raise failure from exc
+        if failure is not None:
+            log.error("domain '%s': %s", name, _one_line(failure))
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return release
+
+
+def _one_line(exc: BaseException) -> str:
+    """Given any exception, return its one-line description (libvirt's message for libvirt errors)."""
+    if isinstance(exc, libvirt.libvirtError):
+        return f"libvirt: {exc.get_error_message()}"
+    if isinstance(exc, KvmBorgError):
+        return str(exc)
+    return f"unexpected error: {type(exc).__name__}: {exc}"
+
+
 def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[str], result: DomainResult,
                    previous_timestamp: str | None = None) -> None:
     settings, name = ctx.settings, handle.name
@@ -99,6 +143,7 @@ def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[
     archive = metadata.archive_name(name, timestamp)
     notify(ctx.pm, "kvm_borg_before_snapshot", domain=name, disks=list(plan.disks), quiesce=plan.quiesce)
     release = None
+    failure: BaseException | None = None
     try:
         freeze = source.freeze()
         result.consistency = freeze.consistency
@@ -132,17 +177,14 @@ def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[
             total_bytes=sum(d.virtual_size for d in freeze.disks),
         )
         if hasattr(source, "mark_stage"):
-            source.mark_stage("storing")
+            result.warnings.extend(filter(None, [source.mark_stage("storing")]))
         failpoints.reached("storing")
         result.stores = _store_all(ctx, name, backends, request)
+    except BaseException as exc:  # remembered so a failing merge cannot replace an interrupt
+        failure = exc
+        raise
     finally:
-        with signals.shielded():
-            notify(ctx.pm, "kvm_borg_before_commit", domain=name, disks=list(plan.disks))
-            release = source.release()
-            result.commit_seconds = release.seconds
-            result.warnings.extend(release.warnings)
-            notify(ctx.pm, "kvm_borg_after_commit", domain=name, disks=list(plan.disks), seconds=release.seconds)
-            shutil.rmtree(staging, ignore_errors=True)
+        release = _merge_back(ctx, source, name, plan, staging, result, failure)
     if release.inconsistent and previous_timestamp is None and handle.dom.isActive():
         result.warnings.append(
             f"archive {archive} of domain '{name}' may be inconsistent (the domain started while its images "
@@ -161,8 +203,9 @@ def _backup_locked(ctx: Context, handle: DomainHandle, backends, excluded: list[
 def backup_domain(ctx: Context, name: str, backends, cli_excluded: list[str]) -> DomainResult:
     """Given a domain name and the opened repositories, back it up; return its DomainResult.
 
-    Every failure is caught into the result (the run goes on with the next domain) except an
-    interrupting signal, which propagates after the overlays are merged back."""
+    Every failure, of any type, is caught into the result (the run goes on with the next domain)
+    except an interrupting signal, which propagates after the merge was attempted, even when the
+    merge failed."""
     result = DomainResult(domain=name, ok=False)
     started = time.monotonic()
     stage = "plan"
@@ -182,6 +225,12 @@ def backup_domain(ctx: Context, name: str, backends, cli_excluded: list[str]) ->
         result.ok = False
         result.error = f"domain '{name}': libvirt: {exc.get_error_message()}"
         log.error("%s", result.error)
+        notify(ctx.pm, "kvm_borg_on_error", domain=name, stage=stage, error=exc)
+    except Exception as exc:  # any other type too: reported for this domain, the run goes on
+        result.ok = False
+        result.error = f"domain '{name}': {_one_line(exc)}"
+        log.error("%s", result.error)
+        log.debug("traceback of the unexpected error", exc_info=True)  # shown with -vv
         notify(ctx.pm, "kvm_borg_on_error", domain=name, stage=stage, error=exc)
     finally:
         result.seconds = time.monotonic() - started

@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import stat
 import subprocess
+import uuid as uuid_module
 from pathlib import Path
 
 import libvirt
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FREEZE_SOURCE = "kvm-borg-freeze"
 DISKS_DIR = "disks"
+MARKER_NAME = ".kvm-borg-freeze"  # in DIR/<domain>: this run's id and every path freeze created there
 
 
 # --- pure: where things are exposed -------------------------------------------------------------
@@ -123,8 +125,86 @@ def _bind_read_only(source: str, target: str) -> None:
         raise KvmBorgError(f"cannot expose {source} at {target}: {proc.stderr.strip() or 'mount failed'}")
 
 
+# --- the marker: what `freeze` created in DIR/<domain>, so thaw removes that and nothing else -----
+
+
+def created_paths(domain_dir: Path, mount_targets) -> list[str]:
+    """Given a freshly written DIR/<domain> and the bind mount targets still to be created in it,
+    return every path freeze created there, relative to it (files and directories)."""
+    found = set()
+    for root, dirs, files in os.walk(domain_dir):
+        for name in [*dirs, *files]:
+            found.add(os.path.relpath(os.path.join(root, name), domain_dir))
+    for target in mount_targets:
+        relative = Path(os.path.relpath(target, domain_dir))
+        found.update(str(parent) for parent in relative.parents if str(parent) != ".")
+        found.add(str(relative))
+    return sorted(found)
+
+
+def _write_marker(domain_dir: Path, marker: dict) -> None:
+    """Write DIR/<domain>/.kvm-borg-freeze (root-only, never through a symlink)."""
+    path = domain_dir / MARKER_NAME
+    tmp = domain_dir / (MARKER_NAME + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(marker, handle, indent=1, ensure_ascii=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_marker(domain_dir: Path) -> dict | None:
+    """Return the freeze marker of DIR/<domain> ({run, domain, uuid, files}), or None if there is
+    none, it is not a regular file, or it is unreadable."""
+    path = domain_dir / MARKER_NAME
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("run"), str) or not isinstance(data.get("files"), list):
+        return None
+    return data
+
+
+def _is_mount(path: Path, mounted: set[str]) -> bool:
+    return str(path) in mounted or os.path.ismount(path)
+
+
+def remove_created(domain_dir: Path, files: list, mounted: set[str], report: RecoveryReport) -> None:
+    """Given DIR/<domain> and the paths its marker lists, remove those (deepest first), the marker and
+    DIR/<domain> itself when nothing else is left; never a mount point, never anything not listed."""
+    if _is_mount(domain_dir, mounted):
+        raise KvmBorgError(f"{domain_dir} is a mount point; not removing anything in it")
+    for relative in sorted(files, key=lambda r: (str(r).count("/"), str(r)), reverse=True):
+        if not isinstance(relative, str) or os.path.isabs(relative) or ".." in Path(relative).parts:
+            continue  # not a path freeze writes
+        path = domain_dir / relative
+        if not os.path.lexists(path):
+            continue
+        if _is_mount(path, mounted):
+            raise KvmBorgError(f"{path} is still a mount point; not removing {domain_dir}")
+        if path.is_dir() and not path.is_symlink():
+            try:
+                path.rmdir()
+            except OSError:  # holds something freeze did not put there
+                pass
+        else:
+            path.unlink()
+    (domain_dir / MARKER_NAME).unlink(missing_ok=True)
+    try:
+        domain_dir.rmdir()
+        report.did(f"removed {domain_dir}")
+    except OSError:
+        report.warn(f"left {domain_dir}: it holds files `kvm-borg freeze` did not create")
+
+
 def remove_exposure(record: dict, report: RecoveryReport) -> None:
-    """Given an exposure record, unmount its images and remove DIR/<domain>; idempotent."""
+    """Given an exposure record, unmount its images and remove what freeze created in DIR/<domain>
+    (the paths its marker lists, if the marker is this run's); idempotent. A DIR/<domain> without
+    this run's marker is left alone (an empty one is removed)."""
     mounted = mount_points()
     for target in record.get("mounts", []):
         while target in mounted:
@@ -134,11 +214,17 @@ def remove_exposure(record: dict, report: RecoveryReport) -> None:
             report.did(f"unmounted {target}")
             mounted = mount_points()
     domain_dir = Path(record["domain_dir"])
-    if domain_dir.exists():
-        if any(str(p) in mounted for p in domain_dir.rglob("*")):
-            raise KvmBorgError(f"{domain_dir} still holds a mount point; not removing it")
-        shutil.rmtree(domain_dir)
-        report.did(f"removed {domain_dir}")
+    if not domain_dir.is_dir() or domain_dir.is_symlink():
+        return
+    marker = read_marker(domain_dir)
+    if marker is None or marker["run"] != record.get("marker"):
+        if not _is_mount(domain_dir, mounted) and not any(domain_dir.iterdir()):
+            domain_dir.rmdir()  # created for this run before its marker was written
+            report.did(f"removed {domain_dir}")
+        else:
+            report.warn(f"left {domain_dir}: it carries no marker of this freeze (not created by it)")
+        return
+    remove_created(domain_dir, marker["files"], mounted, report)
 
 
 def _image_stamps(paths) -> dict[str, list[int]]:
@@ -172,8 +258,11 @@ def freeze_domain(ctx: Context, name: str, expose_dir: Path, excluded: list[str]
         ensure_state_dir(settings)
         with domain_lock(settings.lock_dir, handle.uuid, name):
             _freeze_locked(ctx, handle, expose_dir, excluded, outcome)
-    except (KvmBorgError, libvirt.libvirtError, OSError) as exc:
+    except Exception as exc:  # any type: reported for this domain, the others are still frozen
         outcome["error"] = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+        if not isinstance(exc, (KvmBorgError, libvirt.libvirtError, OSError)):
+            outcome["error"] = f"unexpected error: {type(exc).__name__}: {exc}"
+            log.debug("traceback of the unexpected error", exc_info=True)  # shown with -vv
         log.error("domain '%s': freeze failed: %s", name, outcome["error"])
     return outcome
 
@@ -187,7 +276,7 @@ def _freeze_locked(ctx: Context, handle, expose_dir: Path, excluded: list[str], 
         raise RefusedError(f"domain '{name}': {domain_dir} exists (left by an earlier freeze?): "
                            f"run `kvm-borg thaw --expose {expose_dir}` first")
     record = {"domain": name, "uuid": plan.uuid, "expose_dir": str(expose_dir), "domain_dir": str(domain_dir),
-              "running": plan.running, "mounts": [], "images": {}}
+              "running": plan.running, "mounts": [], "images": {}, "marker": uuid_module.uuid4().hex}
     _write_record(settings, record)  # before anything changes, like the journal
     source = None
     entry = None
@@ -228,6 +317,8 @@ def _freeze_locked(ctx: Context, handle, expose_dir: Path, excluded: list[str], 
         outcome["warnings"].extend(f"domain '{name}': not exposed: {piece}" for piece in captured.missing)
         point_meta_at_exposure(meta, exposed)
         metadata.write_staging(domain_dir, meta, persistent_xml, live_xml, captured.staged)
+        _write_marker(domain_dir, {"run": record["marker"], "domain": name, "uuid": plan.uuid,
+                                   "files": created_paths(domain_dir, exposed.values())})
         record["mounts"] = list(exposed.values())
         record["images"] = _image_stamps(exposed) if not plan.running else {}
         _write_record(settings, record)
@@ -296,6 +387,11 @@ def run_thaw(ctx: Context, expose_dir: Path | None, names: list[str]) -> list[di
         except KvmBorgError as exc:
             outcome["error"] = str(exc)
             log.error("domain '%s': thaw failed: %s", name, exc)
+        except Exception as exc:  # any type: reported for this domain, the others are still thawed
+            outcome["error"] = (exc.get_error_message() if isinstance(exc, libvirt.libvirtError)
+                                else f"{type(exc).__name__}: {exc}")
+            log.error("domain '%s': thaw failed: %s", name, outcome["error"])
+            log.debug("traceback", exc_info=True)
         outcomes.append(outcome)
     if expose_dir is not None and expose_dir.is_dir():
         _remove_stale_domain_dirs(expose_dir, settings)
@@ -303,13 +399,21 @@ def run_thaw(ctx: Context, expose_dir: Path | None, names: list[str]) -> list[di
 
 
 def _remove_stale_domain_dirs(expose_dir: Path, settings) -> None:
-    """Remove DIR/<domain> directories of ours that no exposure record owns and nothing is mounted in."""
+    """Remove what freeze created in DIR/<domain> directories that carry its marker, that no exposure
+    record owns, and that are not (and hold no) mount points. Foreign directories are never touched."""
     owned = {Path(r["domain_dir"]) for r in _read_records(settings)}
     mounted = mount_points()
     for child in expose_dir.iterdir():
-        ours = child.is_dir() and ((child / "meta.json").exists() or (child / DISKS_DIR).is_dir())
-        if ours and child not in owned and not any(str(p) in mounted for p in child.rglob("*")):
-            shutil.rmtree(child, ignore_errors=True)
+        if child in owned or child.is_symlink() or not child.is_dir() or _is_mount(child, mounted):
+            continue
+        marker = read_marker(child)
+        if marker is None:
+            continue
+        report = RecoveryReport(marker.get("domain") or child.name)
+        try:
+            remove_created(child, marker["files"], mounted, report)
+        except KvmBorgError as exc:
+            log.warning("%s", exc)
 
 
 @hookimpl

@@ -16,19 +16,26 @@ def run_recover(ctx: Context, names: list[str]) -> list[dict]:
     """Given domain names (empty: every entry), complete their journal entries.
 
     Returns one dict per entry: {domain, ok, actions, warnings, error}. A domain whose lock is
-    held by a running backup is reported, not touched."""
+    held by a running backup is reported, not touched. An unreadable or corrupt entry file is
+    reported as one failed outcome naming the file (domain None; with names, only the file of a
+    named domain's UUID) and does not stop the others."""
     settings = ctx.settings
-    entries = journal.list_entries(settings.journal_dir)
+    entries, corrupt = journal.scan_entries(settings.journal_dir)
+    outcomes = []
     if names:
         known = {e.domain for e in entries}
+        named_uuids = set()
         for name in names:
             if name not in known:
                 try:
-                    ctx.connection.lookup(name)
+                    named_uuids.add(ctx.connection.lookup(name).UUIDString())
                 except KvmBorgError as exc:
                     raise UsageError(str(exc)) from None
         entries = [e for e in entries if e.domain in names]
-    outcomes = []
+        corrupt = [exc for exc in corrupt if exc.path.stem in named_uuids]
+    for exc in corrupt:
+        log.error("%s", exc)
+        outcomes.append({"domain": None, "ok": False, "actions": [], "warnings": [], "error": str(exc)})
     for entry in entries:
         outcome = {"domain": entry.domain, "ok": False, "actions": [], "warnings": [], "error": None}
         try:
@@ -48,6 +55,10 @@ def run_recover(ctx: Context, names: list[str]) -> list[dict]:
         except KvmBorgError as exc:
             outcome["error"] = str(exc)
             log.error("%s", exc)
+        except Exception as exc:  # one entry's unexpected failure must not cost the others their recovery
+            outcome["error"] = f"domain '{entry.domain}': unexpected error: {exc}"
+            log.error("%s", outcome["error"])
+            log.debug("traceback", exc_info=True)
         outcomes.append(outcome)
     return outcomes
 
@@ -69,6 +80,9 @@ def run_from_args(ctx: Context, args) -> int:
         if not outcomes:
             print("nothing to recover")
         for outcome in outcomes:
+            if outcome["domain"] is None:  # an unreadable journal file: its message names it
+                print(f"FAILED: {outcome['error']}")
+                continue
             print(f"{outcome['domain']}: {'recovered' if outcome['ok'] else 'FAILED: ' + outcome['error']}")
             for action in outcome["actions"]:
                 print(f"  {action}")

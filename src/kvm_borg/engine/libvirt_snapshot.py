@@ -182,19 +182,33 @@ class SnapshotSource:
             warnings=warnings,
         )
 
-    def mark_stage(self, stage: str) -> None:
-        if self.journal_written:
-            self.entry.stage = stage
+    def mark_stage(self, stage: str) -> str | None:
+        """Record `stage` in the journal entry, best-effort: the stage is informational (recover
+        re-reads the domain's real state), so a failed write (ENOSPC in state_dir...) is logged and
+        returned as a warning, never raised. Return that warning, or None."""
+        if not self.journal_written:
+            return None
+        self.entry.stage = stage
+        try:
             journal.write_entry(self.settings.journal_dir, self.entry)
+        except OSError as exc:
+            warning = f"domain '{self.plan.name}': could not record stage {stage!r} in the journal ({exc})"
+            log.warning("%s", warning)
+            return warning
+        return None
 
     def release(self) -> ReleaseResult:
-        """Merge every overlay back and clear the journal; CommitError names the recovery command."""
+        """Merge every overlay back and clear the journal; CommitError names the recovery command.
+
+        Nothing before the merge may raise: the stage write is best-effort."""
         if not self.journal_written:
             return ReleaseResult()
         started = time.monotonic()
-        self.mark_stage("committing")
+        stage_warning = self.mark_stage("committing")
+        failpoints.reached("release")
         report = bring_back_to_base(self.entry, self.handle.connection, self.settings)
-        return ReleaseResult(warnings=report.warnings, seconds=time.monotonic() - started)
+        warnings = ([stage_warning] if stage_warning else []) + report.warnings
+        return ReleaseResult(warnings=warnings, seconds=time.monotonic() - started)
 
 
 class OfflineSource:
@@ -273,8 +287,13 @@ def _remove_overlay(path: str, report: RecoveryReport) -> None:
         report.did(f"removed overlay {path}")
 
 
-def _save(entry: journal.Entry, settings: Settings) -> None:
-    journal.write_entry(settings.journal_dir, entry)
+def _save(entry: journal.Entry, settings: Settings, report: RecoveryReport) -> None:
+    """Record the entry's progress, best-effort: a journal that cannot be written (state_dir full)
+    must not stop the merge of the remaining disks; recover re-reads the real state anyway."""
+    try:
+        journal.write_entry(settings.journal_dir, entry)
+    except OSError as exc:
+        report.warn(f"could not update the journal entry ({exc}); merging on")
 
 
 def wait_until_ready(connection: Connection, dom: libvirt.virDomain, target: str, timeout: float) -> None:
@@ -314,7 +333,7 @@ def commit_live_disk(connection: Connection, dom, entry, disk, settings: Setting
     if _same_file(current, disk.base) or current == disk.base:
         if not disk.committed:
             disk.committed = True
-            _save(entry, settings)
+            _save(entry, settings, report)
         _remove_overlay(disk.overlay, report)
         return
     if current != disk.overlay:
@@ -336,7 +355,7 @@ def commit_live_disk(connection: Connection, dom, entry, disk, settings: Setting
         raise KvmBorgError(f"disk {disk.target} points at {current} after the pivot, not {disk.base}")
     failpoints.reached("pivoted")
     disk.committed = True
-    _save(entry, settings)
+    _save(entry, settings, report)
     report.did(f"pivoted {disk.target} back to {disk.base}")
     _remove_overlay(disk.overlay, report)
 
@@ -362,7 +381,7 @@ def commit_offline_disk(dom, entry, disk, settings: Settings, report: RecoveryRe
             "the domain ran on it are lost; pointing the disk back at its base"
         )
     disk.committed = True
-    _save(entry, settings)
+    _save(entry, settings, report)
     _remove_overlay(disk.overlay, report)
 
 
@@ -402,6 +421,7 @@ def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: S
     report = RecoveryReport(entry.domain)
 
     def attempt():
+        failpoints.reached("merge-attempt")
         if connection.reconnect_if_dead():
             report.warn("the connection to libvirtd was lost (libvirtd restarted?); reconnected")
         dom = connection.lookup_uuid(entry.uuid)
@@ -429,7 +449,11 @@ def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: S
             f"domain '{entry.domain}': could not merge overlays back ({_describe(exc)}); the journal entry is "
             f"kept: run `{recovery_command(entry.domain)}`"
         ) from None
-    journal.remove_entry(settings.journal_dir, entry.uuid)
+    try:
+        journal.remove_entry(settings.journal_dir, entry.uuid)
+    except OSError as exc:  # merged all the same; the stale entry is harmless to recover
+        report.warn(f"merged back, but could not remove the journal entry ({exc}): run "
+                    f"`{recovery_command(entry.domain)}`")
     return report
 
 
