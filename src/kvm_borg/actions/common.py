@@ -115,13 +115,26 @@ def open_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict,
     return result
 
 
-def resolve_domains(ctx: Context, names: list[str], all_domains: bool) -> list[str]:
-    """Given domain names or --all, return the names to work on; an unknown name is a UsageError."""
+def no_domain_matches(include: list[str], exclude: list[str], on_host: int) -> str:
+    """Given the config's domains.include/exclude and how many domains the host has, return the one
+    line that says `--all` selected nothing."""
+    return (f"--all: no domain matches domains.include/exclude (include: {', '.join(include) or 'none'}; "
+            f"exclude: {', '.join(exclude) or 'none'}; {on_host} domains on this host)")
+
+
+def resolve_domains(ctx: Context, names: list[str], all_domains: bool, *, allow_empty: bool = False) -> list[str]:
+    """Given domain names or --all, return the names to work on; an unknown name is a UsageError, and
+    so is an --all that selects nothing (a run that backs up nothing must not look green) unless
+    `allow_empty`."""
     conn = ctx.connection
     if all_domains:
         include = ctx.settings.domains["include"]
         exclude = ctx.settings.domains["exclude"]
-        return sorted(d.name() for d in conn.conn.listAllDomains(0) if domain_selected(d.name(), include, exclude))
+        on_host = [d.name() for d in conn.conn.listAllDomains(0)]
+        chosen = sorted(name for name in on_host if domain_selected(name, include, exclude))
+        if not chosen and not allow_empty:
+            raise UsageError(no_domain_matches(include, exclude, len(on_host)))
+        return chosen
     if not names:
         raise UsageError("name at least one domain, or use --all")
     for name in names:
