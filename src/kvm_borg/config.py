@@ -434,7 +434,10 @@ class Settings:
 
     @property
     def lock_dir(self) -> Path:
-        return self.state_dir / "locks"
+        """Host-wide, whatever the config: two configs must still exclude each other per domain."""
+        from kvm_borg.locks import LOCK_DIR
+
+        return LOCK_DIR
 
     @property
     def staging_dir(self) -> Path:
