@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvm_borg.atomic import create_exclusive
 from kvm_borg.config import Settings, select_repositories
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import disk_targets, domain_selected
@@ -84,10 +85,8 @@ def ensure_embedded_default(ctx: Context, repo: dict, backend) -> None:
         return
     ensure_state_dir(ctx.settings)
     passphrase = Path(repo["passphrase_file"])
-    if not passphrase.exists():
-        fd = os.open(passphrase, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32) + "\n")
+    if not os.path.lexists(passphrase):
+        create_exclusive(passphrase, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
     if backend.init():
         marker = ctx.settings.state_dir / NOTICE_MARKER
         if not marker.exists():
@@ -98,7 +97,8 @@ def ensure_embedded_default(ctx: Context, repo: dict, backend) -> None:
                 f"borg key export {repo['path']} /root/kvm-borg-repo.key",
                 file=sys.stderr,
             )
-            marker.touch(mode=0o600)
+            if not os.path.lexists(marker):
+                create_exclusive(marker, b"", 0o600)
 
 
 def open_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict, object]]:
