@@ -12,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvm_borg.atomic import write_atomic
+
 ENTRY_VERSION = 1
 
 
@@ -63,15 +65,7 @@ def write_entry(journal_dir: Path, entry: Entry) -> Path:
     """Given an Entry, write it atomically and durably (temp file, fsync, rename, fsync dir)."""
     journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = entry_path(journal_dir, entry.uuid)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(asdict(entry), handle, indent=2, ensure_ascii=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(journal_dir)
-    return path
+    return write_atomic(path, json.dumps(asdict(entry), indent=2, ensure_ascii=False).encode("utf-8"), 0o600)
 
 
 def read_entry(journal_dir: Path, uuid: str) -> Entry | None:

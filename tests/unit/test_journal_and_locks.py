@@ -91,3 +91,15 @@ def _settings(state_dir):
     return dict(libvirt_uri="qemu:///system", state_dir=Path(state_dir), overlay_dir=None, overlay_min_free=0,
                 quiesce="auto", guest_agent_timeout=1.0, commit_timeout=1.0, commit_retries=1, domains={},
                 plugins=[], borg_binary=None, restic_binary=None, hostname="h", repositories=[])
+
+
+def test_entry_writer_does_not_follow_a_planted_temp_symlink(tmp_path):
+    from kvm_borg.atomic import temp_names
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir(mode=0o700)
+    next(temp_names(journal.entry_path(journal_dir, "u-1"))).symlink_to(victim)
+    journal.write_entry(journal_dir, _entry())
+    assert victim.read_text() == "precious\n" and journal.read_entry(journal_dir, "u-1").domain == "web 01"
