@@ -16,6 +16,7 @@ import sys
 
 from kvm_borg import __version__
 from kvm_borg.errors import Interrupted, KvmBorgError
+from kvm_borg.redact import RedactingFilter, RedactingStream, redact_text
 
 COMMAND_MODULES = (
     "kvm_borg.actions.backup",
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="kvm-borg: %(levelname)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # no log line shows a password from a repository URL
+        handler.addFilter(RedactingFilter())
     logging.getLogger("sh").setLevel(logging.WARNING)
 
 
@@ -76,11 +79,13 @@ def _run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     args = build_parser().parse_args(argv)
+    if not isinstance(sys.stdout, RedactingStream):
+        sys.stdout = RedactingStream(sys.stdout)
     _setup_logging(args.verbose, args.quiet)
     try:
         return _run(args)
     except KvmBorgError as exc:
-        print(f"kvm-borg: error: {exc}", file=sys.stderr)
+        print(f"kvm-borg: error: {redact_text(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
         done = "overlays were merged back" if args.command in ("backup", "freeze", "thaw") else "cleaned up"

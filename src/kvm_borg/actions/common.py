@@ -18,6 +18,7 @@ from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import disk_targets, domain_selected
 from kvm_borg.errors import ConfigError, KvmBorgError, UsageError
 from kvm_borg.plugins import make_plugin_manager
+from kvm_borg.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -160,4 +161,4 @@ def check_disk_targets(ctx: Context, domains: list[str], targets: list[str]) -> 
 
 def print_json(data) -> None:
     """Print `data` as indented JSON (dataclasses already turned into dicts)."""
-    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    print(redact_text(json.dumps(data, indent=2, ensure_ascii=False, default=str)))
