@@ -49,8 +49,8 @@ def check_compression(spec: str) -> str:
         if not _obfuscate_level_ok(level):
             raise ValueError(f"obfuscate level must be 1..6, 110..123 or 250, got {level}")
         parts = parts[2:]
-    if parts[0] == "auto":
-        if len(parts) < 2 or parts[1] in ("auto", "obfuscate"):
+    while parts[0] == "auto":  # borg takes auto,auto,C too
+        if len(parts) < 2 or parts[1] == "obfuscate":
             raise ValueError("auto needs a compression: auto,C[,L]")
         parts = parts[1:]
     _plain_compression(parts)
