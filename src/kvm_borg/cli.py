@@ -79,9 +79,9 @@ def _run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     args = build_parser().parse_args(argv)
-    if not isinstance(sys.stdout, RedactingStream):
-        sys.stdout = RedactingStream(sys.stdout)
     _setup_logging(args.verbose, args.quiet)
+    stdout = sys.stdout
+    sys.stdout = RedactingStream(stdout)  # no output shows a password from a repository URL
     try:
         return _run(args)
     except KvmBorgError as exc:
@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         done = "overlays were merged back" if args.command in ("backup", "freeze", "thaw") else "cleaned up"
         print(f"kvm-borg: {exc}; {done}", file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

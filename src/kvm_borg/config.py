@@ -177,7 +177,7 @@ def _spec(check: Callable[[str], str]) -> Callable[[Any, str], str]:
 
 
 def _quiesce(value: Any, key: str) -> str:
-    if value is False:  # YAML 1.1 reads a bare `off` as false
+    if value is False:  # `quiesce: false` (YAML 1.2 reads a bare `off` as the string)
         return "off"
     if not isinstance(value, str) or value not in QUIESCE_MODES:
         raise ConfigError(f"{key}: expected one of auto, required, off, got {value!r}")
