@@ -30,8 +30,8 @@ from pathlib import Path
 
 from kvm_borg import restore_plan, signals
 from kvm_borg.actions.common import Context, ensure_state_dir, print_json
-from kvm_borg.atomic import write_atomic
 from kvm_borg.actions.restore import open_repository, read_meta, resolve_archive
+from kvm_borg.atomic import write_atomic
 from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
 
 log = logging.getLogger(__name__)
