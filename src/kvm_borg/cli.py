@@ -21,6 +21,7 @@ import traceback
 
 from kvm_borg import __version__
 from kvm_borg.errors import Interrupted, KvmBorgError
+from kvm_borg.redact import RedactingFilter, RedactingStream, redact_text
 
 COMMAND_MODULES = (
     "kvm_borg.actions.backup",
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="kvm-borg: %(levelname)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # no log line shows a password from a repository URL
+        handler.addFilter(RedactingFilter())
     logging.getLogger("sh").setLevel(logging.WARNING)
 
 
@@ -107,15 +110,17 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the process exit code."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    stdout = sys.stdout
+    sys.stdout = RedactingStream(stdout)  # no output shows a password from a repository URL
     try:
         return _run(args)
     except KvmBorgError as exc:
-        print(f"kvm-borg: error: {exc}", file=sys.stderr)
+        print(f"kvm-borg: error: {redact_text(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except Interrupted as exc:
         done = "overlays were merged back" if args.command in ("backup", "freeze", "thaw") else "cleaned up"
         if isinstance(exc.__cause__, KvmBorgError):  # the merge failed: its message names `kvm-borg recover`
-            done = f"but {exc.__cause__}"
+            done = f"but {redact_text(str(exc.__cause__))}"
         print(f"kvm-borg: {exc}; {done}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a SIGINT outside any signals.interruptible() block
@@ -124,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a libvirt error or a bug: one line, exit 2; the traceback on request
         if args.debug or args.verbose:
             traceback.print_exc(file=sys.stderr)
-        print(error_line(exc), file=sys.stderr)
+        print(redact_text(error_line(exc)), file=sys.stderr)
         return 2
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

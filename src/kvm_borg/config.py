@@ -7,15 +7,20 @@ default backs up into an encrypted borg repository under ``state_dir``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
+from ruamel.yaml import YAML
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
+from kvm_borg import borg_specs
 from kvm_borg.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/kvm-borg/config.yaml")
@@ -26,6 +31,15 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024*
                "g": 1024**3, "gib": 1024**3, "t": 1024**4, "tib": 1024**4,
                "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION = 366 * 86400.0  # longer is a typo (and overflows timers), not a wish
+MAX_SIZE = 2**60  # 1 EiB
+# A state_dir that is one of these would have kvm-borg chmod and fill a system directory.
+SYSTEM_DIRS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt",
+    "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin", "/usr/lib",
+    "/usr/local", "/usr/sbin", "/usr/share", "/var", "/var/lib", "/var/lib/libvirt", "/var/log", "/var/run",
+    "/var/tmp", "/var/cache", "/var/spool",
+})
 
 
 def parse_size(value: Any, key: str) -> int:
@@ -33,11 +47,15 @@ def parse_size(value: Any, key: str) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a size like 1GiB, got {value!r}")
     if isinstance(value, int) and value >= 0:
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ConfigError(f"{key}: expected a size like 1GiB or 500M, got {value!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+        size: float = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise ConfigError(f"{key}: expected a size like 1GiB or 500M, got {value!r}")
+        size = float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not size <= MAX_SIZE:  # also catches inf
+        raise ConfigError(f"{key}: {value!r} is too large (at most 1EiB)")
+    return int(size)
 
 
 def parse_duration(value: Any, key: str) -> float:
@@ -45,11 +63,23 @@ def parse_duration(value: Any, key: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{key}: expected a duration like 30m or 26h, got {value!r}")
     if isinstance(value, (int, float)) and value >= 0:
-        return float(value)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
-    if not match:
-        raise ConfigError(f"{key}: expected a duration like 90s, 30m, 26h or 7d, got {value!r}")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        seconds = float(min(value, 2 * MAX_DURATION))  # a huge int would overflow float()
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(value))
+        if not match:
+            raise ConfigError(f"{key}: expected a duration like 90s, 30m, 26h or 7d, got {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if not math.isfinite(seconds) or seconds > MAX_DURATION:
+        raise ConfigError(f"{key}: {value!r} is too long (at most 366d)")
+    return seconds
+
+
+def _positive_duration(value: Any, key: str) -> float:
+    """A duration where zero makes no sense (a timeout, an age)."""
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(f"{key}: expected a duration greater than zero, got {value!r}")
+    return seconds
 
 
 # --- schema --------------------------------------------------------------------------------
@@ -57,10 +87,24 @@ def parse_duration(value: Any, key: str) -> float:
 # value or raises ConfigError naming the key.
 
 
+def _quote_hint(value: Any) -> str:
+    """For a scalar YAML did not read as a string, the hint to quote it."""
+    if isinstance(value, (bool, int, float)):
+        return " (quote it if you mean the text, e.g. \"off\" or \"123\")"
+    return ""
+
+
 def _str(value: Any, key: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}{_quote_hint(value)}")
     return value
+
+
+def _name_key(name: Any, key: str) -> str:
+    """Given a mapping key that names something (a domain), return it; a bool/number is refused."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{key}.{name}: expected a name (a string), got {name!r}{_quote_hint(name)}")
+    return name
 
 
 def _optional(check: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
@@ -74,10 +118,12 @@ def _path(value: Any, key: str) -> str:
     return text
 
 
-def _int(minimum: int) -> Callable[[Any, str], int]:
+def _int(minimum: int, maximum: int = 2**31 - 1) -> Callable[[Any, str], int]:
     def check(value: Any, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"{key}: expected a whole number ≥ {minimum}, got {value!r}")
+        if value > maximum:
+            raise ConfigError(f"{key}: {value!r} is too large (at most {maximum})")
         return value
 
     return check
@@ -90,22 +136,57 @@ def _bool(value: Any, key: str) -> bool:
 
 
 def _str_list(value: Any, key: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, list):
         raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{key}[{i}]: expected a string, got {item!r}{_quote_hint(item)}")
     return list(value)
 
 
+def _state_dir(value: Any, key: str) -> str:
+    """An absolute path, normalized (symlinks resolved), never a system directory such as / or /etc."""
+    path = os.path.realpath(_path(value, key))
+    if path in SYSTEM_DIRS:
+        raise ConfigError(f"{key}: {value!r} is a system directory ({path}); use a directory of its own "
+                          f"such as /var/lib/kvm-borg")
+    return path
+
+
+def _ssh_command(value: Any, key: str) -> str:
+    """A shell-quoted command line (shlex syntax) whose words kvm-borg passes on."""
+    text = _str(value, key)
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: cannot split {value!r}: {exc} (unbalanced quotes?)") from None
+    if not words:
+        raise ConfigError(f"{key}: expected a command, got {value!r}")
+    return text
+
+
+def _spec(check: Callable[[str], str]) -> Callable[[Any, str], str]:
+    def checker(value: Any, key: str) -> str:
+        text = _str(value, key)
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: bad value {value!r}: {exc}") from None
+
+    return checker
+
+
 def _quiesce(value: Any, key: str) -> str:
-    if value is False:  # YAML 1.1 reads a bare `off` as false
+    if value is False:  # `quiesce: false` (YAML 1.2 reads a bare `off` as the string)
         return "off"
-    if value not in QUIESCE_MODES:
+    if not isinstance(value, str) or value not in QUIESCE_MODES:
         raise ConfigError(f"{key}: expected one of auto, required, off, got {value!r}")
     return value
 
 
 def _one_of(*choices: str) -> Callable[[Any, str], str]:
     def check(value: Any, key: str) -> str:
-        if value not in choices:
+        if not isinstance(value, str) or value not in choices:
             raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
         return value
 
@@ -143,7 +224,8 @@ def _domains(value: Any, key: str) -> dict:
     data = _check_keys(_mapping(value, key), _DOMAINS_SCHEMA, f"{key}.")
     excludes = _mapping(data["disks_exclude"], f"{key}.disks_exclude")
     data["disks_exclude"] = {
-        str(dom): _str_list(targets, f"{key}.disks_exclude.{dom}") for dom, targets in excludes.items()
+        _name_key(dom, f"{key}.disks_exclude"): _str_list(targets, f"{key}.disks_exclude.{dom}")
+        for dom, targets in excludes.items()
     }
     return data
 
@@ -166,17 +248,17 @@ REPOSITORY_SCHEMAS: dict[str, dict] = {
         **_COMMON_REPOSITORY_SCHEMA,
         "path": (_str, _REQUIRED),
         "encryption": (_str, "repokey-blake2"),
-        "compression": (_str, "lz4"),
-        "chunker_params": (_str, "fixed,4194304"),
-        "lock_wait": (_int(0), 60),
-        "ssh_command": (_optional(_str), None),
+        "compression": (_spec(borg_specs.check_compression), "lz4"),
+        "chunker_params": (_spec(borg_specs.check_chunker_params), "fixed,4194304"),
+        "lock_wait": (_int(0, 7 * 86400), 60),
+        "ssh_command": (_optional(_ssh_command), None),
         "remote_path": (_optional(_str), None),
     },
     "restic": {
         **_COMMON_REPOSITORY_SCHEMA,
         "url": (_str, _REQUIRED),
         "compression": (_optional(_one_of("auto", "off", "max")), None),
-        "ssh_command": (_optional(_str), None),
+        "ssh_command": (_optional(_ssh_command), None),
         "host": (_optional(_str), None),  # --host of new snapshots (default: hostname)
         "hosts": (_optional(_str_list), None),  # whose snapshots list/restore see (default: [host]; "*": all)
     },
@@ -228,7 +310,8 @@ def _retention(value: Any, key: str) -> dict:
 def _domains_retention(value: Any, key: str) -> dict:
     from kvm_borg import retention
 
-    return {str(dom): retention.check_rules(rules, f"{key}.{dom}") for dom, rules in _mapping(value, key).items()}
+    return {_name_key(dom, key): retention.check_rules(rules, f"{key}.{dom}")
+            for dom, rules in _mapping(value, key).items()}
 
 
 def _url(value: Any, key: str) -> str:
@@ -242,7 +325,7 @@ def _str_mapping(value: Any, key: str) -> dict:
     data = _mapping(value, key)
     for name, item in data.items():
         if not isinstance(name, str) or not isinstance(item, str):
-            raise ConfigError(f"{key}.{name}: expected a string, got {item!r}")
+            raise ConfigError(f"{key}.{name}: expected a string, got {item!r}{_quote_hint(item)}")
     return dict(data)
 
 
@@ -252,7 +335,7 @@ _WEBHOOK_SCHEMA = {
     "success_url": (_optional(_url), None),
     "failure_url": (_optional(_url), None),
     "healthchecks_url": (_optional(_url), None),
-    "timeout": (parse_duration, 10.0),
+    "timeout": (_positive_duration, 10.0),
     "headers": (_str_mapping, dict),
 }
 
@@ -280,25 +363,25 @@ def _guest_commands(value: Any, key: str) -> list:
 _PREFREEZE_DOMAIN_SCHEMA = {
     "before": (_guest_commands, list),
     "after": (_guest_commands, list),
-    "timeout": (parse_duration, 60.0),
+    "timeout": (_positive_duration, 60.0),
     "required": (_bool, False),
 }
 
 
 def _prefreeze(value: Any, key: str) -> dict:
-    return {str(dom): _check_keys(_mapping(spec, f"{key}.{dom}"), _PREFREEZE_DOMAIN_SCHEMA, f"{key}.{dom}.")
+    return {_name_key(dom, key): _check_keys(_mapping(spec, f"{key}.{dom}"), _PREFREEZE_DOMAIN_SCHEMA, f"{key}.{dom}.")
             for dom, spec in _mapping(value, key).items()}
 
 
 SCHEMA = {
     "libvirt_uri": (_str, "qemu:///system"),
-    "state_dir": (_path, "/var/lib/kvm-borg"),
+    "state_dir": (_state_dir, "/var/lib/kvm-borg"),
     "overlay_dir": (_optional(_path), None),
     "overlay_min_free": (parse_size, 1024**3),
     "quiesce": (_quiesce, "auto"),
-    "guest_agent_timeout": (parse_duration, 10.0),
-    "commit_timeout": (parse_duration, 3600.0),
-    "commit_retries": (_int(1), 5),
+    "guest_agent_timeout": (_positive_duration, 10.0),
+    "commit_timeout": (_positive_duration, 3600.0),
+    "commit_retries": (_int(1, 100), 5),
     "domains": (_domains, lambda: {"include": ["*"], "exclude": [], "disks_exclude": {}}),
     "plugins": (_str_list, list),
     "borg_binary": (_optional(_path), None),
@@ -308,7 +391,7 @@ SCHEMA = {
     "retention": (_retention, dict),
     "domains_retention": (_domains_retention, dict),
     "prune_after_backup": (_bool, False),
-    "max_age": (parse_duration, 26 * 3600.0),
+    "max_age": (_positive_duration, 26 * 3600.0),
     "metrics_file": (_optional(_path), None),
     "webhook": (_optional(_webhook), None),
     "prefreeze": (_prefreeze, dict),
@@ -351,7 +434,10 @@ class Settings:
 
     @property
     def lock_dir(self) -> Path:
-        return self.state_dir / "locks"
+        """Host-wide, whatever the config: two configs must still exclude each other per domain."""
+        from kvm_borg.locks import LOCK_DIR
+
+        return LOCK_DIR
 
     @property
     def staging_dir(self) -> Path:
@@ -385,16 +471,72 @@ def validate(data: Any) -> dict:
     return _check_keys(data, SCHEMA, "")
 
 
+def _yaml_error(exc: YAMLError, source: str) -> ConfigError:
+    """Given a ruamel.yaml error, return the one-line ConfigError (a duplicate key is named)."""
+    mark = exc.problem_mark if isinstance(exc, MarkedYAMLError) else None
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    if isinstance(exc, DuplicateKeyError):
+        found = re.search(r'found duplicate key "(.*?)"', exc.problem or "")
+        name = found.group(1) if found else "?"
+        return ConfigError(f"{source}: duplicate key {name!r}{where} (each key may appear once per mapping)")
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return ConfigError(f"{source}: malformed YAML{where}: {problem}")
+
+
+def load_yaml(text: str, source: str = "config") -> Any:
+    """Given YAML text, return the parsed document with YAML 1.2 scalars (`off`, `no` stay strings) and
+    duplicate keys refused; a malformed document is a one-line ConfigError."""
+    loader = YAML(typ="safe", pure=True)
+    loader.version = (1, 2)
+    loader.allow_duplicate_keys = False
+    try:
+        return loader.load(text)
+    except YAMLError as exc:
+        raise _yaml_error(exc, source) from None
+    except RecursionError:  # deeply nested flow collections
+        raise ConfigError(f"{source}: malformed YAML: nested too deeply") from None
+
+
 def parse_text(text: str, source: str = "config") -> dict:
     """Given YAML text, return the normalized config dict; malformed YAML is a one-line ConfigError."""
+    return validate(load_yaml(text, source))
+
+
+def read_config_file(path: Path) -> str:
+    """Given the path of an explicitly named config file, return its text; anything that is not a
+    readable, non-empty UTF-8 file is a one-line ConfigError."""
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
-    return validate(data)
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: config file is a directory") from None
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line})") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: config file is empty (delete it to use the embedded default)")
+    return text
+
+
+def check_state_dir_owner(state_dir: str, euid: int | None = None) -> None:
+    """Given the normalized state_dir, refuse it (ConfigError) when we run as root and it, or the
+    nearest existing directory above it, is not owned by root: another user could swap overlays,
+    journal entries or the passphrase under us."""
+    euid = os.geteuid() if euid is None else euid
+    if euid != 0:
+        return
+    path = state_dir
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    owner = os.lstat(path).st_uid
+    if owner != 0:
+        what = "state_dir" if path == state_dir else f"state_dir's parent {path}"
+        raise ConfigError(f"state_dir: {what} is owned by uid {owner}, not root; refusing to use it")
 
 
 def config_path_from(cli_path: str | None) -> tuple[Path, bool]:
@@ -413,17 +555,15 @@ def load_settings(cli_path: str | None = None, *, progress: bool = False) -> Set
     embedded default (a local encrypted borg repository under state_dir)."""
     path, explicit = config_path_from(cli_path)
     embedded = False
-    if path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-        data = parse_text(text, str(path))
-    elif explicit:
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise ConfigError(f"{path}: config file {what}")
+    from_file = explicit or path.exists()
+    if from_file:
+        document = load_yaml(read_config_file(path), str(path))
+        if document is None:
+            raise ConfigError(f"{path}: config file has no settings (only comments)")
+        data = validate(document)
     else:
         data, embedded = validate({}), True
+    check_state_dir_owner(data["state_dir"])
     if data["repositories"] is None:
         data["repositories"] = [embedded_default_repository(data["state_dir"])]
         embedded = True
@@ -442,7 +582,7 @@ def load_settings(cli_path: str | None = None, *, progress: bool = False) -> Set
         restic_binary=data["restic_binary"],
         hostname=data["hostname"] or socket.gethostname(),
         repositories=data["repositories"],
-        config_path=path if path.is_file() else None,
+        config_path=path if from_file else None,
         embedded_default=embedded,
         progress=progress,
         retention=data["retention"],

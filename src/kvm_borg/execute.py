@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kvm_borg.redact import redact_text
+
 logger = logging.getLogger(__name__)
 
 # Seconds a child gets after SIGTERM to clean up (borg releases its repository lock) before SIGKILL.
@@ -107,7 +109,7 @@ def run_command(
     argv = tuple(os.fspath(arg) for arg in argv)
     if secret is not None and not secret_env:
         raise ValueError("a secret needs secret_env, the variable that names its file descriptor")
-    logger.debug("running: %s", shlex.join(argv))
+    logger.debug("running: %s", redact_text(shlex.join(argv)))
     scope = getattr(_thread_scope, "scope", None)
     if scope is not None and scope.stopped:
         raise CommandError(argv, None, f"{os.path.basename(argv[0])} not started: the run is being interrupted")

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvm_borg.atomic import fsync_dir, write_atomic
 from kvm_borg.errors import KvmBorgError
 
 ENTRY_VERSION = 1
@@ -79,31 +80,11 @@ def entry_path(journal_dir: Path, uuid: str) -> Path:
     return journal_dir / f"{uuid}.json"
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_entry(journal_dir: Path, entry: Entry) -> Path:
     """Given an Entry, write it atomically and durably (temp file, fsync, rename, fsync dir)."""
     journal_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = entry_path(journal_dir, entry.uuid)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(asdict(entry), handle, indent=2, ensure_ascii=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # e.g. ENOSPC: the previous entry stays as it was, no half-written temp file
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(journal_dir)
-    return path
+    return write_atomic(path, json.dumps(asdict(entry), indent=2, ensure_ascii=False).encode("utf-8"), 0o600)
 
 
 def load_entry(path: Path) -> Entry:
@@ -158,4 +139,4 @@ def remove_entry(journal_dir: Path, uuid: str) -> None:
         entry_path(journal_dir, uuid).unlink()
     except FileNotFoundError:
         return
-    _fsync_dir(journal_dir)
+    fsync_dir(journal_dir)

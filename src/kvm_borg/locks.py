@@ -1,23 +1,65 @@
-"""Per-domain locks so two kvm-borg runs never work on the same domain at once."""
+"""Per-domain locks so two kvm-borg runs never work on the same domain at once.
+
+The locks live in one host-wide directory, /run/kvm-borg/locks/, keyed by the domain UUID, so two
+configurations with different state_dirs still exclude each other (a domain has one set of disks
+whatever config names it). /run is a tmpfs: the files vanish at boot, when no run can hold them.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import stat
+import uuid as uuid_module
 from pathlib import Path
 
-from kvm_borg.errors import LockedError
+from kvm_borg.errors import KvmBorgError, LockedError
+
+LOCK_DIR = Path("/run/kvm-borg/locks")
+
+
+def lock_name(uuid: str) -> str:
+    """Given a domain UUID, return its lock file's name (`<uuid>.lock`); anything that is not a UUID
+    is a KvmBorgError (the UUID becomes part of a path)."""
+    try:
+        canonical = str(uuid_module.UUID(uuid))
+    except (ValueError, TypeError, AttributeError):
+        raise KvmBorgError(f"cannot lock domain: {uuid!r} is not a UUID") from None
+    return f"{canonical}.lock"
+
+
+def _private_dir(path: Path) -> None:
+    """Create `path` (0700) if missing; refuse a symlink, a non-directory or a directory owned by
+    someone else, and tighten a looser mode of our own."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise KvmBorgError(f"lock directory {path} is not a directory (a symlink?); remove it")
+    if info.st_uid != os.geteuid():
+        raise KvmBorgError(f"lock directory {path} is owned by uid {info.st_uid}, not by us; remove it")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def ensure_lock_dir(lock_dir: Path) -> None:
+    """Create `lock_dir` and its parent as private (0700) directories of ours."""
+    _private_dir(lock_dir.parent)
+    _private_dir(lock_dir)
 
 
 @contextlib.contextmanager
 def domain_lock(lock_dir: Path, uuid: str, name: str):
-    """Hold an exclusive, non-blocking flock for domain `uuid`; LockedError names the holder's PID.
+    """Hold an exclusive, non-blocking flock for domain `uuid` in `lock_dir` (normally LOCK_DIR);
+    LockedError names the holder's PID. Yields the lock file's path.
 
     The kernel drops the lock when the process dies, so a killed run never leaves it behind."""
-    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = lock_dir / f"{uuid}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    ensure_lock_dir(lock_dir)
+    path = lock_dir / lock_name(uuid)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kvm_borg import __version__
+from kvm_borg.atomic import write_atomic
 from kvm_borg.models import DomainPlan, FreezeResult
 
 META_NAME = "meta.json"
@@ -145,9 +146,7 @@ def staged_host_state(meta: dict) -> list[str]:
 
 
 def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    write_atomic(path, text.encode("utf-8"), 0o600)
 
 
 def write_staging(staging_dir: Path, meta: dict, persistent_xml: str, live_xml: str | None,
@@ -159,9 +158,7 @@ def write_staging(staging_dir: Path, meta: dict, persistent_xml: str, live_xml: 
     for name, data in (host_files or {}).items():
         path = staging_dir / name
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        write_atomic(path, data, 0o600)
     _write_private(staging_dir / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     _write_private(staging_dir / PERSISTENT_XML_NAME, persistent_xml)
     if live_xml is not None:

@@ -7,8 +7,9 @@ temporary name node_exporter ignores, fsync, rename), so the collector never rea
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from kvm_borg.atomic import write_atomic
 
 PREFIX = "kvm_borg_"
 
@@ -104,18 +105,4 @@ def write_textfile(path: str | Path, text: str) -> None:
     """Given the textfile's path and its text, replace it atomically (world-readable: node_exporter reads it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # no .prom suffix: the collector skips it
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(path, text.encode("utf-8"), 0o644)  # its temp name ends in .tmp: the collector skips it

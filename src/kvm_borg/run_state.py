@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from kvm_borg.atomic import write_atomic
 from kvm_borg.models import CheckResult, PruneResult, RunSummary
 
 log = logging.getLogger(__name__)
@@ -55,21 +56,15 @@ def load(state_dir: Path) -> dict:
 
 
 def _write(state_dir: Path, state: dict) -> None:
-    path = state_path(state_dir)
-    tmp = path.with_name(f".{STATE_NAME}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(state, handle, indent=1, ensure_ascii=False, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    text = json.dumps(state, indent=1, ensure_ascii=False, sort_keys=True)
+    write_atomic(state_path(state_dir), text.encode("utf-8"), 0o600)
 
 
 @contextlib.contextmanager
 def _locked(state_dir: Path):
     lock_dir = Path(state_dir) / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(lock_dir / "run-state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(lock_dir / "run-state.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

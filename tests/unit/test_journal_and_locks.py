@@ -2,12 +2,14 @@
 
 import multiprocessing
 import os
+import stat
+from pathlib import Path
 
 import pytest
 
-from kvm_borg import journal
-from kvm_borg.errors import LockedError
-from kvm_borg.locks import domain_lock
+from kvm_borg import atomic, config, journal
+from kvm_borg.errors import KvmBorgError, LockedError
+from kvm_borg.locks import LOCK_DIR, domain_lock, lock_name
 
 
 def _entry():
@@ -29,23 +31,27 @@ def test_entry_round_trip_and_removal(tmp_path):
     assert journal.read_entry(tmp_path, "u-1") is None and journal.list_entries(tmp_path) == []
 
 
+UUID = "6a0f4b8e-54d6-4c3e-9a55-0c2d1f7f3b11"
+
+
 def _hold(lock_dir, started, release):
-    with domain_lock(lock_dir, "u-1", "web"):
+    with domain_lock(lock_dir, UUID, "web"):
         started.set()
         release.wait(10)
 
 
 def test_second_holder_is_refused_with_the_pid_and_lock_dies_with_process(tmp_path):
+    lock_dir = tmp_path / "run" / "locks"
     started, release = multiprocessing.Event(), multiprocessing.Event()
-    proc = multiprocessing.Process(target=_hold, args=(tmp_path, started, release))
+    proc = multiprocessing.Process(target=_hold, args=(lock_dir, started, release))
     proc.start()
     assert started.wait(10)
     with pytest.raises(LockedError, match=f"pid {proc.pid}"):
-        with domain_lock(tmp_path, "u-1", "web"):
+        with domain_lock(lock_dir, UUID, "web"):
             pass
     proc.kill()
     proc.join()
-    with domain_lock(tmp_path, "u-1", "web"):
+    with domain_lock(lock_dir, UUID, "web"):
         pass
 
 
@@ -78,9 +84,59 @@ def test_a_failed_write_keeps_the_previous_entry_and_leaves_no_temp_file(tmp_pat
     def full(*_args, **_kwargs):  # ENOSPC cannot be produced in a unit test's tmp_path
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(journal.os, "fsync", full)
+    monkeypatch.setattr(atomic.os, "fsync", full)
     with pytest.raises(OSError):
         journal.write_entry(tmp_path, changed)
     monkeypatch.undo()
     assert journal.read_entry(tmp_path, "u-1").stage == "planned"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["u-1.json"]
+
+
+def test_lock_dir_and_its_parent_are_private_and_the_lock_is_keyed_by_uuid(tmp_path):
+    lock_dir = tmp_path / "run" / "locks"
+    (tmp_path / "run").mkdir(mode=0o755)
+    with domain_lock(lock_dir, UUID.upper(), "web") as path:
+        assert path == lock_dir / f"{UUID}.lock"  # canonical lower-case form
+    for directory in (lock_dir, lock_dir.parent):
+        assert stat.S_IMODE(os.lstat(directory).st_mode) == 0o700
+
+
+def test_lock_dir_is_host_wide_whatever_the_state_dir():
+    first = config.Settings(**_settings("/srv/kb-a"))
+    second = config.Settings(**_settings("/srv/kb-b"))
+    assert first.lock_dir == second.lock_dir == LOCK_DIR == Path("/run/kvm-borg/locks")
+
+
+def test_symlinked_lock_dir_is_refused_and_not_followed(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "locks").symlink_to(elsewhere)
+    with pytest.raises(KvmBorgError, match="is not a directory"):
+        with domain_lock(tmp_path / "run" / "locks", UUID, "web"):
+            pass
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", ["../../etc/cron.d/x", "u-1", "", "6a0f4b8e/54d6"])
+def test_a_lock_name_is_only_ever_a_uuid(bad):
+    with pytest.raises(KvmBorgError, match="is not a UUID"):
+        lock_name(bad)
+
+
+def _settings(state_dir):
+    return dict(libvirt_uri="qemu:///system", state_dir=Path(state_dir), overlay_dir=None, overlay_min_free=0,
+                quiesce="auto", guest_agent_timeout=1.0, commit_timeout=1.0, commit_retries=1, domains={},
+                plugins=[], borg_binary=None, restic_binary=None, hostname="h", repositories=[])
+
+
+def test_entry_writer_does_not_follow_a_planted_temp_symlink(tmp_path):
+    from kvm_borg.atomic import temp_names
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir(mode=0o700)
+    next(temp_names(journal.entry_path(journal_dir, "u-1"))).symlink_to(victim)
+    journal.write_entry(journal_dir, _entry())
+    assert victim.read_text() == "precious\n" and journal.read_entry(journal_dir, "u-1").domain == "web 01"

@@ -12,11 +12,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvm_borg.atomic import create_exclusive
 from kvm_borg.config import Settings, select_repositories
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import disk_targets, domain_selected
 from kvm_borg.errors import ConfigError, KvmBorgError, UsageError
 from kvm_borg.plugins import make_plugin_manager
+from kvm_borg.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +86,8 @@ def ensure_embedded_default(ctx: Context, repo: dict, backend) -> None:
         return
     ensure_state_dir(ctx.settings)
     passphrase = Path(repo["passphrase_file"])
-    if not passphrase.exists():
-        fd = os.open(passphrase, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32) + "\n")
+    if not os.path.lexists(passphrase):
+        create_exclusive(passphrase, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
     if backend.init():
         marker = ctx.settings.state_dir / NOTICE_MARKER
         if not marker.exists():
@@ -98,7 +98,8 @@ def ensure_embedded_default(ctx: Context, repo: dict, backend) -> None:
                 f"borg key export {repo['path']} /root/kvm-borg-repo.key",
                 file=sys.stderr,
             )
-            marker.touch(mode=0o600)
+            if not os.path.lexists(marker):
+                create_exclusive(marker, b"", 0o600)
 
 
 def open_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict, object]]:
@@ -115,13 +116,26 @@ def open_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict,
     return result
 
 
-def resolve_domains(ctx: Context, names: list[str], all_domains: bool) -> list[str]:
-    """Given domain names or --all, return the names to work on; an unknown name is a UsageError."""
+def no_domain_matches(include: list[str], exclude: list[str], on_host: int) -> str:
+    """Given the config's domains.include/exclude and how many domains the host has, return the one
+    line that says `--all` selected nothing."""
+    return (f"--all: no domain matches domains.include/exclude (include: {', '.join(include) or 'none'}; "
+            f"exclude: {', '.join(exclude) or 'none'}; {on_host} domains on this host)")
+
+
+def resolve_domains(ctx: Context, names: list[str], all_domains: bool, *, allow_empty: bool = False) -> list[str]:
+    """Given domain names or --all, return the names to work on; an unknown name is a UsageError, and
+    so is an --all that selects nothing (a run that backs up nothing must not look green) unless
+    `allow_empty`."""
     conn = ctx.connection
     if all_domains:
         include = ctx.settings.domains["include"]
         exclude = ctx.settings.domains["exclude"]
-        return sorted(d.name() for d in conn.conn.listAllDomains(0) if domain_selected(d.name(), include, exclude))
+        on_host = [d.name() for d in conn.conn.listAllDomains(0)]
+        chosen = sorted(name for name in on_host if domain_selected(name, include, exclude))
+        if not chosen and not allow_empty:
+            raise UsageError(no_domain_matches(include, exclude, len(on_host)))
+        return chosen
     if not names:
         raise UsageError("name at least one domain, or use --all")
     for name in names:
@@ -147,4 +161,4 @@ def check_disk_targets(ctx: Context, domains: list[str], targets: list[str]) -> 
 
 def print_json(data) -> None:
     """Print `data` as indented JSON (dataclasses already turned into dicts)."""
-    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    print(redact_text(json.dumps(data, indent=2, ensure_ascii=False, default=str)))

@@ -33,6 +33,7 @@ import libvirt
 
 from kvm_borg import host_state, journal, metadata, mountinfo
 from kvm_borg.actions.common import Context, ensure_state_dir, print_json, resolve_domains
+from kvm_borg.atomic import write_atomic
 from kvm_borg.engine.libvirt_snapshot import RecoveryReport, SnapshotSource, bring_back_to_base, frozen_disk
 from kvm_borg.engine.planning import handle_for, make_plan
 from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
@@ -81,13 +82,7 @@ def _write_record(settings, record: dict) -> None:
     directory = _records_dir(settings)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = directory / f"{record['uuid']}.json"
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=1, ensure_ascii=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8"), 0o600)
 
 
 def _read_records(settings) -> list[dict]:

@@ -45,6 +45,7 @@ from pathlib import Path
 from kvm_borg import mountinfo, restore_plan, signals
 from kvm_borg.actions.common import Context, ensure_state_dir, print_json
 from kvm_borg.actions.restore import open_repository, read_meta, resolve_archive
+from kvm_borg.atomic import write_atomic
 from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
 
 log = logging.getLogger(__name__)
@@ -249,9 +250,7 @@ class MountRecord:
         self.save()
 
     def save(self) -> None:
-        temp = self.path.with_suffix(".tmp")
-        temp.write_text(json.dumps(self.data, indent=2, ensure_ascii=False))
-        os.replace(temp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=2, ensure_ascii=False).encode("utf-8"), 0o600)
 
 
 def teardown(ctx: Context, record: MountRecord) -> list[str]:

@@ -101,7 +101,7 @@ def run_status(ctx: Context, names: list[str], repo_names: list[str] | None, max
     repositories = select_repositories(ctx.settings, repo_names)
     if refresh_first:
         refresh(ctx, repositories)
-    domains = resolve_domains(ctx, [], True) if not names else list(dict.fromkeys(names))
+    domains = resolve_domains(ctx, [], True, allow_empty=True) if not names else list(dict.fromkeys(names))
     state = run_state.load(ctx.settings.state_dir)
     return domain_rows(state, domains, [r["name"] for r in repositories], max_age, time.time())
 

@@ -30,6 +30,7 @@ from kvm_borg.execute import CommandError, CommandResult, one_line, run_command
 from kvm_borg.hookspecs import hookimpl
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
+from kvm_borg.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class BorgRepository:
         self.progress = bool(getattr(settings, "progress", False))
 
     def __repr__(self) -> str:
-        return f"BorgRepository({self.name!r}, {self.location!r})"
+        return f"BorgRepository({self.name!r}, {redact_url(self.location)!r})"
 
     # --- RepositoryBackend ------------------------------------------------------------------
 
@@ -315,7 +316,7 @@ class BorgRepository:
             return False
         if _failed(result.returncode):
             raise self._error("init", log, result)
-        logger.info("created borg repository %s at %s (%s)", self.name, self.location, self.encryption)
+        logger.info("created borg repository %s at %s (%s)", self.name, redact_url(self.location), self.encryption)
         return True
 
     def exists(self) -> bool:

@@ -37,6 +37,7 @@ from kvm_borg.hookspecs import hookimpl
 from kvm_borg.metadata import parse_archive_comment
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
+from kvm_borg.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ class ResticRepository:
         self.options: tuple[str, ...] = (f"sftp.command={self.sftp_command}",) if self.sftp_command else ()
 
     def __repr__(self) -> str:
-        return f"ResticRepository({self.name!r}, {self.url!r})"
+        return f"ResticRepository({self.name!r}, {redact_url(self.url)!r})"
 
     @property
     def features(self) -> rc.Features:
@@ -337,7 +338,7 @@ class ResticRepository:
         if self.exists():
             return False
         self._run_checked(rc.make_init_command(self.binary, options=self.options), "init")
-        logger.info("created restic repository %s at %s", self.name, self.url)
+        logger.info("created restic repository %s at %s", self.name, redact_url(self.url))
         return True
 
     def exists(self) -> bool:
