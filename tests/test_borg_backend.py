@@ -164,7 +164,8 @@ def test_environment_never_holds_a_passphrase_and_never_prompts(tmp_path):
     assert "leak" not in env.values()
     assert "BORG_PASSPHRASE" not in env and "BORG_REPO" not in env
     assert env["PATH"] == "/bin"
-    assert env["BORG_RSH"] == "ssh -o BatchMode=yes"
+    assert env["BORG_RSH"] == ("ssh -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o ConnectTimeout=30 "
+                               "-o BatchMode=yes")
     assert env["BORG_DISPLAY_PASSPHRASE"] == "no"
     assert env["BORG_RELOCATED_REPO_ACCESS_IS_OK"] == "no"
     assert env["BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"] == "no"
@@ -178,7 +179,7 @@ def test_environment_passes_commands_not_secrets(tmp_path):
     )
     env = make_environment(config, {}, cache_suffix="kvm-borg-web")
     assert env["BORG_PASSCOMMAND"] == "pass show borg"
-    assert env["BORG_RSH"] == "ssh -i /k"
+    assert env["BORG_RSH"] == "ssh -o ServerAliveInterval=15 -o ServerAliveCountMax=4 -o ConnectTimeout=30 -i /k"
     assert env["BORG_REMOTE_PATH"] == "borg-1.4"
     assert env["BORG_FILES_CACHE_SUFFIX"] == "kvm-borg-web"
 
