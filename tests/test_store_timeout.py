@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -19,39 +17,13 @@ import pytest
 
 from harness import KVM_BORG_BIN, DiskSpec
 from harness.cli import _merged_env
+from silent_server import SilentServer
 from support import assert_back_on_own_images, cli_env, write_config, write_passphrase
 
 DISKS = [DiskSpec("vda", "qcow2", 32), DiskSpec("vdb", "raw", 32)]
 SSH_DEFAULTS = ("ServerAliveInterval=15", "ServerAliveCountMax=4", "ConnectTimeout=30")
 # The user's ssh_command in these tests: never prompt, no host key to trust (nothing ever answers).
 SSH_COMMAND = "ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
-
-
-class SilentServer:
-    """A TCP server on 127.0.0.1 that accepts every connection and never sends a byte."""
-
-    def __init__(self):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed
-                return
-            self.accepted.append(conn)  # held open, never answered
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.accepted:
-            conn.close()
 
 
 @pytest.fixture
