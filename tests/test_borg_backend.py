@@ -356,17 +356,16 @@ def test_missing_local_repository_fails_the_store(borg_base, stored, tmp_path):
     assert "does not exist" in result.error
 
 
+@pytest.mark.timeout(120)  # a bounded wait: the store must end by itself (ConnectTimeout), not hang
 def test_unreachable_remote_repository_fails_the_store(borg_base, stored):
     config = repository_config(
         "ssh://nobody@127.0.0.1:1/srv/repo", stored.passphrase_file,
         ssh_command="ssh -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no",
     )
-    started = time.monotonic()
     result = BorgRepository(config, SETTINGS).store(make_request("web", [stored.meta], "20261126T140000Z"))
     assert not result.ok
     assert "\n" not in result.error
     assert "Connection" in result.error or "ssh" in result.error
-    assert time.monotonic() - started < 60
 
 
 def test_missing_source_file_is_a_warning(stored, tmp_path):
