@@ -55,7 +55,10 @@ def test_status_warns_when_the_last_attempt_failed_and_answers_while_the_reposit
     holder = subprocess.Popen([str(BORG_BIN), "with-lock", str(repo), "sleep", "60"], env=borg_env(),
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(2)
+        deadline = time.monotonic() + 60  # bounded wait for the holder to have the lock
+        while not any((repo / name).exists() for name in ("lock.exclusive", "lock.roster")):
+            assert holder.poll() is None and time.monotonic() < deadline, "borg with-lock never took the lock"
+            time.sleep(0.1)
         # The same state and repository, with a short lock_wait so the backup gives up at once.
         config_short = write_config(image_dir / "kb2", repositories=[{
             "name": "main", "type": "borg", "path": str(repo), "lock_wait": 1,
