@@ -96,8 +96,10 @@ def merged_rows(current: list[dict], earlier: list[dict], earlier_when: str) -> 
     for row in earlier:
         if row.get("fault") in taken:
             continue
-        result = re.sub(rf"\s*\({NOT_RUN}[^)]*\)", "", row.get("result", "")) or "?"
-        kept.append({**row, "result": f"{result} ({NOT_RUN}; from {earlier_when})"})
+        result = row.get("result") or "?"
+        if NOT_RUN not in result:  # carried once already: keep the run it really comes from
+            result = f"{result} ({NOT_RUN}; from {earlier_when})"
+        kept.append({**row, "result": result})
     return current + kept
 
 

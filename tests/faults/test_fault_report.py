@@ -84,3 +84,6 @@ def test_an_old_table_without_a_result_column_is_carried_as_unknown():
     table = render_table(rows)
     assert "| new | 1 | yes | 0 | ok | pass |" in table
     assert "| wrong passphrase | 1 | yes | 0 | ok | ? (not run by this run; from 2026-11-26 14:55 UTC) |" in table
+    # Carried again by a later partial run: it still names the run it comes from.
+    again = render_table(merged_rows([], previous_rows(table), "2026-12-01 12:00 UTC"))
+    assert "| wrong passphrase | 1 | yes | 0 | ok | ? (not run by this run; from 2026-11-26 14:55 UTC) |" in again
