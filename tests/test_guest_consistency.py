@@ -329,12 +329,10 @@ def test_hung_agent_with_quiesce_auto_falls_back_to_crash_consistent_after_the_t
         build.agent_command(g.dom, "guest-ping", timeout=2)
     config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", quiesce="auto", guest_agent_timeout="3s")
 
-    started = time.monotonic()
-    proc, result, samples = backup(config, g)
+    proc, result, samples = backup(config, g)  # bounded (run_cli's timeout): a hung ping would never end
     assert proc.returncode == 1, proc.stderr
     assert result["ok"] and result["consistency"] == "crash-consistent", result
     assert any("guest agent not answering" in w for w in result["warnings"]), result
-    assert time.monotonic() - started < 60
     assert build.serial_hooks(g.console_log) == []
     assert max(samples) > samples[0]
     build.wait_for_progress(g.console_log, build.serial_last_seq(g.console_log) + 10, timeout=60)

@@ -140,11 +140,10 @@ def test_unknown_server_host_key_fails_at_once_without_prompting(domain_factory,
     borg = {"name": "borg", "type": "borg", "path": sshd.borg_url(image_dir / "srv-b"), "ssh_command": ssh_command,
             "passphrase_file": str(write_passphrase(tmp_path / "borg.pass"))}
     config = write_config(image_dir / "kb", [restic, borg], init=False)
-    started = time.monotonic()
+    # Bounded waits (run_cli's timeout): a prompting ssh would wait for an answer that never comes.
     init = run_cli("init", "--repo", "restic", config=config, env=cli_env(), timeout=120)
     assert init.returncode == 2 and "Host key verification failed" in init.stderr
     proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env(), timeout=120)
-    assert time.monotonic() - started < 60
     assert proc.returncode == 2
     stores = {s["repository"]: s for s in json.loads(proc.stdout)["domains"][0]["stores"]}
     assert not stores["restic"]["ok"] and "Host key verification failed" in stores["restic"]["error"]

@@ -55,7 +55,10 @@ def test_status_warns_when_the_last_attempt_failed_and_answers_while_the_reposit
     holder = subprocess.Popen([str(BORG_BIN), "with-lock", str(repo), "sleep", "60"], env=borg_env(),
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(2)
+        deadline = time.monotonic() + 60  # bounded wait for the holder to have the lock
+        while not any((repo / name).exists() for name in ("lock.exclusive", "lock.roster")):
+            assert holder.poll() is None and time.monotonic() < deadline, "borg with-lock never took the lock"
+            time.sleep(0.1)
         # The same state and repository, with a short lock_wait so the backup gives up at once.
         config_short = write_config(image_dir / "kb2", repositories=[{
             "name": "main", "type": "borg", "path": str(repo), "lock_wait": 1,
@@ -63,9 +66,9 @@ def test_status_warns_when_the_last_attempt_failed_and_answers_while_the_reposit
             state_dir=str(image_dir / "kb" / "state"))
         failed = run_cli("backup", domain.name, config=config_short, env=cli_env())
         assert failed.returncode == 2
-        started = time.monotonic()
-        status = run_cli("status", domain.name, config=config, env=cli_env())
-        assert time.monotonic() - started < 10  # no repository access
+        # No repository access: a status that opened the locked repository would wait out its
+        # lock_wait (60 s) and never end within this bounded wait (TimeoutExpired fails the test).
+        status = run_cli("status", domain.name, config=config, env=cli_env(), timeout=30)
         assert status.returncode == 1
         assert status.stdout.startswith("WARNING: last attempt failed:") and "last attempt failed:" in status.stdout
     finally:

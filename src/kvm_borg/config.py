@@ -382,6 +382,7 @@ SCHEMA = {
     "guest_agent_timeout": (_positive_duration, 10.0),
     "commit_timeout": (_positive_duration, 3600.0),
     "commit_retries": (_int(1, 100), 5),
+    "store_timeout": (_positive_duration, 12 * 3600.0),
     "domains": (_domains, lambda: {"include": ["*"], "exclude": [], "disks_exclude": {}}),
     "plugins": (_str_list, list),
     "borg_binary": (_optional(_path), None),
@@ -427,6 +428,7 @@ class Settings:
     metrics_file: str | None = None  # node_exporter textfile written after every run
     webhook: dict | None = None  # kvm_borg_hooks.webhook
     prefreeze: dict = field(default_factory=dict)  # kvm_borg_hooks.prefreeze: {domain: {before, after, ...}}
+    store_timeout: float = 12 * 3600.0  # bound on one domain's repository writes; then merged back
 
     @property
     def journal_dir(self) -> Path:
@@ -592,6 +594,7 @@ def load_settings(cli_path: str | None = None, *, progress: bool = False) -> Set
         metrics_file=data["metrics_file"],
         webhook=data["webhook"],
         prefreeze=data["prefreeze"],
+        store_timeout=data["store_timeout"],
     )
 
 

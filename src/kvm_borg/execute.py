@@ -6,7 +6,8 @@ and error messages, and a child that is stopped when the caller is interrupted.
 
 Commands run in worker threads (several repositories written at once) cannot see the main
 thread's interrupt; a `ChildScope` lets the main thread stop every child those threads started
-and keeps them from starting new ones.
+and keeps them from starting new ones. `stop_scope_after` does the same when a time limit
+passes (`store_timeout`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from kvm_borg.redact import redact_text
@@ -299,6 +301,7 @@ class ChildScope:
     def __init__(self):
         self._lock = threading.Lock()
         self._children: dict[subprocess.Popen, int] = {}
+        self._stopped_groups: set[int] = set()  # process groups `stop` signalled: `kill` takes their helpers too
         self.stopped = False
 
     def call(self, fn: Callable, *args, **kwargs):
@@ -330,27 +333,72 @@ class ChildScope:
         for process, stop_signal in children:
             if process.poll() is None:
                 logger.warning("stopping %s (pid %d)", command_name(process), process.pid)
+                with self._lock:
+                    self._stopped_groups.add(process.pid)
                 try:
                     process.send_signal(stop_signal)
                 except ProcessLookupError:
                     pass
 
     def kill(self) -> None:
-        """SIGKILL the process group of every child still registered (after `stop` and a grace period)."""
+        """SIGKILL the process group of every child still registered, and of every child `stop` signalled
+        (its ssh may outlive it), after `stop` and a grace period."""
         with self._lock:
-            children = list(self._children)
-        for process in children:
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            groups = {process.pid for process in self._children if process.poll() is None}
+            groups |= self._stopped_groups
+        for group in groups:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
-def call_in_parallel(calls: Sequence[Callable[[], object]], on_result: Callable[[int, object], None] | None = None) -> list:
+def duration_text(seconds: float) -> str:
+    """Given a number of seconds, return it the way a config duration is written: 12h, 90m, 5s, 1.5s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s" if float(seconds).is_integer() else f"{seconds:g}s"
+
+
+@contextmanager
+def stop_scope_after(scope: ChildScope, seconds: float | None) -> Iterator[threading.Event]:
+    """Given a ChildScope and a time limit (None: none), yield an Event that is set once the limit passed.
+
+    When it passes before the block ends, the scope is stopped (every child gets its stop signal,
+    so borg and restic release their repository locks; later `run_command`s in the scope fail at
+    once) and, TERMINATE_GRACE_SECONDS later, the process groups still running are SIGKILLed
+    (an ssh waiting on a dead server). The block's own code then sees its commands fail and ends."""
+    expired = threading.Event()
+    if seconds is None:
+        yield expired
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        if done.wait(seconds):
+            return
+        expired.set()
+        logger.warning("time limit of %s passed; stopping the commands still running", duration_text(seconds))
+        scope.stop()
+        if not done.wait(TERMINATE_GRACE_SECONDS):
+            scope.kill()
+
+    watcher = threading.Thread(target=watch, name="kvm-borg-time-limit", daemon=True)
+    watcher.start()
+    try:
+        yield expired
+    finally:
+        done.set()
+        watcher.join(timeout=TERMINATE_GRACE_SECONDS)
+
+
+def call_in_parallel(calls: Sequence[Callable[[], object]], on_result: Callable[[int, object], None] | None = None,
+                     scope: ChildScope | None = None) -> list:
     """Given zero-argument callables, run each in its own thread inside one ChildScope; return their results in order.
 
-    `on_result(index, result)` runs in the calling thread as each call finishes. A call's
+    `scope` is that ChildScope (None: a new one), so a caller can also stop it on a time limit
+    (`stop_scope_after`). `on_result(index, result)` runs in the calling thread as each call finishes. A call's
     exception is re-raised here once every call has ended. If the calling thread is
     interrupted while waiting (only the main thread gets signals), every child the threads
     started is stopped (their stop signal, SIGKILL after TERMINATE_GRACE_SECONDS), the calls
@@ -358,7 +406,7 @@ def call_in_parallel(calls: Sequence[Callable[[], object]], on_result: Callable[
 
     Completion is reported through a queue, never `Thread.join`: a join interrupted by a signal
     handler's exception can mark a still running thread as ended (CPython 3.11, bpo-45274)."""
-    scope = ChildScope()
+    scope = ChildScope() if scope is None else scope
     results: list = [None] * len(calls)
     errors: list = [None] * len(calls)
     finished: queue.SimpleQueue = queue.SimpleQueue()

@@ -178,28 +178,49 @@ def test_sigkill_at_each_stage_is_completed_by_recover(point, scenario, report_r
     settle_and_verify(sc, report_row)
 
 
+def borg_create_pid(parent_pid: int) -> int | None:
+    """Return the pid of the real `borg create` whose parent is `parent_pid`, or None.
+
+    The process must *be* borg (its argv runs the borg program: `borg ...` or `python .../borg ...`),
+    not the util-linux `setpriv --pdeathsig ... -- borg create` wrapper before it execs borg."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            argv = [os.path.basename(a.decode()) for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+        except OSError:
+            continue
+        if int(stat[1]) != parent_pid or "create" not in argv or "setpriv" in argv[:1]:
+            continue
+        program = argv[1] if argv[0].startswith("python") and len(argv) > 1 else argv[0]
+        if program == "borg" and argv.index("create") == argv.index(program) + 1:
+            return int(pid)
+    return None
+
+
+def process_start(pid: int) -> str | None:
+    """Return a process's start time (field 22 of /proc/PID/stat), None if it is gone or a zombie:
+    with the pid, it names one process even if the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if stat[0] in ("Z", "X") else stat[19]
+
+
 def test_sigkill_during_the_repository_write_is_completed_by_recover(scenario, image_dir, report_row):
     report_row["fault"] = "SIGKILL of backup during the repository write"
     disk = make_bulky_data_disk(image_dir / "bulky.raw", 512, 200)
     sc = scenario(fmt="raw", data_disk=disk)
     proc = start_backup(sc)
-
-    def borg_create_running() -> bool:
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if int(stat[1]) == proc.pid and b"create" in cmdline:
-                return True
-        return False
-
-    wait_for(borg_create_running, "borg create", proc=proc)
+    wait_for(lambda: borg_create_pid(proc.pid), "borg create", proc=proc)
+    borg_pid = borg_create_pid(proc.pid)
+    started = process_start(borg_pid)
+    assert started is not None
     time.sleep(0.5)
     proc.kill()
     proc.communicate()
-    wait_for(lambda: not borg_create_running(), "borg to die with kvm-borg", timeout=30)
+    # That very borg process (not a fresh lookup by parent, which it loses once kvm-borg is gone) must end.
+    wait_for(lambda: process_start(borg_pid) != started, "borg to die with kvm-borg", timeout=30)
     assert on_overlay(sc)
     recover(sc)
     settle_and_verify(sc, report_row)
@@ -282,6 +303,34 @@ def test_overlay_file_system_full_pauses_the_guest_which_is_resumed_after_the_co
 
 
 # --- the repository fails -------------------------------------------------------------------------
+
+
+def test_repository_hangs_store_timeout_merges_back(scenario, tmp_path, report_row):
+    """A port that accepts and never answers: after store_timeout borg (and its ssh) are stopped and the
+    writing guest is merged back by the run itself, nothing left for recover."""
+    from silent_server import SilentServer
+
+    report_row["fault"] = "repository hangs → store_timeout merges back"
+    server = SilentServer()
+    try:
+        sc = scenario(init=False, store_timeout="5s", repositories=[{
+            "name": "silent", "type": "borg", "path": f"ssh://nobody@127.0.0.1:{server.port}/srv/repo",
+            "passphrase_file": str(write_passphrase(tmp_path / "pass")),
+            "ssh_command": "ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"}])
+        proc = start_backup(sc)
+        wait_for(lambda: server.accepted, "borg's ssh to connect to the silent server", proc=proc)
+        assert on_overlay(sc)  # hanging, with the guest on its overlay
+        rc, out, err = finish(proc, timeout=300)  # bounded: the run must end by itself
+        sc.note_console()
+    finally:
+        server.close()
+    assert rc == 2, err
+    store = json.loads(out)["domains"][0]["stores"][0]
+    assert not store["ok"] and store["error"].startswith("store_timeout 5s passed"), store
+    assert "store_timeout 5s passed" in err
+    assert journal_entries(sc.state) == [] and not on_overlay(sc)  # merged back by the run itself
+    write_config(sc.config.parent, repo_path=sc.repo, plugins=[])  # the next backup goes to a reachable one
+    settle_and_verify(sc, report_row)
 
 
 def test_repository_lock_held_by_another_process(scenario, tmp_path, report_row):

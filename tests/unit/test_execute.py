@@ -164,21 +164,24 @@ def alarm():
     signal.signal(signal.SIGUSR1, previous)
 
 
-SLEEPER = "import os, sys, time\nprint(os.getpid(), file=sys.stderr, flush=True)\ntime.sleep(60)"
+# Children that print their pid, sleep, and only then (never, when they are stopped) create the
+# file named by their first argument: its absence proves the child was stopped, not waited for.
+SLEEPER = ("import os, sys, time\nprint(os.getpid(), file=sys.stderr, flush=True)\ntime.sleep(60)\n"
+           "open(sys.argv[1], 'w').close()")
 STUBBORN = (
     "import os, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    "print(os.getpid(), file=sys.stderr, flush=True)\ntime.sleep(60)"
+    "print(os.getpid(), file=sys.stderr, flush=True)\ntime.sleep(60)\nopen(sys.argv[1], 'w').close()"
 )
 
 
-def test_child_is_stopped_when_the_caller_gets_keyboard_interrupt(alarm):
+def test_child_is_stopped_when_the_caller_gets_keyboard_interrupt(alarm, tmp_path):
     pids = []
+    finished = tmp_path / "finished"
     alarm(0.5)
-    started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        run_command(python(SLEEPER), on_stderr_line=lambda line: pids.append(int(line)))
-    assert time.monotonic() - started < 5
+        run_command([*python(SLEEPER), str(finished)], on_stderr_line=lambda line: pids.append(int(line)))
     assert pids and _pid_is_gone(pids[0])
+    assert not finished.exists()  # stopped, not waited for
 
 
 def test_child_is_stopped_on_an_exception_from_a_signal_handler(alarm):
@@ -188,19 +191,19 @@ def test_child_is_stopped_on_an_exception_from_a_signal_handler(alarm):
     pids = []
     alarm(0.5, Interrupted)
     with pytest.raises(Interrupted):
-        run_command(python(SLEEPER), on_stderr_line=lambda line: pids.append(int(line)))
+        run_command([*python(SLEEPER), "/nonexistent/x"], on_stderr_line=lambda line: pids.append(int(line)))
     assert pids and _pid_is_gone(pids[0])
 
 
-def test_child_ignoring_sigterm_is_killed(alarm, monkeypatch):
+def test_child_ignoring_sigterm_is_killed(alarm, monkeypatch, tmp_path):
     monkeypatch.setattr(execute, "TERMINATE_GRACE_SECONDS", 0.5)
     pids = []
+    finished = tmp_path / "finished"
     alarm(0.5)
-    started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        run_command(python(STUBBORN), on_stderr_line=lambda line: pids.append(int(line)))
-    assert time.monotonic() - started < 5
+        run_command([*python(STUBBORN), str(finished)], on_stderr_line=lambda line: pids.append(int(line)))
     assert pids and _pid_is_gone(pids[0])
+    assert not finished.exists()  # SIGKILLed, not waited for
 
 
 def test_error_in_the_line_callback_stops_the_child():
@@ -211,7 +214,7 @@ def test_error_in_the_line_callback_stops_the_child():
         raise RuntimeError("progress bar broke")
 
     with pytest.raises(RuntimeError):
-        run_command(python(SLEEPER), on_stderr_line=callback)
+        run_command([*python(SLEEPER), "/nonexistent/x"], on_stderr_line=callback)
     assert pids and _pid_is_gone(pids[0])
 
 
@@ -237,3 +240,90 @@ def test_child_gets_sigterm_when_kvm_borg_is_killed(tmp_path):
     while os.path.exists(f"/proc/{child}") and open(f"/proc/{child}/stat").read().split()[2] != "Z":
         assert time.monotonic() < deadline, "the child outlived its killed parent"
         time.sleep(0.05)
+
+
+# --- time limits: stop_scope_after (store_timeout) --------------------------------------------
+
+
+def test_duration_text_is_written_like_a_config_duration():
+    assert [execute.duration_text(s) for s in (43200, 5, 90, 5400, 86400, 1.5, 0)] == [
+        "12h", "5s", "90s", "90m", "1d", "1.5s", "0s"]
+
+
+def _run_in_scope(scope, argv, outcome: dict) -> threading.Thread:
+    """Start a thread that runs `argv` inside `scope`, storing the result or the exception in `outcome`."""
+
+    def work():
+        try:
+            outcome["result"] = scope.call(run_command, argv, on_stderr_line=lambda line: outcome.setdefault(
+                "pid", int(line)))
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_time_limit_stops_the_children_of_the_scope(tmp_path):
+    scope = execute.ChildScope()
+    finished = tmp_path / "finished"
+    outcome: dict = {}
+    with execute.stop_scope_after(scope, 0.5) as expired:
+        thread = _run_in_scope(scope, [*python(SLEEPER), str(finished)], outcome)
+        thread.join(timeout=30)  # bounded: the child would sleep 60 s
+    assert not thread.is_alive()
+    assert expired.is_set()
+    assert outcome["result"].returncode == -signal.SIGTERM  # stopped cleanly first
+    assert _pid_is_gone(outcome["pid"]) and not finished.exists()
+    with pytest.raises(CommandError, match="not started"):
+        scope.call(run_command, python("pass"))  # nothing new starts once the limit passed
+
+
+def test_time_limit_kills_a_child_that_ignores_its_stop_signal(tmp_path, monkeypatch):
+    monkeypatch.setattr(execute, "TERMINATE_GRACE_SECONDS", 0.5)
+    scope = execute.ChildScope()
+    finished = tmp_path / "finished"
+    outcome: dict = {}
+    with execute.stop_scope_after(scope, 0.5) as expired:
+        thread = _run_in_scope(scope, [*python(STUBBORN), str(finished)], outcome)
+        thread.join(timeout=30)
+    assert not thread.is_alive() and expired.is_set()
+    assert outcome["result"].returncode == -signal.SIGKILL
+    assert not finished.exists()
+
+
+def test_time_limit_kills_the_helpers_a_stopped_child_leaves_behind(tmp_path):
+    """borg stopped by SIGTERM must not leave its ssh waiting on a dead server: the group is killed too."""
+    scope = execute.ChildScope()
+    helper_pid = tmp_path / "helper.pid"
+    code = ("import os, subprocess, sys, time\n"
+            "helper = subprocess.Popen(['sleep', '60'])\n"
+            f"open({str(helper_pid)!r}, 'w').write(str(helper.pid))\n"
+            "print(os.getpid(), file=sys.stderr, flush=True)\ntime.sleep(60)")
+    outcome: dict = {}
+    with execute.stop_scope_after(scope, 0.5):
+        thread = _run_in_scope(scope, python(code), outcome)
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    helper = int(helper_pid.read_text())
+    deadline = time.monotonic() + 30
+    while not _pid_is_gone(helper) and _proc_state(helper) != "Z":
+        assert time.monotonic() < deadline, "the helper outlived the time limit"
+        time.sleep(0.05)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_no_time_limit_and_a_block_that_ends_in_time_stop_nothing():
+    scope = execute.ChildScope()
+    with execute.stop_scope_after(scope, None) as expired:
+        assert scope.call(run_command, python("print('ok')")).stdout == "ok\n"
+    with execute.stop_scope_after(scope, 3600) as expired_later:
+        assert scope.call(run_command, python("print('ok')")).stdout == "ok\n"
+    assert not expired.is_set() and not expired_later.is_set() and not scope.stopped

@@ -32,17 +32,26 @@ def _store_all(ctx: Context, name: str, backends, request: ArchiveRequest) -> li
     One failing repository does not stop the others. Repositories at distinct locations are
     written at the same time, one thread each; those sharing a location (a backend's
     `location`) one after the other. An interrupt stops every child process and propagates,
-    so the caller still merges the overlays back."""
-    from kvm_borg.execute import call_in_parallel
+    so the caller still merges the overlays back. When `store_timeout` passes, the children
+    still running are stopped (see `execute.stop_scope_after`) and every repository not done
+    by then fails with "store_timeout ... passed"."""
+    from kvm_borg.execute import ChildScope, call_in_parallel, duration_text, stop_scope_after
+
+    scope = ChildScope()
+    timeout = getattr(ctx.settings, "store_timeout", None)
+    expired = None  # the Event stop_scope_after sets when store_timeout passed
 
     def store_one(repo, backend) -> StoreResult:
         try:
-            return backend.store(request)
+            result = backend.store(request)
         except KvmBorgError as exc:
-            return StoreResult(repository=repo["name"], ok=False, error=str(exc))
+            result = StoreResult(repository=repo["name"], ok=False, error=str(exc))
         except Exception as exc:  # a backend's bug must not cost the other repositories their archive
             log.exception("domain '%s': repository %s: unexpected error", name, repo["name"])
-            return StoreResult(repository=repo["name"], ok=False, error=f"unexpected error: {exc}")
+            result = StoreResult(repository=repo["name"], ok=False, error=f"unexpected error: {exc}")
+        if not result.ok and expired is not None and expired.is_set():
+            result.error = f"store_timeout {duration_text(timeout)} passed: the repository writes were stopped"
+        return result
 
     def report(repo, result: StoreResult) -> None:
         if not result.ok:
@@ -58,24 +67,25 @@ def _store_all(ctx: Context, name: str, backends, request: ArchiveRequest) -> li
     for repo, backend in backends:
         location = str(getattr(backend, "location", None) or repo["name"]).rstrip("/")
         groups.setdefault(location, []).append((repo, backend))
-    if len(groups) <= 1:
-        results = []
-        for repo, backend in backends:
-            results.append(store_one(repo, backend))
-            report(repo, results[-1])
-        return results
+    with stop_scope_after(scope, timeout) as expired:
+        if len(groups) <= 1:
+            results = []
+            for repo, backend in backends:
+                results.append(scope.call(store_one, repo, backend))
+                report(repo, results[-1])
+            return results
 
-    group_list = list(groups.values())
-    by_name: dict[str, StoreResult] = {}
+        group_list = list(groups.values())
+        by_name: dict[str, StoreResult] = {}
 
-    def finished(index: int, group_results: list[StoreResult]) -> None:
-        for (repo, _backend), result in zip(group_list[index], group_results):
-            by_name[repo["name"]] = result
-            report(repo, result)
+        def finished(index: int, group_results: list[StoreResult]) -> None:
+            for (repo, _backend), result in zip(group_list[index], group_results):
+                by_name[repo["name"]] = result
+                report(repo, result)
 
-    calls = [lambda group=group: [store_one(repo, backend) for repo, backend in group] for group in group_list]
-    call_in_parallel(calls, finished)
-    return [by_name[repo["name"]] for repo, _backend in backends]
+        calls = [lambda group=group: [store_one(repo, backend) for repo, backend in group] for group in group_list]
+        call_in_parallel(calls, finished, scope=scope)
+        return [by_name[repo["name"]] for repo, _backend in backends]
 
 
 def _fresh_timestamp(previous: str | None) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 
 from kvm_borg.metadata import parse_archive_comment
 from kvm_borg.backends import borg_commands
+from kvm_borg.backends.ssh_options import with_default_options
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, one_line, run_command
 from kvm_borg.hookspecs import hookimpl
@@ -114,10 +115,11 @@ def make_environment(
     """Given a repository config and the inherited environment, return borg's environment.
 
     It never holds a passphrase: a `passphrase_file` goes through BORG_PASSPHRASE_FD at run
-    time; a `passphrase_command` is a command, so it goes into BORG_PASSCOMMAND."""
+    time; a `passphrase_command` is a command, so it goes into BORG_PASSCOMMAND. BORG_RSH is the
+    ssh_command with kvm-borg's keepalive and connect-timeout defaults (`ssh_options`)."""
     env = {key: value for key, value in inherited.items() if key not in DROPPED_ENVIRONMENT}
     env.update(FIXED_ENVIRONMENT)
-    env["BORG_RSH"] = repository.get("ssh_command") or DEFAULT_SSH_COMMAND
+    env["BORG_RSH"] = with_default_options(repository.get("ssh_command") or DEFAULT_SSH_COMMAND)
     if repository.get("remote_path"):
         env["BORG_REMOTE_PATH"] = repository["remote_path"]
     if repository.get("passphrase_command"):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kvm_borg.backends import restic_commands as rc
+from kvm_borg.backends.ssh_options import with_default_options
 from kvm_borg.errors import ConfigError, KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, one_line, run_command, summarize_stderr
 from kvm_borg.hookspecs import hookimpl
@@ -307,7 +308,8 @@ class ResticRepository:
         self.compression: str | None = compression
         self.binary = find_restic_binary(getattr(settings, "restic_binary", None))
         self.progress = bool(getattr(settings, "progress", False))
-        self.sftp_command = rc.sftp_command(self.url, repository.get("ssh_command") or DEFAULT_SSH_COMMAND)
+        self.sftp_command = rc.sftp_command(
+            self.url, with_default_options(repository.get("ssh_command") or DEFAULT_SSH_COMMAND))
         self.options: tuple[str, ...] = (f"sftp.command={self.sftp_command}",) if self.sftp_command else ()
 
     def __repr__(self) -> str:

@@ -29,6 +29,7 @@ from kvm_borg.engine.domain_xml import (
 )
 from kvm_borg.engine.planning import DomainHandle
 from kvm_borg.errors import CommitError, KvmBorgError, RefusedError
+from kvm_borg.execute import duration_text
 from kvm_borg.hookspecs import hookimpl
 from kvm_borg.models import DomainPlan, FreezeResult, FrozenDisk, ReleaseResult
 
@@ -323,11 +324,13 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, KvmBorgError) and not isinstance(exc, CommitError)
 
 
-def commit_live_disk(connection: Connection, dom, entry, disk, settings: Settings, report: RecoveryReport) -> None:
+def commit_live_disk(connection: Connection, dom, entry, disk, settings: Settings, report: RecoveryReport,
+                     deadline: float | None = None) -> None:
     """Given a running domain and one journal disk, make the domain run on its base again.
 
-    Idempotent: starts the active commit unless one runs, waits for READY, pivots, records the
-    pivot in the journal, deletes the overlay."""
+    Idempotent: starts the active commit unless one runs, waits for READY (until `deadline`, a
+    time.monotonic() value; None: commit_timeout from now), pivots, records the pivot in the
+    journal, deletes the overlay."""
     live = sources_by_target(dom.XMLDesc(0))
     current = live.get(disk.target)
     if _same_file(current, disk.base) or current == disk.base:
@@ -347,7 +350,8 @@ def commit_live_disk(connection: Connection, dom, entry, disk, settings: Setting
         connection.block_jobs.forget(dom.UUIDString(), disk.target)
         dom.blockCommit(disk.target, None, None, 0, COMMIT_FLAGS)
         report.did(f"started blockcommit of {disk.target}")
-    wait_until_ready(connection, dom, disk.target, settings.commit_timeout)
+    timeout = settings.commit_timeout if deadline is None else max(0.0, deadline - time.monotonic())
+    wait_until_ready(connection, dom, disk.target, timeout)
     failpoints.reached("commit-ready")
     dom.blockJobAbort(disk.target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
     current = sources_by_target(dom.XMLDesc(0)).get(disk.target)
@@ -417,8 +421,10 @@ def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: S
     """Given a journal Entry, leave its domain on its own images, delete the overlays, drop the entry.
 
     Re-reads the domain's state on every attempt (it may stop, or libvirtd restart, meanwhile);
-    retries transient libvirt errors with tenacity; raises CommitError with the recovery command."""
+    retries transient libvirt errors with tenacity; raises CommitError with the recovery command.
+    `commit_timeout` bounds the whole merge, retries and their waits included."""
     report = RecoveryReport(entry.domain)
+    deadline = time.monotonic() + settings.commit_timeout
 
     def attempt():
         failpoints.reached("merge-attempt")
@@ -427,15 +433,16 @@ def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: S
         dom = connection.lookup_uuid(entry.uuid)
         for disk in entry.disks:
             if dom is not None and dom.isActive():
-                commit_live_disk(connection, dom, entry, disk, settings, report)
+                commit_live_disk(connection, dom, entry, disk, settings, report, deadline)
             else:
                 commit_offline_disk(dom, entry, disk, settings, report)
         fix_persistent_definition(connection, dom, entry, report)
         resume_if_paused_by_io_error(dom, report)
 
+    backoff = tenacity.wait_exponential(multiplier=1, max=30)
     retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(settings.commit_retries),
-        wait=tenacity.wait_exponential(multiplier=1, max=30),
+        stop=tenacity.stop_after_attempt(settings.commit_retries) | past_deadline(deadline),
+        wait=lambda state: max(0.0, min(backoff(state), deadline - time.monotonic())),
         retry=tenacity.retry_if_exception(_is_transient),
         before_sleep=lambda state: report.warn(
             f"merge attempt {state.attempt_number} failed ({_describe(state.outcome.exception())}), retrying"
@@ -445,9 +452,11 @@ def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: S
     try:
         retrying(attempt)
     except (libvirt.libvirtError, KvmBorgError, OSError) as exc:
+        limit = (f" within commit_timeout {duration_text(settings.commit_timeout)}"
+                 if time.monotonic() >= deadline else "")
         raise CommitError(
-            f"domain '{entry.domain}': could not merge overlays back ({_describe(exc)}); the journal entry is "
-            f"kept: run `{recovery_command(entry.domain)}`"
+            f"domain '{entry.domain}': could not merge overlays back{limit} ({_describe(exc)}); the journal "
+            f"entry is kept: run `{recovery_command(entry.domain)}`"
         ) from None
     try:
         journal.remove_entry(settings.journal_dir, entry.uuid)
@@ -455,6 +464,16 @@ def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: S
         report.warn(f"merged back, but could not remove the journal entry ({exc}): run "
                     f"`{recovery_command(entry.domain)}`")
     return report
+
+
+class past_deadline(tenacity.stop.stop_base):  # noqa: N801 (named like tenacity's own stop conditions)
+    """A tenacity stop condition, given a time.monotonic() deadline: stop once it passed."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def __call__(self, retry_state) -> bool:
+        return time.monotonic() >= self.deadline
 
 
 def _describe(exc: BaseException | None) -> str:
