@@ -33,6 +33,7 @@ from harness.crafted import (
     marked_paths,
     special_files,
 )
+from kvm_borg.restore_plan import safe_file_name
 from support import cli_env, write_config, write_passphrase
 
 DISKS = [DiskSpec("vda", "qcow2", 4), DiskSpec("vdb", "raw", 4)]
@@ -141,3 +142,176 @@ def test_an_unedited_crafted_archive_restores_like_the_original(source, kind, tm
     for disk, path in disks.items():
         assert Path(path).parent == target
         assert source.domain.verify_fill(disk, path, source.domain.formats[disk])
+
+
+# --- the crafted archives -------------------------------------------------------------------------
+
+
+def _staging(tree: Tree) -> str:
+    """The archive path of the directory that holds meta.json."""
+    return str(tree.meta_path().parent.relative_to(tree.root))
+
+
+def meta_edit(change):
+    """An edit that applies `change(meta, marker, tree)` to meta.json."""
+    def edit(tree: Tree, marker: str) -> None:
+        meta = tree.meta()
+        change(meta, marker, tree)
+        tree.write_meta(meta)
+    return edit
+
+
+def _with_nvram(meta, tree, **nvram_fields):
+    path = f"{_staging(tree)}/nvram.fd"
+    tree.write_file(path, b"VARS" * 1024)
+    meta["firmware"] = {**(meta.get("firmware") or {}), "loader": "/usr/share/OVMF/OVMF_CODE_4M.fd",
+                        "loader_type": "pflash", "nvram": "/var/lib/libvirt/qemu/nvram/x_VARS.fd"}
+    meta["files"]["nvram"] = path
+    meta["firmware"].update(nvram_fields)
+
+
+def _with_tpm(meta, tree, relative="tpm2/tpm2-00.permall", archive_path=None):
+    path = f"{_staging(tree)}/tpm/tpm2/tpm2-00.permall"
+    tree.write_file(path, b"TPM")
+    meta["tpm"] = {"model": "tpm-crb", "version": "2.0"}
+    meta["files"]["tpm_state"] = [{"relative": relative, "archive_path": archive_path or path}]
+
+
+def _backing(meta, **layer):
+    vdb = next(d for d in meta["disks"] if d["target"] == "vdb")
+    meta["disks"][0]["backing_chain"] = [{"path": "/var/lib/libvirt/images/base.raw",
+                                          "archive_path": vdb["archive_path"], "format": "raw", **layer}]
+    meta["disks"] = [meta["disks"][0]]
+
+
+def _image(tree: Tree, target: str = "vda") -> str:
+    return next(d["archive_path"] for d in tree.meta()["disks"] if d["target"] == target)
+
+
+REFUSED = {
+    # every path field of meta.json, absolute and with traversal
+    "archive_path absolute": ("borg", meta_edit(lambda m, k, t: m["disks"][0].update(
+        archive_path=f"/etc/cron.d/{k}")), "absolute"),
+    "archive_path traversal": ("restic", meta_edit(lambda m, k, t: m["disks"][0].update(
+        archive_path=f"var/lib/../../../../etc/cron.d/{k}")), "outside the archive"),
+    "original_source traversal": ("borg", meta_edit(lambda m, k, t: m["disks"][0].update(
+        original_source=f"/var/lib/libvirt/images/../../../../etc/cron.d/{k}")), "'..'"),
+    "original_source relative": ("borg", meta_edit(lambda m, k, t: m["disks"][0].update(
+        original_source=f"../../etc/cron.d/{k}")), "relative"),
+    "backing path traversal": ("borg", meta_edit(lambda m, k, t: _backing(
+        m, path=f"/var/lib/libvirt/images/../../../etc/cron.d/{k}")), "'..'"),
+    "backing archive_path absolute": ("borg", meta_edit(lambda m, k, t: _backing(
+        m, archive_path=f"/etc/cron.d/{k}")), "absolute"),
+    "backing archive_path traversal": ("restic", meta_edit(lambda m, k, t: _backing(
+        m, archive_path=f"../../../../etc/cron.d/{k}")), "outside the archive"),
+    "firmware.nvram traversal": ("borg", meta_edit(lambda m, k, t: _with_nvram(
+        m, t, nvram=f"/var/lib/libvirt/qemu/nvram/../../../../../etc/cron.d/{k}")), "'..'"),
+    "files.nvram absolute": ("borg", meta_edit(lambda m, k, t: (_with_nvram(m, t), m["files"].update(
+        nvram=f"/etc/cron.d/{k}"))), "absolute"),
+    "files.nvram traversal": ("borg", meta_edit(lambda m, k, t: (_with_nvram(m, t), m["files"].update(
+        nvram=f"../../../etc/cron.d/{k}"))), "outside the archive"),
+    "tpm relative traversal": ("borg", meta_edit(lambda m, k, t: _with_tpm(
+        m, t, relative=f"../../../../etc/cron.d/{k}")), "outside its directory"),
+    "tpm relative absolute": ("restic", meta_edit(lambda m, k, t: _with_tpm(
+        m, t, relative=f"/etc/cron.d/{k}")), "absolute"),
+    "tpm archive_path traversal": ("borg", meta_edit(lambda m, k, t: _with_tpm(
+        m, t, archive_path=f"var/../../etc/cron.d/{k}")), "outside the archive"),
+    "uuid traversal": ("borg", meta_edit(lambda m, k, t: (_with_tpm(m, t, relative=k), m["domain"].update(
+        uuid="../../../../etc/cron.d"))), "UUID"),
+    # names
+    "format with traversal": ("borg", meta_edit(lambda m, k, t: m["disks"][0].update(
+        format=f"raw/../../../etc/cron.d/{k}")), "format"),
+    "format with an option": ("restic", meta_edit(lambda m, k, t: m["disks"][0].update(
+        format="qcow2 -o backing_file=/etc/shadow")), "format"),
+    "backing format bogus": ("borg", meta_edit(lambda m, k, t: _backing(m, format="host_device")), "format"),
+    # the archive's files are read as regular files only
+    "image is a symlink": ("borg", lambda t, k: t.replace_with_symlink(_image(t), f"/etc/cron.d/{k}"),
+                           "not a regular file"),
+    "image is a symlink (restic)": ("restic", lambda t, k: t.replace_with_symlink(_image(t), "/etc/shadow"),
+                                    "not a regular file"),
+    "image is a device node": ("borg", lambda t, k: t.replace_with_device(_image(t, "vdb"), "b", 7, 0),
+                               "not a regular file"),
+    "image is a device node (restic)": ("restic", lambda t, k: t.replace_with_device(_image(t), "c", 1, 3),
+                                        "not a regular file"),
+    "image is a fifo": ("borg", lambda t, k: t.replace_with_fifo(_image(t)), "not a regular file"),
+    "image is a directory": ("borg", lambda t, k: t.replace_with_dir(_image(t)), "not a regular file"),
+    "domain xml is a symlink": ("borg", lambda t, k: t.replace_with_symlink(
+        t.meta()["files"]["domain_xml"], "/etc/libvirt/qemu.conf"), "not a regular file"),
+    "meta.json is a symlink": ("borg", lambda t, k: (t.path(f"{_staging(t)}/real.json").write_text(
+        t.meta_path().read_text()), t.replace_with_symlink(f"{_staging(t)}/meta.json", "real.json")),
+        "not a regular file"),
+    # malformed meta.json
+    "meta.json not JSON": ("restic", lambda t, k: t.write_meta(b'{"kvm_borg": 1, "disks": [\xff'), "not valid JSON"),
+    "meta.json wrong type": ("borg", meta_edit(lambda m, k, t: m.update(disks={"vda": m["disks"]})), "disks"),
+    "meta.json huge number": ("borg", meta_edit(lambda m, k, t: m["disks"][0].update(virtual_size=10 ** 40)),
+                              "virtual_size"),
+    "meta.json missing key": ("restic", meta_edit(lambda m, k, t: m.pop("files")), "files"),
+    "meta.json nested garbage": ("borg", meta_edit(lambda m, k, t: m["disks"][0].update(backing_chain=[[k]])),
+                                 "backing_chain"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_hostile_archive_is_refused_and_nothing_is_written(source, case, tmp_path, marker):
+    kind, edit, words = REFUSED[case]
+    archive = craft(source, kind, lambda tree: edit(tree, marker), tmp_path)
+    target = tmp_path / "target"
+    watch = Watch(marker, target)
+    for extra in (("--target-dir", target), ()):  # into a directory, and in place over the local domain
+        proc = restore(source, kind, archive, *extra)
+        assert_refused(proc, words)
+        assert not target.exists()
+        watch.assert_nothing_outside()
+    assert source.domain.verify_fill("vda") and source.domain.verify_fill("vdb")  # the original is untouched
+
+
+SANITIZED = {
+    # paths that only describe the host the archive came from: shown, never destinations
+    "original_source aimed at cron.d": ("borg", meta_edit(lambda m, k, t: m["disks"][0].update(
+        original_source=f"/etc/cron.d/{k}"))),
+    "backing path aimed at cron.d": ("restic", meta_edit(lambda m, k, t: _backing(m, path=f"/etc/cron.d/{k}"))),
+    "firmware.nvram aimed at cron.d": ("borg", meta_edit(lambda m, k, t: _with_nvram(
+        m, t, nvram=f"/etc/cron.d/{k}"))),
+    # modes recorded in meta.json and on the stored file itself are not copied
+    "setuid and world-writable modes": ("borg", lambda t, k: (
+        t.chmod(_image(t), 0o6777), t.chmod(_image(t, "vdb"), 0o1666),
+        meta_edit(lambda m, k2, t2: [d.update(owner={"uid": 0, "gid": 0, "user": "root", "group": "root",
+                                                     "mode": 0o6777}) for d in m["disks"]])(t, k))),
+    "setuid modes (restic)": ("restic", lambda t, k: (
+        t.chmod(_image(t), 0o4755),
+        meta_edit(lambda m, k2, t2: m["disks"][0].update(owner={"user": "root", "group": "root",
+                                                                "mode": 0o4777}))(t, k))),
+}
+
+
+@pytest.mark.parametrize("case", list(SANITIZED))
+def test_hostile_archive_restores_confined_with_local_modes(source, case, tmp_path, marker):
+    kind, edit = SANITIZED[case]
+    archive = craft(source, kind, lambda tree: edit(tree, marker), tmp_path)
+    target = tmp_path / "target"
+    watch = Watch(marker, target)
+    nvram = f"/var/lib/libvirt/qemu/nvram/{safe_file_name(source.domain.name)}_VARS.fd"
+    assert not os.path.lexists(nvram)
+    try:
+        proc = restore(source, kind, archive, "--target-dir", target, "--json")
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        watch.assert_nothing_outside()
+        watch.assert_target_plain()
+        named = list(result["disks"].values()) + [result["xml"]]
+        assert all(Path(p).parent == target for p in named), named
+        assert result["nvram"] == (nvram if case.startswith("firmware") else None)
+        for path in [*target.iterdir()] + ([Path(nvram)] if result["nvram"] else []):
+            st = os.lstat(path)  # root's 0600: never the archive's owner or mode
+            assert stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600), path
+    finally:
+        if os.path.lexists(nvram):
+            os.unlink(nvram)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../../etc/cron.d/x", "tab\there", "n" * 201])
+def test_a_name_libvirt_would_refuse_is_refused_before_anything_is_written(source, name, tmp_path):
+    target = tmp_path / "target"
+    proc = restore(source, "borg", source.borg_archive, "--name", name, "--target-dir", target, "--define")
+    assert_refused(proc, "--name")
+    assert not target.exists()
