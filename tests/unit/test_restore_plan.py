@@ -371,3 +371,35 @@ def test_blockdev_chain_never_follows_a_header_backing_path():
     # Nodes are defined before they are referenced.
     names = [n["node-name"] for n in nodes]
     assert names.index("l1") < names.index("l0") < names.index("overlay")
+
+
+def test_meta_records_the_format_of_every_backing_layer():
+    from kvm_borg import metadata
+    from kvm_borg.models import FrozenDisk
+
+    disk = FrozenDisk("vda", "/i/top.qcow2", "qcow2", 1, "/i/top.qcow2", ("/i/mid.qcow2", "/i/base.raw"),
+                      backing_formats=("qcow2", "raw"))
+    assert metadata.backing_layers(disk) == [
+        {"path": "/i/mid.qcow2", "archive_path": "i/mid.qcow2", "format": "qcow2"},
+        {"path": "/i/base.raw", "archive_path": "i/base.raw", "format": "raw"}]
+
+
+def test_restored_files_get_local_owner_and_mode_and_temp_files_never_follow(tmp_path):
+    import os
+
+    from kvm_borg.actions import restore
+    from kvm_borg.errors import RefusedError
+
+    assert restore.local_owner(str(tmp_path / "new")) == (0, 0, 0o600)
+    existing = tmp_path / "existing"
+    existing.write_bytes(b"x")
+    os.chmod(existing, 0o6777)
+    assert restore.local_owner(str(existing))[2] == 0o664  # no setuid/setgid, execute or world-write bit
+    fd, temp = restore.create_temp(str(tmp_path), "image")
+    os.close(fd)
+    assert oct(os.stat(temp).st_mode & 0o7777) == oct(0o600) and os.path.basename(temp).startswith(".image")
+    (tmp_path / "root").mkdir()
+    os.symlink("/etc", tmp_path / "root" / "uuid")
+    with pytest.raises(RefusedError, match="symlink"):
+        restore.refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "uuid" / "cron.d" / "x"))
+    restore.refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "other" / "x"))
