@@ -235,6 +235,13 @@ REFUSED = {
                                         "not a regular file"),
     "image is a fifo": ("borg", lambda t, k: t.replace_with_fifo(_image(t)), "not a regular file"),
     "image is a directory": ("borg", lambda t, k: t.replace_with_dir(_image(t)), "not a regular file"),
+    "nvram is a symlink": ("borg", lambda t, k: (meta_edit(lambda m, k2, t2: _with_nvram(m, t2))(t, k),
+                                                 t.replace_with_symlink(t.meta()["files"]["nvram"],
+                                                                        f"/etc/cron.d/{k}")), "not a regular file"),
+    "tpm state is a device node": ("restic", lambda t, k: (meta_edit(lambda m, k2, t2: _with_tpm(m, t2))(t, k),
+                                                           t.replace_with_device(
+                                                               t.meta()["files"]["tpm_state"][0]["archive_path"])),
+                                   "not a regular file"),
     "domain xml is a symlink": ("borg", lambda t, k: t.replace_with_symlink(
         t.meta()["files"]["domain_xml"], "/etc/libvirt/qemu.conf"), "not a regular file"),
     "meta.json is a symlink": ("borg", lambda t, k: (t.path(f"{_staging(t)}/real.json").write_text(
