@@ -22,6 +22,7 @@ import pytest
 from harness import RESTIC_BIN, TEST_PASSPHRASE, DiskSpec, qemu_img_compare, restic_env, run_cli
 from kbtest_plugins.probe import AFTER_SNAPSHOT_LENGTH, AFTER_SNAPSHOT_OFFSET, AFTER_SNAPSHOT_PATTERN
 from kvm_borg.backends.restic import ResticRepository
+from kvm_borg.restore_plan import safe_file_name
 from support import assert_back_on_own_images, cli_env, write_config, write_passphrase
 
 MiB = 1 << 20
@@ -155,8 +156,8 @@ def test_live_two_disk_backup_into_local_restic_equals_snapshot_content(domain_f
     restored = tmp_path / "restored"
     proc = run_cli("restore", domain.name, "--repo", "restic", "--target-dir", restored, config=config, env=cli_env())
     assert proc.returncode == 0, proc.stderr
-    for disk in meta["disks"]:
-        image = restored / os.path.basename(disk["original_source"])
+    for disk in meta["disks"]:  # named on this host, never after the archive's paths
+        image = restored / f"{safe_file_name(domain.name)}-{disk['target']}.{disk['format']}"
         assert qemu_img_compare(image, reference / f"{disk['target']}.raw", disk["format"], "raw")
 
 

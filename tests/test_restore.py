@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from harness import DiskSpec, qemu_img_compare, run_cli, wait_state
+from kvm_borg.restore_plan import safe_file_name
 from support import archived_meta, cli_env, extract_archive, write_config
 
 MiB = 1 << 20
@@ -134,9 +135,10 @@ def test_sparse_restore_allocates_only_the_data(domain_factory, image_dir, tmp_p
     assert st.st_size == 4096 * MiB
     assert st.st_blocks * 512 <= data * 1.05, (st.st_blocks * 512, data)
     assert domain.verify_fill("vda", restored, "raw")
-    # Written atomically, with no temporary file left, readable by QEMU's user only via its owner.
+    # Written atomically, with no temporary file left; a new file is root's 0600 whatever the archive
+    # recorded (libvirt gives QEMU's user access when the domain starts).
     assert sorted(p.name for p in target_dir.iterdir()) == sorted([os.path.basename(restored), f"{domain.name}.xml"])
-    assert stat.S_IMODE(st.st_mode) & 0o077 == stat.S_IMODE(os.stat(domain.disks["vda"]).st_mode) & 0o077
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
 
 
 UEFI_XML = """<domain type='{vtype}'>
@@ -187,22 +189,27 @@ def test_uefi_domain_restores_with_its_nvram(domain_factory, image_dir, tmp_path
     proc = run_cli("backup", name, "--json", config=config, env=cli_env())
     assert proc.returncode in (0, 1), proc.stderr
     archive = json.loads(proc.stdout)["domains"][0]["stores"][0]["archive"]
-    meta = archived_meta(extract_archive(tmp_path / "repo", archive, tmp_path / "x"))
+    extracted = extract_archive(tmp_path / "repo", archive, tmp_path / "x")
+    meta = archived_meta(extracted)
     assert meta["firmware"]["loader"] == "/usr/share/OVMF/OVMF_CODE_4M.fd"
     assert meta["firmware"]["loader_type"] == "pflash" and meta["firmware"]["nvram"] == nvram
-    dom.destroy()  # OVMF may write variables while it runs: compare with the file at rest
-    original_vars = open(nvram, "rb").read()
+    archived_vars = (extracted / meta["files"]["nvram"]).read_bytes()
+    assert archived_vars != template
+    dom.destroy()
 
     copy = domain_factory.domain_name("uefi copy")
-    proc = restore(name, "--name", copy, "--target-dir", image_dir / "copy", "--start", "--json", config=config)
+    proc = restore(name, "--name", copy, "--target-dir", image_dir / "copy", "--define", "--json", config=config)
     assert proc.returncode in (0, 1), proc.stderr
     result = json.loads(proc.stdout)
     restored_nvram = result["nvram"]
-    assert restored_nvram and restored_nvram != nvram
+    # NVRAM goes only to libvirt's NVRAM directory, named after the copy (never to --target-dir).
+    assert restored_nvram == f"/var/lib/libvirt/qemu/nvram/{safe_file_name(copy)}_VARS.fd"
+    assert open(restored_nvram, "rb").read() == archived_vars  # compared at rest: OVMF writes while it runs
     copy_dom = libvirt_conn.lookupByName(copy)
     assert ET.fromstring(copy_dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).findtext("./os/nvram") == restored_nvram
+    copy_dom.create()
+    wait_state(copy_dom, libvirt.VIR_DOMAIN_RUNNING)
     copy_dom.destroy()
-    assert open(restored_nvram, "rb").read() == original_vars
 
 
 def _evil_archive(repo, workdir, meta_changes) -> str:
@@ -249,8 +256,9 @@ def test_paths_from_a_hostile_archive_are_refused(image_dir, tmp_path):
     assert not target.exists() and not os.path.exists("/img")
 
 
-def test_cross_node_restore_uses_the_paths_of_the_archive(domain_factory, image_dir, tmp_path, libvirt_conn):
-    """Node A backs up; node B (another hostname, same repository) has neither the domain nor its files."""
+def test_cross_node_restore_goes_to_libvirts_image_directory(domain_factory, image_dir, tmp_path, libvirt_conn):
+    """Node A backs up; node B (another hostname, same repository) has neither the domain nor its files:
+    the images land in /var/lib/libvirt/images (never at the archive's paths) and the domain starts."""
     domain = domain_factory.make(disks=TWO_DISKS, running=False, name="cross node")
     repo = tmp_path / "repo"
     config_a = write_config(image_dir / "node-a", repo_path=repo, hostname="node-a")
@@ -260,13 +268,20 @@ def test_cross_node_restore_uses_the_paths_of_the_archive(domain_factory, image_
     for target, path in domain.disks.items():
         os.rename(path, reference[target])
     domain.dom.undefine()
+    stem = safe_file_name(domain.name)  # "kbtest-<run>-cross_node"
+    expected = {t: f"/var/lib/libvirt/images/{stem}-{t}.{domain.formats[t]}" for t in domain.disks}
+    for path in [*expected.values(), f"/var/lib/libvirt/images/{stem}.xml"]:
+        assert not os.path.lexists(path)
+        domain_factory.track_path(path)
     config_b = write_config(image_dir / "node-b", repo_path=repo, hostname="node-b", init=False)
     proc = restore(domain.name, "--start", "--json", config=config_b)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["disks"] == {t: str(p) for t, p in domain.disks.items()}
+    assert result["disks"] == expected
     for target in domain.disks:
-        assert qemu_img_compare(domain.disks[target], reference[target], domain.formats[target],
-                                domain.formats[target])
+        assert not os.path.exists(domain.disks[target])  # the archive's paths are not destinations
+        assert qemu_img_compare(expected[target], reference[target], domain.formats[target], domain.formats[target])
     assert domain.is_active()
     assert domain.dom.UUIDString() == ET.fromstring(original_xml).findtext("uuid")
+    live = ET.fromstring(domain.dom.XMLDesc(0))
+    assert {d.find("target").get("dev"): d.find("source").get("file") for d in live.findall("./devices/disk")} == expected

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kvm_borg import __version__
 from kvm_borg.atomic import write_atomic
-from kvm_borg.models import DomainPlan, FreezeResult
+from kvm_borg.models import DomainPlan, FreezeResult, FrozenDisk
 
 META_NAME = "meta.json"
 PERSISTENT_XML_NAME = "domain.xml"
@@ -40,6 +40,20 @@ def archive_name(domain: str, timestamp: str) -> str:
 def relative_archive_path(host_path: str) -> str:
     """Given an absolute host path, return it relative to the archive root."""
     return host_path.lstrip("/")
+
+
+def backing_layers(disk: FrozenDisk) -> list[dict]:
+    """Given a FrozenDisk, return its meta.json backing chain: {path, archive_path, format} per layer, top first.
+
+    Restore passes each recorded format to qemu-img with -f and never probes one from the data."""
+    formats = list(disk.backing_formats) + [""] * (len(disk.backing_chain) - len(disk.backing_formats))
+    layers = []
+    for path, fmt in zip(disk.backing_chain, formats):
+        layer = {"path": path, "archive_path": relative_archive_path(path)}
+        if fmt:
+            layer["format"] = fmt
+        layers.append(layer)
+    return layers
 
 
 def build_meta(
@@ -69,9 +83,7 @@ def build_meta(
                 "read_from": disk.path,
                 "archive_path": relative_archive_path(disk.path),
                 "block_device": disk.is_block_device,
-                "backing_chain": [
-                    {"path": path, "archive_path": relative_archive_path(path)} for path in disk.backing_chain
-                ],
+                "backing_chain": backing_layers(disk),
             }
         )
     files = {"domain_xml": relative_archive_path(os.path.join(staging_dir, PERSISTENT_XML_NAME))}

@@ -52,6 +52,7 @@ class FrozenDisk:
     original_source: str
     backing_chain: tuple[str, ...] = ()
     is_block_device: bool = False
+    backing_formats: tuple[str, ...] = ()  # format of each backing_chain layer, as qemu-img reports it
 
 
 @dataclass

@@ -2,9 +2,9 @@
 
 Given an archive's `meta.json`, the paths the archive holds and the user's options, decide
 where every file goes (`plan_restore`) and how the domain XML changes (`rewrite_domain_xml`).
-Everything that comes from an archive is untrusted: archive paths must be relative and stay
-inside the archive, host paths must be absolute and normalized, disk targets must be plain
-device names. A violation is a UsageError naming the offending value.
+Everything that comes from an archive is untrusted (checked by `kvm_borg.archive_meta`), and
+no destination comes from it: destinations are the local definition's images, --target-dir,
+or libvirt's image, NVRAM and swtpm directories. A violation is a UsageError naming the value.
 """
 
 from __future__ import annotations
@@ -17,55 +17,25 @@ import uuid as uuid_module
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
+from kvm_borg.archive_meta import (  # noqa: F401 - the checkers are part of this module's interface
+    IMAGE_FORMATS,
+    check_archive_path,
+    check_domain_name,
+    check_format,
+    check_host_path,
+    check_meta,
+    check_relative_path,
+    check_target,
+    check_uuid,
+)
 from kvm_borg.errors import UsageError
 
 META_SUFFIX = "/meta.json"
+#: libvirt's own directories: restored files go nowhere else unless the user names a directory.
+IMAGE_DIR = "/var/lib/libvirt/images"
+NVRAM_DIR = "/var/lib/libvirt/qemu/nvram"
 TPM_STATE_ROOT = "/var/lib/libvirt/swtpm"
-_TARGET_RE = re.compile(r"^[a-z][a-z0-9]{0,31}$")
-_FORMAT_RE = re.compile(r"^[a-z0-9]{1,16}$")
 _NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
-
-
-# --- validation of what an archive says --------------------------------------------------------
-
-
-def check_archive_path(path: object, what: str = "archive path") -> str:
-    """Given a path an archive names, return it normalized; absolute or escaping ("..") ones are a UsageError."""
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise UsageError(f"archive names an invalid {what}: {path!r}")
-    if path.startswith("/"):
-        raise UsageError(f"archive names an absolute {what}, refused: {path!r}")
-    normalized = posixpath.normpath(path)
-    if normalized == ".." or normalized.startswith("../") or ".." in path.split("/"):
-        raise UsageError(f"archive names a {what} outside the archive, refused: {path!r}")
-    return normalized
-
-
-def check_host_path(path: object, what: str = "host path") -> str:
-    """Given a host path an archive names (an image's original place), return it; relative or ".." ones are a UsageError."""
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise UsageError(f"archive names an invalid {what}: {path!r}")
-    if not path.startswith("/"):
-        raise UsageError(f"archive names a relative {what}, refused: {path!r}")
-    if ".." in path.split("/") or posixpath.normpath(path) != path:
-        raise UsageError(f"archive names a {what} with '..' or redundant parts, refused: {path!r}")
-    if path == "/" or path.endswith("/"):
-        raise UsageError(f"archive names a directory as {what}, refused: {path!r}")
-    return path
-
-
-def check_target(target: object) -> str:
-    """Given a disk target from an archive (e.g. "vda"), return it; anything but a plain device name is a UsageError."""
-    if not isinstance(target, str) or not _TARGET_RE.match(target):
-        raise UsageError(f"archive names an invalid disk target: {target!r}")
-    return target
-
-
-def check_format(fmt: object) -> str:
-    """Given an image format from an archive, return it ("raw", "qcow2"...); anything else is a UsageError."""
-    if not isinstance(fmt, str) or not _FORMAT_RE.match(fmt):
-        raise UsageError(f"archive names an invalid image format: {fmt!r}")
-    return fmt
 
 
 def safe_file_name(name: str) -> str:
@@ -83,7 +53,7 @@ def meta_candidates(paths: list[str]) -> list[str]:
 
 
 def parse_meta(text: str) -> dict | None:
-    """Given a file's text, return it as kvm-borg meta.json, or None if it is not one."""
+    """Given a file's text, return it as kvm-borg meta.json, or None if it is not one (not JSON, no marker)."""
     try:
         data = json.loads(text)
     except ValueError:
@@ -100,12 +70,13 @@ def parse_meta(text: str) -> dict | None:
 
 @dataclass(frozen=True)
 class RestoreFile:
-    """One stored file and where it goes."""
+    """One stored file and where it goes. Owner and mode are chosen on this host, never read from the archive:
+    a new file is root's with `mode`; a file replaced in place keeps its local owner (see actions.restore)."""
 
     archive_path: str
     destination: str
     mode: int = 0o600
-    owner: str | None = None  # user name recorded at backup time
+    owner: str | None = None  # a local user name; None: root
     group: str | None = None
 
 
@@ -117,7 +88,15 @@ class RestoreDisk:
     format: str
     image: RestoreFile
     virtual_size: int
-    backing: tuple[tuple[RestoreFile, str], ...] = ()  # (file, format) of each backing layer, top first
+    backing: tuple[tuple[RestoreFile, str | None], ...] = ()  # (file, format) of each backing layer, top first
+
+
+@dataclass(frozen=True)
+class LocalDisk:
+    """A disk of the domain's definition on THIS host: its source and whether it is a block device."""
+
+    source: str | None
+    block: bool = False
 
 
 @dataclass
@@ -134,6 +113,7 @@ class RestorePlan:
     tpm_dir: str | None
     xml_path: str | None
     warnings: list[str] = field(default_factory=list)
+    in_place: bool = False  # onto the local definition's own images
 
     def destinations(self) -> list[str]:
         """Every host path the plan writes (images, backing files, NVRAM, TPM files, XML)."""
@@ -149,20 +129,11 @@ class RestorePlan:
         return paths
 
 
-def _stat_fields(entry: dict) -> dict:
-    owner = entry.get("owner") if isinstance(entry.get("owner"), dict) else {}
-    mode = owner.get("mode")
-    return {
-        "mode": (mode & 0o666) if isinstance(mode, int) and mode & 0o600 else 0o600,
-        "owner": owner.get("user") if isinstance(owner.get("user"), str) else None,
-        "group": owner.get("group") if isinstance(owner.get("group"), str) else None,
-    }
-
-
-def _image_name(original: str, target: str, fmt: str, new_name: str | None) -> str:
-    if new_name is None:
-        return posixpath.basename(original)
-    return f"{safe_file_name(new_name)}-{target}.{fmt}"
+def check_target_dir(path: str) -> str:
+    """Given --target-dir (absolute), return it normalized; a relative one is a UsageError."""
+    if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+        raise UsageError(f"--target-dir must be an absolute path: {path!r}")
+    return posixpath.normpath(path)
 
 
 def plan_restore(
@@ -174,79 +145,98 @@ def plan_restore(
     new_uuid: str | None = None,
     disks: list[str] | tuple[str, ...] = (),
     with_xml: bool = True,
+    local_disks: dict[str, LocalDisk] | None = None,
+    image_dir: str = IMAGE_DIR,
+    archive_types: dict[str, str] | None = None,
+    backing_formats_required: bool = True,
 ) -> RestorePlan:
     """Given meta.json, the archive's paths and the options, return the RestorePlan.
 
-    Default destinations are the original paths from meta.json (cross-node restores take them
-    from the archive, never from this host). With `target_dir`, every file goes into it. With
-    `new_name`, the domain gets that name and `new_uuid`, and images are named
-    `NEW-TARGET.FORMAT` so the copy never shares a file with the original."""
+    Destinations come from this host, never from a path in the archive:
+    - `local_disks` (the local definition of the archived domain, by target; None when it is not
+      defined here) without `target_dir` and `new_name`: an in-place restore onto those sources;
+    - otherwise `target_dir`, or the directory of the local disk for a copy (`new_name`) of a
+      domain defined here, or libvirt's `image_dir`; files are named `NAME-TARGET.FORMAT`
+      (backing layers `NAME-TARGET-backingN.FORMAT`);
+    - NVRAM: NVRAM_DIR/NAME_VARS.fd; TPM state: TPM_STATE_ROOT/UUID/RELATIVE.
+    With `archive_types` ({archive path: kind}), every file read must be a regular file ("file").
+    meta.json is checked whole first (archive_meta.check_meta). A violation is a UsageError."""
+    meta = check_meta(meta)
     if target_dir is not None:
-        target_dir = check_host_path(posixpath.normpath(target_dir), "target directory") if target_dir != "/" else "/"
-    original_name = meta["domain"].get("name")
-    original_uuid = meta["domain"].get("uuid")
-    if not isinstance(original_name, str) or not isinstance(original_uuid, str):
-        raise UsageError("archive meta.json names no domain name or UUID")
+        target_dir = check_target_dir(target_dir)
+    if new_name is not None:
+        check_domain_name(new_name, "invalid --name")
+    original_name = meta["domain"]["name"]
+    original_uuid = check_uuid(meta["domain"]["uuid"])
     name = new_name if new_name is not None else original_name
-    domain_uuid = (new_uuid or str(uuid_module.uuid4())) if new_name is not None else original_uuid
+    if new_name is not None:
+        domain_uuid = check_uuid(new_uuid, "UUID") if new_uuid else str(uuid_module.uuid4())
+    else:
+        domain_uuid = original_uuid
+    in_place = local_disks is not None and target_dir is None and new_name is None
+    stem = safe_file_name(name)
     warnings: list[str] = []
 
     def present(path: str, what: str) -> str:
         checked = check_archive_path(path, what)
         if checked not in archive_paths:
             raise UsageError(f"archive lacks {what} {checked} that its meta.json names")
+        if archive_types is not None and archive_types.get(checked) != "file":
+            raise UsageError(f"archive holds {what} {checked} as a {archive_types.get(checked) or 'unknown'}, "
+                             "not a regular file; refused")
         return checked
 
-    def destination(original: str, file_name: str) -> str:
-        directory = target_dir if target_dir is not None else posixpath.dirname(original)
-        return posixpath.join(directory, file_name)
+    def directory_for(target: str) -> str:
+        if target_dir is not None:
+            return target_dir
+        local = (local_disks or {}).get(target)
+        if local is not None and local.source and not local.block:
+            return posixpath.dirname(local.source)
+        return image_dir
 
-    archived = {}
-    for entry in meta["disks"]:
-        if not isinstance(entry, dict):
-            raise UsageError("archive meta.json has a malformed disk entry")
-        archived[check_target(entry.get("target"))] = entry
+    archived = {entry["target"]: entry for entry in meta["disks"]}
     unknown = [t for t in disks if t not in archived]
     if unknown:
-        raise UsageError(f"archive has no disk {', '.join(unknown)} (it has {', '.join(archived) or 'none'})")
+        raise UsageError(f"archive has no disk {', '.join(map(str, unknown))} (it has {', '.join(archived) or 'none'})")
     chosen = [t for t in archived if not disks or t in disks]
 
     restore_disks = []
     for target in chosen:
         entry = archived[target]
-        fmt = check_format(entry.get("format", "raw"))
-        original = check_host_path(entry.get("original_source"), f"original source of disk {target}")
-        if entry.get("block_device") and target_dir is None:
-            raise UsageError(
-                f"disk {target} was the block device {original}: give --target-dir to restore it as a file"
-            )
-        file_name = _image_name(original, target, fmt, new_name)
-        if entry.get("block_device"):
-            file_name = f"{safe_file_name(name)}-{target}.{fmt}"
-        image = RestoreFile(present(entry.get("archive_path"), f"image of disk {target}"),
-                            destination(original, file_name), **_stat_fields(entry))
+        fmt = entry["format"]
+        if in_place:
+            local = local_disks.get(target)
+            if local is None or not local.source:
+                raise UsageError(f"disk {target} of the archive is not a file disk of the local domain {name!r}; "
+                                 "give --target-dir or --name")
+            if local.block:
+                raise UsageError(f"disk {target} of domain {name!r} is the block device {local.source}: give "
+                                 f"--target-dir to restore it as a file, or --disk {target} --to {local.source} "
+                                 "--overwrite to write into the device")
+            destination = local.source
+        else:
+            destination = posixpath.join(directory_for(target), f"{stem}-{target}.{fmt}")
+        image = RestoreFile(present(entry["archive_path"], f"image of disk {target}"), destination)
         backing = []
-        for layer in entry.get("backing_chain") or []:
-            layer_original = check_host_path(layer.get("path"), f"backing file of disk {target}")
-            layer_name = posixpath.basename(layer_original)
-            if new_name is not None:
-                layer_name = f"{safe_file_name(new_name)}-{target}-{layer_name}"
+        for index, layer in enumerate(entry.get("backing_chain") or [], start=1):
+            layer_format = layer.get("format")
+            if layer_format is None and backing_formats_required:
+                raise UsageError(f"archive records no format for backing file {index} of disk {target} (made by an "
+                                 f"older kvm-borg); restore the top image only with --disk {target} --to FILE")
+            layer_name = f"{stem}-{target}-backing{index}.{layer_format or 'img'}"
             backing.append((
-                RestoreFile(present(layer.get("archive_path"), f"backing file of disk {target}"),
-                            destination(layer_original, layer_name), **_stat_fields(entry)),
-                check_format(layer.get("format", "qcow2")),
+                RestoreFile(present(layer["archive_path"], f"backing file of disk {target}"),
+                            posixpath.join(posixpath.dirname(destination), layer_name)),
+                layer_format,
             ))
-        restore_disks.append(RestoreDisk(target, fmt, image, int(entry.get("virtual_size") or 0), tuple(backing)))
+        restore_disks.append(RestoreDisk(target, fmt, image, entry["virtual_size"], tuple(backing)))
 
     nvram = None
     firmware = meta.get("firmware") or {}
-    files = meta.get("files") or {}
+    files = meta["files"]
     if firmware.get("nvram") and not disks:
-        original = check_host_path(firmware["nvram"], "NVRAM path")
         if files.get("nvram"):
-            nvram_name = posixpath.basename(original) if new_name is None else f"{safe_file_name(name)}_VARS.fd"
-            nvram = RestoreFile(present(files["nvram"], "NVRAM file"), destination(original, nvram_name),
-                                **_stat_fields(firmware))
+            nvram = RestoreFile(present(files["nvram"], "NVRAM file"), posixpath.join(NVRAM_DIR, f"{stem}_VARS.fd"))
         else:
             warnings.append(f"the archive has no NVRAM file (at backup time: "
                             f"{firmware.get('nvram_missing') or 'not captured'}); libvirt will start from the template")
@@ -261,25 +251,23 @@ def plan_restore(
             warnings.append(f"the archive has no TPM state ({tpm.get('missing') or 'not captured'}); "
                             "the restored domain starts with an empty TPM")
         for item in entries:
-            relative = check_archive_path(item.get("relative"), "TPM state file")
-            tpm_files.append(RestoreFile(present(item.get("archive_path"), "TPM state file"),
-                                         posixpath.join(tpm_dir, relative), **_stat_fields(item)))
+            relative = check_relative_path(item["relative"], "TPM state file")
+            tpm_files.append(RestoreFile(present(item["archive_path"], "TPM state file"),
+                                         posixpath.join(tpm_dir, relative)))
 
     xml_path = None
     if with_xml and not disks:
         first = restore_disks[0].image.destination if restore_disks else None
-        directory = target_dir or (posixpath.dirname(first) if first else None)
-        if directory is None:
-            raise UsageError("the archive has no disk: give --target-dir for the domain XML")
-        xml_path = posixpath.join(directory, f"{safe_file_name(name)}.xml")
+        directory = target_dir or (posixpath.dirname(first) if first else image_dir)
+        xml_path = posixpath.join(directory, f"{stem}.xml")
 
-    seen: dict[str, str] = {}
     plan = RestorePlan(name, domain_uuid, original_name, original_uuid, restore_disks, nvram, tpm_files,
-                       tpm_dir, xml_path, warnings)
+                       tpm_dir, xml_path, warnings, in_place)
+    seen: set[str] = set()
     for path in plan.destinations():
         if path in seen:
             raise UsageError(f"two restored files would both be written to {path}")
-        seen[path] = path
+        seen.add(path)
     return plan
 
 

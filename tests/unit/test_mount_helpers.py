@@ -26,8 +26,9 @@ def test_raw_and_qcow2_are_mounted(fmt):
 
 @pytest.mark.parametrize("fmt, message", [
     ("vmdk", "disk vda is a vmdk image: kvm-borg mount opens only qcow2 and raw images"),
-    ("vvfat", "is a vvfat image"),
-    ("nbd", "is a nbd image"),
+    ("vdi", "is a vdi image"),
+    ("vvfat", "invalid image format"),  # not an image format qemu-img writes: refused by restore_plan.check_format
+    ("nbd", "invalid image format"),
     ("../etc", "invalid image format"),
     ("QCOW2", "invalid image format"),
     (None, "invalid image format"),

@@ -39,29 +39,44 @@ def paths_of(m: dict) -> frozenset[str]:
                                                                f"{STAGING}/meta.json"])
 
 
-def test_default_destinations_are_the_original_paths_from_meta():
+LOCAL = {"vda": restore_plan.LocalDisk("/srv/vm/web-a.qcow2"), "vdb": restore_plan.LocalDisk("/srv/vm/web-b.img")}
+
+
+def test_destinations_come_from_the_local_definition_never_from_meta():
+    m = meta()
+    plan = restore_plan.plan_restore(m, paths_of(m), local_disks=LOCAL)
+    assert plan.in_place
+    assert [d.image.destination for d in plan.disks] == ["/srv/vm/web-a.qcow2", "/srv/vm/web-b.img"]
+    assert plan.nvram.destination == "/var/lib/libvirt/qemu/nvram/web_VARS.fd"
+    assert plan.xml_path == "/srv/vm/web.xml"
+    assert plan.domain == "web" and plan.uuid == m["domain"]["uuid"]
+    # Owner and mode are never taken from the archive's record (libvirt-qemu, 0644 above).
+    assert all(d.image.owner is None and d.image.mode == 0o600 for d in plan.disks)
+
+
+def test_a_domain_not_defined_here_goes_to_libvirts_image_directory():
     m = meta()
     plan = restore_plan.plan_restore(m, paths_of(m))
-    assert [d.image.destination for d in plan.disks] == ["/images/web.qcow2", "/data/web-b.img"]
-    assert plan.nvram.destination == "/var/lib/libvirt/qemu/nvram/web_VARS.fd"
-    assert plan.xml_path == "/images/web.xml"
-    assert plan.domain == "web" and plan.uuid == m["domain"]["uuid"]
-    assert plan.disks[0].image.owner == "libvirt-qemu" and plan.disks[0].image.mode == 0o644
-    assert plan.disks[1].image.owner is None and plan.disks[1].image.mode == 0o600
+    assert not plan.in_place
+    assert [d.image.destination for d in plan.disks] == ["/var/lib/libvirt/images/web-vda.qcow2",
+                                                         "/var/lib/libvirt/images/web-vdb.raw"]
+    assert plan.xml_path == "/var/lib/libvirt/images/web.xml"
 
 
-def test_new_name_gets_new_uuid_and_file_names_beside_the_original():
+def test_new_name_gets_new_uuid_and_file_names_beside_the_local_original():
     m = meta()
-    plan = restore_plan.plan_restore(m, paths_of(m), new_name="web copy/1", new_uuid="u-new")
-    assert plan.domain == "web copy/1" and plan.uuid == "u-new"
-    assert [d.image.destination for d in plan.disks] == ["/images/web_copy_1-vda.qcow2", "/data/web_copy_1-vdb.raw"]
+    new = "0b6f8f44-5c5e-4b38-9a3e-2f36d7f1c001"
+    plan = restore_plan.plan_restore(m, paths_of(m), new_name="web copy 1", new_uuid=new, local_disks=LOCAL)
+    assert plan.domain == "web copy 1" and plan.uuid == new and not plan.in_place
+    assert [d.image.destination for d in plan.disks] == ["/srv/vm/web_copy_1-vda.qcow2", "/srv/vm/web_copy_1-vdb.raw"]
     assert plan.nvram.destination == "/var/lib/libvirt/qemu/nvram/web_copy_1_VARS.fd"
 
 
-def test_target_dir_takes_every_file():
+def test_target_dir_takes_the_images_and_the_xml_and_nvram_stays_in_libvirts_directory():
     m = meta()
-    plan = restore_plan.plan_restore(m, paths_of(m), target_dir="/restore/here/")
-    assert {p.rsplit("/", 1)[0] for p in plan.destinations()} == {"/restore/here"}
+    plan = restore_plan.plan_restore(m, paths_of(m), target_dir="/restore/here/", local_disks=LOCAL)
+    assert {p.rsplit("/", 1)[0] for p in plan.destinations()} == {"/restore/here", "/var/lib/libvirt/qemu/nvram"}
+    assert plan.nvram.destination == "/var/lib/libvirt/qemu/nvram/web_VARS.fd"
 
 
 def test_disk_subset_restores_no_nvram_and_no_xml():
@@ -106,9 +121,10 @@ def test_tpm_relative_paths_are_checked():
 def test_tpm_state_goes_to_the_restored_uuid():
     m = meta(tpm={"model": "tpm-crb"})
     m["files"]["tpm_state"] = [{"relative": "tpm2/tpm2-00.permall", "archive_path": f"{STAGING}/tpm/tpm2/tpm2-00.permall"}]
+    new = "0b6f8f44-5c5e-4b38-9a3e-2f36d7f1c002"
     plan = restore_plan.plan_restore(m, paths_of(m) | {f"{STAGING}/tpm/tpm2/tpm2-00.permall"}, new_name="c",
-                                     new_uuid="abc")
-    assert [f.destination for f in plan.tpm_files] == ["/var/lib/libvirt/swtpm/abc/tpm2/tpm2-00.permall"]
+                                     new_uuid=new)
+    assert [f.destination for f in plan.tpm_files] == [f"/var/lib/libvirt/swtpm/{new}/tpm2/tpm2-00.permall"]
 
 
 def test_nvram_named_in_meta_but_absent_from_the_archive_is_refused():
@@ -127,19 +143,114 @@ def test_nvram_missing_at_backup_time_is_a_warning():
 
 def test_two_files_onto_one_destination_are_refused():
     m = meta()
-    m["disks"][1]["original_source"] = "/images/web.qcow2"
+    local = {"vda": restore_plan.LocalDisk("/srv/vm/x.img"), "vdb": restore_plan.LocalDisk("/srv/vm/x.img")}
     with pytest.raises(UsageError, match="both be written"):
-        restore_plan.plan_restore(m, paths_of(m))
+        restore_plan.plan_restore(m, paths_of(m), local_disks=local)
 
 
-def test_block_device_needs_target_dir():
+def test_an_in_place_block_device_needs_target_dir_and_an_archived_one_restores_as_a_file():
     m = meta()
+    local = {**LOCAL, "vdb": restore_plan.LocalDisk("/dev/vg0/web-b", block=True)}
+    with pytest.raises(UsageError, match="--target-dir"):
+        restore_plan.plan_restore(m, paths_of(m), local_disks=local)
     m["disks"][1]["block_device"] = True
     m["disks"][1]["original_source"] = "/dev/vg0/web-b"
-    with pytest.raises(UsageError, match="--target-dir"):
-        restore_plan.plan_restore(m, paths_of(m))
     plan = restore_plan.plan_restore(m, paths_of(m), target_dir="/r")
     assert plan.disks[1].image.destination == "/r/web-vdb.raw"
+
+
+def test_an_archived_disk_the_local_definition_lacks_is_refused_in_place():
+    m = meta()
+    with pytest.raises(UsageError, match="not a file disk of the local domain"):
+        restore_plan.plan_restore(m, paths_of(m), local_disks={"vda": LOCAL["vda"]})
+
+
+@pytest.mark.parametrize("bad", ["../../../../etc/cron.d", "11111111-2222-3333-4444-55555555555", "",
+                                 "{11111111-2222-3333-4444-555555555555}", "11111111222233334444555555555555", None, 7])
+def test_a_uuid_must_be_a_uuid(bad):
+    m = meta()
+    m["domain"]["uuid"] = bad
+    with pytest.raises(UsageError, match="UUID"):
+        restore_plan.plan_restore(m, paths_of(m))
+
+
+@pytest.mark.parametrize("bad", ["raw/../../x", "qcow2 -o", "host_device", "nbd", "", "QCOW2", None, 1])
+def test_a_format_must_be_one_qemu_img_knows(bad):
+    m = meta()
+    m["disks"][0]["format"] = bad
+    with pytest.raises(UsageError, match="format"):
+        restore_plan.plan_restore(m, paths_of(m))
+
+
+def test_backing_layers_need_a_recorded_format_and_are_named_locally():
+    m = meta()
+    m["disks"][0]["backing_chain"] = [{"path": "/etc/cron.d/evil", "archive_path": "images/base.raw"}]
+    paths = paths_of(m) | {"images/base.raw"}
+    with pytest.raises(UsageError, match="records no format"):
+        restore_plan.plan_restore(m, paths)
+    m["disks"][0]["backing_chain"][0]["format"] = "raw"
+    plan = restore_plan.plan_restore(m, paths, target_dir="/r")
+    assert plan.disks[0].backing == ((restore_plan.RestoreFile("images/base.raw", "/r/web-vda-backing1.raw"), "raw"),)
+    m["disks"][0]["backing_chain"][0]["format"] = "raw -o x"
+    with pytest.raises(UsageError, match="format"):
+        restore_plan.plan_restore(m, paths)
+
+
+@pytest.mark.parametrize("name", ["", "   ", "a/b", "x\ny", "tab\there", "\x7f", ".", "..", "n" * 201])
+def test_a_domain_name_libvirt_would_refuse_is_refused(name):
+    m = meta()
+    with pytest.raises(UsageError, match="--name"):
+        restore_plan.plan_restore(m, paths_of(m), new_name=name)
+    m["domain"]["name"] = name
+    with pytest.raises(UsageError, match="domain name"):
+        restore_plan.plan_restore(m, paths_of(m))
+
+
+@pytest.mark.parametrize("kind", ["symlink", "device", "fifo", "dir", "hardlink", "unknown"])
+def test_only_regular_files_are_read_from_an_archive(kind):
+    m = meta()
+    types = {p: "file" for p in paths_of(m)}
+    types["images/web.qcow2"] = kind
+    with pytest.raises(UsageError, match="not a regular file"):
+        restore_plan.plan_restore(m, paths_of(m), archive_types=types)
+    types["images/web.qcow2"] = "file"
+    restore_plan.plan_restore(m, paths_of(m), archive_types=types)
+
+
+def _set(m, path, value):
+    node = m
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+@pytest.mark.parametrize("path,value", [
+    (("kvm_borg",), 2), (("kvm_borg",), True), (("domain",), "web"), (("domain", "name"), 5),
+    (("disks",), {"vda": 1}), (("disks", 0), "vda"), (("disks", 0, "virtual_size"), 1 << 80),
+    (("disks", 0, "virtual_size"), -1), (("disks", 0, "virtual_size"), "1G"), (("disks", 0, "virtual_size"), True),
+    (("disks", 0, "backing_chain"), "x"), (("disks", 0, "backing_chain"), [5]), (("disks", 0, "block_device"), "yes"),
+    (("files",), []), (("files", "domain_xml"), None), (("files", "tpm_state"), {"a": 1}), (("firmware",), "efi"),
+    (("firmware", "nvram"), ["x"]), (("firmware", "nvram"), "relative/nvram"), (("skipped_disks",), [3]),
+    (("tpm",), "yes"), (("host",), 3),
+])
+def test_malformed_meta_is_one_clear_error(path, value):
+    m = meta()
+    paths = paths_of(m)
+    _set(m, path, value)
+    with pytest.raises(UsageError, match="archive"):
+        restore_plan.plan_restore(m, paths)
+
+
+def test_missing_keys_are_one_clear_error():
+    for key in ("domain", "disks", "files"):
+        m = meta()
+        del m[key]
+        with pytest.raises(UsageError):
+            restore_plan.plan_restore(m, paths_of(meta()))
+    m = meta()
+    del m["disks"][0]["archive_path"]
+    with pytest.raises(UsageError):
+        restore_plan.plan_restore(m, paths_of(meta()))
 
 
 ARCHIVED_XML = """<domain type='kvm'>
@@ -260,3 +371,35 @@ def test_blockdev_chain_never_follows_a_header_backing_path():
     # Nodes are defined before they are referenced.
     names = [n["node-name"] for n in nodes]
     assert names.index("l1") < names.index("l0") < names.index("overlay")
+
+
+def test_meta_records_the_format_of_every_backing_layer():
+    from kvm_borg import metadata
+    from kvm_borg.models import FrozenDisk
+
+    disk = FrozenDisk("vda", "/i/top.qcow2", "qcow2", 1, "/i/top.qcow2", ("/i/mid.qcow2", "/i/base.raw"),
+                      backing_formats=("qcow2", "raw"))
+    assert metadata.backing_layers(disk) == [
+        {"path": "/i/mid.qcow2", "archive_path": "i/mid.qcow2", "format": "qcow2"},
+        {"path": "/i/base.raw", "archive_path": "i/base.raw", "format": "raw"}]
+
+
+def test_restored_files_get_local_owner_and_mode_and_temp_files_never_follow(tmp_path):
+    import os
+
+    from kvm_borg.actions import restore
+    from kvm_borg.errors import RefusedError
+
+    assert restore.local_owner(str(tmp_path / "new")) == (0, 0, 0o600)
+    existing = tmp_path / "existing"
+    existing.write_bytes(b"x")
+    os.chmod(existing, 0o6777)
+    assert restore.local_owner(str(existing))[2] == 0o664  # no setuid/setgid, execute or world-write bit
+    fd, temp = restore.create_temp(str(tmp_path), "image")
+    os.close(fd)
+    assert oct(os.stat(temp).st_mode & 0o7777) == oct(0o600) and os.path.basename(temp).startswith(".image")
+    (tmp_path / "root").mkdir()
+    os.symlink("/etc", tmp_path / "root" / "uuid")
+    with pytest.raises(RefusedError, match="symlink"):
+        restore.refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "uuid" / "cron.d" / "x"))
+    restore.refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "other" / "x"))

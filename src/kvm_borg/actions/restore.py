@@ -1,20 +1,23 @@
 """`kvm-borg restore`: write a domain's archived images, NVRAM and TPM state back, rewrite its XML, define it.
 
-Order of work: read meta.json from the archive → plan every destination (`restore_plan`) →
-refuse before anything changes (existing files, files of a running domain, an existing
-name) → stream each stored file into a temporary name in its target directory, sparse, with
-the recorded owner and mode, and rename it into place → rebase backing chains → write the
-rewritten XML → define and start on request.
+Order of work: list the archive (paths and their kinds) and read meta.json (checked whole) →
+plan every destination (`restore_plan`: from this host, never from the archive) → refuse
+before anything changes (existing files, files of a running domain, an existing name, an
+unfinished journal entry, a symlink on the way) → stream each stored file, a regular file in
+the archive, into a temporary name in its target directory (O_EXCL|O_NOFOLLOW), sparse, root's
+0600 (or the local owner of the file it replaces), and rename it into place → rebase backing
+chains with the recorded formats → write the rewritten XML → define and start on request; a
+failing define/start keeps the restored files and undefines only a domain it defined.
 """
 
 from __future__ import annotations
 
-import grp
 import json
 import logging
 import os
 import posixpath
-import pwd
+import secrets
+import stat
 import subprocess
 import sys
 import tempfile
@@ -95,26 +98,54 @@ def stream_file(backend, archive: str, archive_path: str, write) -> None:
                 write(data)
 
 
-def read_meta(backend, archive: str, domain: str | None) -> tuple[dict, frozenset[str]]:
-    """Given an archive, return (its meta.json, the set of its paths without leading "/").
+def archive_entries(backend, archive: str) -> dict[str, str]:
+    """Given an archive, return {stored path without leading "/": kind} (file, dir, symlink, device...).
 
-    meta.json is found by listing: a path ending in /meta.json whose JSON is kvm-borg's."""
-    paths = frozenset(p.lstrip("/") for p in backend.list_paths(archive))
-    found = []
-    for candidate in restore_plan.meta_candidates(sorted(paths)):
-        meta = restore_plan.parse_meta(read_bytes(backend, archive, candidate).decode("utf-8", "replace"))
-        if meta is not None:
-            found.append(meta)
+    A backend without `list_entries` gives only paths: their kind is "unknown", which restore
+    refuses to read (only regular files are read from an archive)."""
+    if hasattr(backend, "list_entries"):
+        return {str(p).lstrip("/"): kind for p, kind in backend.list_entries(archive).items()}
+    return {p.lstrip("/"): "unknown" for p in backend.list_paths(archive)}
+
+
+def read_archive(backend, archive: str, domain: str | None) -> tuple[dict, dict[str, str]]:
+    """Given an archive, return (its meta.json, checked whole, {path: kind} of its entries).
+
+    meta.json is found by listing: a regular file ending in /meta.json whose JSON carries the
+    `kvm_borg` marker. A candidate that is not a regular file, not UTF-8 or not JSON is reported
+    when no good one is found; a marked one with a bad key is refused (archive_meta.check_meta)."""
+    entries = archive_entries(backend, archive)
+    found, problems = [], []
+    for candidate in restore_plan.meta_candidates(sorted(entries)):
+        if entries[candidate] != "file":
+            problems.append(f"its meta.json {candidate} is a {entries[candidate]}, not a regular file; refused")
+            continue
+        try:
+            data = json.loads(read_bytes(backend, archive, candidate).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            problems.append(f"its meta.json {candidate} is not valid JSON")
+            continue
+        if isinstance(data, dict) and "kvm_borg" in data:
+            found.append(restore_plan.check_meta(data))
+        else:
+            problems.append(f"{candidate} is not a kvm-borg meta.json")
     if not found:
-        raise UsageError(f"archive {archive} holds no kvm-borg meta.json")
+        raise UsageError(f"archive {archive}: {problems[0]}" if problems else
+                         f"archive {archive} holds no kvm-borg meta.json")
     if domain is not None:  # an archive of `kvm-borg freeze --all` (borgmatic) holds several domains
-        names = sorted(m["domain"].get("name") for m in found)
-        found = [m for m in found if m["domain"].get("name") == domain]
+        names = sorted(m["domain"]["name"] for m in found)
+        found = [m for m in found if m["domain"]["name"] == domain]
         if not found:
             raise UsageError(f"archive {archive} holds domain {', '.join(map(repr, names))}, not {domain!r}")
     if len(found) > 1:
         raise UsageError(f"archive {archive} holds {len(found)} kvm-borg meta.json files; refusing to guess")
-    return found[0], paths
+    return found[0], entries
+
+
+def read_meta(backend, archive: str, domain: str | None) -> tuple[dict, frozenset[str]]:
+    """Given an archive, return (its checked meta.json, the set of its paths without leading "/")."""
+    meta, entries = read_archive(backend, archive, domain)
+    return meta, frozenset(entries)
 
 
 # --- writing files -----------------------------------------------------------------------------
@@ -194,27 +225,23 @@ class SparseWriter:
         self.written += len(view)
 
 
-def _owner_ids(entry: RestoreFile) -> tuple[int, int]:
-    """Given a RestoreFile, return (uid, gid) of its recorded owner names on this host (root if unknown here)."""
-    uid = gid = 0
-    if entry.owner:
-        try:
-            uid = pwd.getpwnam(entry.owner).pw_uid
-        except KeyError:
-            log.info("user %s of %s does not exist here; the file will be root's", entry.owner, entry.destination)
-    if entry.group:
-        try:
-            gid = grp.getgrnam(entry.group).gr_gid
-        except KeyError:
-            pass
-    return uid, gid
+def local_owner(destination: str) -> tuple[int, int, int]:
+    """Given a destination, return (uid, gid, mode) for the restored file, chosen on this host: those of the
+    regular file it replaces (without setuid/setgid/sticky, execute or world-write bits), else root's 0600."""
+    try:
+        st = os.lstat(destination)
+    except FileNotFoundError:
+        return 0, 0, 0o600
+    if not stat.S_ISREG(st.st_mode):
+        return 0, 0, 0o600
+    return st.st_uid, st.st_gid, (stat.S_IMODE(st.st_mode) & 0o664) | 0o600
 
 
 def make_dirs(path: str) -> None:
     """Create the missing directories of `path` with mode 0711 (QEMU must traverse, nobody may list)."""
     missing = []
     current = Path(path)
-    while not current.exists():
+    while not os.path.lexists(current):
         missing.append(current)
         current = current.parent
     for directory in reversed(missing):
@@ -222,13 +249,41 @@ def make_dirs(path: str) -> None:
         os.chmod(directory, 0o711)
 
 
+def refuse_symlinks_below(root: str, path: str) -> None:
+    """Given a trusted directory and a path below it, refuse (RefusedError) when an existing component between
+    them (the path itself included) is a symlink or not a directory where one is needed: nothing is followed."""
+    relative = posixpath.relpath(path, root)
+    if relative == ".." or relative.startswith("../") or posixpath.isabs(relative):
+        raise RefusedError(f"{path} is not below {root}")
+    current = root
+    parts = [] if relative == "." else relative.split("/")
+    for index, part in enumerate(parts):
+        current = posixpath.join(current, part)
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            raise RefusedError(f"{current} is a symlink; refusing to restore through it")
+        if index < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+            raise RefusedError(f"{current} is not a directory")
+
+
+def create_temp(directory: str, base: str, mode: int = 0o600) -> tuple[int, str]:
+    """Given a directory and a file name, create a fresh temporary file beside it (O_EXCL|O_NOFOLLOW);
+    return (fd, path)."""
+    temp = posixpath.join(directory, f".{base}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    return fd, temp
+
+
 def restore_file(backend, archive: str, entry: RestoreFile, *, sparse: bool = True) -> int:
     """Given a RestoreFile, stream it from the archive into a temporary name beside its destination
-    (sparse, owner and mode set, fsynced) and rename it into place; return its size."""
+    (sparse, owner and mode chosen locally, fsynced) and rename it into place; return its size."""
     directory, base = posixpath.split(entry.destination)
     make_dirs(directory)
-    temp = posixpath.join(directory, f".{base}{TEMP_MARK}{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    uid, gid, mode = local_owner(entry.destination)
+    fd, temp = create_temp(directory, base)
     try:
         writer = SparseWriter(fd)
         if sparse:
@@ -241,9 +296,8 @@ def restore_file(backend, archive: str, entry: RestoreFile, *, sparse: bool = Tr
                     view = view[os.write(fd, view):]
             stream_file(backend, archive, entry.archive_path, write_all)
             size = os.lseek(fd, 0, os.SEEK_CUR)
-        uid, gid = _owner_ids(entry)
         os.fchown(fd, uid, gid)
-        os.fchmod(fd, entry.mode)
+        os.fchmod(fd, mode)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -254,12 +308,31 @@ def restore_file(backend, archive: str, entry: RestoreFile, *, sparse: bool = Tr
     return size
 
 
+def write_into_device(backend, archive: str, archive_path: str, device: str) -> int:
+    """Given a block device, write one stored file into it from offset 0 (O_WRONLY: no truncate, no rename,
+    every byte written, zeros too) and fsync it; return the bytes written."""
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    written = 0
+    try:
+        def write_all(data: bytes) -> None:
+            nonlocal written
+            view = memoryview(data)
+            while view:
+                done = os.write(fd, view)
+                view = view[done:]
+                written += done
+        stream_file(backend, archive, archive_path, write_all)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return written
+
+
 def write_text_atomic(path: str, text: str, mode: int = 0o600) -> None:
-    """Write `text` to a temporary name beside `path`, then rename it into place."""
+    """Write `text` to a temporary name beside `path` (O_EXCL|O_NOFOLLOW), then rename it into place."""
     directory, base = posixpath.split(path)
     make_dirs(directory)
-    temp = posixpath.join(directory, f".{base}{TEMP_MARK}{os.getpid()}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    fd, temp = create_temp(directory, base, mode)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -278,18 +351,10 @@ def qemu_img(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def image_format(path: str) -> str:
-    """Given a restored image, return its format as qemu-img detects it."""
-    proc = qemu_img("info", "--output=json", path)
-    if proc.returncode != 0:
-        raise KvmBorgError(f"qemu-img info {path} failed: {_last_line(proc.stderr)}")
-    return json.loads(proc.stdout)["format"]
-
-
 def rebase_chain(disk: restore_plan.RestoreDisk) -> None:
-    """Given a restored disk with backing files, point each layer at the restored layer below it."""
-    layers = [(disk.image.destination, disk.format)] + [(f.destination, image_format(f.destination))
-                                                        for f, _fmt in disk.backing]
+    """Given a restored disk with backing files, point each layer at the restored layer below it, passing the
+    formats meta.json records (-f/-F: nothing is probed from the data)."""
+    layers = [(disk.image.destination, disk.format)] + [(f.destination, fmt) for f, fmt in disk.backing]
     for (upper, upper_format), (lower, lower_format) in zip(layers, layers[1:]):
         proc = qemu_img("rebase", "-u", "-f", upper_format, "-b", lower, "-F", lower_format, upper)
         if proc.returncode != 0:
@@ -342,10 +407,17 @@ def check_refusals(conn: libvirt.virConnect, plan: RestorePlan, destinations: li
         if owner is not None:
             raise RefusedError(f"{path} belongs to the running domain {owner!r}; shut it off first")
         if os.path.lexists(path):
-            if os.path.isdir(path) and not os.path.islink(path):
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode):
                 raise RefusedError(f"{path} is a directory")
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                raise RefusedError(f"{path} exists and is not a regular file; refusing to replace it")
             if not overwrite:
                 raise RefusedError(f"{path} exists; give --overwrite to replace it")
+    if plan.nvram:
+        refuse_symlinks_below(restore_plan.NVRAM_DIR, plan.nvram.destination)
+    for entry in plan.tpm_files:
+        refuse_symlinks_below(restore_plan.TPM_STATE_ROOT, entry.destination)
     if define:
         existing = _lookup(conn, plan.domain)
         if existing is not None:
@@ -358,6 +430,43 @@ def check_refusals(conn: libvirt.virConnect, plan: RestorePlan, destinations: li
             raise RefusedError(
                 f"domain {by_uuid.name()!r} has the archived UUID {plan.uuid}; restore with --name NEW for a copy"
             )
+
+
+def unfinished_journal_entry(journal_dir: Path, name: str, uuids: list[str]) -> bool:
+    """Given the journal directory, a domain's name and UUIDs, return whether an entry for it is pending
+    (an unreadable entry file named after one of the UUIDs counts as pending)."""
+    if not journal_dir.is_dir():
+        return False
+    for path in journal_dir.glob("*.json"):
+        if path.stem in uuids:
+            return True
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and (data.get("domain") == name or data.get("uuid") in uuids):
+            return True
+    return False
+
+
+def local_disks(conn: libvirt.virConnect, name: str) -> dict[str, restore_plan.LocalDisk] | None:
+    """Given a domain name, return {target: LocalDisk} of its definition on this host (None if it is not defined
+    here). Sources are resolved (a symlinked image is restored into the file it names); a block device is
+    marked as one."""
+    dom = _lookup(conn, name)
+    if dom is None:
+        return None
+    result = {}
+    for disk in parse_disks(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)):
+        if disk.device != "disk" or disk.disk_type not in ("file", "block") or not disk.source:
+            continue
+        source = os.path.realpath(disk.source)
+        try:
+            block = disk.disk_type == "block" or stat.S_ISBLK(os.stat(source).st_mode)
+        except OSError:
+            block = disk.disk_type == "block"
+        result[disk.target] = restore_plan.LocalDisk(source, block)
+    return result
 
 
 def _lookup(conn: libvirt.virConnect, name: str):
@@ -422,75 +531,97 @@ class RestoreResult:
 
 
 def check_options(options: RestoreOptions) -> None:
-    """Refuse contradictory options (UsageError) before anything is read."""
+    """Refuse contradictory options and a --name libvirt would refuse (UsageError) before anything is read."""
     if options.to is not None and len(options.disks) != 1:
         raise UsageError("--to needs exactly one --disk TARGET")
     if options.to is not None and (options.define or options.start or options.name or options.target_dir):
         raise UsageError("--to restores one disk only: it takes no --define, --start, --name or --target-dir")
     if options.disks and (options.define or options.start):
         raise UsageError("--define and --start need every disk: leave out --disk")
-    if options.name is not None and not options.name.strip():
-        raise UsageError("--name needs a non-empty name")
+    if options.name is not None:
+        restore_plan.check_domain_name(options.name, "invalid --name")
 
 
 def run_restore(ctx: Context, options: RestoreOptions) -> RestoreResult:
-    """Given RestoreOptions, restore the domain; return what was written and defined."""
+    """Given RestoreOptions, restore the domain; return what was written and defined.
+
+    A libvirt error anywhere is a KvmBorgError (one line), never a traceback."""
+    try:
+        return _run_restore(ctx, options)
+    except libvirt.libvirtError as exc:
+        raise KvmBorgError(f"restore failed: libvirt: {exc.get_error_message()}") from None
+
+
+def _run_restore(ctx: Context, options: RestoreOptions) -> RestoreResult:
     started_at = time.monotonic()
     check_options(options)
     repo, backend = open_repository(ctx, options.repo)
     archive = resolve_archive(backend, options.domain, options.archive)
-    meta, paths = read_meta(backend, archive, options.domain)
+    meta, entries = read_archive(backend, archive, options.domain)
+    paths = frozenset(entries)
+    conn = ctx.connection.conn
 
     if options.to is not None:
-        return _restore_one_disk(ctx, backend, repo, archive, meta, paths, options, started_at)
+        return _restore_one_disk(ctx, backend, repo, archive, meta, entries, options, started_at)
 
     target_dir = os.path.abspath(options.target_dir) if options.target_dir else None
+    local = local_disks(conn, meta["domain"]["name"]) if target_dir is None else None
     plan = restore_plan.plan_restore(meta, paths, target_dir=target_dir, new_name=options.name,
-                                     new_uuid=options.new_uuid, disks=options.disks)
+                                     new_uuid=options.new_uuid, disks=options.disks, local_disks=local,
+                                     archive_types=entries)
     xml_text = archived_xml = None
     if plan.xml_path:
-        archived_xml, xml_text = _restored_xml(backend, archive, meta, paths, plan, options)
+        archived_xml, xml_text = _restored_xml(backend, archive, meta, entries, plan, options)
     define = options.define or options.start
-    conn = ctx.connection.conn
+    if plan.in_place or options.overwrite:
+        uuids = [plan.original_uuid] + [d.UUIDString() for d in [_lookup(conn, plan.original_name)] if d is not None]
+        if unfinished_journal_entry(ctx.settings.journal_dir, plan.original_name, uuids):
+            raise RefusedError(f"domain {plan.original_name!r} has an unfinished backup in the journal; "
+                               f"run 'kvm-borg recover {plan.original_name}' first")
     check_refusals(conn, plan, plan.destinations(), define=define, overwrite=options.overwrite)
 
     result = RestoreResult(domain=plan.domain, archive=archive, repository=repo["name"], disks={},
                            xml=plan.xml_path, uuid=plan.uuid if plan.xml_path else None, warnings=list(plan.warnings),
                            meta=meta, archived_xml=archived_xml)
+    _write_files(backend, archive, plan, xml_text, result)
+    if define:
+        _define_and_start(conn, plan, xml_text, options, result)
+    result.warnings += _network_warnings(conn, meta, xml_text)
+    result.seconds = time.monotonic() - started_at
+    return result
+
+
+def _write_files(backend, archive: str, plan: RestorePlan, xml_text: str | None, result: RestoreResult) -> None:
+    """Write every file of the plan into `result`; on any failure remove the files this restore created."""
     created: list[str] = []
+
+    def write(entry: RestoreFile, sparse: bool = True) -> int:
+        existed = os.path.lexists(entry.destination)
+        size = restore_file(backend, archive, entry, sparse=sparse)
+        if not existed:
+            created.append(entry.destination)
+        return size
+
     try:
         for disk in plan.disks:
             for entry in [disk.image] + [f for f, _fmt in disk.backing]:
-                existed = os.path.lexists(entry.destination)
                 log.info("restoring %s from %s to %s", disk.target, archive, entry.destination)
-                result.bytes_written += restore_file(backend, archive, entry)
-                if not existed:
-                    created.append(entry.destination)
+                result.bytes_written += write(entry)
             if disk.backing:
                 rebase_chain(disk)
             result.disks[disk.target] = disk.image.destination
             result.formats[disk.target] = disk.format
         if plan.nvram:
-            if not os.path.lexists(plan.nvram.destination):
-                created.append(plan.nvram.destination)
-            restore_file(backend, archive, plan.nvram, sparse=False)
+            write(plan.nvram, sparse=False)
             result.nvram = plan.nvram.destination
         for entry in plan.tpm_files:
-            if not os.path.lexists(entry.destination):
-                created.append(entry.destination)
-            restore_file(backend, archive, entry, sparse=False)
+            write(entry, sparse=False)
         if plan.tpm_files:
             result.tpm = plan.tpm_dir
         if xml_text is not None:
             if not os.path.lexists(plan.xml_path):
                 created.append(plan.xml_path)
             write_text_atomic(plan.xml_path, xml_text)
-        if define:
-            _define(conn, plan, xml_text, options.overwrite)
-            result.defined = True
-        if options.start:
-            conn.lookupByName(plan.domain).create()
-            result.started = True
     except BaseException:
         for path in reversed(created):
             try:
@@ -498,38 +629,81 @@ def run_restore(ctx: Context, options: RestoreOptions) -> RestoreResult:
             except OSError:
                 pass
         raise
-    result.warnings += _network_warnings(conn, meta, xml_text)
-    result.seconds = time.monotonic() - started_at
-    return result
 
 
-def _restored_xml(backend, archive: str, meta: dict, paths: frozenset[str], plan: RestorePlan,
+def _define_and_start(conn: libvirt.virConnect, plan: RestorePlan, xml_text: str, options: RestoreOptions,
+                      result: RestoreResult) -> None:
+    """Define (and with --start start) the restored domain. On failure the restored files stay, a domain this
+    restore defined is undefined again (never one that existed before), and the error is one line."""
+    kept = f"the restored files are kept ({plan.xml_path or ', '.join(result.disks.values())})"
+    existed = _lookup(conn, plan.domain) is not None
+    try:
+        _define(conn, plan, xml_text, options.overwrite)
+    except libvirt.libvirtError as exc:
+        raise KvmBorgError(f"cannot define domain {plan.domain!r}: {exc.get_error_message()}; {kept}") from None
+    result.defined = True
+    if not options.start:
+        return
+    try:
+        conn.lookupByName(plan.domain).create()
+    except libvirt.libvirtError as exc:
+        message = exc.get_error_message()
+        undone = ""
+        if not existed:
+            undone = _undefine_quietly(conn, plan.domain)
+            result.defined = False
+        raise KvmBorgError(f"cannot start domain {plan.domain!r}: {message}; {undone}{kept}") from None
+    result.started = True
+
+
+def _undefine_quietly(conn: libvirt.virConnect, name: str) -> str:
+    """Undefine a domain this restore defined, keeping its NVRAM and TPM state; return what happened, for the message."""
+    dom = _lookup(conn, name)
+    if dom is None:
+        return ""
+    try:
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM)
+    except libvirt.libvirtError as exc:
+        return f"undefining it failed too ({exc.get_error_message()}); "
+    return "it is not left defined; "
+
+
+def _restored_xml(backend, archive: str, meta: dict, entries: dict[str, str], plan: RestorePlan,
                   options: RestoreOptions) -> tuple[str, str]:
     """Given the plan, return (the archived persistent XML, that XML rewritten for the restored domain)."""
-    xml_archive_path = restore_plan.check_archive_path((meta.get("files") or {}).get("domain_xml"), "domain XML")
-    if xml_archive_path not in paths:
+    xml_archive_path = restore_plan.check_archive_path(meta["files"]["domain_xml"], "domain XML")
+    if xml_archive_path not in entries:
         raise UsageError(f"archive {archive} lacks the domain XML {xml_archive_path}")
-    archived_xml = read_bytes(backend, archive, xml_archive_path).decode("utf-8")
+    if entries[xml_archive_path] != "file":
+        raise UsageError(f"archive {archive} holds the domain XML {xml_archive_path} as a "
+                         f"{entries[xml_archive_path]}, not a regular file; refused")
+    try:
+        archived_xml = read_bytes(backend, archive, xml_archive_path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"archive {archive}: the domain XML {xml_archive_path} is not UTF-8") from None
     firmware = meta.get("firmware")
-    if "firmware" not in meta and restore_plan.declared_nvram(archived_xml):
-        raise UsageError(f"archive {archive} predates NVRAM capture and its domain uses UEFI variables; "
-                         "restore its disks with --disk instead")
-    if firmware and firmware.get("nvram") and (meta.get("files") or {}).get("nvram") and plan.nvram is None:
-        raise UsageError("the domain's NVRAM would not be restored")  # by construction: never without it
-    drop = restore_plan.removable_skipped_disks(meta) if options.name is not None else []
-    if drop:
-        plan.warnings.append(f"disks left out of the backup are not attached to the copy: {', '.join(drop)}")
-    return archived_xml, restore_plan.rewrite_domain_xml(
-        archived_xml,
-        disks={d.target: (d.image.destination, d.format) for d in plan.disks},
-        nvram=plan.nvram.destination if plan.nvram else None,
-        name=plan.domain if options.name is not None else None,
-        uuid=plan.uuid if options.name is not None else None,
-        new_macs=options.name is not None,
-        drop_disks=drop,
-        isolate=options.isolate,
-        scratch_dir=options.target_dir if options.isolate else None,
-    )
+    try:
+        if "firmware" not in meta and restore_plan.declared_nvram(archived_xml):
+            raise UsageError(f"archive {archive} predates NVRAM capture and its domain uses UEFI variables; "
+                             "restore its disks with --disk instead")
+        if firmware and firmware.get("nvram") and meta["files"].get("nvram") and plan.nvram is None:
+            raise UsageError("the domain's NVRAM would not be restored")  # by construction: never without it
+        drop = restore_plan.removable_skipped_disks(meta) if options.name is not None else []
+        if drop:
+            plan.warnings.append(f"disks left out of the backup are not attached to the copy: {', '.join(drop)}")
+        return archived_xml, restore_plan.rewrite_domain_xml(
+            archived_xml,
+            disks={d.target: (d.image.destination, d.format) for d in plan.disks},
+            nvram=plan.nvram.destination if plan.nvram else None,
+            name=plan.domain if options.name is not None else None,
+            uuid=plan.uuid if options.name is not None else None,
+            new_macs=options.name is not None,
+            drop_disks=drop,
+            isolate=options.isolate,
+            scratch_dir=options.target_dir if options.isolate else None,
+        )
+    except ET.ParseError as exc:
+        raise UsageError(f"archive {archive}: the domain XML {xml_archive_path} is malformed ({exc})") from None
 
 
 def _define(conn: libvirt.virConnect, plan: RestorePlan, xml_text: str, overwrite: bool) -> None:
@@ -538,10 +712,7 @@ def _define(conn: libvirt.virConnect, plan: RestorePlan, xml_text: str, overwrit
         if not overwrite or existing.isActive():  # checked before; the state may have changed since
             raise RefusedError(f"domain {plan.domain!r} exists")
         existing.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_KEEP_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_KEEP_TPM)
-    try:
-        conn.defineXML(xml_text)
-    except libvirt.libvirtError as exc:
-        raise KvmBorgError(f"cannot define domain {plan.domain!r}: {exc.get_error_message()}") from None
+    conn.defineXML(xml_text)
 
 
 def _network_warnings(conn: libvirt.virConnect, meta: dict, domain_xml: str | None) -> list[str]:
@@ -557,10 +728,12 @@ def _network_warnings(conn: libvirt.virConnect, meta: dict, domain_xml: str | No
     return warnings
 
 
-def _restore_one_disk(ctx: Context, backend, repo: dict, archive: str, meta: dict, paths: frozenset[str],
+def _restore_one_disk(ctx: Context, backend, repo: dict, archive: str, meta: dict, entries: dict[str, str],
                       options: RestoreOptions, started_at: float) -> RestoreResult:
-    """--disk TARGET --to FILE|-: one disk's image as stored, to a file (sparse) or to stdout."""
-    plan = restore_plan.plan_restore(meta, paths, target_dir="/", disks=options.disks, with_xml=False)
+    """--disk TARGET --to FILE|DEVICE|-: one disk's image as stored, to a file (sparse), into a block device
+    (with --overwrite), or to stdout."""
+    plan = restore_plan.plan_restore(meta, frozenset(entries), target_dir="/", disks=options.disks, with_xml=False,
+                                     archive_types=entries, backing_formats_required=False)
     [disk] = plan.disks
     result = RestoreResult(domain=plan.domain, archive=archive, repository=repo["name"], disks={}, xml=None)
     if options.to == "-":
@@ -571,15 +744,60 @@ def _restore_one_disk(ctx: Context, backend, repo: dict, archive: str, meta: dic
         result.disks[disk.target] = "-"
     else:
         destination = os.path.abspath(options.to)
-        entry = RestoreFile(disk.image.archive_path, destination, disk.image.mode, disk.image.owner,
-                            disk.image.group)
-        check_refusals(ctx.connection.conn, plan, [destination], define=False, overwrite=options.overwrite)
-        restore_file(backend, archive, entry)
+        conn = ctx.connection.conn
+        kind = _destination_kind(destination)
+        if kind == "device":
+            device = os.path.realpath(destination)
+            if not options.overwrite:
+                raise RefusedError(f"{destination} is a block device; give --overwrite to write the image into it")
+            owner = _in_use_by(device, running_domain_files(conn))
+            if owner is not None:
+                raise RefusedError(f"{destination} belongs to the running domain {owner!r}; shut it off first")
+            size = block_device_size(device)
+            if size < disk.virtual_size:
+                raise RefusedError(f"{destination} holds {size} bytes, less than the {disk.virtual_size} bytes of "
+                                   f"disk {disk.target}")
+            result.bytes_written = write_into_device(backend, archive, disk.image.archive_path, device)
+        elif kind in ("file", "missing"):
+            entry = RestoreFile(disk.image.archive_path, destination)
+            check_refusals(conn, plan, [destination], define=False, overwrite=options.overwrite)
+            result.bytes_written = restore_file(backend, archive, entry)
+        else:
+            raise UsageError(f"--to {destination} is a {kind}: give a regular file, a block device or -")
         result.disks[disk.target] = destination
     if disk.backing:
         result.warnings.append(f"disk {disk.target} has backing files; only its top image was restored")
     result.seconds = time.monotonic() - started_at
     return result
+
+
+def _destination_kind(path: str) -> str:
+    """Given a --to path, return "missing", "file", "device" (a block device, possibly through a symlink) or
+    what else it is ("directory", "character device", "fifo"...)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing" if not os.path.islink(path) else "dangling symlink"
+    if stat.S_ISBLK(st.st_mode):
+        return "device"
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if stat.S_ISCHR(st.st_mode):
+        return "character device"
+    if stat.S_ISFIFO(st.st_mode):
+        return "fifo"
+    return "special file"
+
+
+def block_device_size(path: str) -> int:
+    """Given a block device, return its size in bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -591,12 +809,12 @@ def add_arguments(subparsers) -> None:
     parser.add_argument("domain", metavar="DOMAIN", help="the archived domain's name")
     parser.add_argument("--archive", metavar="NAME", default="latest", help="archive name, or latest (default)")
     parser.add_argument("--repo", metavar="NAME", help="repository to read (default: the first configured)")
-    parser.add_argument("--target-dir", metavar="DIR", help="write every file here (default: the original places)")
+    parser.add_argument("--target-dir", metavar="DIR", help="write the images and the XML here (default: the local domain's own images, else /var/lib/libvirt/images)")
     parser.add_argument("--name", metavar="NEW", help="restore as a copy: new name, UUID and MAC addresses")
     parser.add_argument("--define", action="store_true", help="define the restored domain in libvirt")
     parser.add_argument("--start", action="store_true", help="define and start the restored domain")
     parser.add_argument("--disk", action="append", default=[], metavar="TARGET", help="only this disk (repeatable)")
-    parser.add_argument("--to", metavar="FILE", help="with one --disk: write its image to FILE, or - for stdout")
+    parser.add_argument("--to", metavar="FILE", help="with one --disk: write its image to FILE, into a block device (with --overwrite), or - for stdout")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing files and an existing shut-off domain")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")

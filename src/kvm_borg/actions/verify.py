@@ -9,6 +9,8 @@ restore and the time to the first sign of life (RTO).
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
@@ -141,7 +143,7 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
     scratch = tempfile.mkdtemp(prefix="drill-", dir=root)
     os.chmod(scratch, 0o711)
     temp_name = f"kvm-borg-verify-{restore_plan.safe_file_name(domain)[:40]}-{secrets.token_hex(3)}"
-    tpm_dir = None
+    tpm_dir = nvram = None
     conn = None
     try:
         started = time.monotonic()
@@ -149,6 +151,7 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
                                                  name=temp_name, define=boot, isolate=True))
         report.restore_seconds = time.monotonic() - started
         report.archive, report.repository, tpm_dir = result.archive, result.repository, result.tpm
+        nvram = result.nvram  # restore puts it under libvirt's NVRAM directory, outside the scratch dir
         report.warnings += result.warnings
         sizes = {d["target"]: int(d.get("virtual_size") or 0) for d in result.meta["disks"]}
         for target, path in result.disks.items():
@@ -176,6 +179,9 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
             remove_domain(ctx.connection.conn, temp_name)
         if tpm_dir:
             shutil.rmtree(tpm_dir, ignore_errors=True)
+        if nvram:
+            with contextlib.suppress(OSError):
+                os.unlink(nvram)
         shutil.rmtree(scratch, ignore_errors=True)
     report.ok = not report.errors
     return report

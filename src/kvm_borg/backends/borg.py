@@ -422,6 +422,28 @@ class BorgRepository:
                     raise BorgError(f"repository {self.name!r}: borg list printed an unreadable line") from None
         return paths
 
+    def list_entries(self, archive: str) -> dict[str, str]:
+        """Given an archive name, return {stored path (no leading "/"): kind} with kind one of file, dir,
+        symlink, hardlink, device, fifo, socket, other (from `borg list --json-lines`' `type`)."""
+        argv = borg_commands.make_list_archive_paths_command(
+            self.binary, self.location, archive, lock_wait=self.lock_wait
+        )
+        result = self._run_checked(argv, "list")
+        kinds = {"-": "file", "d": "dir", "l": "symlink", "h": "hardlink", "b": "device", "c": "device",
+                 "p": "fifo", "s": "socket"}
+        entries: dict[str, str] = {}
+        for line in result.stdout.splitlines():
+            if line.strip():
+                try:
+                    item = json.loads(line)
+                    path, kind = item["path"], kinds.get(item.get("type"), "other")
+                except (ValueError, KeyError, TypeError):
+                    raise BorgError(f"repository {self.name!r}: borg list printed an unreadable line") from None
+                if kind == "file" and item.get("source"):  # borg 1.x: a hard link to an earlier item
+                    kind = "hardlink"
+                entries[str(path).lstrip("/")] = kind
+        return entries
+
     def extract_file(self, archive: str, archive_path: str, destination: Path) -> None:
         """Given an archive, one stored path and a destination file, extract it sparse and rename it into place.
 

@@ -426,6 +426,17 @@ class ResticRepository:
                     paths.append(node["path"])
         return paths
 
+    def list_entries(self, archive: str) -> dict[str, str]:
+        """Given an archive name, return {stored path (no leading "/"): kind} with kind one of file, dir,
+        symlink, device, fifo, socket, other (from `restic ls --json`' `type`)."""
+        kinds = {"file": "file", "dir": "dir", "symlink": "symlink", "dev": "device", "chardev": "device",
+                 "fifo": "fifo", "socket": "socket"}
+        entries: dict[str, str] = {}
+        for snapshot in self._archive(archive).snapshots:
+            for node in self._ls(snapshot["id"]):
+                entries.setdefault(str(node["path"]).lstrip("/"), kinds.get(node.get("type"), "other"))
+        return entries
+
     def extract_file(self, archive: str, archive_path: str, destination: Path) -> None:
         """Given an archive, one stored path and a destination file, write the file sparse and rename it into place.
 

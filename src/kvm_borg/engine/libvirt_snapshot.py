@@ -83,6 +83,7 @@ def frozen_disk(plan_disk, path: str) -> FrozenDisk:
         original_source=plan_disk.source,
         backing_chain=chain,
         is_block_device=block,
+        backing_formats=tuple(str(entry.get("format") or "") for entry in info[1:]),
     )
 
 
