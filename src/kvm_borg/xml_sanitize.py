@@ -33,9 +33,10 @@ host run a program, open a host file or device, or bypass its security labelling
   removed so libvirt picks its default;
 - `<os>`: `<kernel>`, `<initrd>`, `<dtb>` (and `<cmdline>` with a dropped kernel) and
   `<acpi><table>` stay only under libvirt's boot directory or when the local definition of the
-  same domain uses that exact path; `<loader>` must be one of this host's firmware files: an
-  archived loader whose file name matches one of them is replaced by it, any other is refused
-  (UsageError); `<nvram template=...>` stays only next to a host firmware file; the `<nvram>`
+  same domain uses that exact path; `<loader>` must be one of this host's firmware files (or
+  in the same directory as one): an archived loader whose file name matches one of them is
+  replaced by it, with `<os firmware=...>` autoselection its path is dropped (libvirt selects),
+  any other is refused (UsageError); `<nvram template=...>` stays only next to a host firmware file; the `<nvram>`
   path must be the restored one (or under libvirt's NVRAM directory).
 
 Allowed host paths (`HostFacts`): paths the local definition of the same domain (matched by
@@ -294,7 +295,14 @@ def _sanitize_devices(devices: ET.Element, s: _Sanitizer) -> None:
 
 
 def _host_loader(loader_path: str, host: HostFacts) -> str | None:
-    if loader_path in host.loaders:
+    """Given an archived loader path, return this host's firmware file to use instead, or None.
+
+    A host firmware file, or a file in the same directory as one (the firmware package's own
+    directory, e.g. /usr/share/OVMF/), stays; else one of the host's with the same file name."""
+    normalized = posixpath.normpath(loader_path)
+    if loader_path in host.loaders or (
+            normalized == loader_path and any(posixpath.dirname(p) == posixpath.dirname(loader_path)
+                                              for p in host.loaders)):
         return loader_path
     same_name = [p for p in sorted(host.loaders) if posixpath.basename(p) == posixpath.basename(loader_path)]
     return same_name[0] if same_name else None
@@ -326,13 +334,18 @@ def _sanitize_os(root: ET.Element, s: _Sanitizer) -> None:
         archived = (loader.text or "").strip()
         if archived not in s.host.trusted_paths:
             local = _host_loader(archived, s.host)
+            if local is None and os_node.get("firmware"):
+                loader.text = None  # firmware autoselection: libvirt picks this host's file
+                s.warn(f"firmware {archived!r} is not this host's: libvirt selects this host's "
+                       f"{os_node.get('firmware')} firmware")
+                local = ""
             if local is None:
                 offered = ", ".join(sorted(s.host.loaders)) or "none"
                 raise UsageError(f"the archived domain's firmware {archived!r} is not one of this host's "
                                  f"firmware files ({offered}); refusing to define it")
-            if local != archived:
+            if local and local != archived:
                 s.warn(f"firmware {archived!r} replaced by this host's {local!r}")
-            loader.text = local
+                loader.text = local
     nvram = os_node.find("nvram")
     if nvram is not None:
         template = nvram.get("template")
@@ -435,3 +448,32 @@ def trusted_paths_of(local_xml: str | None) -> frozenset[str]:
             if node.get("type") in ("file", "unix") and source is not None and source.get("path"):
                 paths.add(source.get("path"))
     return frozenset(p for p in paths if p.startswith("/"))
+
+
+def isolation_violations(domain_xml: str, *, images: set[str] | frozenset[str], scratch_dir: str) -> list[str]:
+    """Given the XML libvirt holds for a verify copy, the restored image paths and the scratch directory,
+    return what breaks its isolation (empty: none): any interface, host device, QEMU namespace element,
+    `seclabel type='none'`, a disk source other than a restored image, a chardev file outside scratch."""
+    root = ET.fromstring(domain_xml)
+    problems = []
+    for node in root.iter():
+        namespace, local = _qname(node.tag) if isinstance(node.tag, str) else (None, "")
+        if namespace == QEMU_NS:
+            problems.append(f"<qemu:{local}>")
+        elif local == "seclabel" and (node.get("type") == "none" or node.get("relabel") == "no"):
+            problems.append("a seclabel without confinement")
+    devices = root.find("devices")
+    for node in list(devices) if devices is not None else []:
+        if node.tag in ("interface", "hostdev", "redirdev", "smartcard", "shmem", "filesystem"):
+            problems.append(f"<{node.tag} type='{node.get('type')}'>")
+        elif node.tag == "disk":
+            source = node.find("source")
+            attrs = dict(source.attrib) if source is not None else {}
+            path = attrs.get("file")
+            if source is not None and (node.get("type") != "file" or path not in images):
+                problems.append(f"disk source {attrs}")
+        elif node.tag in CHARDEV_KINDS and node.get("type") in ("file", "dev", "pipe"):
+            path = _chardev_path(node) or ""
+            if not path.startswith(scratch_dir.rstrip("/") + "/"):
+                problems.append(f"{node.tag} {node.get('type')} at {path!r}")
+    return problems

@@ -171,8 +171,18 @@ def test_loader_of_this_host_stays_one_with_the_same_name_is_replaced_another_is
     assert root.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE_4M.fd"
     root, warnings = sanitize(domain(os_extra="<loader type='pflash'>/usr/share/edk2/ovmf/OVMF_CODE_4M.fd</loader>"))
     assert root.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE_4M.fd" and any("replaced" in w for w in warnings)
+    root, _ = sanitize(domain(os_extra="<loader type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.secboot.fd</loader>"))
+    assert root.findtext("os/loader") == "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"  # the package's directory
     with pytest.raises(UsageError, match="not one of this host's firmware"):
         sanitize(domain(os_extra="<loader type='rom'>/etc/shadow</loader>"))
+    with pytest.raises(UsageError, match="not one of this host's firmware"):
+        sanitize(domain(os_extra="<loader type='rom'>/usr/share/OVMF/../../../etc/shadow</loader>"))
+
+
+def test_loader_outside_host_firmware_with_autoselection_is_left_to_libvirt():
+    root, warnings = sanitize(domain(attrs="", os_extra="<loader type='pflash'>/tmp/kbpwn.fd</loader>").replace(
+        "<os>", "<os firmware='efi'>"))
+    assert not (root.findtext("os/loader") or "").strip() and any("libvirt selects" in w for w in warnings)
 
 
 def test_nvram_must_be_the_restored_file_and_its_template_beside_host_firmware():
@@ -318,3 +328,18 @@ def test_host_facts_parsers():
                    devices="<serial type='file'><source path='/srv/log'/><target port='0'/></serial>")
     assert trusted_paths_of(local) == {"/srv/k", "/srv/log"}
     assert trusted_paths_of(None) == frozenset()
+
+
+def test_isolation_violations_names_what_an_isolated_copy_must_not_have():
+    clean, _ = sanitize_domain_xml(
+        domain(devices="<interface type='network'><source network='default'/></interface>"
+                       "<serial type='file'><source path='/scratch/serial-x.log'/><target port='0'/></serial>"),
+        restored_targets={"vda"}, host=HOST, isolate=True, scratch_dir="/scratch")
+    from kvm_borg.xml_sanitize import isolation_violations
+    assert isolation_violations(clean, images={IMAGE}, scratch_dir="/scratch") == []
+    dirty = domain(top="<seclabel type='none'/><qemu:commandline/>",
+                   devices="<interface type='user'/><hostdev mode='subsystem' type='usb'/>"
+                           "<disk type='block' device='disk'><source dev='/dev/sda'/><target dev='vdb'/></disk>"
+                           "<serial type='file'><source path='/etc/x'/><target port='0'/></serial>")
+    problems = isolation_violations(dirty, images={IMAGE}, scratch_dir="/scratch")
+    assert len(problems) == 6, problems
