@@ -196,6 +196,8 @@ class CopySpy:
                     argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
                 except (libvirt.libvirtError, OSError):
                     continue
+                if " -name " not in argv:
+                    continue  # still libvirtd's child before it executes the emulator
                 self.seen.append((xml, argv))
             time.sleep(0.1)
 

@@ -27,7 +27,9 @@ class Listing:
             self.list_hosts = [host]
 
     def list_archives(self, domain=None):
-        return [a for a in self.archives if domain is None or a.domain == domain]
+        hosts = getattr(self, "list_hosts", None)  # restic lists only these hosts' snapshots
+        return [a for a in self.archives if (domain is None or a.domain == domain)
+                and (hosts is None or a.host in hosts)]
 
 
 def info(name, when, host):
@@ -72,3 +74,10 @@ def test_explicit_archive_of_another_host_in_the_listing_is_refused_unless_host_
     assert archive_select.choose(backend, SETTINGS, "web", "web-2", "hv2", now=NOW).name == "web-2"
     # not a listed kvm-borg archive (e.g. borgmatic's): left to check_meta_host
     assert archive_select.choose(backend, SETTINGS, "web", "borgmatic-1", None, now=NOW).name == "borgmatic-1"
+
+
+def test_explicit_archive_hidden_by_restics_host_filter_is_refused_by_name():
+    backend = Listing([info("web-2", NOW, "hv2")], host="hv1")
+    with pytest.raises(UsageError, match="made on host hv2, not 'hv1'; give --host hv2"):
+        archive_select.choose(backend, SETTINGS, "web", "web-2", None, now=NOW)
+    assert backend.list_hosts == ["hv1"]  # the filter is back for the reads that follow

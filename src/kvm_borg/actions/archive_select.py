@@ -49,7 +49,7 @@ def choose(backend, settings, domain: str, archive: str | None, requested_host: 
     the Chosen archive: this (or the requested) host's, never one dated in the future as latest."""
     host = host_for(backend, settings, requested_host)
     if archive and archive != "latest":
-        listed = [a for a in backend.list_archives(domain) if a.name == archive]
+        listed = [a for a in _every_hosts_archives(backend, domain) if a.name == archive]
         if listed:  # one of kvm-borg's own archives: its comment / restic host must be the chosen host
             archive_choice.check_explicit(listed, archive, domain=domain, host=host, repository=backend.name)
         # any archive (also one made by borgmatic from `kvm-borg freeze`): its meta.json is checked
@@ -61,6 +61,18 @@ def choose(backend, settings, domain: str, archive: str | None, requested_host: 
     for warning in warnings:
         log.warning("%s", warning)
     return Chosen(latest.name, host, warnings)
+
+
+def _every_hosts_archives(backend, domain: str):
+    """Given a backend, return the domain's archives of every host (restic's host filter lifted for this
+    one listing), so an explicit archive of another host is refused by name rather than "not found"."""
+    if not hasattr(backend, "list_hosts"):
+        return backend.list_archives(domain)
+    saved, backend.list_hosts = backend.list_hosts, None
+    try:
+        return backend.list_archives(domain)
+    finally:
+        backend.list_hosts = saved
 
 
 def check_meta_host(meta: dict, chosen: Chosen, archive: str) -> None:
