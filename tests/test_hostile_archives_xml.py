@@ -285,3 +285,12 @@ def test_this_hosts_future_dated_archive_is_not_latest_and_is_named(source, kind
     assert proc.returncode == 1, proc.stderr  # restored, with a warning naming the future-dated archive
     assert json.loads(proc.stdout)["archive"] == genuine
     assert any(planted in w and "future" in w for w in json.loads(proc.stdout)["warnings"])
+    # status --refresh records what the repository holds: the planted archive never becomes the last backup
+    proc = run_cli("status", source.domain.name, "--repo", kind, "--refresh", "--json", config=source.config,
+                   env=cli_env())
+    assert proc.returncode in (0, 1), proc.stderr
+    [row] = json.loads(proc.stdout)["domains"]
+    assert row["archive"] != planted and row["last_success"] < datetime.now(timezone.utc).timestamp() + 300, row
+    assert planted in proc.stderr and "future" in proc.stderr
+    proc = run_cli("status", source.domain.name, "--host", "other", config=source.config, env=cli_env())
+    assert_refused(proc, "--refresh")
