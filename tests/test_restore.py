@@ -274,7 +274,10 @@ def test_cross_node_restore_goes_to_libvirts_image_directory(domain_factory, ima
         assert not os.path.lexists(path)
         domain_factory.track_path(path)
     config_b = write_config(image_dir / "node-b", repo_path=repo, hostname="node-b", init=False)
-    proc = restore(domain.name, "--start", "--json", config=config_b)
+    proc = restore(domain.name, "--start", "--json", config=config_b)  # node-b takes only its own archives
+    assert proc.returncode == 2 and "give --host NAME" in proc.stderr and "node-a" in proc.stderr, proc.stderr
+    assert not any(os.path.exists(p) for p in domain.disks.values())
+    proc = restore(domain.name, "--host", "node-a", "--start", "--json", config=config_b)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["disks"] == expected

@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
+from datetime import datetime, timezone
 
+from kvm_borg import archive_choice
+from kvm_borg.actions import archive_select
 from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, ensure_embedded_default, print_json
 from kvm_borg.config import select_repositories
 from kvm_borg.models import ArchiveInfo
 
 
-def run_list(ctx: Context, domain: str | None, repo_names: list[str] | None) -> list[ArchiveInfo]:
-    """Given an optional domain and --repo names, return the kvm-borg archives, oldest first."""
+log = logging.getLogger(__name__)
+
+
+def run_list(ctx: Context, domain: str | None, repo_names: list[str] | None,
+             host: str | None = None) -> list[ArchiveInfo]:
+    """Given an optional domain, --repo names and --host (None: this host; '*': every host), return the
+    kvm-borg archives of that host, oldest first; archives dated in the future are listed with a warning."""
     archives: list[ArchiveInfo] = []
     for repo in select_repositories(ctx.settings, repo_names):
         check_passphrase_file(repo)
         backend = backend_for(ctx, repo)
         if repo.get("auto_init") and not backend.exists():
             continue  # the embedded default repository is created by the first backup
-        archives.extend(backend.list_archives(domain))
+        chosen = archive_select.host_for(backend, ctx.settings, host, any_allowed=True)
+        found = archive_choice.of_host(backend.list_archives(domain), chosen)
+        for warning in archive_choice.split_future(found, datetime.now(timezone.utc))[1]:
+            log.warning("%s", warning)
+        archives.extend(found)
     return sorted(archives, key=lambda a: (a.time, a.repository))
 
 
@@ -41,6 +54,8 @@ def add_arguments(subparsers) -> None:
     listing = subparsers.add_parser("list", help="list archives")
     listing.add_argument("domain", nargs="?", metavar="DOMAIN")
     listing.add_argument("--repo", action="append", metavar="NAME")
+    listing.add_argument("--host", metavar="NAME",
+                         help="archives made on host NAME, '*' for every host (default: this host)")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(run=list_from_args)
     init = subparsers.add_parser("init", help="create the configured repositories")
@@ -49,7 +64,7 @@ def add_arguments(subparsers) -> None:
 
 
 def list_from_args(ctx: Context, args) -> int:
-    archives = run_list(ctx, args.domain, args.repo)
+    archives = run_list(ctx, args.domain, args.repo, args.host)
     if args.json:
         print_json([asdict(a) for a in archives])
         return 0

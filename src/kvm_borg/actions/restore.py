@@ -29,7 +29,9 @@ from pathlib import Path
 import libvirt
 
 from kvm_borg import host_state, restore_plan, signals
+from kvm_borg.actions import archive_select
 from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, print_json
+from kvm_borg.actions.restored_xml import sanitized_xml
 from kvm_borg.config import select_repositories
 from kvm_borg.engine.domain_xml import firmware_files, parse_disks
 from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
@@ -59,13 +61,8 @@ def open_repository(ctx: Context, repo_name: str | None):
 
 
 def resolve_archive(backend, domain: str, archive: str | None) -> str:
-    """Given a domain and --archive (None or "latest": the newest), return the archive name."""
-    if archive and archive != "latest":
-        return archive
-    archives = backend.list_archives(domain)
-    if not archives:
-        raise UsageError(f"repository {backend.name!r} has no archive of domain {domain!r}")
-    return sorted(archives, key=lambda a: a.time)[-1].name
+    """Given a domain and --archive (None or "latest": this host's newest not dated in the future), return the archive name."""
+    return archive_select.choose(backend, getattr(backend, "settings", None), domain, archive, None).name
 
 
 def read_bytes(backend, archive: str, archive_path: str, limit: int = MAX_META_BYTES) -> bytes:
@@ -500,6 +497,7 @@ class RestoreOptions:
     overwrite: bool = False
     isolate: bool = False  # verify: no network, serial output into the target dir
     new_uuid: str | None = None
+    host: str | None = None  # --host: whose archives (default: this host's)
 
 
 @dataclass
@@ -556,13 +554,17 @@ def _run_restore(ctx: Context, options: RestoreOptions) -> RestoreResult:
     started_at = time.monotonic()
     check_options(options)
     repo, backend = open_repository(ctx, options.repo)
-    archive = resolve_archive(backend, options.domain, options.archive)
+    chosen = archive_select.choose(backend, ctx.settings, options.domain, options.archive, options.host)
+    archive = chosen.name
     meta, entries = read_archive(backend, archive, options.domain)
+    archive_select.check_meta_host(meta, chosen, archive)
     paths = frozenset(entries)
     conn = ctx.connection.conn
 
     if options.to is not None:
-        return _restore_one_disk(ctx, backend, repo, archive, meta, entries, options, started_at)
+        result = _restore_one_disk(ctx, backend, repo, archive, meta, entries, options, started_at)
+        result.warnings[:0] = chosen.warnings
+        return result
 
     target_dir = os.path.abspath(options.target_dir) if options.target_dir else None
     local = local_disks(conn, meta["domain"]["name"]) if target_dir is None else None
@@ -578,11 +580,17 @@ def _run_restore(ctx: Context, options: RestoreOptions) -> RestoreResult:
         if unfinished_journal_entry(ctx.settings.journal_dir, plan.original_name, uuids):
             raise RefusedError(f"domain {plan.original_name!r} has an unfinished backup in the journal; "
                                f"run 'kvm-borg recover {plan.original_name}' first")
+    sanitize_warnings: list[str] = []
+    if xml_text is not None:  # what is written and defined is only ever the sanitized XML
+        xml_text, sanitize_warnings = sanitized_xml(conn, xml_text, plan, isolate=options.isolate,
+                                                    scratch_dir=options.target_dir if options.isolate else None)
     check_refusals(conn, plan, plan.destinations(), define=define, overwrite=options.overwrite)
 
     result = RestoreResult(domain=plan.domain, archive=archive, repository=repo["name"], disks={},
                            xml=plan.xml_path, uuid=plan.uuid if plan.xml_path else None, warnings=list(plan.warnings),
                            meta=meta, archived_xml=archived_xml)
+    result.warnings[:0] = chosen.warnings
+    result.warnings += sanitize_warnings
     _write_files(backend, archive, plan, xml_text, result)
     if define:
         _define_and_start(conn, plan, xml_text, options, result)
@@ -809,6 +817,7 @@ def add_arguments(subparsers) -> None:
     parser.add_argument("domain", metavar="DOMAIN", help="the archived domain's name")
     parser.add_argument("--archive", metavar="NAME", default="latest", help="archive name, or latest (default)")
     parser.add_argument("--repo", metavar="NAME", help="repository to read (default: the first configured)")
+    parser.add_argument("--host", metavar="NAME", help="take the archives made on host NAME (default: this host)")
     parser.add_argument("--target-dir", metavar="DIR", help="write the images and the XML here (default: the local domain's own images, else /var/lib/libvirt/images)")
     parser.add_argument("--name", metavar="NEW", help="restore as a copy: new name, UUID and MAC addresses")
     parser.add_argument("--define", action="store_true", help="define the restored domain in libvirt")
@@ -827,6 +836,7 @@ def run_from_args(ctx: Context, args) -> int:
     options = RestoreOptions(
         domain=args.domain, archive=args.archive, repo=args.repo, target_dir=args.target_dir, name=args.name,
         define=args.define, start=args.start, disks=args.disk, to=args.to, overwrite=args.overwrite,
+        host=args.host,
     )
     with signals.interruptible():  # a SIGTERM still removes temporary and partly restored files
         try:

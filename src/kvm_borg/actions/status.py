@@ -4,14 +4,18 @@ count and the last size; exit code 2 when a domain's newest backup is older than
 It reads the run state kept by kvm-borg (kvm_borg.run_state) and opens no repository, so it
 answers at once even while a backup holds a repository's lock: usable as a Nagios/Icinga check
 (0 OK, 1 WARNING: the last attempt failed but a recent backup exists, 2 CRITICAL: stale or never
-backed up). `--refresh` first lists the repositories and records what they hold.
+backed up). `--refresh` first lists the repositories and records what they hold: only the archives
+of this host (or `--host NAME`), and an archive dated in the future never counts as the last backup.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from datetime import datetime, timezone
 
-from kvm_borg import run_state
+from kvm_borg import archive_choice, run_state
+from kvm_borg.actions import archive_select
 from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, print_json, resolve_domains
 from kvm_borg.config import parse_duration, select_repositories
 from kvm_borg.errors import ConfigError, UsageError
@@ -70,8 +74,12 @@ def verdict(rows: list[dict]) -> int:
     return 0
 
 
-def refresh(ctx: Context, repositories: list[dict]) -> None:
-    """List every chosen repository and record its archives per domain in the run state."""
+log = logging.getLogger(__name__)
+
+
+def refresh(ctx: Context, repositories: list[dict], host: str | None = None) -> None:
+    """List every chosen repository and record the archives of this host (or `host`; '*': every host) per
+    domain in the run state, leaving out archives dated in the future (with a warning)."""
     from kvm_borg import run_record
 
     found: dict[str, dict[str, list]] = {}
@@ -81,7 +89,12 @@ def refresh(ctx: Context, repositories: list[dict]) -> None:
         if repo.get("auto_init") and not backend.exists():
             continue
         per_domain = found.setdefault(repo["name"], {})
-        for archive in backend.list_archives(None):
+        chosen = archive_select.host_for(backend, ctx.settings, host, any_allowed=True)
+        archives = archive_choice.of_host(backend.list_archives(None), chosen)
+        archives, warnings = archive_choice.split_future(archives, datetime.now(timezone.utc))
+        for warning in warnings:
+            log.warning("%s", warning)
+        for archive in archives:
             per_domain.setdefault(archive.domain, []).append(archive)
 
     def change(state: dict) -> dict:
@@ -96,11 +109,14 @@ def refresh(ctx: Context, repositories: list[dict]) -> None:
 
 
 def run_status(ctx: Context, names: list[str], repo_names: list[str] | None, max_age: float,
-               refresh_first: bool) -> list[dict]:
-    """Given domain names (empty: those `--all` selects), --repo names and max_age, return the status rows."""
+               refresh_first: bool, host: str | None = None) -> list[dict]:
+    """Given domain names (empty: those `--all` selects), --repo names, max_age, --refresh and its --host,
+    return the status rows."""
     repositories = select_repositories(ctx.settings, repo_names)
+    if host is not None and not refresh_first:
+        raise UsageError("--host chooses whose archives --refresh records: give --refresh too")
     if refresh_first:
-        refresh(ctx, repositories)
+        refresh(ctx, repositories, host)
     domains = resolve_domains(ctx, [], True, allow_empty=True) if not names else list(dict.fromkeys(names))
     state = run_state.load(ctx.settings.state_dir)
     return domain_rows(state, domains, [r["name"] for r in repositories], max_age, time.time())
@@ -115,6 +131,9 @@ def add_arguments(subparsers) -> None:
     parser.add_argument("--max-age", metavar="DURATION", help="stale after this age (default: max_age, 26h)")
     parser.add_argument("--refresh", action="store_true",
                         help="first list the repositories (archive counts, backups made elsewhere)")
+    parser.add_argument("--host", metavar="NAME",
+                        help="with --refresh: record the archives made on host NAME, '*' for every host "
+                             "(default: this host)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(run=run_from_args)
 
@@ -124,7 +143,7 @@ def run_from_args(ctx: Context, args) -> int:
         max_age = parse_duration(args.max_age, "--max-age") if args.max_age else ctx.settings.max_age
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    rows = run_status(ctx, args.domains, args.repo, max_age, args.refresh)
+    rows = run_status(ctx, args.domains, args.repo, max_age, args.refresh, args.host)
     code = verdict(rows)
     if args.json:
         print_json({"exit_code": code, "max_age_seconds": max_age, "domains": rows})

@@ -2,7 +2,8 @@
 
 Restore the archive into a scratch directory under a temporary name, run `qemu-img check` on
 every disk (the repository's own authenticated reads vouch for the bytes), and with `--boot`
-define the copy isolated (no network interfaces), start it, wait for a sign of life, then
+define the copy isolated (sanitized by kvm_borg.xml_sanitize, no network interfaces; checked again
+as libvirt holds it before it starts), start it, wait for a sign of life, then
 destroy and undefine it. Everything is cleaned up, whatever fails. Reports the time to
 restore and the time to the first sign of life (RTO).
 """
@@ -27,6 +28,7 @@ from kvm_borg.actions.common import Context, ensure_state_dir, print_json
 from kvm_borg.actions.restore import RestoreOptions, qemu_img, run_restore
 from kvm_borg.engine.domain_xml import has_guest_agent_channel
 from kvm_borg.errors import KvmBorgError
+from kvm_borg.xml_sanitize import isolation_violations
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,7 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> None:
 
 
 def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: str | None = None,
-               boot: bool = False, boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+               host: str | None = None, boot: bool = False, boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
                alive_seconds: float = DEFAULT_ALIVE_SECONDS) -> VerifyReport:
     """Given a domain and options, run the restore drill; return the VerifyReport (ok or not)."""
     report = VerifyReport(domain=domain)
@@ -148,7 +150,7 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
     try:
         started = time.monotonic()
         result = run_restore(ctx, RestoreOptions(domain=domain, archive=archive, repo=repo, target_dir=scratch,
-                                                 name=temp_name, define=boot, isolate=True))
+                                                 name=temp_name, define=boot, isolate=True, host=host))
         report.restore_seconds = time.monotonic() - started
         report.archive, report.repository, tpm_dir = result.archive, result.repository, result.tpm
         nvram = result.nvram  # restore puts it under libvirt's NVRAM directory, outside the scratch dir
@@ -162,6 +164,11 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
         if boot and not report.errors:
             conn = ctx.connection.conn
             dom = conn.lookupByName(temp_name)
+            # Defined from the sanitized XML; what libvirt holds is checked once more before it runs.
+            problems = isolation_violations(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE),
+                                            images=set(result.disks.values()), scratch_dir=scratch)
+            if problems:
+                raise KvmBorgError(f"the verify copy is not isolated ({'; '.join(problems)}); not started")
             agent = has_guest_agent_channel(result.archived_xml)
             dom.create()
             report.boot = wait_for_sign_of_life(dom, agent, boot_timeout, alive_seconds)
@@ -193,6 +200,7 @@ def add_arguments(subparsers) -> None:
     parser.add_argument("domain", metavar="DOMAIN")
     parser.add_argument("--archive", metavar="NAME", default="latest", help="archive name, or latest (default)")
     parser.add_argument("--repo", metavar="NAME", help="repository to read (default: the first configured)")
+    parser.add_argument("--host", metavar="NAME", help="take the archives made on host NAME (default: this host)")
     parser.add_argument("--boot", action="store_true", help="start the copy isolated and wait for a sign of life")
     parser.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT, metavar="SECONDS",
                         help=f"wait this long for the guest agent (default {DEFAULT_BOOT_TIMEOUT:g})")
@@ -205,7 +213,7 @@ def add_arguments(subparsers) -> None:
 
 def run_from_args(ctx: Context, args) -> int:
     with signals.interruptible():  # a SIGTERM still destroys the copy and removes the scratch directory
-        report = run_verify(ctx, args.domain, archive=args.archive, repo=args.repo, boot=args.boot,
+        report = run_verify(ctx, args.domain, archive=args.archive, repo=args.repo, host=args.host, boot=args.boot,
                             boot_timeout=args.boot_timeout, alive_seconds=args.alive_seconds)
     if args.json:
         print_json(report.as_dict())
