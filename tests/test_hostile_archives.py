@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import stat
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,11 +178,21 @@ def _with_tpm(meta, tree, relative="tpm2/tpm2-00.permall", archive_path=None):
     meta["files"]["tpm_state"] = [{"relative": relative, "archive_path": archive_path or path}]
 
 
-def _backing(meta, **layer):
+def _backing(meta, tree: Tree | None = None, **layer):
+    """Make vdb's image the backing file of vda; with `tree`, vdb also leaves the archived XMLs
+    (else the sanitizer rightly drops and warns about a disk that meta.json no longer has)."""
     vdb = next(d for d in meta["disks"] if d["target"] == "vdb")
     meta["disks"][0]["backing_chain"] = [{"path": "/var/lib/libvirt/images/base.raw",
                                           "archive_path": vdb["archive_path"], "format": "raw", **layer}]
     meta["disks"] = [meta["disks"][0]]
+    if tree is not None:
+        for xml_file in tree.meta_path().parent.glob("domain*.xml"):
+            root = ET.fromstring(xml_file.read_text())
+            devices = root.find("devices")
+            for disk in devices.findall("disk"):
+                if disk.find("target").get("dev") == "vdb":
+                    devices.remove(disk)
+            xml_file.write_text(ET.tostring(root, encoding="unicode"))
 
 
 def _image(tree: Tree, target: str = "vda") -> str:
@@ -276,7 +287,7 @@ SANITIZED = {
     # paths that only describe the host the archive came from: shown, never destinations
     "original_source aimed at cron.d": ("borg", meta_edit(lambda m, k, t: m["disks"][0].update(
         original_source=f"/etc/cron.d/{k}"))),
-    "backing path aimed at cron.d": ("restic", meta_edit(lambda m, k, t: _backing(m, path=f"/etc/cron.d/{k}"))),
+    "backing path aimed at cron.d": ("restic", meta_edit(lambda m, k, t: _backing(m, t, path=f"/etc/cron.d/{k}"))),
     "firmware.nvram aimed at cron.d": ("borg", meta_edit(lambda m, k, t: _with_nvram(
         m, t, nvram=f"/etc/cron.d/{k}"))),
     # modes recorded in meta.json and on the stored file itself are not copied

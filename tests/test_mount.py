@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import BORG_BIN, DiskSpec, borg_env, run_cli
+from harness import DiskSpec, run_cli
+from harness.crafted import Tree, craft_borg
 from kvm_borg import mountinfo
-from support import borg, cli_env, extract_archive, write_config
+from support import cli_env, write_config
 
 MiB = 1 << 20
 
@@ -305,18 +306,26 @@ def test_mount_honours_no_setuid_device_node_or_exec_and_other_users_cannot_reac
 
 
 def store_crafted_archive(repo: Path, original: str, name: str, workdir: Path, edit) -> str:
-    """Extract `original` (a real kvm-borg archive), let `edit(root, meta_path, meta)` change the files and
-    return the meta.json to write, then store the result as archive `name` with the original's comment."""
-    root = extract_archive(repo, original, workdir / name)
-    [meta_path] = list(root.rglob("meta.json"))
-    meta = edit(root, meta_path, json.loads(meta_path.read_text()))
-    meta_path.write_text(json.dumps(meta))
-    comment = json.loads(borg("info", "--json", f"{repo}::{original}").stdout)["archives"][0]["comment"]
-    paths = sorted(str(p.relative_to(root)) for p in root.iterdir())
-    subprocess.run([str(BORG_BIN), "create", "--comment", comment.replace("{", "{{").replace("}", "}}"),
-                    f"{repo}::{name}", *paths], cwd=root, env=borg_env(), check=True, capture_output=True,
-                   stdin=subprocess.DEVNULL)
-    return name
+    """Store a copy of `original` (a real kvm-borg archive) as archive `name`, its files changed by
+    `edit(root, meta_path, meta)`, which returns the meta.json to write (harness.crafted does the rest)."""
+
+    def edit_tree(tree: Tree) -> None:
+        meta_path = tree.meta_path()
+        meta_path.write_text(json.dumps(edit(tree.root, meta_path, tree.meta())))
+
+    return craft_borg(repo, original, edit_tree, workdir=workdir, name=name)
+
+
+def host_secret_image(tmp_path: Path) -> Path:
+    """Return a 16 MiB ext4 image holding a host "secret" (what a crafted archive would like to mount)."""
+    secret_dir = tmp_path / "secret"
+    secret_dir.mkdir()
+    (secret_dir / "shadow").write_text("host secret\n")
+    host_image = tmp_path / "host-fs.img"
+    host_image.write_bytes(b"")
+    os.truncate(host_image, 16 * MiB)
+    make_ext4(host_image, secret_dir, size_mib=16)
+    return host_image
 
 
 def test_mount_refuses_hostile_archives_and_leaves_nothing_mounted(domain_factory, image_dir, tmp_path):
@@ -330,13 +339,7 @@ def test_mount_refuses_hostile_archives_and_leaves_nothing_mounted(domain_factor
     original = json.loads(proc.stdout)["domains"][0]["stores"][0]["archive"]
     state_dir = image_dir / "kb" / "state"
     # A host file an attacker would like to see through the mount: an ext4 image with a secret.
-    secret_dir = tmp_path / "secret"
-    secret_dir.mkdir()
-    (secret_dir / "shadow").write_text("host secret\n")
-    host_image = tmp_path / "host-fs.img"
-    host_image.write_bytes(b"")
-    os.truncate(host_image, 16 * MiB)
-    make_ext4(host_image, secret_dir, size_mib=16)
+    host_image = host_secret_image(tmp_path)
     host_data = tmp_path / "host-data.raw"
 
     def image_of(root, meta):
@@ -422,13 +425,7 @@ def test_mount_of_a_restic_archive_whose_image_is_a_symlink_to_a_host_file_is_re
                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
 
     [main] = [s for s in json.loads(restic("snapshots", "--json").stdout) if "part=main" in s["tags"]]
-    secret_dir = tmp_path / "secret"
-    secret_dir.mkdir()
-    (secret_dir / "shadow").write_text("host secret\n")
-    host_image = tmp_path / "host-fs.img"
-    host_image.write_bytes(b"")
-    os.truncate(host_image, 16 * MiB)
-    make_ext4(host_image, secret_dir, size_mib=16)
+    host_image = host_secret_image(tmp_path)
     crafted = tmp_path / "crafted"
     restored = tmp_path / "restored"
     restic("restore", main["id"], "--target", restored, "--include", "/**/meta.json")

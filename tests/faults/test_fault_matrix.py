@@ -8,6 +8,7 @@ passes. Each test adds its row to the report (tests/faults/conftest.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -514,6 +515,18 @@ def test_sigterm_during_a_failing_merge_exits_130_and_recover_completes_it(scena
     settle_and_verify(sc, report_row)
 
 
+def fill_to_the_last_page(path: Path) -> None:
+    """Write zeros to `path` (on a tmpfs) until the file system has no page left (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
 def test_full_file_system_shared_by_state_dir_and_overlays_still_merges_and_resumes(scenario, image_dir,
                                                                                     report_row):
     report_row["fault"] = "state_dir and overlays on one full file system"
@@ -531,7 +544,9 @@ def test_full_file_system_shared_by_state_dir_and_overlays_still_merges_and_resu
         wait_for(lambda: sc.dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR],
                  "the guest to pause on ENOSPC", timeout=120, proc=proc)
         sc.note_console()
+        fill_to_the_last_page(small / "filler")  # QEMU's failed cluster may have left a few pages free
         rc, out, err = finish(proc, pause)
+        (small / "filler").unlink()  # room again for the next backup's overlay
         assert rc == 1, err  # stored and merged back; the warnings say what could not be written
         [result] = json.loads(out)["domains"]
         assert any("could not record stage 'committing'" in w for w in result["warnings"]), result
