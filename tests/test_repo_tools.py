@@ -273,3 +273,11 @@ def test_first_use_notice_names_a_key_export_command_that_works(tmp_path):
     assert "BORG PAPER KEY v1" in (tmp_path / "key.txt").read_text()
     again = run_cli("borg", "--", "list", "--short", config=config, env=cli_env())
     assert again.returncode == 0 and "Export the key with" not in again.stderr  # told once
+
+
+def test_help_lists_key_export_and_the_passthroughs():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("key", "borg", "restic"):
+        assert re.search(rf"^\s+{command}\s+\S", proc.stdout, re.MULTILINE), command
+    assert "FILE" in run_cli("key", "export", "--help").stdout
