@@ -281,3 +281,30 @@ def test_help_lists_key_export_and_the_passthroughs():
     for command in ("key", "borg", "restic"):
         assert re.search(rf"^\s+{command}\s+\S", proc.stdout, re.MULTILINE), command
     assert "FILE" in run_cli("key", "export", "--help").stdout
+
+
+def test_passthrough_and_key_export_reach_remote_repositories_with_their_ssh_settings(image_dir, tmp_path, sshd):
+    from harness.sshd import generate_key
+    from test_remote_repositories import hardened_borg
+    from test_restic_backend import restic_repository
+
+    borg_repository, server_repo = hardened_borg(sshd, image_dir, tmp_path, name="vault")  # forced `borg serve`
+    restic_key = generate_key(tmp_path / "restic-client" / "id_ed25519")
+    sshd.authorize(restic_key)
+    restic = restic_repository(tmp_path, "far", url=sshd.sftp_url(sshd.make_repo_dir(image_dir / "srv-restic")),
+                               ssh_command=sshd.ssh_command(restic_key))
+    config = write_config(image_dir / "kb", [borg_repository, restic], plugins=())  # `kvm-borg init` over ssh
+
+    listed = run_cli("borg", "--repo", "vault", "--", "list", "--json", config=config, env=cli_env(), timeout=180)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["archives"] == []
+    key = tmp_path / "vault.key"
+    exported = run_cli("key", "export", "--repo", "vault", str(key), config=config, env=cli_env(), timeout=180)
+    assert exported.returncode == 0, exported.stderr
+    server_config = configparser.ConfigParser(interpolation=None)
+    server_config.read(server_repo / "config")
+    assert key.read_text().splitlines()[0] == f"BORG_KEY {server_config.get('repository', 'id')}"
+    snapshots = run_cli("restic", "--repo", "far", "--", "snapshots", "--json", config=config, env=cli_env(),
+                        timeout=180)
+    assert snapshots.returncode == 0, snapshots.stderr
+    assert json.loads(snapshots.stdout) == []
