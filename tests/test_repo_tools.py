@@ -11,7 +11,9 @@ import configparser
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import stat
 import subprocess
 import time
@@ -96,6 +98,37 @@ def key_less_copy(stack: Stack, tmp_path: Path) -> Path:
     return copy
 
 
+def start_kvm_borg(stack: Stack, *args) -> subprocess.Popen:
+    """Start `kvm-borg --config CONFIG ARGS...` with pipes for stdin, stdout and stderr (text)."""
+    env = {**os.environ, **cli_env(), "PATH": f"{BORG_BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.Popen([str(KVM_BORG_BIN), "--config", str(stack.config), *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+
+
+def real_borg_child(proc: subprocess.Popen, marker: bytes) -> str:
+    """Given a running kvm-borg, return the pid of its borg child whose argv holds `marker`, once setpriv
+    has exec'd borg (its argv and environment are final from then on); bounded wait."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if marker in argv and Path(argv.split(b"\0")[0].decode()).name != "setpriv":
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no borg child of kvm-borg with {marker!r} in its argv (kvm-borg exit: {proc.poll()})")
+
+
+def wait_for_output(proc: subprocess.Popen, text: str) -> None:
+    """Read the child's stdout until `text` appeared (bounded wait)."""
+    seen = b""
+    deadline = time.monotonic() + 120
+    while text.encode() not in seen:
+        assert time.monotonic() < deadline and proc.poll() is None, f"no {text!r} on stdout: {seen!r}"
+        ready, _, _ = select.select([proc.stdout], [], [], 1)
+        if ready:
+            seen += os.read(proc.stdout.fileno(), 4096)
+
+
 # --- passthrough ------------------------------------------------------------------------------
 
 
@@ -154,22 +187,11 @@ def test_passthrough_without_a_command_is_refused(stack):
 def test_passphrase_is_in_neither_the_childs_argv_nor_environment_nor_the_log(stack):
     """A borg that waits on our stdin (`key import --paper`) is looked at in /proc while it runs."""
     passphrase = (stack.directory / "borg.pass").read_text().strip()
-    env = {**os.environ, **cli_env(), "PATH": f"{BORG_BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([str(KVM_BORG_BIN), "--config", str(stack.config), "-vv", "borg", "--repo", "main",
-                             "--", "key", "import", "--paper"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True)
     config_before = (stack.borg_repo / "config").read_bytes()
+    proc = start_kvm_borg(stack, "-vv", "borg", "--repo", "main", "--", "key", "import", "--paper")
     try:
-        child = cmdline = None
-        deadline = time.monotonic() + 120
-        while cmdline is None and time.monotonic() < deadline and proc.poll() is None:
-            for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-                # the real borg: after setpriv exec'd it (environment and argv are final from here on)
-                if b"key\0import" in argv and Path(argv.split(b"\0")[0].decode()).name != "setpriv":
-                    child, cmdline = pid, argv
-            time.sleep(0.05)
-        assert child is not None, "the borg child did not start"
+        child = real_borg_child(proc, b"key\0import")
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
     finally:
         stdout, stderr = proc.communicate(input="", timeout=120)  # EOF: borg aborts the import
@@ -182,6 +204,23 @@ def test_passphrase_is_in_neither_the_childs_argv_nor_environment_nor_the_log(st
     assert "running attached:" in stderr  # the -vv log was written, without the passphrase
     assert "aborted" in stdout and (stack.borg_repo / "config").read_bytes() == config_before  # stdin was borg's
     assert kvm_borg(stack, "borg", "--", "list", "--short").stdout.split() == [stack.archive]
+
+
+def test_sigterm_to_kvm_borg_reaches_the_borg_child(stack):
+    config_before = (stack.borg_repo / "config").read_bytes()
+    proc = start_kvm_borg(stack, "borg", "--", "key", "import", "--paper")  # waits on our (open) stdin
+    try:
+        child = real_borg_child(proc, b"key\0import")
+        wait_for_output(proc, "id: ")  # borg's prompt: it runs and reads our stdin, kvm-borg waits for it
+        proc.send_signal(signal.SIGTERM)  # to kvm-borg only, not to its child
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=120)
+    assert proc.returncode > 0  # kvm-borg was not killed: it passed SIGTERM on and exited with borg's code
+    assert not Path(f"/proc/{child}").exists()
+    assert (stack.borg_repo / "config").read_bytes() == config_before
 
 
 # --- key export -------------------------------------------------------------------------------
