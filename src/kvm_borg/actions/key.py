@@ -2,8 +2,8 @@
 safekeeping away from the hypervisor.
 
 borg prints the key (`borg key export [--paper] REPO -`, run with the repository's passphrase and
-ssh settings exactly as kvm-borg's own runs); kvm-borg writes it to FILE itself, 0600 from the
-first byte and atomically, and refuses an existing FILE unless `--overwrite`. FILE `-` is stdout.
+ssh settings exactly as kvm-borg's own runs); kvm-borg writes it to FILE itself (`atomic`), 0600 from
+the first byte, and refuses an existing FILE unless `--overwrite`. FILE `-` is stdout.
 
 restic has no key file: its master key is stored in the repository, encrypted with the password,
 so the password is what to keep. Asking for a restic repository's key is refused with one line
@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvm_borg import atomic
 from kvm_borg.actions.common import Context
 from kvm_borg.actions.passthrough import open_repository
 from kvm_borg.backends.borg import BorgLog
@@ -80,30 +80,16 @@ def check_export(text: str, paper: bool) -> None:
 
 
 def write_private_file(path: Path, data: bytes, overwrite: bool) -> None:
-    """Given an absolute path, bytes and --overwrite, write the file mode 0600 and atomically: a temporary
-    file beside it (0600 from creation) is linked into place (an existing file: UsageError) or, with
-    `overwrite`, renamed over it. Nothing is left behind on failure."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Given an absolute path, bytes and --overwrite, write the file mode 0600 (from its creation, whatever
+    the umask; a symlink at `path` is never followed): created exclusively (an existing file is a
+    UsageError), or with `overwrite` replaced atomically through a temporary file beside it."""
+    if overwrite:
+        atomic.write_atomic(path, data, 0o600)
+        return
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                raise UsageError(f"{path} exists: choose another file, or use --overwrite to replace it") from None
-    finally:
-        if os.path.lexists(temporary):
-            os.unlink(temporary)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        atomic.create_exclusive(path, data, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{path} exists: choose another file, or use --overwrite to replace it") from None
 
 
 def export_key(backend, paper: bool) -> str:
