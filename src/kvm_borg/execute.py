@@ -245,7 +245,7 @@ def run_attached(
     argv = tuple(os.fspath(arg) for arg in argv)
     if secret is not None and not secret_env:
         raise ValueError("a secret needs secret_env, the variable that names its file descriptor")
-    logger.debug("running attached: %s", shlex.join(argv))
+    logger.debug("running attached: %s", redact_text(shlex.join(argv)))
     child_env = dict(env)
     read_fd, write_fd = _secret_pipe(child_env, secret, secret_env)
     try:
