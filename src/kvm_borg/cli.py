@@ -36,6 +36,8 @@ COMMAND_MODULES = (
     "kvm_borg.actions.restore",
     "kvm_borg.actions.verify",
     "kvm_borg.actions.mount",
+    "kvm_borg.actions.key",
+    "kvm_borg.actions.passthrough",
 )
 
 

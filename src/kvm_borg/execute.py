@@ -117,10 +117,7 @@ def run_command(
         raise CommandError(argv, None, f"{os.path.basename(argv[0])} not started: the run is being interrupted")
 
     child_env = dict(os.environ if env is None else env)
-    read_fd = write_fd = None
-    if secret is not None:
-        read_fd, write_fd = os.pipe()  # both non-inheritable; pass_fds opens read_fd to the child only
-        child_env[secret_env] = str(read_fd)
+    read_fd, write_fd = _secret_pipe(child_env, secret, secret_env)
     try:
         process = subprocess.Popen(
             with_parent_death_signal(argv, stop_signal),
@@ -177,6 +174,16 @@ def run_command(
     return result
 
 
+def _secret_pipe(child_env: dict[str, str], secret: bytes | None, secret_env: str | None) -> tuple[int | None, int | None]:
+    """Given the child's environment and a secret (None: none), return (read_fd, write_fd) of the pipe it will
+    travel through, (None, None) without a secret; `secret_env` in `child_env` names the child's fd."""
+    if secret is None:
+        return None, None
+    read_fd, write_fd = os.pipe()  # both non-inheritable; pass_fds opens read_fd to the child only
+    child_env[secret_env] = str(read_fd)
+    return read_fd, write_fd
+
+
 def _write_secret(fd: int, secret: bytes) -> None:
     """Given the write end of the secret pipe, write the secret and close it (EOF for the child)."""
     try:
@@ -188,6 +195,95 @@ def _write_secret(fd: int, secret: bytes) -> None:
         pass  # the child exited without reading it
     finally:
         os.close(fd)
+
+
+# Signals kvm-borg passes on to an attached child (see run_attached).
+ATTACHED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def attached_signal_map(stop_signal: int, terminal_foreground: bool) -> dict[int, int | None]:
+    """Given the child's stop signal and whether we run in a terminal's foreground process group, return
+    {signal kvm-borg receives: signal to send the attached child, None: none}.
+
+    A Ctrl-C on the terminal reaches the child itself (it shares our process group), so it is not
+    sent twice; a SIGINT from elsewhere, SIGTERM and SIGHUP are passed on (the last two as the
+    child's stop signal: restic releases its lock on SIGINT only)."""
+    return {signal.SIGINT: None if terminal_foreground else signal.SIGINT,
+            signal.SIGTERM: stop_signal, signal.SIGHUP: stop_signal}
+
+
+def exit_status(returncode: int) -> int:
+    """Given a Popen returncode, return it as a shell reports it: 128+N for a child ended by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _in_terminal_foreground() -> bool:
+    """Return whether one of our standard streams is a terminal whose foreground process group is ours."""
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd):
+                return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:
+            continue
+    return False
+
+
+def run_attached(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    secret: bytes | None = None,
+    secret_env: str | None = None,
+    stop_signal: int = signal.SIGTERM,
+) -> int:
+    """Given an argv and its whole environment, run it attached to our stdin, stdout, stderr and terminal
+    (interactive use: `kvm-borg borg -- mount -f ...`), wait for it and return its exit status
+    (128+N when signal N ended it).
+
+    The secret reaches the child through an inherited pipe exactly as in `run_command`. The child
+    stays in our process group so it can prompt and the terminal's Ctrl-C reaches it; while it
+    runs, kvm-borg passes signals on as `attached_signal_map` says, and the child gets
+    `stop_signal` if kvm-borg dies. A command that cannot start is a CommandError."""
+    argv = tuple(os.fspath(arg) for arg in argv)
+    if secret is not None and not secret_env:
+        raise ValueError("a secret needs secret_env, the variable that names its file descriptor")
+    logger.debug("running attached: %s", redact_text(shlex.join(argv)))
+    child_env = dict(env)
+    read_fd, write_fd = _secret_pipe(child_env, secret, secret_env)
+    try:
+        process = subprocess.Popen(with_parent_death_signal(argv, stop_signal), env=child_env,
+                                   pass_fds=() if read_fd is None else (read_fd,))
+    except OSError as exc:
+        if write_fd is not None:
+            os.close(write_fd)
+        raise CommandError(argv, None, f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    finally:
+        if read_fd is not None:
+            os.close(read_fd)
+    writer = None
+    if write_fd is not None:
+        writer = threading.Thread(target=_write_secret, args=(write_fd, secret), daemon=True)
+        writer.start()
+    forward = attached_signal_map(stop_signal, _in_terminal_foreground())
+
+    def pass_on(signum, _frame):
+        target = forward.get(signum)
+        if target is not None and process.poll() is None:
+            try:
+                process.send_signal(target)
+            except ProcessLookupError:
+                pass
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in ATTACHED_SIGNALS}
+    try:
+        returncode = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if writer is not None:
+            writer.join(timeout=TERMINATE_GRACE_SECONDS)
+    logger.debug("%s exited with code %s", argv[0], returncode)
+    return exit_status(returncode)
 
 
 SETPRIV = shutil.which("setpriv")

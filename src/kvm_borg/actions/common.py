@@ -94,8 +94,8 @@ def ensure_embedded_default(ctx: Context, repo: dict, backend) -> None:
             print(
                 f"kvm-borg: created the encrypted borg repository {repo['path']} with a generated passphrase "
                 f"in {passphrase} (root only). Keep a copy of both somewhere else: without them the backups "
-                f"cannot be read. Export the key with: BORG_PASSCOMMAND='cat {passphrase}' "
-                f"borg key export {repo['path']} /root/kvm-borg-repo.key",
+                f"cannot be read. Export the key with: kvm-borg key export --repo {repo['name']} --paper "
+                f"/root/kvm-borg-key.txt",
                 file=sys.stderr,
             )
             if not os.path.lexists(marker):

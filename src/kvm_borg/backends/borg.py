@@ -594,6 +594,13 @@ class BorgRepository:
                 f"repository {self.name!r}: cannot read passphrase_file {path}: {exc.strerror or exc}"
             ) from None
 
+    def command_environment(self) -> dict[str, Any]:
+        """Return what a borg run of this repository gets besides its argv, as run_command's keywords:
+        {env, secret, secret_env} (for `kvm-borg key export` and `kvm-borg borg`)."""
+        secret = self._passphrase()
+        return {"env": make_environment(self.repository, os.environ), "secret": secret,
+                "secret_env": "BORG_PASSPHRASE_FD" if secret is not None else None}
+
     def _run(
         self,
         argv: Sequence[str],

@@ -694,6 +694,10 @@ class ResticRepository:
 
     # --- running restic ---------------------------------------------------------------------
 
+    def command_environment(self) -> dict[str, str]:
+        """Return the environment every restic run of this repository gets (for `kvm-borg restic`)."""
+        return self._environment()
+
     def _environment(self) -> dict[str, str]:
         return rc.make_environment(
             os.environ,

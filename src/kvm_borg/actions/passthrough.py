@@ -1,0 +1,86 @@
+"""`kvm-borg borg --repo NAME -- ARGS...` and `kvm-borg restic --repo NAME -- ARGS...`: run the
+configured borg/restic by hand on a configured repository, the way `borgmatic borg` does.
+
+The tool gets the repository's location (borg: BORG_REPO, so `list` and `::ARCHIVE` work; restic:
+RESTIC_REPOSITORY), its passphrase exactly as kvm-borg's own runs hand it over (never in argv or
+the log), its ssh settings and (borg) its lock_wait. stdin, stdout, stderr and the terminal are
+the user's; the tool's exit code is kvm-borg's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from kvm_borg.actions.common import Context, open_repositories
+from kvm_borg.backends.tool_commands import (
+    borg_passthrough_environment,
+    choose_repository,
+    make_borg_passthrough_command,
+    make_restic_passthrough_command,
+    strip_separator,
+)
+from kvm_borg.errors import KvmBorgError, UsageError
+from kvm_borg.execute import CommandError, run_attached
+
+log = logging.getLogger(__name__)
+
+
+def open_repository(ctx: Context, name: str | None, kind: str, command: str) -> tuple[dict, object]:
+    """Given --repo NAME (None: the only one of its type), the type a command needs and the command's
+    name, return (repository dict, backend), its passphrase file checked (UsageError on bad input)."""
+    repo = choose_repository(ctx.settings.repositories, name, kind, command)
+    [(repo, backend)] = open_repositories(ctx, [repo["name"]])
+    if not hasattr(backend, "command_environment"):
+        raise UsageError(f"repository {repo['name']}: its backend plugin cannot run {kind} by hand")
+    return repo, backend
+
+
+def _tool_args(args, kind: str, example: str) -> tuple[str, ...]:
+    tool_args = strip_separator(args.args)
+    if not tool_args:
+        raise UsageError(f"name the {kind} command to run, e.g. `kvm-borg {kind} --repo NAME -- {example}`")
+    return tool_args
+
+
+def run_borg(ctx: Context, args) -> int:
+    """Run `kvm-borg borg`; return borg's exit status."""
+    tool_args = _tool_args(args, "borg", "list")
+    repo, backend = open_repository(ctx, args.repo, "borg", "kvm-borg borg")
+    options = backend.command_environment()
+    env = borg_passthrough_environment(options["env"], backend.location, os.environ)
+    argv = make_borg_passthrough_command(backend.binary, tool_args, backend.lock_wait)
+    return _run(repo, argv, env=env, secret=options["secret"], secret_env=options["secret_env"])
+
+
+def run_restic(ctx: Context, args) -> int:
+    """Run `kvm-borg restic`; return restic's exit status."""
+    tool_args = _tool_args(args, "restic", "snapshots")
+    repo, backend = open_repository(ctx, args.repo, "restic", "kvm-borg restic")
+    argv = make_restic_passthrough_command(backend.binary, tool_args, backend.options)
+    return _run(repo, argv, env=backend.command_environment(), stop_signal=signal.SIGINT)
+
+
+def _run(repo: dict, argv, **kwargs) -> int:
+    try:
+        return run_attached(argv, **kwargs)
+    except CommandError as exc:
+        raise KvmBorgError(f"repository {repo['name']!r}: {exc.message}") from None
+
+
+def add_arguments(subparsers) -> None:
+    """Register `kvm-borg borg` and `kvm-borg restic`."""
+    for kind, run, example in (("borg", run_borg, "list ::ARCHIVE"), ("restic", run_restic, "snapshots")):
+        parser = subparsers.add_parser(
+            kind,
+            help=f"run the configured {kind} on a repository (its location, passphrase and ssh settings)",
+            description=f"Run the configured {kind} with a repository's location, passphrase and ssh settings, "
+                        f"e.g. `kvm-borg {kind} --repo NAME -- {example}`. The exit code is {kind}'s.",
+        )
+        parser.add_argument("--repo", metavar="NAME",
+                            help=f"the {kind} repository (default: the only one configured)")
+        parser.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
+                            help=f"the {kind} command and its arguments")
+        parser.set_defaults(run=run)
