@@ -11,6 +11,7 @@ import pytest
 
 from kvm_borg.actions.key import check_destination, check_export, refuse_restic, write_private_file
 from kvm_borg.backends.borg import make_environment
+from kvm_borg.backends.ssh_options import with_default_options
 from kvm_borg.backends.tool_commands import (
     borg_passthrough_environment,
     choose_repository,
@@ -114,7 +115,7 @@ def test_borg_passthrough_environment_names_the_repository_and_keeps_the_secret_
     assert env["BORG_REPO"] == "ssh://u@h:22/./{{b}}"  # borg expands placeholders in BORG_REPO
     assert "BORG_PASSPHRASE" not in env
     assert env["BORG_PASSCOMMAND"] == "pass show b"
-    assert env["BORG_RSH"] == "ssh -o BatchMode=yes"
+    assert env["BORG_RSH"] == with_default_options("ssh -o BatchMode=yes")  # as the backend's own runs
     assert env["BORG_DELETE_I_KNOW_WHAT_I_AM_DOING"] == "YES"  # the user's own answer
     assert "BORG_CHECK_I_KNOW_WHAT_I_AM_DOING" not in env  # borg asks, as when run by hand
     assert "TZ" not in env and "BORG_EXIT_CODES" not in env
@@ -124,7 +125,7 @@ def test_borg_passthrough_environment_names_the_repository_and_keeps_the_secret_
 def test_borg_passthrough_environment_keeps_configured_ssh_settings():
     repo = dict(BORG_A, ssh_command="ssh -i /k", remote_path="borg-1.4")
     env = borg_passthrough_environment(make_environment(repo, {}), repo["path"], {})
-    assert env["BORG_RSH"] == "ssh -i /k" and env["BORG_REMOTE_PATH"] == "borg-1.4"
+    assert env["BORG_RSH"] == with_default_options("ssh -i /k") and env["BORG_REMOTE_PATH"] == "borg-1.4"
     assert "BORG_PASSCOMMAND" not in env  # a passphrase_file goes through BORG_PASSPHRASE_FD at run time
 
 
