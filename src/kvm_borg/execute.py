@@ -116,28 +116,16 @@ def run_command(
     if scope is not None and scope.stopped:
         raise CommandError(argv, None, f"{os.path.basename(argv[0])} not started: the run is being interrupted")
 
-    child_env = dict(os.environ if env is None else env)
-    read_fd, write_fd = _secret_pipe(child_env, secret, secret_env)
-    try:
-        process = subprocess.Popen(
-            with_parent_death_signal(argv, stop_signal),
-            env=child_env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL if stdin is None else stdin,
-            stdout=subprocess.PIPE if stdout is None else stdout,
-            stderr=subprocess.PIPE,
-            pass_fds=() if read_fd is None else (read_fd,),
-            # Own session: no controlling terminal, so neither the child nor its ssh can prompt,
-            # and a Ctrl-C reaches only us; we stop the child in order.
-            start_new_session=True,
-        )
-    except OSError as exc:
-        if write_fd is not None:
-            os.close(write_fd)
-        raise CommandError(argv, None, f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    finally:
-        if read_fd is not None:
-            os.close(read_fd)
+    process, write_fd = _spawn(
+        argv, dict(os.environ if env is None else env), secret, secret_env, stop_signal,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL if stdin is None else stdin,
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE,
+        # Own session: no controlling terminal, so neither the child nor its ssh can prompt,
+        # and a Ctrl-C reaches only us; we stop the child in order.
+        start_new_session=True,
+    )
 
     if scope is not None and not scope.adopt(process, stop_signal):
         _stop(process, stop_signal)
@@ -228,6 +216,25 @@ def _in_terminal_foreground() -> bool:
     return False
 
 
+def _spawn(argv: tuple[str, ...], child_env: dict, secret: bytes | None, secret_env: str | None,
+           stop_signal: int, **popen_args) -> tuple[subprocess.Popen, int | None]:
+    """Given an argv, its environment and its secret, start it (with the parent-death signal) and
+    return (process, the secret pipe's write end or None); the child's read end is closed here.
+    A command that cannot start is a CommandError and leaves no fd open."""
+    read_fd, write_fd = _secret_pipe(child_env, secret, secret_env)
+    try:
+        process = subprocess.Popen(with_parent_death_signal(argv, stop_signal), env=child_env,
+                                   pass_fds=() if read_fd is None else (read_fd,), **popen_args)
+    except OSError as exc:
+        if write_fd is not None:
+            os.close(write_fd)
+        raise CommandError(argv, None, f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+    finally:
+        if read_fd is not None:
+            os.close(read_fd)
+    return process, write_fd
+
+
 def run_attached(
     argv: Sequence[str],
     *,
@@ -248,18 +255,7 @@ def run_attached(
     if secret is not None and not secret_env:
         raise ValueError("a secret needs secret_env, the variable that names its file descriptor")
     logger.debug("running attached: %s", redact_text(shlex.join(argv)))
-    child_env = dict(env)
-    read_fd, write_fd = _secret_pipe(child_env, secret, secret_env)
-    try:
-        process = subprocess.Popen(with_parent_death_signal(argv, stop_signal), env=child_env,
-                                   pass_fds=() if read_fd is None else (read_fd,))
-    except OSError as exc:
-        if write_fd is not None:
-            os.close(write_fd)
-        raise CommandError(argv, None, f"cannot run {argv[0]}: {exc.strerror or exc}") from None
-    finally:
-        if read_fd is not None:
-            os.close(read_fd)
+    process, write_fd = _spawn(argv, dict(env), secret, secret_env, stop_signal)
     writer = None
     if write_fd is not None:
         writer = threading.Thread(target=_write_secret, args=(write_fd, secret), daemon=True)
