@@ -14,12 +14,12 @@ from kvm_borg.backends.restic import (
     BackupOutput,
     ResticLog,
     ResticRepository,
-    SparseWriter,
     archive_info_from,
     group_archives,
     utc_iso,
 )
 from kvm_borg.errors import ConfigError
+from kvm_borg.sparse import SparseWriter
 
 COMMENT = json.dumps({"kvm_borg": 1, "domain": "web, 1", "uuid": "u", "disks": ["vda", "vdb"], "host": "hv1"})
 

@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from kvm_borg import host_state, restore_plan
-from kvm_borg.actions.restore import SparseWriter
+from kvm_borg.sparse import SparseWriter
 from kvm_borg.errors import UsageError
 
 STAGING = "var/lib/kvm-borg/staging/1111"

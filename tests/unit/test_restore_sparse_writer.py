@@ -1,4 +1,4 @@
-"""SparseWriter (kvm-borg restore): the bytes restored are the bytes stored, all-zero blocks become holes."""
+"""SparseWriter (kvm_borg.sparse, used by restore and the restic backend): the bytes restored are the bytes stored, all-zero blocks become holes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kvm_borg.actions.restore import BLOCK, SEGMENT, SparseWriter
+from kvm_borg.sparse import BLOCK, SEGMENT, SparseWriter
 
 
 def _stream(rng: random.Random) -> tuple[bytes, int]:
@@ -63,13 +63,13 @@ def test_sparse_writer_of_an_all_zero_stream_writes_nothing(tmp_path):
 
 
 def test_sparse_writer_hands_what_it_restored_to_writeback_in_steps(tmp_path, monkeypatch):
-    from kvm_borg.actions import restore
+    from kvm_borg import sparse
 
     advised = []
     real = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: (
         advised.append((offset, length, advice)), real(fd, offset, length, advice))[1])
-    monkeypatch.setattr(restore, "WRITEBACK", 1 << 20)
+    monkeypatch.setattr(sparse, "WRITEBACK", 1 << 20)
     data = random.Random(9).randbytes(5 << 20) + bytes(65536)
     path = tmp_path / "out"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)

@@ -39,13 +39,13 @@ from kvm_borg.metadata import parse_archive_comment
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
 from kvm_borg.redact import redact_url
+from kvm_borg.sparse import SparseWriter
 
 logger = logging.getLogger(__name__)
 
 # Without a configured ssh_command (sftp repositories): never ask for a password or a host key.
 DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
 # Bytes compared at a time when writing a restored file sparse: a zero block becomes a hole.
-SPARSE_BLOCK = 64 * 1024
 # Progress updates per second asked of restic while a progress bar is shown.
 PROGRESS_FPS = 4
 MOUNT_TIMEOUT = 60  # seconds for `restic mount` to show the snapshot
@@ -243,39 +243,6 @@ class ResticLog:
         if self.says(_NO_REPOSITORY) and "no repository" not in message:
             message = f"{message} (no repository there: run `kvm-borg init`)"
         return one_line(message)
-
-
-class SparseWriter:
-    """Writes a stream into an open file, leaving all-zero blocks as holes."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.length = 0
-        self._pending = b""
-        self._zero = bytes(SPARSE_BLOCK)
-
-    def write(self, data: bytes) -> None:
-        self._pending += data
-        if len(self._pending) >= 16 * SPARSE_BLOCK:
-            usable = len(self._pending) - len(self._pending) % SPARSE_BLOCK
-            self._flush(self._pending[:usable])
-            self._pending = self._pending[usable:]
-
-    def close(self) -> None:
-        """Write what is left and set the file's length (a trailing hole needs it)."""
-        self._flush(self._pending)
-        self._pending = b""
-        os.ftruncate(self.fd, self.length)
-
-    def _flush(self, data: bytes) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), SPARSE_BLOCK):
-            block = view[start:start + SPARSE_BLOCK]
-            if block == self._zero[: len(block)]:
-                os.lseek(self.fd, len(block), os.SEEK_CUR)
-            else:
-                os.write(self.fd, block)
-            self.length += len(block)
 
 
 def stored_size(path: str) -> int:
