@@ -5,7 +5,7 @@ Every variant backs up the same running domain's disk image:
 - `read_image`: `cat IMAGE > /dev/null`, the read limit;
 - `plain_borg` / `plain_restic`: the shell sequence an administrator would write, `virsh
   snapshot-create-as --disk-only --atomic --no-metadata`, `borg create` (kvm-borg's options:
-  lz4, `fixed,4194304`, no `--sparse`, see src/kvm_borg/backends/borg.py) or
+  lz4, `fixed,4194304`, no `--sparse`, see src/kvm_borg/backends/borg/repository.py) or
   `restic backup` of the frozen image, `virsh blockcommit --active --pivot --wait`, `rm overlay`;
 - `kvm_borg_backup`: `kvm-borg backup DOMAIN --json` with a config naming one repository;
 - `virtnbdbackup`: the peer without deduplication (libvirt backup API + NBD), `-l copy [-z]`.

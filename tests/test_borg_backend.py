@@ -20,15 +20,10 @@ import pytest
 
 from kvm_borg import hookspecs
 from kvm_borg.backends import borg as borg_backend
-from kvm_borg.backends.borg import (
-    BorgError,
-    BorgLog,
-    BorgRepository,
-    files_cache_suffix,
-    find_borg_binary,
-    make_environment,
-    parse_comment,
-)
+from kvm_borg.backends.borg.environment import files_cache_suffix, find_borg_binary, make_environment
+from kvm_borg.backends.borg.output import BorgLog
+from kvm_borg.backends.borg.repository import BorgError, BorgRepository
+from kvm_borg.metadata import parse_archive_comment
 from kvm_borg.models import ArchiveRequest
 
 PASSPHRASE = "kbtest-borg-backend-Pa55phrase"
@@ -195,11 +190,11 @@ def test_files_cache_suffix_is_one_per_domain_and_file_name_safe():
 
 
 def test_comment_must_be_kvm_borgs():
-    assert parse_comment('{"kvm_borg": 1, "domain": "web"}') == {"kvm_borg": 1, "domain": "web"}
-    assert parse_comment("") is None
-    assert parse_comment("daily backup") is None
-    assert parse_comment('{"domain": "web"}') is None
-    assert parse_comment('["kvm_borg"]') is None
+    assert parse_archive_comment('{"kvm_borg": 1, "domain": "web"}') == {"kvm_borg": 1, "domain": "web"}
+    assert parse_archive_comment("") is None
+    assert parse_archive_comment("daily backup") is None
+    assert parse_archive_comment('{"domain": "web"}') is None
+    assert parse_archive_comment('["kvm_borg"]') is None
 
 
 def test_error_message_adds_the_remote_reason():

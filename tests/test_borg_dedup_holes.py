@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kvm_borg.backends.borg import BorgRepository
+from kvm_borg.backends.borg.repository import BorgRepository
 from kvm_borg.models import ArchiveRequest
 
 MiB = 1 << 20

@@ -408,7 +408,7 @@ def test_mount_of_a_restic_archive_whose_image_is_a_symlink_to_a_host_file_is_re
     """One crafted restic archive: a snapshot carrying a real archive's tags (another name) whose meta.json
     names an image that is a symlink to an ext4 image of this host. Refused, nothing of the host mounted."""
     from harness.cli import RESTIC_BIN, restic_env
-    from kvm_borg.backends import restic_commands
+    from kvm_borg.backends.restic import archives
     from support import write_passphrase
 
     domain = domain_factory.make(disks=[DiskSpec("vda", "raw", 16, fill=None)], running=False, name="mount crafted restic")
@@ -436,7 +436,7 @@ def test_mount_of_a_restic_archive_whose_image_is_a_symlink_to_a_host_file_is_re
     meta["disks"][0]["archive_path"] = str(crafted / "disk.img").lstrip("/")
     (crafted / "meta.json").write_text(json.dumps(meta))
     name = "crafted-restic-symlink"
-    tags = [t for t in main["tags"] if not t.startswith("archive=")] + [restic_commands.tag("archive", name)]
+    tags = [t for t in main["tags"] if not t.startswith("archive=")] + [archives.tag("archive", name)]
     restic("backup", "--host", main["hostname"], *[arg for t in tags for arg in ("--tag", t)], crafted)
 
     mountpoint = image_dir / "mnt"

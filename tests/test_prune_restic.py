@@ -12,7 +12,7 @@ from harness import RESTIC_BIN, restic_env, run_cli
 from support import cli_env, write_config, write_passphrase
 from test_prune import POLICY, SEEDED, SEEDED_OTHER, archive_name
 
-from kvm_borg.backends import restic_commands as rc
+from kvm_borg.backends.restic import archives
 
 HOST = "kbtest-restic-host"
 # Without a backup of today, borg's rules keep (see test_prune for the walk): daily 03-10 20:00,
@@ -36,12 +36,12 @@ def seed(repo, work, domain: str, when: str, *, device: bool = False, marker: bo
     payload.write_text(name)
     time_arg = when.replace("T", " ")
     if device:
-        tags = rc.archive_tags(domain, name, comment, rc.PART_DEVICE)
+        tags = archives.archive_tags(domain, name, comment, archives.PART_DEVICE)
         subprocess.run([str(RESTIC_BIN), "backup", "--host", HOST, "--time", time_arg, "--stdin", "--stdin-filename",
                         "/dev/vg/disk", *[f for t in tags for f in ("--tag", t)]], input=name.encode(),
                        env=restic_env(extra={"RESTIC_REPOSITORY": str(repo), "TZ": "UTC"}), check=True,
                        capture_output=True)
-    tags = rc.archive_tags(domain, name, comment, rc.PART_MAIN, size=len(name)) if marker else (rc.tag("domain", domain),)
+    tags = archives.archive_tags(domain, name, comment, archives.PART_MAIN, size=len(name)) if marker else (archives.tag("domain", domain),)
     restic("backup", "--host", HOST, "--time", time_arg, *[f for t in tags for f in ("--tag", t)], payload, repo=repo)
     return name
 
@@ -51,7 +51,7 @@ def snapshot_archives(repo) -> list[tuple[str, str]]:
     snapshots = json.loads(restic("snapshots", "--json", repo=repo).stdout) or []
     found = []
     for snapshot in snapshots:
-        values = rc.parse_tags(snapshot.get("tags") or [])
+        values = archives.parse_tags(snapshot.get("tags") or [])
         found.append((values.get("archive", "-"), values.get("part", "-")))
     return sorted(found)
 

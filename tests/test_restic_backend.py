@@ -21,7 +21,7 @@ import pytest
 
 from harness import RESTIC_BIN, TEST_PASSPHRASE, DiskSpec, qemu_img_compare, restic_env, run_cli
 from kbtest_plugins.probe import AFTER_SNAPSHOT_LENGTH, AFTER_SNAPSHOT_OFFSET, AFTER_SNAPSHOT_PATTERN
-from kvm_borg.backends.restic import ResticRepository
+from kvm_borg.backends.restic.repository import ResticRepository
 from kvm_borg.restore_plan import safe_file_name
 from support import assert_back_on_own_images, cli_env, write_config, write_passphrase
 

@@ -20,7 +20,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from kvm_borg import borg_specs
+from kvm_borg.backends.borg import specs as borg_specs
 from kvm_borg.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/kvm-borg/config.yaml")

@@ -217,13 +217,14 @@ def _in_terminal_foreground() -> bool:
 
 
 def _spawn(argv: tuple[str, ...], child_env: dict, secret: bytes | None, secret_env: str | None,
-           stop_signal: int, **popen_args) -> tuple[subprocess.Popen, int | None]:
-    """Given an argv, its environment and its secret, start it (with the parent-death signal) and
-    return (process, the secret pipe's write end or None); the child's read end is closed here.
-    A command that cannot start is a CommandError and leaves no fd open."""
+           stop_signal: int | None, **popen_args) -> tuple[subprocess.Popen, int | None]:
+    """Given an argv, its environment and its secret, start it (with `stop_signal` as its parent-death
+    signal; None: none) and return (process, the secret pipe's write end or None); the child's read end
+    is closed here. A command that cannot start is a CommandError and leaves no fd open."""
     read_fd, write_fd = _secret_pipe(child_env, secret, secret_env)
+    command = argv if stop_signal is None else with_parent_death_signal(argv, stop_signal)
     try:
-        process = subprocess.Popen(with_parent_death_signal(argv, stop_signal), env=child_env,
+        process = subprocess.Popen(command, env=child_env,
                                    pass_fds=() if read_fd is None else (read_fd,), **popen_args)
     except OSError as exc:
         if write_fd is not None:
@@ -280,6 +281,20 @@ def run_attached(
             writer.join(timeout=TERMINATE_GRACE_SECONDS)
     logger.debug("%s exited with code %s", argv[0], returncode)
     return exit_status(returncode)
+
+
+def start_detached(argv: Sequence[str], *, env: Mapping[str, str], output) -> subprocess.Popen:
+    """Given an argv, its whole environment and an open file for its stdout and stderr, start it in a session
+    of its own with stdin from /dev/null and return the running process, not waiting for it.
+
+    For a server meant to outlive kvm-borg (`restic mount`'s FUSE process, which `kvm-borg umount`
+    ends): unlike `run_command` it gets no parent-death signal. A command that cannot start is a
+    CommandError."""
+    argv = tuple(os.fspath(arg) for arg in argv)
+    logger.debug("starting detached: %s", redact_text(shlex.join(argv)))
+    process, _ = _spawn(argv, dict(env), None, None, None, stdin=subprocess.DEVNULL, stdout=output,
+                        stderr=output, start_new_session=True)
+    return process
 
 
 SETPRIV = shutil.which("setpriv")

@@ -4,9 +4,9 @@ A policy is a dict with borg's rule names (`keep_within`, `keep_last`, `keep_hou
 `keep_daily`, `keep_weekly`, `keep_monthly`, `keep_yearly`). The most specific policy given is
 taken whole, never mixed: `domains_retention: {DOMAIN: {...}}` for that domain, else the
 configuration's `retention:`, else the default (7 daily, 4 weekly, 6 monthly). Rules not named
-are off. The repository tool applies the policy (`borg prune`,
-`restic forget`); `kept_archives` restates borg's algorithm so the semantics are written down
-and tested here.
+are off. The borg backend hands the policy to `borg prune` (its --keep-* flags are built in
+`kvm_borg.backends.borg.commands`); `kept_archives` restates borg's algorithm so the semantics
+are written down and tested here, and the restic backend applies it per archive.
 """
 
 from __future__ import annotations
@@ -86,38 +86,6 @@ def describe(policy: Mapping[str, Any]) -> str:
     parts = [f"within {policy['keep_within']}"] if policy.get("keep_within") else []
     parts += [f"{name[5:]} {policy[name]}" for name in COUNT_RULES if policy.get(name)]
     return ", ".join(parts) or "nothing"
-
-
-def borg_flags(policy: Mapping[str, Any]) -> tuple[str, ...]:
-    """Given a complete policy, return borg prune's --keep-* options."""
-    flags: tuple[str, ...] = ()
-    if policy.get("keep_within"):
-        flags += ("--keep-within", policy["keep_within"])
-    for name in COUNT_RULES:
-        if policy.get(name):
-            flags += ("--" + name.replace("_", "-"), str(policy[name]))
-    return flags
-
-
-def restic_duration(within: str) -> str:
-    """Given a keep_within value (borg units), return the same span as a restic duration (y, m, d, h)."""
-    match = _WITHIN.match(within)
-    if not match:
-        raise ValueError(f"not a keep_within value: {within!r}")
-    number, unit = int(match.group(1)), match.group(2)
-    return {"H": f"{number}h", "d": f"{number}d", "w": f"{number * 7}d", "m": f"{number * 31}d",
-            "y": f"{number * 365}d"}[unit]
-
-
-def restic_flags(policy: Mapping[str, Any]) -> tuple[str, ...]:
-    """Given a complete policy, return restic forget's --keep-* options (same rules, restic's spelling)."""
-    flags: tuple[str, ...] = ()
-    if policy.get("keep_within"):
-        flags += ("--keep-within", restic_duration(policy["keep_within"]))
-    for name in COUNT_RULES:
-        if policy.get(name):
-            flags += ("--" + name.replace("_", "-"), str(policy[name]))
-    return flags
 
 
 def within_hours(within: str) -> int:

@@ -8,7 +8,7 @@ as a NEW archive carrying kvm-borg's own marks, so kvm-borg lists and reads it l
 - borg: ``--comment`` is the original archive's one-line JSON comment (``{"kvm_borg":1,...}``,
   re-serialised as `kvm_borg.metadata.archive_comment` does, braces escaped for borg's
   placeholders), ``--timestamp`` the given time;
-- restic: the tags of `kvm_borg.backends.restic_commands.archive_tags` (``kvm-borg``,
+- restic: the tags of `kvm_borg.backends.restic.archives.archive_tags` (``kvm-borg``,
   ``domain=``, ``archive=``, ``part=main``, ``comment=``, ``size=``), ``--host`` and ``--time``.
 
 Usage::
@@ -220,16 +220,16 @@ def craft_restic(repo_url: str, archive: str, edit: Edit, *, workdir: Path, env:
     The new snapshot has the original's host (or `host`), the time `when` (default: a unique past
     time) and the original's comment (host replaced when given, or `comment` verbatim).
     Return the new archive's name."""
-    from kvm_borg.backends import restic_commands as rc
+    from kvm_borg.backends.restic import archives
 
     env = {**env, "RESTIC_REPOSITORY": str(repo_url), "TZ": "UTC"}
-    parts = restic_snapshots(env, rc.MARKER_TAG, rc.tag("archive", archive))
-    mains = [s for s in parts if rc.parse_tags(s.get("tags") or []).get("part") == rc.PART_MAIN]
+    parts = restic_snapshots(env, archives.MARKER_TAG, archives.tag("archive", archive))
+    mains = [s for s in parts if archives.parse_tags(s.get("tags") or []).get("part") == archives.PART_MAIN]
     if len(mains) != 1 or len(parts) != 1:
         raise AssertionError(f"restic archive {archive}: expected one main snapshot and no device part, got {parts}")
     main = mains[0]
-    values = rc.parse_tags(main["tags"])
-    original = rc.decode_comment(values["comment"])
+    values = archives.parse_tags(main["tags"])
+    original = archives.decode_comment(values["comment"])
     domain = json.loads(original)["domain"]
     when = when or unique_timestamp()
     name = name or f"{domain}-{kvm_borg_timestamp(when)}"
@@ -239,7 +239,7 @@ def craft_restic(repo_url: str, archive: str, edit: Edit, *, workdir: Path, env:
     _run([RESTIC_BIN, "restore", main["id"], "--target", tree], env=env)
     edit(Tree(tree))
     size = sum(p.lstat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
-    tags = rc.archive_tags(domain, name, text, rc.PART_MAIN, size=size)
+    tags = archives.archive_tags(domain, name, text, archives.PART_MAIN, size=size)
     argv = [RESTIC_BIN, "backup", "--json", "--host", host or main["hostname"],
             "--time", when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")]
     for item in tags:

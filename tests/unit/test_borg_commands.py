@@ -8,7 +8,7 @@ import pytest
 from borg.helpers.parseformat import replace_placeholders
 from borg.shellpattern import translate
 
-from kvm_borg.backends.borg_commands import (
+from kvm_borg.backends.borg.commands import (
     archive_glob,
     archive_location,
     escape_placeholders,

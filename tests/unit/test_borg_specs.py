@@ -7,7 +7,7 @@ import pytest
 from borg import compress  # borgbackup is a dependency of kvm-borg: in every venv
 from borg.helpers import parseformat
 
-from kvm_borg import borg_specs
+from kvm_borg.backends.borg import specs as borg_specs
 
 COMPRESSION = ["none", "lz4", "zstd", "zstd,1", "zstd,22", "zstd,0", "zstd,23", "zlib", "zlib,0", "zlib,9",
                "zlib,10", "lzma", "lzma,6", "lzma,10", "auto,lz4", "auto,zstd,3", "auto,lzma,9", "auto",

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from kvm_borg.backends.restic import ResticRepository
+from kvm_borg.backends.restic.repository import ResticRepository
 from kvm_borg.redact import RedactingFilter, RedactingStream, redact_text, redact_url
 
 

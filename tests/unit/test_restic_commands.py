@@ -8,16 +8,11 @@ import shlex
 
 import pytest
 
-from kvm_borg.backends import restic_commands as rc
-from kvm_borg.backends.restic import (
-    ArchiveParts,
-    BackupOutput,
-    ResticLog,
-    ResticRepository,
-    archive_info_from,
-    group_archives,
-    utc_iso,
-)
+from kvm_borg.backends.restic import archives
+from kvm_borg.backends.restic import commands as rc
+from kvm_borg.backends.restic.archives import ArchiveParts, archive_info_from, group_archives, utc_iso
+from kvm_borg.backends.restic.output import BackupOutput, ResticLog
+from kvm_borg.backends.restic.repository import ResticRepository
 from kvm_borg.errors import ConfigError
 from kvm_borg.sparse import SparseWriter
 
@@ -41,24 +36,24 @@ def test_features_follow_the_version():
 
 @pytest.mark.parametrize("value", ["web01", "web, 1", "Grüße aus Köln", " lead", "trail ", "100%", "a\nb", ",,"])
 def test_tag_values_survive_restics_comma_split_and_trim(value):
-    escaped = rc.escape_tag_value(value)
+    escaped = archives.escape_tag_value(value)
     assert "," not in escaped and escaped == escaped.strip() and "\n" not in escaped
-    assert rc.unescape_tag_value(escaped) == value
+    assert archives.unescape_tag_value(escaped) == value
 
 
 def test_readable_names_stay_readable_in_tags():
-    assert rc.escape_tag_value("Grüße aus Köln") == "Grüße aus Köln"
-    assert rc.escape_tag_value("web, 1") == "web%2C 1"
+    assert archives.escape_tag_value("Grüße aus Köln") == "Grüße aus Köln"
+    assert archives.escape_tag_value("web, 1") == "web%2C 1"
 
 
 def test_archive_tags_mark_the_part_and_carry_the_comment():
-    tags = rc.archive_tags("web, 1", "web, 1-20260101T000000Z", COMMENT, rc.PART_MAIN, size=42)
+    tags = archives.archive_tags("web, 1", "web, 1-20260101T000000Z", COMMENT, archives.PART_MAIN, size=42)
     assert tags[0] == "kvm-borg" and all("," not in t for t in tags)
-    values = rc.parse_tags(tags)
+    values = archives.parse_tags(tags)
     assert values["domain"] == "web, 1" and values["archive"] == "web, 1-20260101T000000Z"
     assert values["part"] == "main" and values["size"] == "42"
-    assert rc.decode_comment(values["comment"]) == COMMENT
-    assert "size" not in rc.parse_tags(rc.archive_tags("d", "a", COMMENT, rc.PART_DEVICE))
+    assert archives.decode_comment(values["comment"]) == COMMENT
+    assert "size" not in archives.parse_tags(archives.archive_tags("d", "a", COMMENT, archives.PART_DEVICE))
 
 
 def test_backup_argv_has_tags_host_time_and_paths_after_double_dash():
@@ -155,7 +150,7 @@ def test_backend_refuses_an_unknown_compression_naming_the_key():
 
 def _snapshot(id_, part, archive="web, 1-20260101T000000Z", host="hv1", **extra):
     return {"id": id_, "time": "2026-01-01T00:00:00.123456789Z", "hostname": host, "paths": ["/x"],
-            "tags": list(rc.archive_tags("web, 1", archive, COMMENT, part, size=10 if part == "main" else None)),
+            "tags": list(archives.archive_tags("web, 1", archive, COMMENT, part, size=10 if part == "main" else None)),
             **extra}
 
 

@@ -1,12 +1,12 @@
-"""Retention policies: config checking, which policy a domain gets, borg/restic flags, borg's algorithm."""
+"""Retention policies: config checking, which policy a domain gets, borg's flags, borg's algorithm."""
 
 from datetime import datetime, timezone
 
 import pytest
 
 from kvm_borg import config, retention
-from kvm_borg.backends import borg_commands
-from kvm_borg.backends.borg import parse_prune_line
+from kvm_borg.backends.borg import commands as borg_commands
+from kvm_borg.backends.borg.output import parse_prune_line
 from kvm_borg.errors import ConfigError
 
 
@@ -17,22 +17,16 @@ def utc(text: str) -> datetime:
 def test_default_policy_is_7_daily_4_weekly_6_monthly():
     data = config.parse_text("")
     policy = retention.policy_for("web", data["retention"], data["domains_retention"])
-    assert retention.borg_flags(policy) == ("--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "6")
+    assert borg_commands.make_keep_flags(policy) == ("--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "6")
 
 
 def test_domain_policy_replaces_the_global_one_which_replaces_the_default():
     data = config.parse_text("retention: {keep_daily: 14, keep_within: 2d}\n"
                              "domains_retention: {db: {keep_last: 3}}\n")
-    assert retention.borg_flags(retention.policy_for("web", data["retention"], data["domains_retention"])) == (
+    assert borg_commands.make_keep_flags(retention.policy_for("web", data["retention"], data["domains_retention"])) == (
         "--keep-within", "2d", "--keep-daily", "14")
-    assert retention.borg_flags(retention.policy_for("db", data["retention"], data["domains_retention"])) == (
+    assert borg_commands.make_keep_flags(retention.policy_for("db", data["retention"], data["domains_retention"])) == (
         "--keep-last", "3")
-
-
-def test_restic_flags_use_restic_durations():
-    policy = retention.merge_policy({"keep_within": "2w", "keep_hourly": 24, "keep_yearly": 1})
-    assert retention.restic_flags(policy) == ("--keep-within", "14d", "--keep-hourly", "24", "--keep-yearly", "1")
-    assert retention.restic_duration("3m") == "93d" and retention.restic_duration("12H") == "12h"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -107,7 +101,7 @@ def test_prune_list_lines_are_parsed():
 
 
 def test_restic_prune_and_check_argv():
-    from kvm_borg.backends import restic_commands as rc
+    from kvm_borg.backends.restic import commands as rc
 
     assert rc.make_prune_command("restic", options=("sftp.command=ssh x",)) == (
         "restic", "prune", "--option", "sftp.command=ssh x")

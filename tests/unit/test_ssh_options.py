@@ -6,8 +6,8 @@ import shlex
 
 import pytest
 
-from kvm_borg.backends import restic_commands as rc
-from kvm_borg.backends.borg import make_environment
+from kvm_borg.backends.borg.environment import make_environment
+from kvm_borg.backends.restic import commands as rc
 from kvm_borg.backends.ssh_options import options_set, with_default_options
 
 DEFAULTS = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=30"]
@@ -58,7 +58,7 @@ def test_borg_rsh_has_the_defaults_and_keeps_the_users_options():
 
 
 def test_restic_sftp_command_has_the_defaults():
-    from kvm_borg.backends.restic import ResticRepository
+    from kvm_borg.backends.restic.repository import ResticRepository
 
     settings = type("S", (), {"hostname": "hv1", "restic_binary": None, "progress": False})()
     backend = ResticRepository({"name": "r", "type": "restic", "url": "sftp://u@127.0.0.1:2222//r",

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from kvm_borg.actions.key import check_destination, check_export, refuse_restic, write_private_file
-from kvm_borg.backends.borg import make_environment
+from kvm_borg.backends.borg.environment import make_environment
 from kvm_borg.backends.ssh_options import with_default_options
 from kvm_borg.backends.tool_commands import (
     borg_passthrough_environment,

@@ -22,7 +22,7 @@ from typing import Any
 from kvm_borg import atomic
 from kvm_borg.actions.common import Context
 from kvm_borg.actions.passthrough import open_repository
-from kvm_borg.backends.borg import BorgLog
+from kvm_borg.backends.borg.output import BorgLog
 from kvm_borg.backends.tool_commands import make_borg_key_export_command
 from kvm_borg.errors import KvmBorgError, UsageError
 from kvm_borg.execute import CommandError, run_command

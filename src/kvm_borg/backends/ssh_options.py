@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import shlex
 
+# The ssh of a repository without a configured ssh_command: never ask for a password or a host key, fail instead.
+DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
 # (option, value) added unless the ssh command sets the option: a dead server is noticed after
 # ServerAliveInterval × ServerAliveCountMax = 60 s, a connect (and its handshake) gives up after 30 s.
 DEFAULT_SSH_OPTIONS: tuple[tuple[str, str], ...] = (

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kvm_borg.backends.borg_commands import archive_location, escape_placeholders
-from kvm_borg.backends.restic_commands import _global_flags
+from kvm_borg.backends.borg.commands import archive_location, escape_placeholders
+from kvm_borg.backends.restic.commands import global_flags
 from kvm_borg.errors import UsageError
 
 # borg variables kvm-borg's own runs fix but a person running borg by hand decides: the questions
@@ -110,4 +110,4 @@ def make_borg_key_export_command(binary: str, location: str, *, paper: bool,
 def make_restic_passthrough_command(binary: str, args: Sequence[str], options: Sequence[str]) -> tuple[str, ...]:
     """Given the restic binary, the user's restic arguments and the repository's extended options (the
     `sftp.command` the backend builds), return the argv; the options go first, as global flags."""
-    return (binary,) + _global_flags(options) + tuple(args)
+    return (binary,) + global_flags(options) + tuple(args)

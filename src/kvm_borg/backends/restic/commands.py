@@ -1,33 +1,19 @@
-"""Pure builders of restic argv tuples and the small codecs around them. Nothing here runs restic.
+"""Pure builders of restic argv tuples, restic's environment and version features. Nothing here runs restic.
 
 The repository location never appears in an argv (it goes into RESTIC_REPOSITORY: a `rest:`
 URL may hold credentials), nor does a password. Which flags exist depends on the restic
-version (`Features`): Debian 12 ships 0.14.
-
-How a kvm-borg archive maps onto restic (see docs/repositories.md):
-- one archive = one *main* snapshot (tag `part=main`: meta.json, both XMLs and the file
-  images, at their absolute host paths) plus, for each block-device disk, one *device*
-  snapshot (tag `part=device`) whose only file is the device's content, read through
-  `--stdin` and stored under the device's path (`--stdin-filename`), so the layout matches
-  borg's. restic cannot add a second `backup` to a snapshot, hence the parts;
-- every part carries the tags `kvm-borg`, `domain=<name>`, `archive=<archive name>`,
-  `comment=<base64url of the archive comment>`, the same `--host` and the same `--time`;
-- the main snapshot is written last: an archive exists only once its main snapshot does,
-  so device parts left by an interrupted run are never listed as a backup.
+version (`Features`): Debian 12 ships 0.14. How an archive maps onto snapshots and their tags
+is `archives`.
 """
 
 from __future__ import annotations
 
-import base64
 import re
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-MARKER_TAG = "kvm-borg"
-PART_MAIN = "main"
-PART_DEVICE = "device"
 COMPRESSION_MODES = ("auto", "off", "max")
 
 _VERSION = re.compile(r"\brestic (\d+)\.(\d+)\.(\d+)")
@@ -64,6 +50,7 @@ class Features:
         return self.version >= (0, 14, 0)
 
     def describe(self) -> str:
+        """The version as text, e.g. "0.14.0"."""
         return ".".join(map(str, self.version))
 
 
@@ -71,71 +58,6 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
     """Given the output of `restic version`, return (major, minor, patch), or None if unreadable."""
     match = _VERSION.search(text)
     return tuple(int(part) for part in match.groups()) if match else None  # type: ignore[return-value]
-
-
-# --- tags -------------------------------------------------------------------------------------
-
-
-def escape_tag_value(value: str) -> str:
-    """Given a tag value, return it safe for restic's `--tag` (which splits on "," and trims spaces).
-
-    "%", ",", control characters and leading/trailing whitespace are percent-encoded; the
-    rest (spaces inside, non-ASCII) stays readable in `restic snapshots`."""
-    out = []
-    for index, char in enumerate(value):
-        edge = index == 0 or index == len(value) - 1
-        if char in "%," or ord(char) < 32 or ord(char) == 127 or (edge and char.isspace()):
-            out.append("".join(f"%{byte:02X}" for byte in char.encode("utf-8")))
-        else:
-            out.append(char)
-    return "".join(out)
-
-
-def unescape_tag_value(value: str) -> str:
-    """Given an escaped tag value, return the original."""
-    return re.sub(
-        r"(?:%[0-9A-Fa-f]{2})+",
-        lambda m: bytes.fromhex(m.group(0).replace("%", "")).decode("utf-8", "replace"),
-        value,
-    )
-
-
-def encode_comment(comment: str) -> str:
-    """Given the archive comment (one-line JSON), return it as a tag value (base64url, no padding)."""
-    return base64.urlsafe_b64encode(comment.encode("utf-8")).decode("ascii").rstrip("=")
-
-
-def decode_comment(value: str) -> str | None:
-    """Given a `comment=` tag value, return the archive comment, or None if it is not decodable."""
-    try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def tag(key: str, value: str) -> str:
-    return f"{key}={escape_tag_value(value)}"
-
-
-def archive_tags(domain: str, archive: str, comment: str, part: str, size: int | None = None) -> tuple[str, ...]:
-    """Given an archive's domain, name, comment, a part (main/device) and the main part's total size, return its tags."""
-    return (
-        MARKER_TAG,
-        tag("domain", domain),
-        tag("archive", archive),
-        f"part={part}",
-        f"comment={encode_comment(comment)}",
-    ) + ((f"size={size}",) if size is not None else ())
-
-
-def parse_tags(tags: Iterable[str]) -> dict[str, str]:
-    """Given a snapshot's tags, return {key: unescaped value} of the `key=value` ones (first wins)."""
-    result: dict[str, str] = {}
-    for item in tags or ():
-        key, sep, value = str(item).partition("=")
-        if sep and key not in result:
-            result[key] = value if key == "comment" else unescape_tag_value(value)
-    return result
 
 
 # --- locations and ssh ------------------------------------------------------------------------
@@ -198,7 +120,8 @@ def escape_pattern(path: str) -> str:
 # --- argv builders ----------------------------------------------------------------------------
 
 
-def _global_flags(options: Sequence[str] = (), compression: str | None = None) -> tuple[str, ...]:
+def global_flags(options: Sequence[str] = (), compression: str | None = None) -> tuple[str, ...]:
+    """Given extended options (`sftp.command=...`) and a compression mode, return restic's global flags for them."""
     flags: tuple[str, ...] = ()
     for option in options:
         flags += ("--option", option)
@@ -208,17 +131,18 @@ def _global_flags(options: Sequence[str] = (), compression: str | None = None) -
 
 
 def make_version_command(binary: str) -> tuple[str, ...]:
+    """Given the restic binary, return the argv that prints its version ("restic 0.14.0 compiled with ...")."""
     return (binary, "version")
 
 
 def make_init_command(binary: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
     """Given the restic binary and extended options, return the `restic init` argv (repository from the environment)."""
-    return (binary, "init") + _global_flags(options)
+    return (binary, "init") + global_flags(options)
 
 
 def make_cat_config_command(binary: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
     """Return the argv that opens the repository and prints its config: does it exist, is the password right."""
-    return (binary, "cat", "config") + _global_flags(options)
+    return (binary, "cat", "config") + global_flags(options)
 
 
 def make_backup_command(
@@ -242,7 +166,7 @@ def make_backup_command(
         tag_flags += ("--tag", item)
     return (
         (binary, "backup", "--json")
-        + _global_flags(options, compression)
+        + global_flags(options, compression)
         + ("--host", host)
         + tag_flags
         + (("--time", time) if time else ())
@@ -257,7 +181,7 @@ def make_snapshots_command(
     """Given tags that must all be present and the hosts to consider (None: any), return the `restic snapshots --json` argv."""
     return (
         (binary, "snapshots", "--json")
-        + _global_flags(options)
+        + global_flags(options)
         + (("--tag", ",".join(tags)) if tags else ())
         + tuple(flag for host in (hosts or ()) for flag in ("--host", host))
     )
@@ -265,17 +189,17 @@ def make_snapshots_command(
 
 def make_ls_command(binary: str, snapshot_id: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
     """Given a snapshot id, return the `restic ls --json` argv (the snapshot, then one line per node)."""
-    return (binary, "ls", "--json") + _global_flags(options) + (snapshot_id,)
+    return (binary, "ls", "--json") + global_flags(options) + (snapshot_id,)
 
 
 def make_dump_command(binary: str, snapshot_id: str, path: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
     """Given a snapshot id and a stored path, return the `restic dump` argv (the file's content on stdout)."""
-    return (binary, "dump") + _global_flags(options) + ("--", snapshot_id, path)
+    return (binary, "dump") + global_flags(options) + ("--", snapshot_id, path)
 
 
 def make_mount_command(binary: str, mountpoint: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
     """Given an empty directory, return the `restic mount` argv (runs in the foreground until unmounted)."""
-    return (binary, "mount") + _global_flags(options) + ("--", mountpoint)
+    return (binary, "mount") + global_flags(options) + ("--", mountpoint)
 
 
 def make_restore_command(
@@ -284,7 +208,7 @@ def make_restore_command(
     """Given a snapshot, a target directory and one stored path, return the `restic restore` argv for that path only."""
     return (
         (binary, "restore")
-        + _global_flags(options)
+        + global_flags(options)
         + ("--target", target, "--include", escape_pattern(include))
         + (("--sparse",) if sparse else ())
         + (snapshot_id,)
@@ -293,7 +217,7 @@ def make_restore_command(
 
 def make_forget_command(binary: str, snapshot_ids: Sequence[str], *, options: Sequence[str] = ()) -> tuple[str, ...]:
     """Given snapshot ids, return the `restic forget` argv that removes them (no prune: data stays until one runs)."""
-    return (binary, "forget") + _global_flags(options) + ("--",) + tuple(snapshot_ids)
+    return (binary, "forget") + global_flags(options) + ("--",) + tuple(snapshot_ids)
 
 
 def make_environment(
@@ -334,7 +258,7 @@ def make_environment(
 
 def make_prune_command(binary: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
     """Return the `restic prune` argv: removes the data no snapshot refers to any more."""
-    return (binary, "prune") + _global_flags(options)
+    return (binary, "prune") + global_flags(options)
 
 
 def make_check_command(
@@ -345,7 +269,7 @@ def make_check_command(
         raise ValueError("give read_data or read_data_subset, not both")
     return (
         (binary, "check")
-        + _global_flags(options)
+        + global_flags(options)
         + (("--read-data",) if read_data else ())
         + (("--read-data-subset", read_data_subset) if read_data_subset else ())
     )

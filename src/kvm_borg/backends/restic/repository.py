@@ -1,13 +1,9 @@
-"""The restic backend: stores each domain's archive in a restic repository through the restic CLI.
+"""The restic repository class: one restic repository of the configuration, as a RepositoryBackend.
 
-A plugin like any other: `kvm_borg_repository_backend` answers for repositories of
-``type: restic``. Every call builds an argv (`restic_commands`), runs it through
-`kvm_borg.execute` with the repository and password in the environment (RESTIC_REPOSITORY,
-RESTIC_PASSWORD_FILE / RESTIC_PASSWORD_COMMAND), and reads restic's `--json` output.
-
-One archive is one main snapshot plus one snapshot per block-device disk (restic stores a
-device node, not its content, and cannot add a second backup to a snapshot): see
-`restic_commands` for the tags that tie them together and docs/repositories.md for why.
+Every call builds an argv (`commands`), runs it through `kvm_borg.execute` with the repository
+and password in the environment (RESTIC_REPOSITORY, RESTIC_PASSWORD_FILE /
+RESTIC_PASSWORD_COMMAND), and reads restic's `--json` output with `output`. One archive is
+several snapshots tied by tags (`archives`).
 """
 
 from __future__ import annotations
@@ -17,54 +13,46 @@ import json
 import logging
 import os
 import posixpath
-import re
 import shlex
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from kvm_borg.backends import restic_commands as rc
-from kvm_borg.backends.ssh_options import with_default_options
+from kvm_borg import retention
+from kvm_borg.backends.restic import archives
+from kvm_borg.backends.restic import commands as rc
+from kvm_borg.backends.restic.archives import ArchiveParts, archive_info_from, group_archives
+from kvm_borg.backends.restic.output import NO_REPOSITORY, WRONG_PASSWORD, BackupOutput, ResticLog, parse_ls_nodes
+from kvm_borg.backends.ssh_options import DEFAULT_SSH_COMMAND, with_default_options
 from kvm_borg.errors import ConfigError, KvmBorgError
-from kvm_borg.execute import CommandError, CommandResult, one_line, run_command, summarize_stderr
-from kvm_borg.hookspecs import hookimpl
-from kvm_borg.metadata import parse_archive_comment
+from kvm_borg.execute import (
+    CommandError,
+    CommandResult,
+    one_line,
+    run_command,
+    start_detached,
+    summarize_stderr,
+)
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
 from kvm_borg.redact import redact_url
+from kvm_borg.sizes import content_size
 from kvm_borg.sparse import SparseWriter
 
 logger = logging.getLogger(__name__)
 
-# Without a configured ssh_command (sftp repositories): never ask for a password or a host key.
-DEFAULT_SSH_COMMAND = "ssh -o BatchMode=yes"
-# Bytes compared at a time when writing a restored file sparse: a zero block becomes a hole.
 # Progress updates per second asked of restic while a progress bar is shown.
 PROGRESS_FPS = 4
 MOUNT_TIMEOUT = 60  # seconds for `restic mount` to show the snapshot
 
-_NO_REPOSITORY = ("Is there a repository at the following location?", "repository does not exist")
-_WRONG_PASSWORD = ("wrong password",)
-_TIME_FRACTION = re.compile(r"(\.\d+)")
-
 
 class ResticError(KvmBorgError):
     """A restic command of a repository failed; the message is one line naming the repository."""
-
-
-@hookimpl
-def kvm_borg_repository_backend(repository, settings):
-    """Given a repository config dict and the Settings, return a ResticRepository for `type: restic`, else None."""
-    if repository.get("type") != "restic":
-        return None
-    return ResticRepository(repository, settings)
 
 
 def find_restic_binary(configured: str | None) -> str:
@@ -86,176 +74,15 @@ def restic_features(binary: str) -> rc.Features:
     return rc.Features(version)
 
 
-def utc_iso(restic_time: str) -> str:
-    """Given a restic JSON time (RFC 3339, nanoseconds), return ISO 8601 in UTC to the second, like the borg backend."""
-    text = _TIME_FRACTION.sub("", restic_time, count=1).replace("Z", "+00:00")
-    try:
-        return datetime.fromisoformat(text).astimezone(timezone.utc).isoformat(timespec="seconds")
-    except ValueError:
-        return restic_time
-
-
-parse_comment = parse_archive_comment  # the comment is built by metadata.archive_comment
-
-
-@dataclass
-class ArchiveParts:
-    """The snapshots of one archive: its main snapshot (None while incomplete) and its device snapshots."""
-
-    archive: str
-    host: str
-    main: dict | None = None
-    devices: list[dict] = field(default_factory=list)
-
-    @property
-    def snapshots(self) -> list[dict]:
-        return self.devices + ([self.main] if self.main else [])
-
-
-def group_archives(snapshots: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], ArchiveParts]:
-    """Given `restic snapshots --json` entries, return {(host, archive): ArchiveParts} of kvm-borg's snapshots."""
-    groups: dict[tuple[str, str], ArchiveParts] = {}
-    for snapshot in snapshots:
-        tags = snapshot.get("tags") or []
-        if rc.MARKER_TAG not in tags:
-            continue
-        values = rc.parse_tags(tags)
-        archive, part = values.get("archive"), values.get("part")
-        if not archive or part not in (rc.PART_MAIN, rc.PART_DEVICE):
-            continue
-        host = str(snapshot.get("hostname", ""))
-        parts = groups.setdefault((host, archive), ArchiveParts(archive, host))
-        if part == rc.PART_MAIN:
-            parts.main = dict(snapshot)
-        else:
-            parts.devices.append(dict(snapshot))
-    return groups
-
-
-def archive_info_from(parts: ArchiveParts, repository: str, domain: str | None = None) -> ArchiveInfo | None:
-    """Given an archive's snapshots, return its ArchiveInfo, or None if it is incomplete or not kvm-borg's (or not `domain`'s)."""
-    if parts.main is None:
-        return None
-    values = rc.parse_tags(parts.main.get("tags") or [])
-    meta = parse_comment(rc.decode_comment(values.get("comment", "")))
-    if meta is None or (domain is not None and meta["domain"] != domain):
-        return None
-    size = values.get("size")
-    summaries = [s.get("summary") for s in parts.snapshots]  # restic 0.17+ keeps backup statistics
-    added = sum(int(s.get("data_added", 0)) for s in summaries) if all(isinstance(s, dict) for s in summaries) else None
-    disks = meta.get("disks") or []
-    return ArchiveInfo(
-        name=parts.archive,
-        domain=meta["domain"],
-        time=utc_iso(str(parts.main.get("time", ""))),
-        repository=repository,
-        original_size=int(size) if size and size.isdigit() else None,
-        deduplicated_size=added,
-        disks=tuple(d["target"] if isinstance(d, dict) and "target" in d else str(d) for d in disks),
-        host=parts.host or meta.get("host"),
-    )
-
-
-class BackupOutput:
-    """Given `restic backup --json` stdout chunks, report progress and keep the summary and errors."""
-
-    def __init__(self, on_bytes: Callable[[int], None] | None = None):
-        self.on_bytes = on_bytes
-        self.summary: dict | None = None
-        self.errors: list[str] = []
-        self._pending = b""
-
-    def feed(self, data: bytes) -> None:
-        *lines, self._pending = (self._pending + data).split(b"\n")
-        for line in lines:
-            self._line(line)
-
-    def close(self) -> None:
-        if self._pending:
-            self._line(self._pending)
-            self._pending = b""
-
-    def _line(self, raw: bytes) -> None:
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            if raw.strip():
-                logger.debug("restic: %s", raw.decode("utf-8", "replace"))
-            return
-        if not isinstance(record, dict):
-            return
-        kind = record.get("message_type")
-        if kind == "status":
-            if self.on_bytes is not None and "bytes_done" in record:
-                self.on_bytes(int(record["bytes_done"]))
-        elif kind == "summary":
-            self.summary = record
-        elif kind == "error":
-            self.errors.append(_json_error(record))
-        else:
-            logger.debug("restic: %s", record)
-
-
-def _json_error(record: Mapping[str, Any]) -> str:
-    error = record.get("error")
-    message = error.get("message") if isinstance(error, dict) else error
-    item = record.get("item")
-    return one_line(f"{item}: {message}" if item else str(message))
-
-
-class ResticLog:
-    """Given restic's stderr lines one at a time, log them and keep what error messages need."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def feed(self, line: str) -> None:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if isinstance(record, dict) and record.get("message_type") == "error":
-            line = _json_error(record)
-        self.lines.append(line)
-        logger.debug("restic: %s", line)
-
-    def says(self, phrases: Sequence[str]) -> bool:
-        return any(phrase in line for line in self.lines for phrase in phrases)
-
-    def lost_ssh_reason(self) -> bool:
-        """Return whether the sftp session failed without ssh's own message (restic may exit before passing it on)."""
-        return self.says(("sftp session",)) and not self.says(("subprocess ssh:",))
-
-    def error_message(self, returncode: int | None) -> str:
-        """Given restic's exit code, return one line saying why it failed, with ssh's reason if ssh said one."""
-        fatal = [line for line in self.lines if line.startswith("Fatal:")]
-        if fatal:
-            message = fatal[-1][len("Fatal:"):].strip()
-        elif self.lines:
-            message = self.lines[-1]
-        elif returncode is not None and returncode < 0:
-            message = f"restic was killed by signal {-returncode}"
-        else:
-            message = f"restic exited with code {returncode}"
-        ssh = [line for line in self.lines if line.startswith("subprocess ssh:")]
-        if ssh and ssh[-1] not in message:
-            message = f"{message} ({ssh[-1][len('subprocess '):]})"
-        if self.says(_NO_REPOSITORY) and "no repository" not in message:
-            message = f"{message} (no repository there: run `kvm-borg init`)"
-        return one_line(message)
-
-
-def stored_size(path: str) -> int:
-    """Given a host path, return the bytes restic will read for it (a block device's size, a file's length)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 class ResticRepository:
-    """One restic repository of the configuration, as a RepositoryBackend."""
+    """One restic repository of the configuration, as a RepositoryBackend.
+
+    In: the repository's config dict (`type: restic`) and the Settings (restic_binary, progress,
+    hostname). The attributes callers read: `name`, `repository` (the config dict), `settings`,
+    `location` (the URL; repositories at one location are written one after the other), `host`
+    (the `--host` of new snapshots: the repository's `host:`, else the config's hostname),
+    `list_hosts` (whose snapshots listings see, None: every host's; callers may narrow it), and
+    for `kvm-borg restic`: `binary`, `options` (the extended options, e.g. `sftp.command`)."""
 
     def __init__(self, repository: Mapping[str, Any], settings: Any):
         self.repository = dict(repository)
@@ -284,6 +111,7 @@ class ResticRepository:
 
     @property
     def features(self) -> rc.Features:
+        """What the restic this repository runs can do (its version is asked once per binary)."""
         return restic_features(self.binary)
 
     # --- RepositoryBackend ------------------------------------------------------------------
@@ -315,9 +143,9 @@ class ResticRepository:
         result, log = self._run(rc.make_cat_config_command(self.binary, options=self.options))
         if result.returncode == 0:
             return True
-        if (self.features.exit_codes and result.returncode == 12) or log.says(_WRONG_PASSWORD):
+        if (self.features.exit_codes and result.returncode == 12) or log.says(WRONG_PASSWORD):
             return True
-        if (self.features.exit_codes and result.returncode == 10) or log.says(_NO_REPOSITORY):
+        if (self.features.exit_codes and result.returncode == 10) or log.says(NO_REPOSITORY):
             return False
         raise self._error("cat config", log, result)
 
@@ -334,7 +162,7 @@ class ResticRepository:
         original = deduplicated = 0
         warnings: list[str] = []
         try:
-            sizes = {path: stored_size(path) for path in request.files}
+            sizes = {path: content_size(path) for path in request.files}
         except OSError as exc:
             return StoreResult(self.name, ok=False, seconds=time.monotonic() - started,
                                error=f"cannot read {exc.filename}: {exc.strerror}")
@@ -346,11 +174,11 @@ class ResticRepository:
         try:
             with transfer_progress(f"{request.domain} → {self.name}", total, enabled=self.progress) as update:
                 done = 0
-                parts = [(device, rc.PART_DEVICE) for device in devices] + [(None, rc.PART_MAIN)]
+                parts = [(device, archives.PART_DEVICE) for device in devices] + [(None, archives.PART_MAIN)]
                 for device, part in parts:
-                    tags = rc.archive_tags(
+                    tags = archives.archive_tags(
                         request.domain, request.archive_name, request.comment, part,
-                        size=total if part == rc.PART_MAIN else None,
+                        size=total if part == archives.PART_MAIN else None,
                     )
                     offset = done
                     summary = self._backup_part(
@@ -412,7 +240,7 @@ class ResticRepository:
         name beside `destination` (same file system) and appears only when complete."""
         destination = Path(destination)
         archive_path = self.archive_path(archive_path)
-        snapshot = self._snapshot_holding(self._archive(archive), archive_path)
+        snapshot = self._archive(archive).snapshot_holding(archive_path)
         try:
             workdir = tempfile.mkdtemp(prefix=".kvm-borg-extract-", dir=destination.parent)
         except OSError as exc:
@@ -430,7 +258,7 @@ class ResticRepository:
         """Given an archive and one stored path, pass the file's bytes to `write`, in order (`restic dump`;
         restic authenticates every blob it reads)."""
         archive_path = self.archive_path(archive_path)
-        snapshot = self._snapshot_holding(self._archive(archive), archive_path)
+        snapshot = self._archive(archive).snapshot_holding(archive_path)
         result, log = self._run(rc.make_dump_command(self.binary, snapshot["id"], archive_path, options=self.options),
                                 on_stdout=write)
         if result.returncode != 0:
@@ -447,8 +275,10 @@ class ResticRepository:
         log_path = os.path.join(os.path.dirname(mountpoint), f".{os.path.basename(mountpoint)}.restic-mount.log")
         argv = rc.make_mount_command(self.binary, mountpoint, options=self.options)
         with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(argv, env=self._environment(), stdin=subprocess.DEVNULL,
-                                       stdout=log_file, stderr=log_file, start_new_session=True)
+            try:
+                process = start_detached(argv, env=self._environment(), output=log_file)
+            except CommandError as exc:
+                raise ResticError(f"repository {self.name!r}: {exc.message}") from None
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not os.path.isdir(snapshot_dir):
             if process.poll() is not None or time.monotonic() > deadline:
@@ -526,7 +356,7 @@ class ResticRepository:
     # --- reading -----------------------------------------------------------------------------
 
     def _groups(self, domain: str | None = None) -> dict[tuple[str, str], ArchiveParts]:
-        tags = [rc.MARKER_TAG] + ([rc.tag("domain", domain)] if domain is not None else [])
+        tags = [archives.MARKER_TAG] + ([archives.tag("domain", domain)] if domain is not None else [])
         argv = rc.make_snapshots_command(self.binary, tags=tags, hosts=self.list_hosts, options=self.options)
         data = self._run_json(argv, "snapshots")
         if not isinstance(data, list):
@@ -536,7 +366,7 @@ class ResticRepository:
     def _archive(self, archive: str) -> ArchiveParts:
         """Given an archive name, return its complete ArchiveParts among the listed hosts (ResticError if none or ambiguous)."""
         argv = rc.make_snapshots_command(
-            self.binary, tags=[rc.MARKER_TAG, rc.tag("archive", archive)], hosts=self.list_hosts,
+            self.binary, tags=[archives.MARKER_TAG, archives.tag("archive", archive)], hosts=self.list_hosts,
             options=self.options,
         )
         data = self._run_json(argv, "snapshots")
@@ -552,23 +382,13 @@ class ResticRepository:
             )
         return found[0]
 
-    def _snapshot_holding(self, parts: ArchiveParts, archive_path: str) -> dict:
-        for snapshot in parts.devices:
-            if archive_path in (snapshot.get("paths") or []):
-                return snapshot
-        return parts.main  # type: ignore[return-value]
-
     def _ls(self, snapshot_id: str) -> list[dict]:
+        """Given a snapshot id, return its nodes as `restic ls --json` lists them (ResticError if unreadable)."""
         result = self._run_checked(rc.make_ls_command(self.binary, snapshot_id, options=self.options), "ls")
-        nodes = []
-        for line in result.stdout.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise ResticError(f"repository {self.name!r}: restic ls printed an unreadable line") from None
-            if isinstance(record, dict) and record.get("struct_type") == "node" and "path" in record:
-                nodes.append(record)
-        return nodes
+        try:
+            return parse_ls_nodes(result.stdout)
+        except ValueError:
+            raise ResticError(f"repository {self.name!r}: restic ls printed an unreadable line") from None
 
     def _restore_sparse(self, snapshot_id: str, archive_path: str, workdir: str) -> str:
         argv = rc.make_restore_command(self.binary, snapshot_id, workdir, archive_path, sparse=True,
@@ -605,8 +425,6 @@ class ResticRepository:
         archive with kvm_borg.retention (borg's rules, the same for both backends), per host,
         and the parts of each archive not kept are forgotten together by id. Only complete
         kvm-borg archives of this domain are candidates."""
-        from kvm_borg import retention
-
         result = PruneResult(self.name, domain, ok=False, dry_run=dry_run)
         if retention.is_empty(policy):
             result.error = f"the retention policy of domain '{domain}' keeps nothing: refusing to prune"
@@ -622,10 +440,10 @@ class ResticRepository:
             if info is not None:
                 by_host.setdefault(host, {})[name] = (datetime.fromisoformat(info.time), parts)
         forget: list[str] = []
-        for archives in by_host.values():
-            kept = retention.kept_archives({name: when for name, (when, _) in archives.items()}, policy)
+        for host_archives in by_host.values():
+            kept = retention.kept_archives({name: when for name, (when, _) in host_archives.items()}, policy)
             result.kept.update(kept)
-            for name, (_, parts) in sorted(archives.items()):
+            for name, (_, parts) in sorted(host_archives.items()):
                 if name not in kept:
                     result.pruned.append(name)
                     forget.extend(str(snapshot["id"]) for snapshot in parts.snapshots)

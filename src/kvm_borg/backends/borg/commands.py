@@ -7,7 +7,10 @@ braces are doubled on the way in (a JSON comment would otherwise be refused).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kvm_borg.retention import COUNT_RULES
 
 # An archive name's timestamp: YYYYmmddTHHMMSSZ as shell-glob character classes.
 _TIMESTAMP_GLOB = "[0-9]" * 8 + "T" + "[0-9]" * 6 + "Z"
@@ -219,3 +222,33 @@ def make_compact_command(
 ) -> tuple[str, ...]:
     """Given a repository, return the `borg compact` argv (frees the space of deleted archives)."""
     return (binary, "compact") + _common_flags(log_json, lock_wait) + (archive_location(repo),)
+
+
+def make_mount_command(
+    binary: str, repo: str, archive: str, mountpoint: str, *, log_json: bool = True, lock_wait: int | None = None
+) -> tuple[str, ...]:
+    """Given an archive and an empty directory, return the `borg mount -o ro` argv (borg's FUSE process
+    goes into the background once the archive is mounted)."""
+    return (binary, "mount") + _common_flags(log_json, lock_wait) + ("-o", "ro", archive_location(repo, archive),
+                                                                     mountpoint)
+
+
+def make_umount_command(binary: str, mountpoint: str, *, log_json: bool = True) -> tuple[str, ...]:
+    """Given a directory `borg mount` mounted, return the `borg umount` argv."""
+    return (binary, "umount") + (("--log-json",) if log_json else ()) + (mountpoint,)
+
+
+def make_version_command(binary: str) -> tuple[str, ...]:
+    """Given the borg binary, return the argv that prints its version ("borg 1.4.0")."""
+    return (binary, "--version")
+
+
+def make_keep_flags(policy: Mapping[str, Any]) -> tuple[str, ...]:
+    """Given a complete retention policy (kvm_borg.retention), return borg prune's --keep-* options."""
+    flags: tuple[str, ...] = ()
+    if policy.get("keep_within"):
+        flags += ("--keep-within", policy["keep_within"])
+    for name in COUNT_RULES:
+        if policy.get(name):
+            flags += ("--" + name.replace("_", "-"), str(policy[name]))
+    return flags
