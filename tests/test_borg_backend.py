@@ -150,6 +150,22 @@ def test_defaults_apply_to_a_minimal_repository(tmp_path):
     )
 
 
+def test_version_is_the_installed_borgs_and_a_missing_borg_is_named(tmp_path):
+    installed = subprocess.run([BORG, "--version"], capture_output=True, text=True, check=True).stdout.split()[1]
+    backend = BorgRepository({"name": "m", "type": "borg", "path": str(tmp_path)}, SETTINGS)
+    assert backend.version() == installed
+    missing = BorgRepository({"name": "m", "type": "borg", "path": str(tmp_path)},
+                             SimpleNamespace(borg_binary=str(tmp_path / "no-borg"), progress=False))
+    with pytest.raises(BorgError, match=r"repository 'm': cannot run .*no-borg"):
+        missing.version()
+
+
+def test_this_hosts_name_is_the_configured_hostname(tmp_path):
+    settings = SimpleNamespace(borg_binary=None, progress=False, hostname="hv7")
+    backend = BorgRepository({"name": "m", "type": "borg", "path": str(tmp_path)}, settings)
+    assert backend.host == "hv7" and backend.list_hosts is None
+
+
 # --- the environment -------------------------------------------------------------------------
 
 

@@ -81,6 +81,14 @@ def is_empty(policy: Mapping[str, Any]) -> bool:
     return not policy.get("keep_within") and not any(policy.get(name) for name in COUNT_RULES)
 
 
+def empty_policy_refusal(domain: str, policy: Mapping[str, Any]) -> str | None:
+    """Given a domain and its complete policy, return why a prune of it is refused (the policy keeps nothing,
+    so every archive would go), or None when it may run."""
+    if is_empty(policy):
+        return f"the retention policy of domain '{domain}' keeps nothing: refusing to prune"
+    return None
+
+
 def describe(policy: Mapping[str, Any]) -> str:
     """Given a complete policy, return it as one short line, e.g. 'within 2d, daily 7, weekly 4'."""
     parts = [f"within {policy['keep_within']}"] if policy.get("keep_within") else []

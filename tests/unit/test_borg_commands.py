@@ -19,6 +19,9 @@ from kvm_borg.backends.borg.commands import (
     make_init_command,
     make_list_archive_paths_command,
     make_list_command,
+    make_mount_command,
+    make_umount_command,
+    make_version_command,
 )
 
 CREATE_DEFAULTS = dict(
@@ -168,3 +171,13 @@ def test_archive_glob_star_does_not_match_a_longer_name():
 def test_archive_glob_without_domain_matches_any_timestamped_archive():
     assert borg_matches(archive_glob(None), "anything-20261126T121638Z")
     assert not borg_matches(archive_glob(None), "foreign-1")
+
+
+def test_mount_command_mounts_one_archive_read_only():
+    assert make_mount_command("borg", "/r/{x}", "web-1", "/mnt/a", lock_wait=5) == (
+        "borg", "mount", "--log-json", "--lock-wait", "5", "-o", "ro", "/r/{{x}}::web-1", "/mnt/a")
+
+
+def test_umount_and_version_commands():
+    assert make_umount_command("borg", "/mnt/a") == ("borg", "umount", "--log-json", "/mnt/a")
+    assert make_version_command("/venv/bin/borg") == ("/venv/bin/borg", "--version")

@@ -11,7 +11,7 @@ import pytest
 from kvm_borg.backends.restic import archives
 from kvm_borg.backends.restic import commands as rc
 from kvm_borg.backends.restic.archives import ArchiveParts, archive_info_from, group_archives, utc_iso
-from kvm_borg.backends.restic.output import BackupOutput, ResticLog
+from kvm_borg.backends.restic.output import BackupOutput, ResticLog, parse_ls_nodes
 from kvm_borg.backends.restic.repository import ResticRepository
 from kvm_borg.errors import ConfigError
 from kvm_borg.sparse import SparseWriter
@@ -173,6 +173,26 @@ def test_deduplicated_size_comes_from_snapshot_summaries_when_restic_keeps_them(
     parts = ArchiveParts("a", "hv1", main=_snapshot("m", "main", summary={"data_added": 5}),
                          devices=[_snapshot("d", "device", summary={"data_added": 7})])
     assert archive_info_from(parts, "repo").deduplicated_size == 12
+
+
+def test_a_device_part_holds_its_device_path_and_the_main_snapshot_the_rest():
+    device = dict(_snapshot("d", "device"), paths=["/dev/vg/web"])
+    parts = ArchiveParts("a", "hv1", main=dict(_snapshot("m", "main"), paths=["/var/lib/web.qcow2"]), devices=[device])
+    assert parts.snapshot_holding("/dev/vg/web")["id"] == "d"
+    assert parts.snapshot_holding("/var/lib/web.qcow2")["id"] == "m"
+    assert parts.snapshot_holding("/etc/meta.json")["id"] == "m"
+
+
+def test_ls_output_yields_only_the_nodes():
+    stdout = "\n".join(json.dumps(record) for record in (
+        {"struct_type": "snapshot", "id": "m", "paths": ["/"]},
+        {"struct_type": "node", "path": "/var", "type": "dir"},
+        {"struct_type": "node", "path": "/var/lib/web.qcow2", "type": "file"},
+        {"struct_type": "node", "type": "file"},  # no path: not one of ours to list
+    ))
+    assert [node["path"] for node in parse_ls_nodes(stdout)] == ["/var", "/var/lib/web.qcow2"]
+    with pytest.raises(ValueError):
+        parse_ls_nodes(stdout + "\nnot json")
 
 
 def test_backup_output_reports_progress_and_keeps_the_summary_across_chunk_boundaries():

@@ -49,6 +49,12 @@ def test_an_empty_policy_is_recognized():
     assert not retention.is_empty(retention.merge_policy({"keep_within": "1d"}))
 
 
+def test_a_prune_with_an_empty_policy_is_refused_naming_the_domain():
+    assert retention.empty_policy_refusal("web", retention.merge_policy({"keep_daily": 0})) == (
+        "the retention policy of domain 'web' keeps nothing: refusing to prune")
+    assert retention.empty_policy_refusal("web", retention.merge_policy({"keep_last": 1})) is None
+
+
 def test_kept_archives_follows_borgs_rules():
     times = {
         "a-0310b": utc("2024-03-10T20:00:00"), "a-0310a": utc("2024-03-10T08:00:00"),

@@ -302,8 +302,8 @@ class BorgRepository:
         nothing deleted) when an archive kvm-borg did not make for this domain matches the glob.
         Space is freed only by `compact`."""
         result = PruneResult(self.name, domain, ok=False, dry_run=dry_run)
-        if retention.is_empty(policy):
-            result.error = f"the retention policy of domain '{domain}' keeps nothing: refusing to prune"
+        result.error = retention.empty_policy_refusal(domain, policy)
+        if result.error:
             return result
         try:
             foreign = self.foreign_archives(domain)

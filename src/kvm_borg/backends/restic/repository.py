@@ -426,8 +426,8 @@ class ResticRepository:
         and the parts of each archive not kept are forgotten together by id. Only complete
         kvm-borg archives of this domain are candidates."""
         result = PruneResult(self.name, domain, ok=False, dry_run=dry_run)
-        if retention.is_empty(policy):
-            result.error = f"the retention policy of domain '{domain}' keeps nothing: refusing to prune"
+        result.error = retention.empty_policy_refusal(domain, policy)
+        if result.error:
             return result
         try:
             groups = self._groups(domain)

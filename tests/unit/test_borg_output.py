@@ -1,0 +1,51 @@
+"""Reading borg's output: `list --json-lines` items, `create --json` statistics, `--version`, foreign archives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvm_borg.backends.borg.output import entry_kind, is_foreign, parse_create_stats, parse_items, parse_version
+
+
+def test_items_are_read_line_by_line_skipping_blank_lines():
+    stdout = '{"path": "etc/meta.json", "type": "-"}\n\n{"path": "var/lib/vda.qcow2", "type": "-"}\n'
+    assert [item["path"] for item in parse_items(stdout)] == ["etc/meta.json", "var/lib/vda.qcow2"]
+
+
+@pytest.mark.parametrize("line", ["not json", '["path"]', '{"type": "-"}'])
+def test_an_unreadable_item_line_is_a_value_error(line):
+    with pytest.raises(ValueError):
+        parse_items('{"path": "a", "type": "-"}\n' + line + "\n")
+
+
+@pytest.mark.parametrize("item, kind", [
+    ({"type": "-"}, "file"), ({"type": "d"}, "dir"), ({"type": "l"}, "symlink"), ({"type": "h"}, "hardlink"),
+    ({"type": "b"}, "device"), ({"type": "c"}, "device"), ({"type": "p"}, "fifo"), ({"type": "s"}, "socket"),
+    ({"type": "?"}, "other"), ({}, "other"),
+    ({"type": "-", "source": "earlier/item"}, "hardlink"),  # borg 1.x: a hard link to an earlier item
+])
+def test_entry_kind_follows_borgs_type_letter(item, kind):
+    assert entry_kind(item) == kind
+
+
+def test_create_statistics_are_read_or_none():
+    stdout = json.dumps({"archive": {"stats": {"original_size": 10, "deduplicated_size": 3, "nfiles": 2}}})
+    assert parse_create_stats(stdout) == (10, 3)
+    assert parse_create_stats("") is None
+    assert parse_create_stats('{"archive": {}}') is None
+
+
+def test_version_is_read_from_borg_version_output():
+    assert parse_version("borg 1.4.5\n") == "1.4.5"
+    assert parse_version("borg 2.0.0b14") == "2.0.0b14"
+    assert parse_version("no borg here") is None
+
+
+def test_an_archive_is_foreign_unless_kvm_borg_made_it_for_the_domain():
+    ours = {"name": "web-1", "comment": json.dumps({"kvm_borg": 1, "domain": "web"})}
+    assert not is_foreign(ours, "web")
+    assert is_foreign(ours, "web2")
+    assert is_foreign({"name": "web-2", "comment": "made by hand"}, "web")
+    assert is_foreign({"name": "web-3"}, "web")
