@@ -60,7 +60,7 @@ def run_restic(ctx: Context, args) -> int:
     tool_args = _tool_args(args, "restic", "snapshots")
     repo, backend = open_repository(ctx, args.repo, "restic", "kvm-borg restic")
     argv = make_restic_passthrough_command(backend.binary, tool_args, backend.options)
-    return _run(repo, argv, env=backend.command_environment(), stop_signal=signal.SIGINT)
+    return _run(repo, argv, **backend.command_environment(), stop_signal=signal.SIGINT)
 
 
 def _run(repo: dict, argv, **kwargs) -> int:

@@ -479,9 +479,11 @@ class ResticRepository:
 
     # --- running restic ---------------------------------------------------------------------
 
-    def command_environment(self) -> dict[str, str]:
-        """Return the environment every restic run of this repository gets (for `kvm-borg restic`)."""
-        return self._environment()
+    def command_environment(self) -> dict[str, Any]:
+        """Return what a restic run of this repository gets besides its argv, as run_command's keywords:
+        {env, secret, secret_env} (for `kvm-borg restic`). restic reads its password itself
+        (RESTIC_PASSWORD_FILE / _COMMAND in env), so there is no secret to hand over."""
+        return {"env": self._environment(), "secret": None, "secret_env": None}
 
     def _environment(self) -> dict[str, str]:
         return rc.make_environment(
