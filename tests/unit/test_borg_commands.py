@@ -31,7 +31,6 @@ CREATE_DEFAULTS = dict(
     sparse=True,
     comment=None,
     progress=False,
-    log_json=True,
     lock_wait=60,
 )
 
@@ -45,12 +44,6 @@ def test_init_makes_parent_dirs_by_default():
     assert make_init_command("borg", "/srv/repo", "repokey-blake2") == (
         "borg", "init", "--encryption", "repokey-blake2", "--make-parent-dirs", "--log-json", "/srv/repo",
     )
-
-
-def test_init_without_parent_dirs():
-    argv = make_init_command("borg", "/srv/repo", "none", make_parent_dirs=False)
-    assert "--make-parent-dirs" not in argv
-    assert argv[-1] == "/srv/repo"
 
 
 def test_create_passes_paths_unchanged_after_the_archive():
@@ -125,10 +118,10 @@ def test_extract_command_names_exact_paths_sparse():
 
 
 def test_check_command():
-    assert make_check_command("borg", "/r", verify_data=True, glob="web-*") == (
-        "borg", "check", "--log-json", "--verify-data", "--glob-archives", "web-*", "/r",
+    assert make_check_command("borg", "/r", verify_data=True, lock_wait=5) == (
+        "borg", "check", "--log-json", "--lock-wait", "5", "--verify-data", "/r",
     )
-    assert "--repository-only" in make_check_command("borg", "/r", repository_only=True)
+    assert make_check_command("borg", "/r", progress=True) == ("borg", "check", "--log-json", "--progress", "/r")
 
 
 def test_archive_glob_matches_the_domains_archives():

@@ -27,11 +27,10 @@ def test_version_is_read_from_restic_version_output():
 
 def test_features_follow_the_version():
     debian = rc.Features((0, 14, 0))
-    assert not debian.restore_sparse and not debian.stdin_from_command and not debian.exit_codes
-    assert debian.compression
-    assert rc.Features((0, 15, 1)).restore_sparse and not rc.Features((0, 15, 1)).stdin_from_command
+    assert not debian.restore_sparse and not debian.exit_codes
+    assert rc.Features((0, 15, 1)).restore_sparse and not rc.Features((0, 15, 1)).exit_codes
     newer = rc.Features((0, 17, 0))
-    assert newer.restore_sparse and newer.stdin_from_command and newer.exit_codes
+    assert newer.restore_sparse and newer.exit_codes
 
 
 @pytest.mark.parametrize("value", ["web01", "web, 1", "Grüße aus Köln", " lead", "trail ", "100%", "a\nb", ",,"])

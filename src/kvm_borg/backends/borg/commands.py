@@ -39,22 +39,16 @@ def archive_glob(domain: str | None) -> str:
     return f"{escaped}-{_TIMESTAMP_GLOB}"
 
 
-def _common_flags(log_json: bool, lock_wait: int | None) -> tuple[str, ...]:
-    return (("--log-json",) if log_json else ()) + (
-        ("--lock-wait", str(lock_wait)) if lock_wait is not None else ()
-    )
+def _common_flags(lock_wait: int | None) -> tuple[str, ...]:
+    """Given the lock wait (None: borg's default), return the flags every borg run over a repository gets:
+    `--log-json` (kvm-borg reads borg's stderr as JSON records) and `--lock-wait`."""
+    return ("--log-json",) + (("--lock-wait", str(lock_wait)) if lock_wait is not None else ())
 
 
-def make_init_command(
-    binary: str, repo: str, encryption: str, make_parent_dirs: bool = True, *, log_json: bool = True
-) -> tuple[str, ...]:
-    """Given the borg binary, a repository location and an encryption mode, return the `borg init` argv."""
-    return (
-        (binary, "init", "--encryption", encryption)
-        + (("--make-parent-dirs",) if make_parent_dirs else ())
-        + (("--log-json",) if log_json else ())
-        + (archive_location(repo),)
-    )
+def make_init_command(binary: str, repo: str, encryption: str) -> tuple[str, ...]:
+    """Given the borg binary, a repository location and an encryption mode, return the `borg init` argv
+    (parent directories are created as needed)."""
+    return (binary, "init", "--encryption", encryption, "--make-parent-dirs", "--log-json", archive_location(repo))
 
 
 def make_create_command(
@@ -69,7 +63,6 @@ def make_create_command(
     sparse: bool,
     comment: str | None,
     progress: bool,
-    log_json: bool,
     lock_wait: int | None,
 ) -> tuple[str, ...]:
     """Given a repository, a new archive's name and the absolute paths to store, return the `borg create --json` argv.
@@ -79,7 +72,7 @@ def make_create_command(
     fixed_chunker = chunker_params.split(",", 1)[0] == "fixed"
     return (
         (binary, "create", "--json")
-        + _common_flags(log_json, lock_wait)
+        + _common_flags(lock_wait)
         + (("--progress",) if progress else ())
         + ("--compression", compression)
         + ("--chunker-params", chunker_params)
@@ -97,7 +90,6 @@ def make_list_command(
     *,
     glob: str | None = None,
     last: int | None = None,
-    log_json: bool = True,
     lock_wait: int | None = None,
     format: str | None = None,
 ) -> tuple[str, ...]:
@@ -106,7 +98,7 @@ def make_list_command(
     `format` names extra keys for the JSON, e.g. "{comment}"."""
     return (
         (binary, "list", "--json")
-        + _common_flags(log_json, lock_wait)
+        + _common_flags(lock_wait)
         + (("--format", format) if format else ())
         + (("--glob-archives", escape_placeholders(glob)) if glob else ())
         + (("--last", str(last)) if last is not None else ())
@@ -119,25 +111,24 @@ def make_info_command(
     repo: str,
     *,
     glob: str | None = None,
-    log_json: bool = True,
     lock_wait: int | None = None,
 ) -> tuple[str, ...]:
     """Given a repository and an archive glob, return the `borg info --json` argv (per-archive stats and comments)."""
     return (
         (binary, "info", "--json")
-        + _common_flags(log_json, lock_wait)
+        + _common_flags(lock_wait)
         + (("--glob-archives", escape_placeholders(glob)) if glob else ())
         + (archive_location(repo),)
     )
 
 
 def make_list_archive_paths_command(
-    binary: str, repo: str, archive: str, *, log_json: bool = True, lock_wait: int | None = None
+    binary: str, repo: str, archive: str, *, lock_wait: int | None = None
 ) -> tuple[str, ...]:
     """Given a repository and an archive name, return the `borg list --json-lines` argv of its items."""
     return (
         (binary, "list", "--json-lines")
-        + _common_flags(log_json, lock_wait)
+        + _common_flags(lock_wait)
         + (archive_location(repo, archive),)
     )
 
@@ -150,7 +141,6 @@ def make_extract_command(
     *,
     sparse: bool = True,
     stdout: bool = False,
-    log_json: bool = True,
     lock_wait: int | None = None,
 ) -> tuple[str, ...]:
     """Given an archive and the archive paths to extract, return the `borg extract` argv (into the cwd, or to stdout).
@@ -159,7 +149,7 @@ def make_extract_command(
     pattern of another style."""
     return (
         (binary, "extract")
-        + _common_flags(log_json, lock_wait)
+        + _common_flags(lock_wait)
         + (("--sparse",) if sparse and not stdout else ())
         + (("--stdout",) if stdout else ())
         + (archive_location(repo, archive),)
@@ -171,23 +161,16 @@ def make_check_command(
     binary: str,
     repo: str,
     *,
-    repository_only: bool = False,
-    archives_only: bool = False,
     verify_data: bool = False,
-    glob: str | None = None,
     progress: bool = False,
-    log_json: bool = True,
     lock_wait: int | None = None,
 ) -> tuple[str, ...]:
     """Given a repository and what to check, return the `borg check` argv."""
     return (
         (binary, "check")
-        + _common_flags(log_json, lock_wait)
+        + _common_flags(lock_wait)
         + (("--progress",) if progress else ())
-        + (("--repository-only",) if repository_only else ())
-        + (("--archives-only",) if archives_only else ())
         + (("--verify-data",) if verify_data else ())
-        + (("--glob-archives", escape_placeholders(glob)) if glob else ())
         + (archive_location(repo),)
     )
 
@@ -199,7 +182,6 @@ def make_prune_command(
     keep_flags: Sequence[str],
     *,
     dry_run: bool = False,
-    log_json: bool = True,
     lock_wait: int | None = None,
 ) -> tuple[str, ...]:
     """Given a repository, the glob of ONE domain's archives and the --keep-* flags, return the `borg prune --list` argv.
@@ -209,7 +191,7 @@ def make_prune_command(
         raise ValueError("borg prune needs an archive glob")
     return (
         (binary, "prune", "--list")
-        + _common_flags(log_json, lock_wait)
+        + _common_flags(lock_wait)
         + (("--dry-run",) if dry_run else ())
         + ("--glob-archives", escape_placeholders(glob))
         + tuple(keep_flags)
@@ -218,24 +200,24 @@ def make_prune_command(
 
 
 def make_compact_command(
-    binary: str, repo: str, *, log_json: bool = True, lock_wait: int | None = None
+    binary: str, repo: str, *, lock_wait: int | None = None
 ) -> tuple[str, ...]:
     """Given a repository, return the `borg compact` argv (frees the space of deleted archives)."""
-    return (binary, "compact") + _common_flags(log_json, lock_wait) + (archive_location(repo),)
+    return (binary, "compact") + _common_flags(lock_wait) + (archive_location(repo),)
 
 
 def make_mount_command(
-    binary: str, repo: str, archive: str, mountpoint: str, *, log_json: bool = True, lock_wait: int | None = None
+    binary: str, repo: str, archive: str, mountpoint: str, *, lock_wait: int | None = None
 ) -> tuple[str, ...]:
     """Given an archive and an empty directory, return the `borg mount -o ro` argv (borg's FUSE process
     goes into the background once the archive is mounted)."""
-    return (binary, "mount") + _common_flags(log_json, lock_wait) + ("-o", "ro", archive_location(repo, archive),
+    return (binary, "mount") + _common_flags(lock_wait) + ("-o", "ro", archive_location(repo, archive),
                                                                      mountpoint)
 
 
-def make_umount_command(binary: str, mountpoint: str, *, log_json: bool = True) -> tuple[str, ...]:
+def make_umount_command(binary: str, mountpoint: str) -> tuple[str, ...]:
     """Given a directory `borg mount` mounted, return the `borg umount` argv."""
-    return (binary, "umount") + (("--log-json",) if log_json else ()) + (mountpoint,)
+    return (binary, "umount", "--log-json", mountpoint)
 
 
 def make_version_command(binary: str) -> tuple[str, ...]:

@@ -158,7 +158,6 @@ class BorgRepository:
             sparse=False,
             comment=request.comment,
             progress=self.progress,
-            log_json=True,
             lock_wait=self.lock_wait,
         )
         logger.info(

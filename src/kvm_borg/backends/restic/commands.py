@@ -35,19 +35,9 @@ class Features:
         return self.version >= (0, 15, 0)
 
     @property
-    def stdin_from_command(self) -> bool:
-        """`backup --stdin-from-command` (0.17+)."""
-        return self.version >= (0, 17, 0)
-
-    @property
     def exit_codes(self) -> bool:
         """Distinct exit codes (0.17+): 10 no repository, 11 locked, 12 wrong password."""
         return self.version >= (0, 17, 0)
-
-    @property
-    def compression(self) -> bool:
-        """`--compression` and repository format 2 (0.14+)."""
-        return self.version >= (0, 14, 0)
 
     def describe(self) -> str:
         """The version as text, e.g. "0.14.0"."""
