@@ -7,7 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from kvm_borg import host_state, restore_plan
+from kvm_borg import restore_plan
+from kvm_borg.engine import host_state
 from kvm_borg.sparse import SparseWriter
 from kvm_borg.errors import UsageError
 
