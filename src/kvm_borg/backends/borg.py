@@ -29,7 +29,7 @@ from kvm_borg.backends.ssh_options import with_default_options
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, one_line, run_command
 from kvm_borg.hookspecs import hookimpl
-from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
+from kvm_borg.models import ArchiveInfo, ArchiveRequest, BackendBase, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
 from kvm_borg.redact import redact_url
 
@@ -283,7 +283,7 @@ def _failed(returncode: int) -> bool:
     return returncode < 0 or returncode >= 2
 
 
-class BorgRepository:
+class BorgRepository(BackendBase):
     """One borg repository of the configuration, as a RepositoryBackend."""
 
     def __init__(self, repository: Mapping[str, Any], settings: Any):
