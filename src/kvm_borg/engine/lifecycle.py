@@ -154,7 +154,7 @@ def agent_command(dom, execute: str, arguments: dict | None = None, timeout: flo
     command = {"execute": execute} if arguments is None else {"execute": execute, "arguments": arguments}
     with translated():
         reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(command), max(1, int(timeout)), 0)
-    return json.loads(reply).get("return")
+    return json.loads(reply)["return"]
 
 
 def wait_for_sign_of_life(dom, agent: bool, timeout: float, alive_seconds: float) -> dict:
