@@ -15,6 +15,7 @@ from pathlib import Path
 from kvm_borg.atomic import create_exclusive
 from kvm_borg.backends.tool_commands import choose_repository
 from kvm_borg.config import Settings, select_repositories
+from kvm_borg.engine import lifecycle
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import disk_targets, domain_selected
 from kvm_borg.errors import ConfigError, KvmBorgError, UsageError
@@ -153,7 +154,7 @@ def resolve_domains(ctx: Context, names: list[str], all_domains: bool, *, allow_
     if all_domains:
         include = ctx.settings.domains["include"]
         exclude = ctx.settings.domains["exclude"]
-        on_host = [d.name() for d in conn.conn.listAllDomains(0)]
+        on_host = lifecycle.domain_names(conn.conn)
         chosen = sorted(name for name in on_host if domain_selected(name, include, exclude))
         if not chosen and not allow_empty:
             raise UsageError(no_domain_matches(include, exclude, len(on_host)))
@@ -174,7 +175,7 @@ def check_disk_targets(ctx: Context, domains: list[str], targets: list[str]) -> 
         return
     known: set[str] = set()
     for name in domains:
-        known.update(disk_targets(ctx.connection.lookup(name).XMLDesc(0)))
+        known.update(disk_targets(lifecycle.live_xml(ctx.connection.lookup(name))))
     for target in targets:
         if target not in known:
             where = f"domain '{domains[0]}'" if len(domains) == 1 else "any of the selected domains"

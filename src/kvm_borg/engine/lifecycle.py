@@ -94,6 +94,12 @@ def active_domains(conn) -> list[tuple[str, str, str]]:
     return result
 
 
+def domain_names(conn) -> list[str]:
+    """Given a connection, return the names of every domain of this host (running or not)."""
+    with translated():
+        return [dom.name() for dom in conn.listAllDomains(0)]
+
+
 def network_exists(conn, name: str) -> bool:
     """Given a libvirt network name, return whether this host has that network."""
     try:

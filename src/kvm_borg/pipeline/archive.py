@@ -29,7 +29,7 @@ MAX_META_BYTES = 16 << 20
 def this_host(backend: RepositoryBackend, settings) -> str:
     """Given a backend and the Settings, return the host name its archives of this host carry
     (restic: the repository's `host:`, else the config's `hostname`)."""
-    return backend.host or getattr(settings, "hostname", None) or ""
+    return backend.host or settings.hostname or ""
 
 
 def host_for(backend: RepositoryBackend, settings, requested: str | None, *, any_allowed: bool = False) -> str:
