@@ -26,14 +26,11 @@ built-in snapshot, or a plugin's), so it works for `kvm-borg backup` and `kvm-bo
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 
-import libvirt
-import libvirt_qemu
-
-from kvm_borg.errors import RefusedError
+from kvm_borg.engine.lifecycle import agent_command
+from kvm_borg.errors import EngineError, RefusedError
 from kvm_borg.hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
@@ -57,11 +54,9 @@ def describe(command) -> str:
 
 def _agent(dom, execute: str, arguments: dict, timeout: float) -> dict:
     try:
-        reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": execute, "arguments": arguments}),
-                                              max(1, int(timeout)), 0)
-    except libvirt.libvirtError as exc:
-        raise GuestCommandError(f"guest agent: {exc.get_error_message()}") from None
-    return json.loads(reply)["return"]
+        return agent_command(dom, execute, arguments, timeout)
+    except EngineError as exc:
+        raise GuestCommandError(f"guest agent: {exc}") from None
 
 
 def guest_exec(dom, command, timeout: float) -> tuple[int, str, str]:

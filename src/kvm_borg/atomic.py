@@ -1,8 +1,8 @@
 """Durable, atomic file writes that never follow a planted symlink.
 
 Every state file kvm-borg writes (journal entries, run state, metrics, staging, records) goes
-through `write_atomic`: a fresh temp file in the same directory opened with
-O_CREAT|O_EXCL|O_NOFOLLOW (a file or symlink already at that name is never opened, let alone
+through `write_atomic`, and every file restore writes through `replace_streamed`, its streaming
+form: a fresh temp file in the same directory opened with O_CREAT|O_EXCL|O_NOFOLLOW (a file or symlink already at that name is never opened, let alone
 truncated), the data fsync'd, renamed over the target (rename replaces a symlink at the target, it
 does not follow it) and the directory fsync'd, so a crash leaves the old file or the new one.
 """
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _ATTEMPTS = 16
+T = TypeVar("T")
 
 
 def temp_names(path: Path):
@@ -34,17 +37,14 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes, mode: int) -> None:
-    os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    os.fsync(fd)
+def replace_streamed(path: str | os.PathLike, fill: Callable[[int], T], mode: int = 0o600,
+                     owner: tuple[int, int] | None = None) -> T:
+    """Given a path, a function that writes the new content into an open fd (and returns anything), the final
+    mode and (uid, gid) owner (None: the caller's), replace the file atomically and durably; return what
+    `fill` returned.
 
-
-def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Path:
-    """Given a path, the bytes and the final mode, replace the file atomically and durably; return
-    the path. The temp file is created O_EXCL|O_NOFOLLOW in the same directory and removed on error."""
+    The temp file beside `path` is created O_EXCL|O_NOFOLLOW and 0600, filled, given its owner and mode,
+    fsync'd and renamed over `path` (the directory fsync'd too); on any error it is removed."""
     path = Path(path)
     for _attempt, temp in zip(range(_ATTEMPTS), temp_names(path)):
         try:
@@ -56,7 +56,11 @@ def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Pat
         raise FileExistsError(f"no free temporary name for {path}")
     try:
         try:
-            _write_all(fd, data, mode)
+            result = fill(fd)
+            if owner is not None:
+                os.fchown(fd, *owner)
+            os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+            os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, path)
@@ -67,7 +71,21 @@ def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Pat
             pass
         raise
     fsync_dir(path.parent)
-    return path
+    return result
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Given an open fd and bytes, write all of them (os.write may write fewer at a time)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Path:
+    """Given a path, the bytes and the final mode, replace the file atomically and durably (replace_streamed);
+    return the path."""
+    replace_streamed(path, lambda fd: write_all(fd, data), mode)
+    return Path(path)
 
 
 def create_exclusive(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Path:
@@ -76,7 +94,9 @@ def create_exclusive(path: str | os.PathLike, data: bytes, mode: int = 0o600) ->
     path = Path(path)
     fd = os.open(path, _FLAGS, 0o600)
     try:
-        _write_all(fd, data, mode)
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
+        write_all(fd, data)
+        os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(path)

@@ -33,3 +33,9 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
+
+
+class EngineError(KvmBorgError):
+    """A call into the virtualization engine (libvirt) failed; the engine raises it in place of its
+    own error type, so nothing outside `engine/` handles libvirt errors. The message is the
+    engine's, e.g. "libvirt: Domain not found"."""

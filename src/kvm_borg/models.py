@@ -1,12 +1,16 @@
-"""Plain data passed between the steps and the plugins. No behaviour, no I/O."""
+"""Plain data passed between the steps and the plugins, and the two ports' contracts (FrozenSource,
+RepositoryBackend). No I/O except BackendBase's default `stream_file`."""
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from kvm_borg.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -185,13 +189,24 @@ class CheckResult:
 
 
 class RepositoryBackend(Protocol):
-    """A repository kvm-borg writes to. Implemented by the borg and restic plugins."""
+    """A repository kvm-borg writes to and reads from: every member a caller uses. Implemented by the
+    borg and restic plugins; a third-party backend implements all of it, most simply by subclassing
+    BackendBase (which supplies the optional members) and writing the rest."""
 
-    name: str
+    name: str  # the repository's `name:` in the config
+    repository: dict  # the repository's config entry, as validated
+    settings: Any  # the Settings it was made with
+    location: str  # where it lives (path or URL); repositories at one location are written one at a time
+    host: str | None  # the host name its archives of this host carry, None: the config's `hostname`
+    list_hosts: list[str] | None  # whose archives list_archives returns (None: every host's); settable
 
     def preflight(self) -> None:
         """Raise KvmBorgError when the repository cannot be used at all (e.g. its client binary is
         missing), so a backup refuses before any snapshot. Cheap: no repository access."""
+        ...
+
+    def version(self) -> str:
+        """Return the version of the client this repository runs, for `doctor`."""
         ...
 
     def init(self) -> bool:
@@ -206,6 +221,10 @@ class RepositoryBackend(Protocol):
 
     def list_paths(self, archive: str) -> list[str]:
         """Paths stored in an archive, as the backend names them."""
+        ...
+
+    def list_entries(self, archive: str) -> dict[str, str]:
+        """Given an archive, return {stored path: kind} ("file", "dir", "symlink", "device"... or "unknown")."""
         ...
 
     def extract_file(self, archive: str, archive_path: str, destination: Path) -> None:
@@ -240,3 +259,63 @@ class RepositoryBackend(Protocol):
     def check(self, verify_data: bool = False, read_data_subset: str | None = None) -> CheckResult:
         """Check the repository's consistency (and with `verify_data` / `read_data_subset`, its data)."""
         ...
+
+    def command_environment(self) -> dict[str, Any]:
+        """Return what a run of the repository's own tool gets besides its argv (`kvm-borg borg/restic`,
+        `kvm-borg key export`)."""
+        ...
+
+
+class BackendBase:
+    """Defaults for the optional RepositoryBackend members, for backends to subclass.
+
+    Given the repository's config entry and the Settings, `__init__` sets name, repository,
+    settings and location (the entry's `path`, else `url`, else its name). What a backend cannot do
+    raises a UsageError naming the repository and its type; the rest (init, exists, store,
+    list_archives, list_paths, extract_file, archive_path, prune, compact, check) it must write."""
+
+    host: str | None = None
+    list_hosts: list[str] | None = None
+
+    def __init__(self, repository: dict, settings: Any):
+        self.repository = dict(repository)
+        self.settings = settings
+        self.name = repository["name"]
+        self.location = str(repository.get("path") or repository.get("url") or self.name)
+
+    def _cannot(self, what: str) -> UsageError:
+        return UsageError(f"repository {self.name!r} ({self.repository.get('type')}) cannot {what}")
+
+    def preflight(self) -> None:
+        """Nothing to check before a backup: return None."""
+
+    def version(self) -> str:
+        """Return "?": the client's version is not known."""
+        return "?"
+
+    def list_entries(self, archive: str) -> dict[str, str]:
+        """Given an archive, return {path: "unknown"} for every path of list_paths (restore reads no
+        entry of unknown kind)."""
+        return {path: "unknown" for path in self.list_paths(archive)}
+
+    def stream_file(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and a stored path, extract the file into a private temporary directory and
+        pass its bytes to `write` in order."""
+        with tempfile.TemporaryDirectory(prefix="kvm-borg-read-") as workdir:
+            path = Path(workdir, "file")
+            self.extract_file(archive, archive_path, path)
+            with open(path, "rb") as handle:
+                while data := handle.read(4 << 20):
+                    write(data)
+
+    def mount(self, archive: str, mountpoint: str) -> str:
+        """Raise UsageError: this backend cannot mount archives."""
+        raise self._cannot("mount archives")
+
+    def unmount(self, mountpoint: str) -> None:
+        """Raise UsageError: this backend cannot mount archives."""
+        raise self._cannot("mount archives")
+
+    def command_environment(self) -> dict[str, Any]:
+        """Raise UsageError: this backend's tool cannot be run by hand."""
+        raise self._cannot(f"run {self.repository.get('type')} by hand")

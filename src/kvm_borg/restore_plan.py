@@ -71,7 +71,7 @@ def parse_meta(text: str) -> dict | None:
 @dataclass(frozen=True)
 class RestoreFile:
     """One stored file and where it goes. Owner and mode are chosen on this host, never read from the archive:
-    a new file is root's with `mode`; a file replaced in place keeps its local owner (see actions.restore)."""
+    a new file is root's with `mode`; a file replaced in place keeps its local owner (see kvm_borg.restore_files)."""
 
     archive_path: str
     destination: str

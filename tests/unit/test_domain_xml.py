@@ -93,4 +93,3 @@ def test_mirror_ready_flag_and_firmware_and_agent_channel():
     assert dx.firmware_files(DOMAIN)["nvram"] == "/var/lib/libvirt/qemu/nvram/web_VARS.fd"
     assert dx.firmware_files(DOMAIN)["loader_type"] == "pflash"
     assert dx.has_guest_agent_channel(DOMAIN)
-    assert dx.domain_name_and_uuid(DOMAIN) == ("web 01", "u-1")

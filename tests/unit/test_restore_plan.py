@@ -7,7 +7,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from kvm_borg import host_state, restore_plan
+from kvm_borg import restore_plan
+from kvm_borg.engine import host_state
 from kvm_borg.sparse import SparseWriter
 from kvm_borg.errors import UsageError
 
@@ -387,19 +388,30 @@ def test_meta_records_the_format_of_every_backing_layer():
 def test_restored_files_get_local_owner_and_mode_and_temp_files_never_follow(tmp_path):
     import os
 
-    from kvm_borg.actions import restore
+    from kvm_borg.atomic import replace_streamed, write_all
     from kvm_borg.errors import RefusedError
+    from kvm_borg.restore_files import local_owner
+    from kvm_borg.restore_refusals import refuse_symlinks_below
 
-    assert restore.local_owner(str(tmp_path / "new")) == (0, 0, 0o600)
+    assert local_owner(str(tmp_path / "new")) == (0, 0, 0o600)
     existing = tmp_path / "existing"
     existing.write_bytes(b"x")
     os.chmod(existing, 0o6777)
-    assert restore.local_owner(str(existing))[2] == 0o664  # no setuid/setgid, execute or world-write bit
-    fd, temp = restore.create_temp(str(tmp_path), "image")
-    os.close(fd)
-    assert oct(os.stat(temp).st_mode & 0o7777) == oct(0o600) and os.path.basename(temp).startswith(".image")
+    assert local_owner(str(existing))[2] == 0o664  # no setuid/setgid, execute or world-write bit
+    seen = {}
+
+    def fill(fd):  # while the bytes go in, the temp file is 0600 and not the target
+        seen["mode"] = os.fstat(fd).st_mode & 0o7777
+        seen["is_target"] = os.path.samestat(os.fstat(fd), os.stat(existing))
+        write_all(fd, b"new")
+        return 3
+
+    assert replace_streamed(existing, fill, 0o640) == 3
+    assert seen == {"mode": 0o600, "is_target": False}
+    assert existing.read_bytes() == b"new" and os.stat(existing).st_mode & 0o7777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no temp file left
     (tmp_path / "root").mkdir()
     os.symlink("/etc", tmp_path / "root" / "uuid")
     with pytest.raises(RefusedError, match="symlink"):
-        restore.refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "uuid" / "cron.d" / "x"))
-    restore.refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "other" / "x"))
+        refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "uuid" / "cron.d" / "x"))
+    refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "other" / "x"))

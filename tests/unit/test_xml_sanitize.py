@@ -191,7 +191,7 @@ def test_nvram_must_be_the_restored_file_and_its_template_beside_host_firmware()
     node = root.find("os/nvram")
     assert node.get("template") is None and not (node.text or "").strip()
     restored = "/var/lib/libvirt/qemu/nvram/web-copy_VARS.fd"
-    root, _ = sanitize(domain(os_extra=f"<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/srv/r/web_VARS.fd</nvram>"),
+    root, _ = sanitize(domain(os_extra="<nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>/srv/r/web_VARS.fd</nvram>"),
                        nvram="/srv/r/web_VARS.fd")
     assert root.findtext("os/nvram") == "/srv/r/web_VARS.fd"
     assert root.find("os/nvram").get("template") == "/usr/share/OVMF/OVMF_VARS_4M.fd"

@@ -8,7 +8,8 @@ import time
 
 import libvirt
 
-from kvm_borg import failpoints, host_state, metadata, signals
+from kvm_borg import failpoints, metadata, signals
+from kvm_borg.engine import host_state
 from kvm_borg.actions.common import Context, check_disk_targets, ensure_state_dir, open_repositories, print_json, resolve_domains
 from kvm_borg.engine.planning import DomainHandle, handle_for, make_plan
 from kvm_borg.errors import Interrupted, KvmBorgError

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvm_borg.atomic import create_exclusive
+from kvm_borg.backends.tool_commands import choose_repository
 from kvm_borg.config import Settings, select_repositories
+from kvm_borg.engine import lifecycle
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import disk_targets, domain_selected
 from kvm_borg.errors import ConfigError, KvmBorgError, UsageError
+from kvm_borg.models import RepositoryBackend
 from kvm_borg.plugins import make_plugin_manager
 from kvm_borg.redact import redact_text
 
@@ -71,7 +74,7 @@ def check_passphrase_file(repo: dict) -> None:
         )
 
 
-def backend_for(ctx: Context, repo: dict):
+def backend_for(ctx: Context, repo: dict) -> RepositoryBackend:
     """Given a repository dict, return the backend a plugin offers for its type (ConfigError if none)."""
     backend = ctx.pm.hook.kvm_borg_repository_backend(repository=repo, settings=ctx.settings)
     if backend is None:
@@ -79,7 +82,7 @@ def backend_for(ctx: Context, repo: dict):
     return backend
 
 
-def ensure_embedded_default(ctx: Context, repo: dict, backend) -> None:
+def ensure_embedded_default(ctx: Context, repo: dict, backend: RepositoryBackend) -> None:
     """For the zero-config repository: generate the passphrase (0600) and create the repository on
     first use, and tell the user once to export the key and keep the passphrase."""
     if not repo.get("auto_init"):
@@ -102,18 +105,38 @@ def ensure_embedded_default(ctx: Context, repo: dict, backend) -> None:
                 create_exclusive(marker, b"", 0o600)
 
 
-def open_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict, object]]:
-    """Given --repo names (or None), return [(repo dict, backend)], checking passphrase files."""
+def open_repository(ctx: Context, name: str | None) -> tuple[dict, RepositoryBackend]:
+    """Given --repo NAME (None: the first configured repository), return (repo dict, backend) to read from,
+    its passphrase file checked (no preflight, nothing created)."""
+    repo = select_repositories(ctx.settings, [name] if name else None)[0]
+    check_passphrase_file(repo)
+    return repo, backend_for(ctx, repo)
+
+
+def open_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict, RepositoryBackend]]:
+    """Given --repo names (or None), return [(repo dict, backend)], checking passphrase files, each backend's
+    preflight passed and the embedded default repository created on first use."""
     chosen = select_repositories(ctx.settings, names)
     result = []
     for repo in chosen:
         check_passphrase_file(repo)
         backend = backend_for(ctx, repo)
-        if hasattr(backend, "preflight"):  # third-party backends written before preflight existed
-            backend.preflight()
+        backend.preflight()
         ensure_embedded_default(ctx, repo, backend)
         result.append((repo, backend))
     return result
+
+
+def open_tool_repository(ctx: Context, name: str | None, kind: str, command: str) -> tuple[dict, RepositoryBackend]:
+    """Given --repo NAME (None: the only one of its type), the type a command needs and the command's
+    name, return (repository dict, backend), its passphrase file checked (UsageError on bad input).
+
+    The backend's `command_environment` says what a run gets (a backend that cannot run its tool by
+    hand raises a UsageError there, see models.BackendBase); argv is built from the built-in borg
+    and restic backends' `binary` (and borg's `lock_wait`, restic's `options`)."""
+    repo = choose_repository(ctx.settings.repositories, name, kind, command)
+    [(repo, backend)] = open_repositories(ctx, [repo["name"]])
+    return repo, backend
 
 
 def no_domain_matches(include: list[str], exclude: list[str], on_host: int) -> str:
@@ -131,7 +154,7 @@ def resolve_domains(ctx: Context, names: list[str], all_domains: bool, *, allow_
     if all_domains:
         include = ctx.settings.domains["include"]
         exclude = ctx.settings.domains["exclude"]
-        on_host = [d.name() for d in conn.conn.listAllDomains(0)]
+        on_host = lifecycle.domain_names(conn.conn)
         chosen = sorted(name for name in on_host if domain_selected(name, include, exclude))
         if not chosen and not allow_empty:
             raise UsageError(no_domain_matches(include, exclude, len(on_host)))
@@ -152,7 +175,7 @@ def check_disk_targets(ctx: Context, domains: list[str], targets: list[str]) -> 
         return
     known: set[str] = set()
     for name in domains:
-        known.update(disk_targets(ctx.connection.lookup(name).XMLDesc(0)))
+        known.update(disk_targets(lifecycle.live_xml(ctx.connection.lookup(name))))
     for target in targets:
         if target not in known:
             where = f"domain '{domains[0]}'" if len(domains) == 1 else "any of the selected domains"

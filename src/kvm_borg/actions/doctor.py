@@ -8,17 +8,17 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import uuid
 from pathlib import Path
 
-import libvirt
-
 from kvm_borg import __version__, journal
 from kvm_borg.actions.common import Context, backend_for
-from kvm_borg.errors import KvmBorgError
+from kvm_borg.engine import lifecycle
+from kvm_borg.engine.versions import binding_version, libvirt_versions
+from kvm_borg.errors import EngineError, KvmBorgError
 from kvm_borg.plugins import describe_plugins
+from kvm_borg.tools import first_line, run_tool
 
 OK, WARN, FAIL = "ok", "warning", "error"
 
@@ -33,16 +33,13 @@ SELINUX_HINT = (
 )
 
 
-def _dotted(number: int) -> str:
-    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
-
-
 def _command_version(argv: list[str]) -> str | None:
+    """Given a tool's version argv, return the first line it prints, or None if it is missing or fails."""
     try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
+        out = run_tool(argv, timeout=30)
+    except KvmBorgError:
         return None
-    return (out.stdout or out.stderr).strip().splitlines()[0] if out.returncode == 0 else None
+    return first_line(out.stdout or out.stderr)
 
 
 def security_checks() -> list[tuple[str, str, str]]:
@@ -64,11 +61,11 @@ def security_checks() -> list[tuple[str, str, str]]:
 def collect_checks(ctx: Context) -> list[tuple[str, str, str]]:
     """Given a Context, return (check, status, detail) rows describing the host."""
     settings = ctx.settings
-    rows = [("kvm-borg", OK, __version__), ("libvirt-python", OK, _dotted(libvirt.getVersion()))]
+    rows = [("kvm-borg", OK, __version__), ("libvirt-python", OK, binding_version())]
     try:
-        conn = ctx.connection.conn
-        rows.append(("libvirtd", OK, f"{_dotted(conn.getLibVersion())} at {settings.libvirt_uri}"))
-        rows.append(("qemu", OK, _dotted(conn.getVersion())))
+        libvirtd, qemu = libvirt_versions(ctx.connection.conn)
+        rows.append(("libvirtd", OK, f"{libvirtd} at {settings.libvirt_uri}"))
+        rows.append(("qemu", OK, qemu))
     except KvmBorgError as exc:
         rows.append(("libvirtd", FAIL, str(exc)))
     qemu_img = _command_version(["qemu-img", "--version"])
@@ -76,7 +73,7 @@ def collect_checks(ctx: Context) -> list[tuple[str, str, str]]:
     for repo in settings.repositories:
         try:
             backend = backend_for(ctx, repo)
-            version = backend.version() if hasattr(backend, "version") else "?"
+            version = backend.version()
             rows.append((f"repository {repo['name']}", OK, f"{repo['type']} ({version})"))
         except KvmBorgError as exc:
             rows.append((f"repository {repo['name']}", FAIL, str(exc)))
@@ -166,19 +163,19 @@ def run_round_trip(ctx: Context) -> tuple[str, str]:
         backend = backend_for(scratch_ctx, repo)
         backend.init()
         for virt_type in ("kvm", "qemu"):
-            dom = conn.defineXML(_scratch_domain_xml(name, disk, virt_type))
+            dom = lifecycle.define(conn, _scratch_domain_xml(name, disk, virt_type))
             try:
-                dom.create()
+                lifecycle.start(dom)
                 break
-            except libvirt.libvirtError:
-                dom.undefine()
+            except EngineError:
+                lifecycle.remove(conn, name)
                 dom = None
         if dom is None:
             return FAIL, "could not start a scratch domain"
         result = backup_domain(scratch_ctx, name, [(repo, backend)], [])
         if not result.ok:
             return FAIL, f"backup failed: {result.error}"
-        live = dom.XMLDesc(0)
+        live = lifecycle.live_xml(dom)
         if ".kvm-borg-" in live:
             return FAIL, "the scratch domain was left on an overlay"
         archive = result.stores[0].archive
@@ -189,12 +186,7 @@ def run_round_trip(ctx: Context) -> tuple[str, str]:
         return OK, f"backed up, merged back, extracted and compared a 16 MiB disk ({result.seconds:.1f}s)"
     finally:
         if dom is not None:
-            try:
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefine()
-            except libvirt.libvirtError:
-                pass
+            lifecycle.remove(conn, name)
         shutil.rmtree(work, ignore_errors=True)
 
 

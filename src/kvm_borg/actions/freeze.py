@@ -31,7 +31,8 @@ from pathlib import Path
 
 import libvirt
 
-from kvm_borg import host_state, journal, metadata, mountinfo
+from kvm_borg import journal, metadata, mountinfo
+from kvm_borg.engine import host_state
 from kvm_borg.actions.common import Context, ensure_state_dir, print_json, resolve_domains
 from kvm_borg.atomic import write_atomic
 from kvm_borg.engine.libvirt_snapshot import RecoveryReport, SnapshotSource, bring_back_to_base, frozen_disk

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kvm_borg import atomic
-from kvm_borg.actions.common import Context
-from kvm_borg.actions.passthrough import open_repository
+from kvm_borg.actions.common import Context, open_tool_repository
 from kvm_borg.backends.borg.output import BorgLog
 from kvm_borg.backends.tool_commands import make_borg_key_export_command
 from kvm_borg.errors import KvmBorgError, UsageError
@@ -111,7 +110,7 @@ def run_key_export(ctx: Context, args) -> int:
     """Run `kvm-borg key export`; return 0 (errors are raised)."""
     refuse_restic(ctx.settings.repositories, args.repo)
     destination = check_destination(args.file, args.overwrite)
-    repo, backend = open_repository(ctx, args.repo, "borg", "key export")
+    repo, backend = open_tool_repository(ctx, args.repo, "borg", "key export")
     text = export_key(backend, args.paper)
     if destination is None:
         sys.stdout.write(text)

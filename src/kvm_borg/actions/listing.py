@@ -7,7 +7,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 
 from kvm_borg import archive_choice
-from kvm_borg.actions import archive_select
+from kvm_borg.pipeline.archive import host_for
 from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, ensure_embedded_default, print_json
 from kvm_borg.config import select_repositories
 from kvm_borg.models import ArchiveInfo
@@ -26,7 +26,7 @@ def run_list(ctx: Context, domain: str | None, repo_names: list[str] | None,
         backend = backend_for(ctx, repo)
         if repo.get("auto_init") and not backend.exists():
             continue  # the embedded default repository is created by the first backup
-        chosen = archive_select.host_for(backend, ctx.settings, host, any_allowed=True)
+        chosen = host_for(backend, ctx.settings, host, any_allowed=True)
         found = archive_choice.of_host(backend.list_archives(domain), chosen)
         for warning in archive_choice.split_future(found, datetime.now(timezone.utc))[1]:
             log.warning("%s", warning)

@@ -38,15 +38,15 @@ import os
 import shutil
 import signal
 import stat
-import subprocess
 import time
 from pathlib import Path
 
 from kvm_borg import mountinfo, restore_plan, signals
-from kvm_borg.actions.common import Context, ensure_state_dir, print_json
-from kvm_borg.actions.restore import open_repository, read_meta, resolve_archive
+from kvm_borg.actions.common import Context, ensure_state_dir, open_repository, print_json
 from kvm_borg.atomic import write_atomic
 from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
+from kvm_borg.pipeline import archive as archive_reading
+from kvm_borg.tools import first_line, run_tool, tool_output
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +151,6 @@ def state_file(state_dir: Path, mountpoint: str) -> Path:
 # --- running tools -----------------------------------------------------------------------------
 
 
-def _run(argv: list[str], what: str) -> str:
-    """Run a tool; return its stdout. A failure is a KvmBorgError with its last stderr line."""
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
-    except FileNotFoundError:
-        raise KvmBorgError(f"{argv[0]} not found (needed to {what})") from None
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        raise KvmBorgError(f"cannot {what}: {lines[-1] if lines else f'{argv[0]} exited {proc.returncode}'}")
-    return proc.stdout
-
-
 def mounted_paths() -> set[str]:
     """Return every mount point of this mount namespace (escapes decoded, see kvm_borg.mountinfo)."""
     return mountinfo.mount_points()
@@ -204,12 +192,11 @@ def _stop_process(pid: int, needle: str) -> None:
 def _umount(path: str, *, lazy_fallback: bool = False) -> None:
     if path not in mounted_paths():
         return
-    proc = subprocess.run(["umount", path], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = run_tool(["umount", path], what=f"unmount {path}", ok_codes=None)
     if proc.returncode != 0 and lazy_fallback:
-        proc = subprocess.run(["umount", "-l", path], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        proc = run_tool(["umount", "-l", path], what=f"unmount {path}", ok_codes=None)
     if proc.returncode != 0 and path in mounted_paths():
-        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "umount failed"
-        raise KvmBorgError(f"cannot unmount {path}: {reason}")
+        raise KvmBorgError(f"cannot unmount {path}: {first_line(proc.stderr) or 'umount failed'}")
 
 
 def _loop_backing(device: str) -> str | None:
@@ -277,7 +264,7 @@ def _undo(ctx: Context, step: dict) -> None:
         _rmdir(step["path"])
     elif kind == "loop":
         if _loop_backing(step["device"]) == step["file"]:
-            _run(["losetup", "-d", step["device"]], f"detach {step['device']}")
+            tool_output(["losetup", "-d", step["device"]], what=f"detach {step['device']}")
     elif kind == "qsd":
         pid = step.get("pid")
         if pid:
@@ -331,11 +318,9 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
     if path.exists():
         raise RefusedError(f"kvm-borg already mounted something at {mountpoint}; run `kvm-borg umount {mountpoint}`")
     repository, backend = open_repository(ctx, repo)
-    if not hasattr(backend, "mount"):
-        raise UsageError(f"repository {repository['name']!r} ({repository['type']}) cannot mount archives")
-    archive = resolve_archive(backend, domain, archive)
-    meta, paths = read_meta(backend, archive, domain)
-    plan = restore_plan.plan_restore(meta, paths, target_dir="/", disks=disks or (), with_xml=False)
+    archive = archive_reading.choose(backend, ctx.settings, domain, archive, None).name
+    meta, entries = archive_reading.read_archive(backend, archive, domain)
+    plan = restore_plan.plan_restore(meta, frozenset(entries), target_dir="/", disks=disks or (), with_xml=False)
     for disk in plan.disks:  # before anything is mounted: a refused format changes nothing
         check_mount_format(disk.format, f"disk {disk.target}")
         for layer, layer_format in disk.backing:
@@ -382,7 +367,7 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
 def _restrict_mount(path: str) -> None:
     """Given the archive's FUSE mount point, make it read-only, nosuid, nodev, noexec (a bind remount:
     only the mount's flags change, whatever options the backend's FUSE process used)."""
-    _run(["mount", "-o", "remount,bind," + ",".join(SAFE_FLAGS), path], f"restrict the mount at {path}")
+    tool_output(["mount", "-o", "remount,bind," + ",".join(SAFE_FLAGS), path], what=f"restrict the mount at {path}")
     entry = mountinfo.entry_at(path)
     if entry is None or not set(SAFE_FLAGS) <= entry.options:
         raise KvmBorgError(f"the archive mount at {path} is not {','.join(SAFE_FLAGS)} after the remount")
@@ -413,8 +398,9 @@ def _export_disk(record: MountRecord, workdir: str, target: str, image: str, fmt
     overlay = os.path.join(workdir, f"{target}.overlay.qcow2")
     export = os.path.join(workdir, f"{target}.raw")
     pidfile = os.path.join(workdir, f"{target}.pid")
-    size = json.loads(_run(["qemu-img", "info", "--output=json", "-f", fmt, image], f"read {image}"))["virtual-size"]
-    _run(["qemu-img", "create", "-q", "-f", "qcow2", overlay, str(size)], f"create the overlay of {target}")
+    size = json.loads(tool_output(["qemu-img", "info", "--output=json", "-f", fmt, image],
+                                  what=f"read {image}"))["virtual-size"]
+    tool_output(["qemu-img", "create", "-q", "-f", "qcow2", overlay, str(size)], what=f"create the overlay of {target}")
     Path(export).touch(mode=0o600)
     record.add(kind="qsd", export=export, pid=None)
     argv = ["qemu-storage-daemon", "--daemonize", "--pidfile", pidfile]
@@ -423,7 +409,7 @@ def _export_disk(record: MountRecord, workdir: str, target: str, image: str, fmt
     argv += ["--export", json.dumps({"type": "fuse", "id": "export", "node-name": "overlay", "mountpoint": export,
                                      "writable": True})]
     try:
-        _run(argv, f"export disk {target}")
+        tool_output(argv, what=f"export disk {target}")
     finally:
         try:
             record.data["steps"][-1]["pid"] = int(Path(pidfile).read_text().strip())
@@ -435,21 +421,21 @@ def _export_disk(record: MountRecord, workdir: str, target: str, image: str, fmt
 
 def _mount_filesystems(record: MountRecord, mountpoint: str, target: str, export: str):
     """Given an exported disk, mount each partition's (or the whole disk's) file system; yield (name, path, type, reason)."""
-    proc = subprocess.run(["partx", "--show", "--noheadings", "-o", "NR,START,SECTORS", export],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    proc = run_tool(["partx", "--show", "--noheadings", "-o", "NR,START,SECTORS", export],
+                    what=f"read the partition table of {target}", ok_codes=None)
     parts = parse_partx(proc.stdout) if proc.returncode == 0 else []
     if parts:
         pieces = [(f"{target}{number}", start * SECTOR, sectors * SECTOR) for number, start, sectors in parts]
     else:
         pieces = [(target, 0, os.path.getsize(export))]
     for name, offset, size in pieces:
-        device = _run(["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size), export],
-                      f"attach a loop device to {name}").strip()
+        device = tool_output(["losetup", "--find", "--show", "--offset", str(offset), "--sizelimit", str(size),
+                              export], what=f"attach a loop device to {name}").strip()
         record.add(kind="loop", device=device, file=export)
-        fs_type = subprocess.run(["blkid", "-p", "-o", "value", "-s", "TYPE", device], capture_output=True,
-                                 text=True, stdin=subprocess.DEVNULL).stdout.strip()
+        fs_type = run_tool(["blkid", "-p", "-o", "value", "-s", "TYPE", device], what=f"probe {device}",
+                           ok_codes=None).stdout.strip()
         if fs_type not in MOUNTABLE:
-            _run(["losetup", "-d", device], f"detach {device}")
+            tool_output(["losetup", "-d", device], what=f"detach {device}")
             record.data["steps"].pop()
             record.save()
             yield name, None, fs_type or None, f"no mountable file system ({fs_type or 'none found'})"
@@ -457,7 +443,8 @@ def _mount_filesystems(record: MountRecord, mountpoint: str, target: str, export
         path = os.path.join(mountpoint, name)
         os.mkdir(path, 0o700)
         record.add(kind="dir", path=path)
-        _run(["mount", "-t", fs_type, "-o", mount_options(fs_type), device, path], f"mount {name} ({fs_type})")
+        tool_output(["mount", "-t", fs_type, "-o", mount_options(fs_type), device, path],
+                    what=f"mount {name} ({fs_type})")
         record.data["steps"][-1] = {"kind": "fs", "path": path}
         record.save()
         yield name, path, fs_type, None

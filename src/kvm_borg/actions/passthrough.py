@@ -14,10 +14,9 @@ import logging
 import os
 import signal
 
-from kvm_borg.actions.common import Context, open_repositories
+from kvm_borg.actions.common import Context, open_tool_repository
 from kvm_borg.backends.tool_commands import (
     borg_passthrough_environment,
-    choose_repository,
     make_borg_passthrough_command,
     make_restic_passthrough_command,
     strip_separator,
@@ -26,16 +25,6 @@ from kvm_borg.errors import KvmBorgError, UsageError
 from kvm_borg.execute import CommandError, run_attached
 
 log = logging.getLogger(__name__)
-
-
-def open_repository(ctx: Context, name: str | None, kind: str, command: str) -> tuple[dict, object]:
-    """Given --repo NAME (None: the only one of its type), the type a command needs and the command's
-    name, return (repository dict, backend), its passphrase file checked (UsageError on bad input)."""
-    repo = choose_repository(ctx.settings.repositories, name, kind, command)
-    [(repo, backend)] = open_repositories(ctx, [repo["name"]])
-    if not hasattr(backend, "command_environment"):
-        raise UsageError(f"repository {repo['name']}: its backend plugin cannot run {kind} by hand")
-    return repo, backend
 
 
 def _tool_args(args, kind: str, example: str) -> tuple[str, ...]:
@@ -48,7 +37,7 @@ def _tool_args(args, kind: str, example: str) -> tuple[str, ...]:
 def run_borg(ctx: Context, args) -> int:
     """Run `kvm-borg borg`; return borg's exit status."""
     tool_args = _tool_args(args, "borg", "list")
-    repo, backend = open_repository(ctx, args.repo, "borg", "kvm-borg borg")
+    repo, backend = open_tool_repository(ctx, args.repo, "borg", "kvm-borg borg")
     options = backend.command_environment()
     env = borg_passthrough_environment(options["env"], backend.location, os.environ)
     argv = make_borg_passthrough_command(backend.binary, tool_args, backend.lock_wait)
@@ -58,7 +47,7 @@ def run_borg(ctx: Context, args) -> int:
 def run_restic(ctx: Context, args) -> int:
     """Run `kvm-borg restic`; return restic's exit status."""
     tool_args = _tool_args(args, "restic", "snapshots")
-    repo, backend = open_repository(ctx, args.repo, "restic", "kvm-borg restic")
+    repo, backend = open_tool_repository(ctx, args.repo, "restic", "kvm-borg restic")
     argv = make_restic_passthrough_command(backend.binary, tool_args, backend.options)
     return _run(repo, argv, **backend.command_environment(), stop_signal=signal.SIGINT)
 

@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 
 from kvm_borg import archive_choice, run_state
-from kvm_borg.actions import archive_select
+from kvm_borg.pipeline.archive import host_for
 from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, print_json, resolve_domains
 from kvm_borg.config import parse_duration, select_repositories
 from kvm_borg.errors import ConfigError, UsageError
@@ -89,7 +89,7 @@ def refresh(ctx: Context, repositories: list[dict], host: str | None = None) -> 
         if repo.get("auto_init") and not backend.exists():
             continue
         per_domain = found.setdefault(repo["name"], {})
-        chosen = archive_select.host_for(backend, ctx.settings, host, any_allowed=True)
+        chosen = host_for(backend, ctx.settings, host, any_allowed=True)
         archives = archive_choice.of_host(backend.list_archives(None), chosen)
         archives, warnings = archive_choice.split_future(archives, datetime.now(timezone.utc))
         for warning in warnings:

@@ -11,7 +11,6 @@ restore and the time to the first sign of life (RTO).
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import os
@@ -21,13 +20,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import libvirt
-
 from kvm_borg import restore_plan, signals
-from kvm_borg.actions.common import Context, ensure_state_dir, print_json
-from kvm_borg.actions.restore import RestoreOptions, qemu_img, run_restore
+from kvm_borg.actions.common import Context, ensure_state_dir, open_repository, print_json
+from kvm_borg.engine import lifecycle
 from kvm_borg.engine.domain_xml import has_guest_agent_channel
 from kvm_borg.errors import KvmBorgError
+from kvm_borg.pipeline.restore import RestoreOptions, check_options, run_restore
+from kvm_borg.tools import run_tool
 from kvm_borg.xml_sanitize import isolation_violations
 
 log = logging.getLogger(__name__)
@@ -35,8 +34,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BOOT_TIMEOUT = 300.0
 DEFAULT_ALIVE_SECONDS = 10.0
 _QEMU_IMG_CHECK_UNSUPPORTED = 63
-_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_TPM
-                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
+# `qemu-img check` reads every qcow2 metadata cluster: a large image takes a while.
+_CHECK_TIMEOUT = 3600.0
 
 
 @dataclass
@@ -60,7 +59,8 @@ class VerifyReport:
 def check_image(path: str, fmt: str, expected_size: int) -> dict:
     """Given a restored image, return {check, virtual_size, ok}: `qemu-img check` and the size meta.json recorded."""
     outcome: dict = {"path": path, "format": fmt}
-    proc = qemu_img("check", "-f", fmt, path)
+    proc = run_tool(["qemu-img", "check", "-f", fmt, path], what=f"check {path}", timeout=_CHECK_TIMEOUT,
+                    ok_codes=None)
     if proc.returncode == 0:
         outcome["check"] = "no errors"
     elif proc.returncode == _QEMU_IMG_CHECK_UNSUPPORTED:
@@ -72,65 +72,13 @@ def check_image(path: str, fmt: str, expected_size: int) -> dict:
         outcome["check"] = f"failed: {lines[-1] if lines else proc.returncode}"
         outcome["ok"] = False
         return outcome
-    info = qemu_img("info", "--output=json", "-f", fmt, path)
+    info = run_tool(["qemu-img", "info", "--output=json", "-f", fmt, path], what=f"read {path}", ok_codes=None)
     size = json.loads(info.stdout).get("virtual-size") if info.returncode == 0 else None
     outcome["virtual_size"] = size
     outcome["ok"] = size is not None and (not expected_size or size == expected_size)
     if not outcome["ok"]:
         outcome["check"] += f"; virtual size {size}, archive says {expected_size}"
     return outcome
-
-
-def wait_for_sign_of_life(dom: libvirt.virDomain, agent: bool, timeout: float, alive_seconds: float) -> dict:
-    """Given a started domain, wait for a sign of life; return {sign_of_life, seconds}. A dead or silent guest is a KvmBorgError.
-
-    With a guest agent channel the sign is an answered guest-ping; without one, the domain
-    still running (not paused, not crashed) after `alive_seconds`."""
-    import libvirt_qemu
-
-    started = time.monotonic()
-    if agent:
-        last = "no answer"
-        while time.monotonic() - started < timeout:
-            _check_running(dom)
-            try:
-                libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-ping"}), 5, 0)
-                return {"sign_of_life": "guest agent answered guest-ping", "seconds": time.monotonic() - started}
-            except libvirt.libvirtError as exc:
-                last = exc.get_error_message()
-            time.sleep(0.5)
-        raise KvmBorgError(f"the guest agent did not answer within {timeout:.0f}s ({last})")
-    deadline = started + alive_seconds
-    while time.monotonic() < deadline:
-        _check_running(dom)
-        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-    _check_running(dom)
-    return {"sign_of_life": f"still running after {alive_seconds:g}s", "seconds": time.monotonic() - started}
-
-
-def _check_running(dom: libvirt.virDomain) -> None:
-    state, reason = dom.state()
-    if state != libvirt.VIR_DOMAIN_RUNNING:
-        names = {libvirt.VIR_DOMAIN_PAUSED: "paused", libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
-                 libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down"}
-        raise KvmBorgError(f"the restored copy is {names.get(state, f'in state {state}')} (reason {reason})")
-
-
-def remove_domain(conn: libvirt.virConnect, name: str) -> None:
-    """Destroy and undefine `name` with its NVRAM and TPM state; quiet if it is gone."""
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        return
-    try:
-        if dom.isActive():
-            dom.destroy()
-    except libvirt.libvirtError as exc:
-        log.warning("cannot destroy %s: %s", name, exc.get_error_message())
-    try:
-        dom.undefineFlags(_UNDEFINE_FLAGS)
-    except libvirt.libvirtError as exc:
-        log.warning("cannot undefine %s: %s", name, exc.get_error_message())
 
 
 def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: str | None = None,
@@ -146,11 +94,13 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
     os.chmod(scratch, 0o711)
     temp_name = f"kvm-borg-verify-{restore_plan.safe_file_name(domain)[:40]}-{secrets.token_hex(3)}"
     tpm_dir = nvram = None
-    conn = None
     try:
         started = time.monotonic()
-        result = run_restore(ctx, RestoreOptions(domain=domain, archive=archive, repo=repo, target_dir=scratch,
-                                                 name=temp_name, define=boot, isolate=True, host=host))
+        options = RestoreOptions(domain=domain, archive=archive, repo=repo, target_dir=scratch, name=temp_name,
+                                 define=boot, isolate=True, host=host)
+        check_options(options)
+        repository, backend = open_repository(ctx, repo)
+        result = run_restore(ctx.settings, ctx.connection.conn, repository, backend, options)
         report.restore_seconds = time.monotonic() - started
         report.archive, report.repository, tpm_dir = result.archive, result.repository, result.tpm
         nvram = result.nvram  # restore puts it under libvirt's NVRAM directory, outside the scratch dir
@@ -163,27 +113,28 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
                 report.errors.append(f"disk {target}: {outcome['check']}")
         if boot and not report.errors:
             conn = ctx.connection.conn
-            dom = conn.lookupByName(temp_name)
+            defined = lifecycle.inactive_xml(conn, temp_name)
+            if defined is None:
+                raise KvmBorgError(f"the verify copy {temp_name} is not defined")
             # Defined from the sanitized XML; what libvirt holds is checked once more before it runs.
-            problems = isolation_violations(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE),
-                                            images=set(result.disks.values()), scratch_dir=scratch)
+            problems = isolation_violations(defined, images=set(result.disks.values()), scratch_dir=scratch)
             if problems:
                 raise KvmBorgError(f"the verify copy is not isolated ({'; '.join(problems)}); not started")
             agent = has_guest_agent_channel(result.archived_xml)
-            dom.create()
-            report.boot = wait_for_sign_of_life(dom, agent, boot_timeout, alive_seconds)
+            dom = lifecycle.lookup(conn, temp_name)
+            lifecycle.start(dom)
+            report.boot = lifecycle.wait_for_sign_of_life(dom, agent, boot_timeout, alive_seconds)
             report.rto_seconds = report.restore_seconds + report.boot["seconds"]
         elif not boot:
             report.rto_seconds = None
-    except KvmBorgError as exc:
+    except KvmBorgError as exc:  # an EngineError too: "libvirt: ..."
         report.errors.append(str(exc))
-    except libvirt.libvirtError as exc:
-        report.errors.append(f"libvirt: {exc.get_error_message()}")
     except OSError as exc:
         report.errors.append(f"{exc.filename or 'scratch directory'}: {exc.strerror or exc}")
     finally:
         if boot:
-            remove_domain(ctx.connection.conn, temp_name)
+            for problem in lifecycle.remove(ctx.connection.conn, temp_name):
+                log.warning("%s", problem)
         if tpm_dir:
             shutil.rmtree(tpm_dir, ignore_errors=True)
         if nvram:

@@ -197,12 +197,6 @@ def rewrite_disk_source(domain_xml: str, target: str, source: str, source_type: 
     raise ValueError(f"no disk with target {target}")
 
 
-def domain_name_and_uuid(domain_xml: str) -> tuple[str, str]:
-    """Given a domain's XML, return (name, uuid)."""
-    root = ET.fromstring(domain_xml)
-    return root.findtext("name", ""), root.findtext("uuid", "")
-
-
 def firmware_files(domain_xml: str) -> dict[str, str | None]:
     """Given a domain's XML, return {'loader', 'loader_type', 'nvram'} paths (None when absent)."""
     root = ET.fromstring(domain_xml)

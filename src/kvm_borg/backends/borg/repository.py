@@ -47,7 +47,7 @@ from kvm_borg.backends.borg.output import (
 )
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, run_command
-from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
+from kvm_borg.models import ArchiveInfo, ArchiveRequest, BackendBase, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
 from kvm_borg.redact import redact_url
 
@@ -71,7 +71,7 @@ def borg_version(binary: str) -> str:
     return version
 
 
-class BorgRepository:
+class BorgRepository(BackendBase):
     """One borg repository of the configuration, as a RepositoryBackend.
 
     In: the repository's config dict (`type: borg`, defaults filled in by the config) and the
