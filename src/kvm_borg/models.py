@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from kvm_borg.errors import exit_code
+
 
 @dataclass(frozen=True)
 class DiskPlan:
@@ -129,20 +131,26 @@ class DomainResult:
 
 @dataclass
 class RunSummary:
-    """A whole run: every domain's result. `exit_code` follows the documented 0/1/2 rule."""
+    """A whole run: every domain's result, plus the run's own warnings and errors (its explicit steps
+    after the domains: recording the run state, the metrics file, prune after backup).
+
+    `exit_code` follows the documented 0/1/2 rule: 2 if a domain failed or the run has an error, else
+    1 if anything warned, else 0."""
 
     domains: list[DomainResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        if any(not d.ok for d in self.domains):
-            return 2
-        if any(d.warnings or any(s.warnings for s in d.stores) for d in self.domains):
-            return 1
-        return 0
+        return exit_code(
+            failed=bool(self.errors) or any(not d.ok for d in self.domains),
+            warned=bool(self.warnings) or any(d.warnings or any(s.warnings for s in d.stores) for d in self.domains),
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"exit_code": self.exit_code, "domains": [dataclasses.asdict(d) for d in self.domains]}
+        return {"exit_code": self.exit_code, "domains": [dataclasses.asdict(d) for d in self.domains],
+                "warnings": list(self.warnings), "errors": list(self.errors)}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ DEFAULT_PLUGINS = (
     "kvm_borg.engine.libvirt_snapshot",
     "kvm_borg.backends.borg",
     "kvm_borg.backends.restic",
-    "kvm_borg.run_record",
     "kvm_borg.actions.freeze",
 )
 

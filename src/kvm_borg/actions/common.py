@@ -116,6 +116,20 @@ def open_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict,
     return result
 
 
+def usable_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict, object]]:
+    """Given --repo names (or None), return [(repo dict, backend)] of the chosen repositories that can be
+    read, checking passphrase files; the embedded default repository is left out until the first backup
+    created it."""
+    usable = []
+    for repo in select_repositories(ctx.settings, names):
+        check_passphrase_file(repo)
+        backend = backend_for(ctx, repo)
+        if repo.get("auto_init") and not backend.exists():
+            continue
+        usable.append((repo, backend))
+    return usable
+
+
 def no_domain_matches(include: list[str], exclude: list[str], on_host: int) -> str:
     """Given the config's domains.include/exclude and how many domains the host has, return the one
     line that says `--all` selected nothing."""

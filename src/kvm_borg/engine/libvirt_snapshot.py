@@ -19,6 +19,7 @@ from kvm_borg import failpoints, journal
 from kvm_borg.config import Settings
 from kvm_borg.engine import images
 from kvm_borg.engine.connection import Connection
+from kvm_borg.engine.libvirt_errors import translating
 from kvm_borg.engine.domain_xml import (
     disk_targets,
     has_guest_agent_channel,
@@ -128,6 +129,7 @@ class SnapshotSource:
             if live.get(target) != overlay and os.path.exists(overlay):
                 os.unlink(overlay)
 
+    @translating
     def freeze(self) -> FreezeResult:
         """Write the journal entry, then take one atomic snapshot of all planned disks."""
         name, dom = self.plan.name, self.handle.dom
@@ -226,6 +228,7 @@ class OfflineSource:
         if event == libvirt.VIR_DOMAIN_EVENT_STARTED and dom.UUIDString() == self.plan.uuid:
             self.started_during_backup = True
 
+    @translating
     def freeze(self) -> FreezeResult:
         conn = self.handle.connection.conn
         self._callback_id = conn.domainEventRegisterAny(
@@ -237,6 +240,7 @@ class OfflineSource:
             disks=[frozen_disk(d, d.source) for d in self.plan.disks], quiesced=False, consistency="offline"
         )
 
+    @translating
     def release(self) -> ReleaseResult:
         if self._callback_id is not None:
             try:
