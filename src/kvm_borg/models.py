@@ -69,9 +69,28 @@ class FreezeResult:
 
 
 class FrozenSource(Protocol):
-    """Where a domain's frozen disk data comes from (snapshot+commit today, dirty bitmaps later)."""
+    """Where a domain's frozen disk data comes from (snapshot+commit today, changed blocks later).
 
-    def freeze(self) -> FreezeResult: ...
+    Chosen per domain by the `kvm_borg_frozen_source` hook; a wrapping plugin (prefreeze) implements
+    every member by delegating. The backup pipeline calls freeze → mark_stage("storing") → release;
+    `kvm-borg freeze` calls hand_over(owner) → freeze → mark_stage("exposed"), and the frozen state
+    outlives the process until `thaw`/`recover` complete the journal entry through the plugins."""
+
+    def hand_over(self, owner: str) -> None:
+        """Before freeze(): the frozen files will outlive this process, read by an outside reader; journal
+        the domain (its entry's `owner` is `owner`) when it freezes, so `kvm-borg thaw` and `recover` find
+        it and let that owner's plugin finish first. release() in this process still undoes everything."""
+        ...
+
+    def freeze(self) -> FreezeResult:
+        """Freeze the planned disks; return them as paths a reader reads, and how consistent they are. A
+        RefusedError before anything changed fails the domain with nothing to undo."""
+        ...
+
+    def mark_stage(self, stage: str) -> str | None:
+        """Record how far the run got ("storing", "exposed") in the source's journal entry, best-effort;
+        return a warning when that could not be written, else None (also: nothing journaled)."""
+        ...
 
     def release(self) -> "ReleaseResult":
         """Merge back / clean up. Must be safe to call after a failed or partial freeze."""
