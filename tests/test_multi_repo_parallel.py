@@ -50,7 +50,7 @@ class SleepingBackend:
 
 
 def context():
-    return Context(settings=None, pm=make_plugin_manager(entry_points=False))
+    return Context(settings=_Settings(None), pm=make_plugin_manager(entry_points=False))
 
 
 def repos(*backends):
@@ -154,7 +154,7 @@ def test_a_child_ignoring_its_stop_signal_is_killed():
 
 
 class _Settings:
-    def __init__(self, store_timeout):
+    def __init__(self, store_timeout):  # None: no bound
         self.store_timeout = store_timeout
 
 

@@ -23,7 +23,7 @@ def store_all(ctx, name: str, backends, request: ArchiveRequest) -> list[StoreRe
     still running are stopped (see `execute.stop_scope_after`) and every repository not done
     by then fails with "store_timeout ... passed"."""
     scope = ChildScope()
-    timeout = getattr(ctx.settings, "store_timeout", None)  # None: no bound (a context without Settings)
+    timeout = ctx.settings.store_timeout
     expired: list = []  # holds the Event stop_scope_after sets when store_timeout passed
 
     def store_one(repo, backend) -> StoreResult:
