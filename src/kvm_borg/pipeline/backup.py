@@ -45,6 +45,12 @@ def fresh_timestamp(previous: str | None) -> str:
     return timestamp
 
 
+def prepare_state_dir(settings) -> None:
+    """Given the Settings, create state_dir (0711: QEMU must reach overlays below it, nobody may list it)."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.state_dir, 0o711)
+
+
 def choose_source(ctx, handle: DomainHandle, plan: DomainPlan) -> FrozenSource:
     """Given a domain and its plan, return the FrozenSource the plugins choose (KvmBorgError if none)."""
     source = ctx.pm.hook.kvm_borg_frozen_source(domain=handle, plan=plan, settings=ctx.settings)
@@ -165,8 +171,7 @@ def backup_domain(ctx, name: str, backends, cli_excluded: list[str]) -> DomainRe
     try:
         handle = handle_for(ctx.connection, name)
         excluded = ctx.settings.domains["disks_exclude"].get(name, []) + cli_excluded
-        ctx.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(ctx.settings.state_dir, 0o711)  # QEMU must reach overlays below it, nobody may list it
+        prepare_state_dir(ctx.settings)
         with domain_lock(ctx.settings.lock_dir, handle.uuid, name):
             stage = "backup"
             backup_locked(ctx, handle, backends, excluded, result)
