@@ -316,9 +316,23 @@ def test_prune_after_backup_prunes_where_the_domain_was_stored(world):
 def test_a_failing_prune_after_backup_is_an_error_exit_2(world):
     dom = FakeDom("web", world.image, running=True)
     backend = FakeBackend("a", world.events, prune_error="repository locked")
-    summary = run_backup(context(world, dom, [backend], prune_after_backup=True), ["web"], repos(backend), [])
+    ctx = context(world, dom, [backend], prune_after_backup=True)
+    summary = run_backup(ctx, ["web"], repos(backend), [])
     assert summary.domains[0].ok and summary.exit_code == 2
     assert summary.errors == ["prune: domain 'web' in a: repository locked (prune after backup)"]
+    state = run_state.load(ctx.settings.state_dir)
+    assert state["last_run"]["exit_code"] == 2  # the recorded run includes the prune step
+    assert state["repositories"]["a"]["last_prune"]["ok"] is False
+
+
+def test_an_unwritable_metrics_file_is_one_warning_even_with_prune_after_backup(world):
+    dom = FakeDom("web", world.image, running=True)
+    backend = FakeBackend("a", world.events)
+    blocker = world.tmp / "not-a-dir"
+    blocker.write_text("")
+    ctx = context(world, dom, [backend], prune_after_backup=True, metrics_file=str(blocker / "kvm_borg.prom"))
+    summary = run_backup(ctx, ["web"], repos(backend), [])
+    assert len(summary.warnings) == 1 and summary.exit_code == 1 and backend.pruned
 
 
 def test_no_prune_after_an_interrupt(world):

@@ -8,11 +8,13 @@ and `.connection` (the engine's connection).
 
 The explicit steps after the domains, in this order (their failures land in the RunSummary, so in
 the exit code):
-1. record the run in the run state (`kvm-borg status` reads it): cannot be written → a warning (exit 1);
-2. with `prune_after_backup: true`, prune each domain that succeeded in the repositories it was
+1. with `prune_after_backup: true`, prune each domain that succeeded in the repositories it was
    stored in: a failed prune or compact → an error (exit 2), as `kvm-borg prune` reports it; not
    after an interrupt (no further work is started then);
-3. rewrite the metrics textfile (`metrics_file:`): cannot be written → a warning (exit 1).
+2. record the run in the run state (`kvm-borg status` reads it; its exit code includes step 1):
+   cannot be written → a warning (exit 1);
+3. rewrite the metrics textfile (`metrics_file:`) from the run state: cannot be written → a warning
+   (exit 1).
 Then the notifiers get `kvm_borg_backup_finished`, each isolated (a failing one is only logged).
 """
 
@@ -187,9 +189,24 @@ def backup_domain(ctx, name: str, backends, cli_excluded: list[str]) -> DomainRe
     return result
 
 
+def prune_step(settings, summary: RunSummary, backends) -> None:
+    """Step 1: given the Settings, the RunSummary and the run's [(repo dict, backend)], prune after the
+    backup if `prune_after_backup` is set and a domain succeeded; its failures become errors of the
+    summary (exit 2, as `kvm-borg prune` reports them), a record that cannot be written a warning."""
+    if not settings.prune_after_backup or not any(result.ok for result in summary.domains):
+        return
+    outcomes: list[dict] = []
+    try:
+        outcomes = prune.prune_after_backup(settings, summary, backends)
+    except OSError as exc:  # the prune ran, its record could not be written
+        summary.warnings.append(f"prune after backup: cannot record it in {settings.state_dir}: "
+                                f"{exc.strerror or exc}")
+    summary.errors.extend(f"{line} (prune after backup)" for line in prune.failures(outcomes))
+
+
 def record_run(settings, summary: RunSummary) -> None:
-    """Step 1: given the Settings and the run's RunSummary, record the run in the run state; a run state
-    that cannot be written becomes a warning of the summary."""
+    """Step 2: given the Settings and the run's RunSummary, record the run (with its exit code so far) in
+    the run state; a run state that cannot be written becomes a warning of the summary (exit 1)."""
     configured = [repo["name"] for repo in settings.repositories]
     try:
         run_state.update(settings.state_dir, lambda state: run_state.record_backup(state, summary, configured))
@@ -199,36 +216,20 @@ def record_run(settings, summary: RunSummary) -> None:
         summary.warnings.append(warning)
 
 
-def prune_step(settings, summary: RunSummary, backends) -> None:
-    """Step 2: given the Settings, the RunSummary and the run's [(repo dict, backend)], prune after the
-    backup if `prune_after_backup` is set and a domain succeeded; its failures become errors of the
-    summary, a failure to record them a warning."""
-    if not settings.prune_after_backup or not any(result.ok for result in summary.domains):
-        return
-    try:
-        outcomes, warnings = prune.prune_after_backup(settings, summary, backends)
-    except OSError as exc:  # the prune ran, its record could not be written
-        summary.warnings.append(f"prune after backup: cannot record it in {settings.state_dir}: "
-                                f"{exc.strerror or exc}")
-        return
-    summary.warnings.extend(warnings)
-    summary.errors.extend(f"{line} (prune after backup)" for line in prune.failures(outcomes))
-
-
 def metrics_step(settings, summary: RunSummary) -> None:
     """Step 3: given the Settings and the RunSummary, rewrite the metrics textfile from the run state;
-    a file that cannot be written becomes a warning of the summary."""
+    a file that cannot be written becomes a warning of the summary (exit 1)."""
     warning = run_record.write_metrics(settings, run_state.load(settings.state_dir))
     if warning:
         summary.warnings.append(warning)
 
 
 def finish_run(ctx, summary: RunSummary, backends, interrupted: bool) -> None:
-    """Given the run's RunSummary and [(repo dict, backend)], run the explicit steps (prune not after an
-    interrupt), then tell the notifiers."""
-    record_run(ctx.settings, summary)
+    """Given the run's RunSummary and [(repo dict, backend)], run the explicit steps in order (no prune
+    after an interrupt), then tell the notifiers (each isolated)."""
     if not interrupted:
         prune_step(ctx.settings, summary, backends)
+    record_run(ctx.settings, summary)
     metrics_step(ctx.settings, summary)
     notify(ctx.pm, "kvm_borg_backup_finished", summary=summary)
 

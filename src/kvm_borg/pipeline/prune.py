@@ -58,9 +58,9 @@ def failures(outcomes: list[dict]) -> list[str]:
     return lines
 
 
-def record_prunes(settings, outcomes: list[dict]) -> list[str]:
-    """Given the outcomes of a real (not dry) prune, remember them in the run state and rewrite the
-    metrics; return the warnings of that (see run_record.update_state)."""
+def prune_change(outcomes: list[dict]):
+    """Given the outcomes of a real (not dry) prune, return the state -> state function that records them
+    (per repository: the results, a repository error as a failed result, the archive counts kept)."""
 
     def change(state: dict) -> dict:
         for outcome in outcomes:
@@ -72,7 +72,13 @@ def record_prunes(settings, outcomes: list[dict]) -> list[str]:
             run_state.record_prune(state, outcome["repository"], results, counts)
         return state
 
-    return run_record.update_state(settings, change)
+    return change
+
+
+def record_prunes(settings, outcomes: list[dict]) -> list[str]:
+    """Given the outcomes of a real (not dry) prune, remember them in the run state and rewrite the
+    metrics; return the warnings of that (see run_record.update_state)."""
+    return run_record.update_state(settings, prune_change(outcomes))
 
 
 def stored_domains(summary: RunSummary) -> dict[str, list[str]]:
@@ -86,10 +92,10 @@ def stored_domains(summary: RunSummary) -> dict[str, list[str]]:
     return by_repository
 
 
-def prune_after_backup(settings, summary: RunSummary, backends) -> tuple[list[dict], list[str]]:
+def prune_after_backup(settings, summary: RunSummary, backends) -> list[dict]:
     """Given the Settings, a backup run's RunSummary and its [(repo dict, backend)], prune each domain
-    that succeeded in the repositories it was stored in and record that; return (outcomes, warnings of
-    the recording)."""
+    that succeeded in the repositories it was stored in and record that in the run state (the caller
+    rewrites the metrics); return the outcomes. A run state that cannot be written raises OSError."""
     by_repository = stored_domains(summary)
     outcomes = [prune_repository(settings, repo, backend, by_repository[repo["name"]], False)
                 for repo, backend in backends if repo["name"] in by_repository]
@@ -98,4 +104,6 @@ def prune_after_backup(settings, summary: RunSummary, backends) -> tuple[list[di
             if result.ok:
                 log.info("pruned domain '%s' in %s: %d kept, %d deleted", result.domain,
                          outcome["repository"], len(result.kept), len(result.pruned))
-    return outcomes, (record_prunes(settings, outcomes) if outcomes else [])
+    if outcomes:
+        run_state.update(settings.state_dir, prune_change(outcomes))
+    return outcomes
