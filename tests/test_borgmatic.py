@@ -15,7 +15,7 @@ from harness import BORG_BIN, VENV_BIN, DiskSpec, borg_env, qemu_img_compare, ru
 from kbtest_plugins.probe import AFTER_SNAPSHOT_LENGTH, AFTER_SNAPSHOT_OFFSET, AFTER_SNAPSHOT_PATTERN
 from support import assert_back_on_own_images, borg_archives, cli_env, extract_archive, write_config
 
-from kvm_borg.actions.freeze import mount_points
+from kvm_borg.pipeline.exposure import mount_points
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "borgmatic" / "kvm-borg.yaml"
 BORGMATIC = VENV_BIN / "borgmatic"

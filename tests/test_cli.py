@@ -96,8 +96,8 @@ def test_doctor_round_trip_reports_versions_plugins_and_passes(tmp_path, libvirt
     assert checks["libvirtd"]["status"] == "ok" and checks["qemu-img"]["status"] == "ok"
     assert "borg" in checks["repository main"]["detail"]
     plugins = {p["name"]: p for p in report["plugins"]}
-    assert plugins["kvm_borg.engine.libvirt_snapshot"]["builtin"]
-    assert "kvm_borg_frozen_source" in plugins["kvm_borg.engine.libvirt_snapshot"]["hooks"]
+    assert plugins["kvm_borg.default_plugins.libvirt_snapshot"]["builtin"]
+    assert "kvm_borg_frozen_source" in plugins["kvm_borg.default_plugins.libvirt_snapshot"]["hooks"]
     assert "kvm_borg_repository_backend" in plugins["kvm_borg.backends.borg"]["hooks"]
     assert plugins["kbtest_plugins.probe"]["builtin"] is False
     assert [n for n in (d.name() for d in libvirt_conn.listAllDomains(0)) if n.startswith("kvm-borg-doctor")] == []

@@ -1,4 +1,4 @@
-"""Several repositories from one snapshot, without libvirt: `_store_all` writes distinct
+"""Several repositories from one snapshot, without libvirt: `store_all` writes distinct
 repositories at the same time, keeps going past a failing one, and an interrupt stops every
 child process the store threads started."""
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kvm_borg.actions.backup import _store_all
+from kvm_borg.pipeline.store import store_all
 from kvm_borg.actions.common import Context
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import ChildScope, CommandError, call_in_parallel, run_command
@@ -50,7 +50,7 @@ class SleepingBackend:
 
 
 def context():
-    return Context(settings=None, pm=make_plugin_manager(entry_points=False))
+    return Context(settings=_Settings(None), pm=make_plugin_manager(entry_points=False))
 
 
 def repos(*backends):
@@ -59,7 +59,7 @@ def repos(*backends):
 
 def test_distinct_repositories_are_written_at_the_same_time():
     a, b = SleepingBackend("a", "/srv/a"), SleepingBackend("b", "sftp:u@h:/b")
-    results = _store_all(context(), "d", repos(a, b), REQUEST)
+    results = store_all(context(), "d", repos(a, b), REQUEST)
     assert [r.repository for r in results] == ["a", "b"] and all(r.ok for r in results)
     assert max(a.started, b.started) < min(a.ended, b.ended)  # overlapping: both ran at the same time
 
@@ -67,7 +67,7 @@ def test_distinct_repositories_are_written_at_the_same_time():
 def test_repositories_sharing_a_location_are_written_one_after_the_other():
     a, b = SleepingBackend("a", "/srv/same", 0.5), SleepingBackend("b", "/srv/same/", 0.5)
     c = SleepingBackend("c", "/srv/other", 0.5)
-    results = _store_all(context(), "d", repos(a, b, c), REQUEST)
+    results = store_all(context(), "d", repos(a, b, c), REQUEST)
     assert [r.repository for r in results] == ["a", "b", "c"] and all(r.ok for r in results)
     first, second = sorted((a, b), key=lambda x: x.started)
     assert second.started >= first.ended
@@ -77,7 +77,7 @@ def test_a_failing_repository_does_not_fail_the_others():
     good = SleepingBackend("good", "/srv/good", 0.2)
     refused = SleepingBackend("refused", "/srv/refused", fail="raise-kvm")
     buggy = SleepingBackend("buggy", "/srv/buggy", fail="raise-bug")
-    results = {r.repository: r for r in _store_all(context(), "d", repos(refused, good, buggy), REQUEST)}
+    results = {r.repository: r for r in store_all(context(), "d", repos(refused, good, buggy), REQUEST)}
     assert results["good"].ok
     assert not results["refused"].ok and "unreachable" in results["refused"].error
     assert not results["buggy"].ok and "a bug" in results["buggy"].error
@@ -95,7 +95,7 @@ def test_after_store_hook_runs_in_the_calling_thread_once_per_repository():
 
     ctx = context()
     ctx.pm.register(Recorder())
-    _store_all(ctx, "d", repos(SleepingBackend("a", "/a", 0.1), SleepingBackend("b", "/b", 0.1)), REQUEST)
+    store_all(ctx, "d", repos(SleepingBackend("a", "/a", 0.1), SleepingBackend("b", "/b", 0.1)), REQUEST)
     assert sorted(seen) == [("a", True, True), ("b", True, True)]
 
 
@@ -114,7 +114,7 @@ def test_interrupt_in_the_main_thread_stops_every_child_of_the_store_threads(sto
     signal.setitimer(signal.ITIMER_REAL, 1.0)
     try:
         with pytest.raises(_Alarm):
-            _store_all(context(), "d", repos(*backends), REQUEST)
+            store_all(context(), "d", repos(*backends), REQUEST)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -154,7 +154,7 @@ def test_a_child_ignoring_its_stop_signal_is_killed():
 
 
 class _Settings:
-    def __init__(self, store_timeout):
+    def __init__(self, store_timeout):  # None: no bound
         self.store_timeout = store_timeout
 
 
@@ -163,7 +163,7 @@ class _Settings:
 def test_store_timeout_stops_the_writes_and_names_itself(locations):
     backends = [SleepingBackend(f"r{i}", location, 60) for i, location in enumerate(locations)]
     ctx = Context(settings=_Settings(1.0), pm=make_plugin_manager(entry_points=False))
-    results = _store_all(ctx, "d", repos(*backends), REQUEST)  # returns: the 60 s sleeps were stopped
+    results = store_all(ctx, "d", repos(*backends), REQUEST)  # returns: the 60 s sleeps were stopped
     assert [r.repository for r in results] == [b.name for b in backends]
     for result in results:
         assert not result.ok and result.error.startswith("store_timeout 1s passed"), result.error
@@ -175,7 +175,7 @@ def test_store_timeout_stops_the_writes_and_names_itself(locations):
 def test_repositories_done_before_store_timeout_keep_their_archive():
     fast, slow = SleepingBackend("fast", "/srv/fast", 0.1), SleepingBackend("slow", "/srv/slow", 60)
     ctx = Context(settings=_Settings(10.0), pm=make_plugin_manager(entry_points=False))
-    results = {r.repository: r for r in _store_all(ctx, "d", repos(fast, slow), REQUEST)}
+    results = {r.repository: r for r in store_all(ctx, "d", repos(fast, slow), REQUEST)}
     assert results["fast"].ok and results["fast"].archive == REQUEST.archive_name
     assert not results["slow"].ok and "store_timeout 10s passed" in results["slow"].error
 

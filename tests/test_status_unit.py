@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvm_borg import run_state
-from kvm_borg.actions.freeze import exposure_paths, point_meta_at_exposure
+from kvm_borg.pipeline.exposure import exposure_paths
+from kvm_borg.pipeline.staging import point_meta_at_exposure
 from kvm_borg.actions.status import domain_rows, format_age, verdict
 from kvm_borg.models import ArchiveInfo, CheckResult, DomainResult, FrozenDisk, PruneResult, RunSummary, StoreResult
 

@@ -32,6 +32,7 @@ import time
 from kvm_borg.engine.lifecycle import agent_command
 from kvm_borg.errors import EngineError, RefusedError
 from kvm_borg.hookspecs import hookimpl
+from kvm_borg.models import FreezeResult, FrozenSource, ReleaseResult
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +96,19 @@ def run_commands(dom, name: str, phase: str, commands, timeout: float) -> list[s
 
 
 class GuestCommandsSource:
-    """A FrozenSource that runs the domain's `before` commands, freezes through `inner`, then runs `after`."""
+    """A FrozenSource (kvm_borg.models) that runs the domain's `before` commands, freezes through `inner`,
+    then runs `after`; every other member is the inner source's."""
 
-    def __init__(self, inner, handle, spec: dict):
+    def __init__(self, inner: FrozenSource, handle, spec: dict):
         self.inner, self.handle, self.spec = inner, handle, spec
 
-    def __getattr__(self, name):  # mark_stage, entry, ... of the wrapped source
-        return getattr(self.inner, name)
+    def hand_over(self, owner: str) -> None:
+        self.inner.hand_over(owner)
 
-    def freeze(self):
+    def mark_stage(self, stage: str) -> str | None:
+        return self.inner.mark_stage(stage)
+
+    def freeze(self) -> FreezeResult:
         name = self.handle.name
         failures = run_commands(self.handle.dom, name, "pre-freeze", self.spec["before"], self.spec["timeout"])
         if failures and self.spec["required"]:
@@ -115,7 +120,7 @@ class GuestCommandsSource:
         result.warnings.extend(failures)
         return result
 
-    def release(self):
+    def release(self) -> ReleaseResult:
         return self.inner.release()
 
 

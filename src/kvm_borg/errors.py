@@ -39,3 +39,11 @@ class EngineError(KvmBorgError):
     """A call into the virtualization engine (libvirt) failed; the engine raises it in place of its
     own error type, so nothing outside `engine/` handles libvirt errors. The message is the
     engine's, e.g. "libvirt: Domain not found"."""
+
+
+def exit_code(failed: bool, warned: bool) -> int:
+    """Given whether anything failed and whether anything warned, return the documented exit code:
+    2 on a failure, else 1 on a warning, else 0."""
+    if failed:
+        return 2
+    return 1 if warned else 0

@@ -1,15 +1,16 @@
 """The whole plugin contract of kvm-borg.
 
 A plugin is any object or module with functions marked ``@hookimpl`` whose names match the
-hooks below. Built-in steps (the libvirt snapshot engine, the borg and restic backends) are
-plugins too; third-party ones load from the ``kvm_borg`` entry-point group and from the module
+hooks below. The built-in plugins (kvm_borg.default_plugins: the libvirt snapshot engine, the borg
+and restic backends, the freeze exposure's recovery) are plugins like any other; third-party ones load from the ``kvm_borg`` entry-point group and from the module
 names listed under ``plugins:`` in the configuration.
 
 Two kinds of hook:
 - *choosing* hooks (``firstresult=True``): the first plugin that returns something other than
   ``None`` wins (a backend for a repository type, the source of a domain's frozen disk data);
 - *notification* hooks: every plugin is called, return values are ignored, and an exception
-  raised by a notifier is logged without stopping the backup. Every notification hook also
+  raised by a notifier is logged without stopping the backup; a wrapper implementation of one is
+  refused at registration (kvm_borg.plugins.PluginManager). Every notification hook also
   offers ``settings`` (the run's Settings; an implementation takes only the arguments it names).
 """
 

@@ -17,6 +17,8 @@ from kvm_borg.atomic import fsync_dir, write_atomic
 from kvm_borg.errors import KvmBorgError
 
 ENTRY_VERSION = 1
+# Entries `kvm-borg freeze` wrote before `owner` existed name it as their source.
+LEGACY_FREEZE_SOURCE = "kvm-borg-freeze"
 
 
 class CorruptEntryError(KvmBorgError):
@@ -46,8 +48,9 @@ class Entry:
     domain: str
     uuid: str
     disks: list[JournalDisk]
-    source: str = "libvirt-snapshot"  # the plugin that knows how to recover it
-    stage: str = "planned"  # planned -> snapshot -> stored -> committing
+    source: str = "libvirt-snapshot"  # the FrozenSource plugin that knows how to release it
+    stage: str = "planned"  # planned -> snapshot -> storing | exposed -> committing
+    owner: str | None = None  # who holds the frozen files until released (FrozenSource.hand_over), if anyone
     pid: int = field(default_factory=os.getpid)
     created: float = field(default_factory=time.time)
     version: int = ENTRY_VERSION
@@ -58,6 +61,8 @@ class Entry:
         if not isinstance(data, dict) or not isinstance(data.get("disks"), list):
             raise ValueError("not a journal entry (no list of disks)")
         data = dict(data)
+        if "owner" not in data and data.get("source") == LEGACY_FREEZE_SOURCE:  # written before `owner` existed
+            data.update(source="libvirt-snapshot", owner=LEGACY_FREEZE_SOURCE)
         disks = []
         for disk in data.pop("disks"):
             if not isinstance(disk, dict):
@@ -70,6 +75,8 @@ class Entry:
         for name in ("domain", "uuid", "source", "stage"):
             if not isinstance(getattr(entry, name), str):
                 raise ValueError(f"field {name!r} is not a string")
+        if entry.owner is not None and not isinstance(entry.owner, str):
+            raise ValueError("field 'owner' is not a string")
         if not isinstance(entry.created, (int, float)) or isinstance(entry.created, bool):
             raise ValueError("field 'created' is not a number")
         return entry

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvm_borg.errors import UsageError
+from kvm_borg.errors import UsageError, exit_code
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,28 @@ class FreezeResult:
 
 
 class FrozenSource(Protocol):
-    """Where a domain's frozen disk data comes from (snapshot+commit today, dirty bitmaps later)."""
+    """Where a domain's frozen disk data comes from (snapshot+commit today, changed blocks later).
 
-    def freeze(self) -> FreezeResult: ...
+    Chosen per domain by the `kvm_borg_frozen_source` hook; a wrapping plugin (prefreeze) implements
+    every member by delegating. The backup pipeline calls freeze → mark_stage("storing") → release;
+    `kvm-borg freeze` calls hand_over(owner) → freeze → mark_stage("exposed"), and the frozen state
+    outlives the process until `thaw`/`recover` complete the journal entry through the plugins."""
+
+    def hand_over(self, owner: str) -> None:
+        """Before freeze(): the frozen files will outlive this process, read by an outside reader; journal
+        the domain (its entry's `owner` is `owner`) when it freezes, so `kvm-borg thaw` and `recover` find
+        it and let that owner's plugin finish first. release() in this process still undoes everything."""
+        ...
+
+    def freeze(self) -> FreezeResult:
+        """Freeze the planned disks; return them as paths a reader reads, and how consistent they are. A
+        RefusedError before anything changed fails the domain with nothing to undo."""
+        ...
+
+    def mark_stage(self, stage: str) -> str | None:
+        """Record how far the run got ("storing", "exposed") in the source's journal entry, best-effort;
+        return a warning when that could not be written, else None (also: nothing journaled)."""
+        ...
 
     def release(self) -> "ReleaseResult":
         """Merge back / clean up. Must be safe to call after a failed or partial freeze."""
@@ -133,20 +152,26 @@ class DomainResult:
 
 @dataclass
 class RunSummary:
-    """A whole run: every domain's result. `exit_code` follows the documented 0/1/2 rule."""
+    """A whole run: every domain's result, plus the run's own warnings and errors (its explicit steps
+    after the domains: recording the run state, the metrics file, prune after backup).
+
+    `exit_code` follows the documented 0/1/2 rule: 2 if a domain failed or the run has an error, else
+    1 if anything warned, else 0."""
 
     domains: list[DomainResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        if any(not d.ok for d in self.domains):
-            return 2
-        if any(d.warnings or any(s.warnings for s in d.stores) for d in self.domains):
-            return 1
-        return 0
+        return exit_code(
+            failed=bool(self.errors) or any(not d.ok for d in self.domains),
+            warned=bool(self.warnings) or any(d.warnings or any(s.warnings for s in d.stores) for d in self.domains),
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"exit_code": self.exit_code, "domains": [dataclasses.asdict(d) for d in self.domains]}
+        return {"exit_code": self.exit_code, "domains": [dataclasses.asdict(d) for d in self.domains],
+                "warnings": list(self.warnings), "errors": list(self.errors)}
 
 
 @dataclass(frozen=True)

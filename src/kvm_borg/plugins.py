@@ -1,4 +1,5 @@
-"""The plugin manager: built-in plugins, entry-point plugins and modules named in the config."""
+"""The plugin manager: built-in plugins (kvm_borg.default_plugins), entry-point plugins and modules named
+in the config; `notify` calls notification hooks with every notifier isolated."""
 
 from __future__ import annotations
 
@@ -8,42 +9,46 @@ import logging
 import pluggy
 
 from kvm_borg import hookspecs
+from kvm_borg.default_plugins import DEFAULT_PLUGINS
 from kvm_borg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "kvm_borg"
 
-# The built-in steps, registered exactly like third-party plugins.
-DEFAULT_PLUGINS = (
-    "kvm_borg.engine.libvirt_snapshot",
-    "kvm_borg.backends.borg",
-    "kvm_borg.backends.restic",
-    "kvm_borg.run_record",
-    "kvm_borg.actions.freeze",
-)
 
+class PluginManager(pluggy.PluginManager):
+    """pluggy's PluginManager that refuses, at registration, a wrapper (wrapper=True or hookwrapper=True)
+    on a notification hook: `notify` calls each notifier on its own, isolated, so such a wrapper
+    could never wrap anything, and it must not be skipped silently."""
 
-def _import_optional_builtin(name: str):
-    """Given a built-in module name, return the module, or None while it is not written yet."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name == name:
+    def register(self, plugin, name=None):
+        """Register `plugin` as pluggy does and return its name; ConfigError (and nothing registered) when
+        it wraps a notification hook."""
+        plugin_name = super().register(plugin, name)
+        if plugin_name is None:
             return None
-        raise
+        wrapped = [caller.name for caller in self.get_hookcallers(plugin) or []
+                   if caller.spec is not None and not caller.spec.opts.get("firstresult")
+                   and any(impl.plugin is plugin and (impl.wrapper or impl.hookwrapper)
+                           for impl in caller.get_hookimpls())]
+        if wrapped:
+            self.unregister(plugin)
+            raise ConfigError(f"plugin {plugin_name}: {', '.join(wrapped)} is a notification hook: it cannot be "
+                              "wrapped (wrapper=True / hookwrapper=True); implement it as a plain @hookimpl")
+        return plugin_name
 
 
 def make_plugin_manager(config_plugins: list[str] | tuple[str, ...] = (), *, entry_points: bool = True):
-    """Given module names from the config's `plugins:`, return a PluginManager with every plugin loaded.
+    """Given module names from the config's `plugins:`, return a PluginManager with the built-in plugins
+    (kvm_borg.default_plugins), the entry-point plugins and those modules loaded.
 
-    A module name that cannot be imported is a ConfigError naming it."""
-    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    A module name that cannot be imported is a ConfigError naming it, and so is a plugin that wraps a
+    notification hook (see PluginManager)."""
+    pm = PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     for name in DEFAULT_PLUGINS:
-        module = _import_optional_builtin(name)
-        if module is not None:
-            pm.register(module, name=name)
+        pm.register(importlib.import_module(name), name=name)
     if entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for i, name in enumerate(config_plugins):
@@ -77,7 +82,8 @@ def bind_settings(pm: pluggy.PluginManager, settings) -> None:
 def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs) -> None:
     """Call a notification hook; an exception from one notifier is logged, never fatal.
 
-    A notifier that takes `settings` gets the Settings bound with `bind_settings` (None if none)."""
+    A notifier that takes `settings` gets the Settings bound with `bind_settings` (None if none). No
+    notifier is a wrapper: PluginManager refuses those at registration."""
     hook = getattr(pm.hook, hook_name)
     kwargs.setdefault("settings", getattr(pm, _SETTINGS_ATTRIBUTE, None))
     for impl in reversed(hook.get_hookimpls()):

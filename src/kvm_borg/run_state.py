@@ -19,7 +19,6 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 from kvm_borg.atomic import write_atomic
 from kvm_borg.models import CheckResult, PruneResult, RunSummary

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from kvm_borg import atomic, metadata, metrics, run_state
-from kvm_borg.actions import freeze
+from kvm_borg.pipeline import exposure
 
 
 @pytest.fixture
@@ -91,6 +91,6 @@ def test_state_writers_do_not_follow_planted_temp_symlinks(tmp_path, victim):
     records = tmp_path / "s2" / "exposures"
     records.mkdir(parents=True)
     _predictable_temp(records / "u.json").symlink_to(victim)
-    freeze._write_record(_Settings, {"uuid": "u"})
+    exposure.write_record(_Settings, {"uuid": "u"})
     assert victim.read_text() == "precious\n"
     assert run_state.state_path(state).is_file() and (records / "u.json").is_file()

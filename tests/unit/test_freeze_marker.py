@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from kvm_borg.actions import freeze
+from kvm_borg.pipeline import exposure
 from kvm_borg.engine.libvirt_snapshot import RecoveryReport
 from kvm_borg.errors import KvmBorgError
 
@@ -15,7 +15,7 @@ def _exposure(tmp_path):
     (domain_dir / "meta.json").write_text("{}")
     (domain_dir / "nvram" / "vm_VARS.fd").write_bytes(b"x")
     targets = [str(domain_dir / "disks" / "vda.qcow2"), str(domain_dir / "disks" / "vda.backing1")]
-    files = freeze.created_paths(domain_dir, targets)
+    files = exposure.created_paths(domain_dir, targets)
     for target in targets:  # what _bind_read_only creates later
         os.makedirs(os.path.dirname(target), exist_ok=True)
         open(target, "w").close()
@@ -29,9 +29,9 @@ def test_created_paths_lists_files_dirs_and_the_mount_targets_to_come(tmp_path):
 
 def test_everything_listed_is_removed_and_the_directory_with_it(tmp_path):
     domain_dir, files = _exposure(tmp_path)
-    (domain_dir / freeze.MARKER_NAME).write_text("{}")
+    (domain_dir / exposure.MARKER_NAME).write_text("{}")
     report = RecoveryReport("vm")
-    freeze.remove_created(domain_dir, files, set(), report)
+    exposure.remove_created(domain_dir, files, set(), report)
     assert not domain_dir.exists() and report.warnings == []
 
 
@@ -39,7 +39,7 @@ def test_a_foreign_file_is_kept_with_its_directories_and_a_warning(tmp_path):
     domain_dir, files = _exposure(tmp_path)
     (domain_dir / "disks" / "admin.txt").write_text("mine")
     report = RecoveryReport("vm")
-    freeze.remove_created(domain_dir, files, set(), report)
+    exposure.remove_created(domain_dir, files, set(), report)
     remaining = sorted(str(p.relative_to(domain_dir)) for p in domain_dir.rglob("*"))
     assert remaining == ["disks", "disks/admin.txt"]
     assert any("did not create" in w for w in report.warnings)
@@ -49,23 +49,23 @@ def test_paths_leaving_the_directory_are_never_followed(tmp_path):
     domain_dir, files = _exposure(tmp_path)
     outside = tmp_path / "outside.txt"
     outside.write_text("keep")
-    freeze.remove_created(domain_dir, [*files, "../outside.txt", str(outside)], set(), RecoveryReport("vm"))
+    exposure.remove_created(domain_dir, [*files, "../outside.txt", str(outside)], set(), RecoveryReport("vm"))
     assert outside.read_text() == "keep"
 
 
 def test_a_listed_path_that_is_a_mount_point_stops_the_removal(tmp_path):
     domain_dir, files = _exposure(tmp_path)
     with pytest.raises(KvmBorgError, match="mount point"):
-        freeze.remove_created(domain_dir, files, {str(domain_dir / "disks" / "vda.qcow2")}, RecoveryReport("vm"))
+        exposure.remove_created(domain_dir, files, {str(domain_dir / "disks" / "vda.qcow2")}, RecoveryReport("vm"))
     assert (domain_dir / "disks" / "vda.qcow2").exists()
 
 
 def test_a_marker_that_is_not_a_regular_file_or_not_ours_is_ignored(tmp_path):
     (tmp_path / "elsewhere").write_text('{"run": "r", "files": []}')
-    os.symlink(tmp_path / "elsewhere", tmp_path / freeze.MARKER_NAME)
-    assert freeze.read_marker(tmp_path) is None
-    os.unlink(tmp_path / freeze.MARKER_NAME)
-    (tmp_path / freeze.MARKER_NAME).write_text("[1, 2]")
-    assert freeze.read_marker(tmp_path) is None
-    (tmp_path / freeze.MARKER_NAME).write_text('{"run": "r", "files": ["meta.json"]}')
-    assert freeze.read_marker(tmp_path) == {"run": "r", "files": ["meta.json"]}
+    os.symlink(tmp_path / "elsewhere", tmp_path / exposure.MARKER_NAME)
+    assert exposure.read_marker(tmp_path) is None
+    os.unlink(tmp_path / exposure.MARKER_NAME)
+    (tmp_path / exposure.MARKER_NAME).write_text("[1, 2]")
+    assert exposure.read_marker(tmp_path) is None
+    (tmp_path / exposure.MARKER_NAME).write_text('{"run": "r", "files": ["meta.json"]}')
+    assert exposure.read_marker(tmp_path) == {"run": "r", "files": ["meta.json"]}

@@ -4,7 +4,8 @@ import json
 
 from kvm_borg import metadata
 from kvm_borg.models import DiskPlan, DomainPlan, FreezeResult, FrozenDisk, SkippedDisk
-from kvm_borg.plugins import DEFAULT_PLUGINS, describe_plugins, make_plugin_manager, notify
+from kvm_borg.default_plugins import DEFAULT_PLUGINS
+from kvm_borg.plugins import describe_plugins, make_plugin_manager, notify
 from kvm_borg.hookspecs import hookimpl
 
 
@@ -57,7 +58,7 @@ class Recorder:
 def test_builtins_are_plugins_and_notifier_errors_are_not_fatal():
     pm = make_plugin_manager([])
     names = {p["name"] for p in describe_plugins(pm)}
-    assert "kvm_borg.engine.libvirt_snapshot" in names and "kvm_borg.backends.borg" in names
+    assert "kvm_borg.default_plugins.libvirt_snapshot" in names and "kvm_borg.backends.borg" in names
     assert all(p["builtin"] for p in describe_plugins(pm) if p["name"] in DEFAULT_PLUGINS)
     recorder = Recorder()
     pm.register(recorder)

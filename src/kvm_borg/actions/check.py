@@ -11,10 +11,9 @@ import logging
 import re
 from dataclasses import asdict
 
-from kvm_borg import run_state
-from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, print_json
-from kvm_borg.config import select_repositories
-from kvm_borg.errors import KvmBorgError, UsageError
+from kvm_borg import run_record, run_state
+from kvm_borg.actions.common import Context, print_json, usable_repositories
+from kvm_borg.errors import KvmBorgError, UsageError, exit_code
 from kvm_borg.models import CheckResult
 
 log = logging.getLogger(__name__)
@@ -34,14 +33,8 @@ def parse_subset(value: str) -> str:
 
 def run_check(ctx: Context, repo_names: list[str] | None, verify_data: bool, subset: str | None) -> list[CheckResult]:
     """Given --repo names (None: all), check each repository; return their CheckResults (recorded in the run state)."""
-    from kvm_borg import run_record
-
     results = []
-    for repo in select_repositories(ctx.settings, repo_names):
-        check_passphrase_file(repo)
-        backend = backend_for(ctx, repo)
-        if repo.get("auto_init") and not backend.exists():
-            continue  # the embedded default repository is created by the first backup
+    for repo, backend in usable_repositories(ctx, repo_names):
         log.info("checking repository %s%s", repo["name"],
                  " (verifying all data)" if verify_data else f" (reading {subset} of the data)" if subset else "")
         try:
@@ -78,6 +71,4 @@ def run_from_args(ctx: Context, args) -> int:
             print(f"{result.repository}: {state} ({result.mode}, {result.seconds:.1f}s)")
             for warning in result.warnings:
                 print(f"  warning: {warning}")
-    if any(not r.ok for r in results):
-        return 2
-    return 1 if any(r.warnings for r in results) else 0
+    return exit_code(failed=any(not r.ok for r in results), warned=any(r.warnings for r in results))

@@ -137,6 +137,18 @@ def open_tool_repository(ctx: Context, name: str | None, kind: str, command: str
     repo = choose_repository(ctx.settings.repositories, name, kind, command)
     [(repo, backend)] = open_repositories(ctx, [repo["name"]])
     return repo, backend
+def usable_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dict, object]]:
+    """Given --repo names (or None), return [(repo dict, backend)] of the chosen repositories that can be
+    read, checking passphrase files; the embedded default repository is left out until the first backup
+    created it."""
+    usable = []
+    for repo in select_repositories(ctx.settings, names):
+        check_passphrase_file(repo)
+        backend = backend_for(ctx, repo)
+        if repo.get("auto_init") and not backend.exists():
+            continue
+        usable.append((repo, backend))
+    return usable
 
 
 def no_domain_matches(include: list[str], exclude: list[str], on_host: int) -> str:

@@ -137,7 +137,7 @@ def _sha256(path: Path) -> str:
 def run_round_trip(ctx: Context) -> tuple[str, str]:
     """Back up a scratch running domain into a temporary borg repository, extract its disk and
     compare it byte for byte; remove everything. Return (status, detail)."""
-    from kvm_borg.actions.backup import backup_domain  # late: doctor must work without a backend
+    from kvm_borg.pipeline.backup import backup_domain  # late: doctor must work without a backend
 
     settings = ctx.settings
     work = Path(tempfile.mkdtemp(prefix="kvm-borg-doctor-", dir="/var/tmp"))

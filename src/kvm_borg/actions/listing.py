@@ -8,7 +8,14 @@ from datetime import datetime, timezone
 
 from kvm_borg import archive_choice
 from kvm_borg.pipeline.archive import host_for
-from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, ensure_embedded_default, print_json
+from kvm_borg.actions.common import (
+    Context,
+    backend_for,
+    check_passphrase_file,
+    ensure_embedded_default,
+    print_json,
+    usable_repositories,
+)
 from kvm_borg.config import select_repositories
 from kvm_borg.models import ArchiveInfo
 
@@ -21,11 +28,7 @@ def run_list(ctx: Context, domain: str | None, repo_names: list[str] | None,
     """Given an optional domain, --repo names and --host (None: this host; '*': every host), return the
     kvm-borg archives of that host, oldest first; archives dated in the future are listed with a warning."""
     archives: list[ArchiveInfo] = []
-    for repo in select_repositories(ctx.settings, repo_names):
-        check_passphrase_file(repo)
-        backend = backend_for(ctx, repo)
-        if repo.get("auto_init") and not backend.exists():
-            continue  # the embedded default repository is created by the first backup
+    for repo, backend in usable_repositories(ctx, repo_names):
         chosen = host_for(backend, ctx.settings, host, any_allowed=True)
         found = archive_choice.of_host(backend.list_archives(domain), chosen)
         for warning in archive_choice.split_future(found, datetime.now(timezone.utc))[1]:

@@ -6,7 +6,7 @@ import logging
 
 from kvm_borg import journal
 from kvm_borg.actions.common import Context, print_json
-from kvm_borg.errors import KvmBorgError, LockedError, UsageError
+from kvm_borg.errors import KvmBorgError, LockedError, UsageError, exit_code
 from kvm_borg.locks import domain_lock
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,4 @@ def run_from_args(ctx: Context, args) -> int:
                 print(f"  {action}")
             for warning in outcome["warnings"]:
                 print(f"  warning: {warning}")
-    if any(not o["ok"] for o in outcomes):
-        return 2
-    return 1 if any(o["warnings"] for o in outcomes) else 0
+    return exit_code(failed=any(not o["ok"] for o in outcomes), warned=any(o["warnings"] for o in outcomes))

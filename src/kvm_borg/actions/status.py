@@ -14,9 +14,9 @@ import logging
 import time
 from datetime import datetime, timezone
 
-from kvm_borg import archive_choice, run_state
+from kvm_borg import archive_choice, run_record, run_state
 from kvm_borg.pipeline.archive import host_for
-from kvm_borg.actions.common import Context, backend_for, check_passphrase_file, print_json, resolve_domains
+from kvm_borg.actions.common import Context, print_json, resolve_domains, usable_repositories
 from kvm_borg.config import parse_duration, select_repositories
 from kvm_borg.errors import ConfigError, UsageError
 
@@ -77,17 +77,11 @@ def verdict(rows: list[dict]) -> int:
 log = logging.getLogger(__name__)
 
 
-def refresh(ctx: Context, repositories: list[dict], host: str | None = None) -> None:
-    """List every chosen repository and record the archives of this host (or `host`; '*': every host) per
+def refresh(ctx: Context, repo_names: list[str] | None, host: str | None = None) -> None:
+    """Given --repo names (None: all), list those repositories and record the archives of this host (or `host`; '*': every host) per
     domain in the run state, leaving out archives dated in the future (with a warning)."""
-    from kvm_borg import run_record
-
     found: dict[str, dict[str, list]] = {}
-    for repo in repositories:
-        check_passphrase_file(repo)
-        backend = backend_for(ctx, repo)
-        if repo.get("auto_init") and not backend.exists():
-            continue
+    for repo, backend in usable_repositories(ctx, repo_names):
         per_domain = found.setdefault(repo["name"], {})
         chosen = host_for(backend, ctx.settings, host, any_allowed=True)
         archives = archive_choice.of_host(backend.list_archives(None), chosen)
@@ -116,7 +110,7 @@ def run_status(ctx: Context, names: list[str], repo_names: list[str] | None, max
     if host is not None and not refresh_first:
         raise UsageError("--host chooses whose archives --refresh records: give --refresh too")
     if refresh_first:
-        refresh(ctx, repositories, host)
+        refresh(ctx, repo_names, host)
     domains = resolve_domains(ctx, [], True, allow_empty=True) if not names else list(dict.fromkeys(names))
     state = run_state.load(ctx.settings.state_dir)
     return domain_rows(state, domains, [r["name"] for r in repositories], max_age, time.time())

@@ -1,5 +1,6 @@
-"""Built-in plugin: freeze a running domain with one atomic external disk-only snapshot and merge
+"""The snapshot engine: freeze a running domain with one atomic external disk-only snapshot and merge
 the overlays back with active blockcommit + pivot; recover what an interrupted run left behind.
+Registered as a plugin by kvm_borg.default_plugins.libvirt_snapshot.
 
 The same routine, `bring_back_to_base`, releases a normal backup and completes a journal entry
 after a crash, so the recovery path runs on every backup.
@@ -19,6 +20,7 @@ from kvm_borg import failpoints, journal
 from kvm_borg.config import Settings
 from kvm_borg.engine import images
 from kvm_borg.engine.connection import Connection
+from kvm_borg.engine.libvirt_errors import translating
 from kvm_borg.engine.domain_xml import (
     disk_targets,
     has_guest_agent_channel,
@@ -30,7 +32,6 @@ from kvm_borg.engine.domain_xml import (
 from kvm_borg.engine.planning import DomainHandle
 from kvm_borg.errors import CommitError, KvmBorgError, RefusedError
 from kvm_borg.execute import duration_text
-from kvm_borg.hookspecs import hookimpl
 from kvm_borg.models import DomainPlan, FreezeResult, FrozenDisk, ReleaseResult
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,22 @@ def journal_entry_for(plan: DomainPlan) -> journal.Entry:
     )
 
 
+def record_stage(entry: journal.Entry, settings: Settings, stage: str) -> str | None:
+    """Given a written journal entry, record `stage` in it, best-effort: the stage is informational
+    (recover re-reads the domain's real state), so a failed write (ENOSPC in state_dir...) is logged
+    and returned as a warning, never raised. Return that warning, or None."""
+    entry.stage = stage
+    try:
+        journal.write_entry(settings.journal_dir, entry)
+    except OSError as exc:
+        warning = f"domain '{entry.domain}': could not record stage {stage!r} in the journal ({exc})"
+        log.warning("%s", warning)
+        return warning
+    return None
+
+
 class SnapshotSource:
-    """Freeze a running domain's disks on overlays; release = commit them back."""
+    """A FrozenSource: freeze a running domain's disks on overlays; release = commit them back."""
 
     def __init__(self, handle: DomainHandle, plan: DomainPlan, settings: Settings):
         self.handle, self.plan, self.settings = handle, plan, settings
@@ -128,6 +143,7 @@ class SnapshotSource:
             if live.get(target) != overlay and os.path.exists(overlay):
                 os.unlink(overlay)
 
+    @translating
     def freeze(self) -> FreezeResult:
         """Write the journal entry, then take one atomic snapshot of all planned disks."""
         name, dom = self.plan.name, self.handle.dom
@@ -185,19 +201,13 @@ class SnapshotSource:
         )
 
     def mark_stage(self, stage: str) -> str | None:
-        """Record `stage` in the journal entry, best-effort: the stage is informational (recover
-        re-reads the domain's real state), so a failed write (ENOSPC in state_dir...) is logged and
-        returned as a warning, never raised. Return that warning, or None."""
-        if not self.journal_written:
-            return None
-        self.entry.stage = stage
-        try:
-            journal.write_entry(self.settings.journal_dir, self.entry)
-        except OSError as exc:
-            warning = f"domain '{self.plan.name}': could not record stage {stage!r} in the journal ({exc})"
-            log.warning("%s", warning)
-            return warning
-        return None
+        """Record `stage` in the journal entry once it is written (see record_stage); return the warning or None."""
+        return record_stage(self.entry, self.settings, stage) if self.journal_written else None
+
+    def hand_over(self, owner: str) -> None:
+        """Before freeze(): name `owner` in the journal entry, so whoever completes it (`kvm-borg thaw`,
+        `kvm-borg recover`) lets that owner finish with the frozen files first."""
+        self.entry.owner = owner
 
     def release(self) -> ReleaseResult:
         """Merge every overlay back and clear the journal; CommitError names the recovery command.
@@ -214,44 +224,61 @@ class SnapshotSource:
 
 
 class OfflineSource:
-    """A shut-off domain: its images do not change, read them directly. If the domain starts while
-    they are read, the result is flagged inconsistent (the backup action then retries it live)."""
+    """A FrozenSource for a shut-off domain: its images do not change, read them directly. If the domain
+    starts while they are read, the result is flagged inconsistent (the backup pipeline then retries it
+    live). It journals nothing unless handed over: then an entry without disks names the domain and
+    its owner, so `kvm-borg recover` and `thaw` find what the owner holds."""
 
     def __init__(self, handle: DomainHandle, plan: DomainPlan, settings: Settings):
         self.handle, self.plan, self.settings = handle, plan, settings
         self.started_during_backup = False
         self._callback_id = None
+        self.entry: journal.Entry | None = None
+        self.journal_written = False
 
     def _on_lifecycle(self, _conn, dom, event, _detail, _opaque):
         if event == libvirt.VIR_DOMAIN_EVENT_STARTED and dom.UUIDString() == self.plan.uuid:
             self.started_during_backup = True
 
+    def hand_over(self, owner: str) -> None:
+        """Before freeze(): journal the domain for `owner` when it freezes (an entry without disks)."""
+        self.entry = journal.Entry(domain=self.plan.name, uuid=self.plan.uuid, disks=[], source=SOURCE_NAME,
+                                   owner=owner, stage="frozen")
+
+    @translating
     def freeze(self) -> FreezeResult:
+        """Watch the domain's lifecycle events (a start means inconsistent), journal it if handed over,
+        and return its images as the FrozenDisks."""
         conn = self.handle.connection.conn
         self._callback_id = conn.domainEventRegisterAny(
             self.handle.dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
         )
         if self.handle.dom.isActive():
             self.started_during_backup = True
+        if self.entry is not None:
+            journal.write_entry(self.settings.journal_dir, self.entry)
+            self.journal_written = True
         return FreezeResult(
             disks=[frozen_disk(d, d.source) for d in self.plan.disks], quiesced=False, consistency="offline"
         )
 
+    def mark_stage(self, stage: str) -> str | None:
+        """Record `stage` in the journal entry if it was handed over (see record_stage); else nothing, None."""
+        return record_stage(self.entry, self.settings, stage) if self.journal_written else None
+
+    @translating
     def release(self) -> ReleaseResult:
+        """Stop watching, drop the journal entry if one was written, and say whether the domain started."""
         if self._callback_id is not None:
             try:
                 self.handle.connection.conn.domainEventDeregisterAny(self._callback_id)
             except libvirt.libvirtError:
                 pass
+        if self.journal_written:
+            journal.remove_entry(self.settings.journal_dir, self.plan.uuid)
         inconsistent = self.started_during_backup or bool(self.handle.dom.isActive())
         warnings = [f"domain '{self.plan.name}' started while its images were read"] if inconsistent else []
         return ReleaseResult(warnings=warnings, inconsistent=inconsistent)
-
-
-@hookimpl
-def kvm_borg_frozen_source(domain, plan, settings):
-    """The built-in source: a snapshot for a running domain, the images themselves for a shut-off one."""
-    return SnapshotSource(domain, plan, settings) if plan.running else OfflineSource(domain, plan, settings)
 
 
 # --- merging back and recovery ----------------------------------------------------------------
@@ -481,11 +508,3 @@ def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, libvirt.libvirtError):
         return exc.get_error_message()
     return str(exc)
-
-
-@hookimpl
-def kvm_borg_recover_entry(entry, connection, settings):
-    """Complete an entry this plugin wrote; other sources' entries are left to their plugins."""
-    if entry.source != SOURCE_NAME:
-        return None
-    return bring_back_to_base(entry, connection, settings)

@@ -13,6 +13,7 @@ from kvm_borg import journal
 from kvm_borg.config import Settings
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import choose_disks, is_overlay_path, overlay_path
+from kvm_borg.engine.libvirt_errors import translating
 from kvm_borg.errors import RefusedError
 from kvm_borg.models import DomainPlan
 
@@ -29,8 +30,10 @@ class DomainHandle:
     connection: Connection
 
 
+@translating
 def handle_for(connection: Connection, name: str) -> DomainHandle:
-    """Given a connection and a domain name, return its DomainHandle (KvmBorgError if missing)."""
+    """Given a connection and a domain name, return its DomainHandle (KvmBorgError if missing, EngineError
+    if libvirt fails)."""
     dom = connection.lookup(name)
     return DomainHandle(dom.name(), dom.UUIDString(), dom, connection)
 
@@ -47,12 +50,14 @@ def _checkpoint_names(dom: libvirt.virDomain) -> list[str]:
         return []
 
 
+@translating
 def make_plan(handle: DomainHandle, settings: Settings, excluded_targets: list[str], timestamp: str) -> DomainPlan:
     """Given a domain, the settings, disk targets to leave out and the run's timestamp, return its DomainPlan.
 
     Raises RefusedError, with nothing changed, when a backup would be unsafe: a pending journal
     entry or a disk already on a kvm-borg overlay (run `kvm-borg recover`), libvirt checkpoints,
-    an active block job, an overlay that already exists, or too little room for overlays."""
+    an active block job, an overlay that already exists, or too little room for overlays. A libvirt
+    failure is an EngineError."""
     name, dom = handle.name, handle.dom
     running = bool(dom.isActive())
     recover_hint = f"run `kvm-borg recover '{name}'` first"

@@ -1,0 +1,9 @@
+"""The built-in plugins, registered from DEFAULT_PLUGINS through the same plugin manager and hooks as
+third-party ones (kvm_borg.plugins). None of them imports a verb (kvm_borg.actions)."""
+
+DEFAULT_PLUGINS = (
+    "kvm_borg.default_plugins.libvirt_snapshot",
+    "kvm_borg.backends.borg",
+    "kvm_borg.backends.restic",
+    "kvm_borg.default_plugins.freeze_exposure",
+)
