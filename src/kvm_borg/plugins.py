@@ -19,6 +19,8 @@ DEFAULT_PLUGINS = (
     "kvm_borg.engine.libvirt_snapshot",
     "kvm_borg.backends.borg",
     "kvm_borg.backends.restic",
+    "kvm_borg.backends.borg_schema",
+    "kvm_borg.backends.restic_schema",
     "kvm_borg.run_record",
     "kvm_borg.actions.freeze",
 )

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from kvm_borg import config
+from kvm_borg import config, config_formats
 from kvm_borg.errors import ConfigError
 
 GOOD = """
@@ -76,8 +76,11 @@ def test_good_config_is_normalized_with_defaults():
         ("overlay_min_free: " + "9" * 400 + "TiB", "is too large (at most 1EiB)"),
         ("overlay_min_free: 2EiB", "overlay_min_free: expected a size"),
         ("overlay_min_free: 10000000000TiB", "overlay_min_free: '10000000000TiB' is too large"),
-        ("webhook: {url: 'http://127.0.0.1:1/', timeout: 0}", "webhook.timeout: expected a duration greater than zero"),
-        ("prefreeze: {web: {timeout: 99999d}}", "prefreeze.web.timeout: '99999d' is too long"),
+        # a plugin's keys are valid once the plugin is listed
+        ("plugins: [kvm_borg_hooks.webhook]\nwebhook: {url: 'http://127.0.0.1:1/', timeout: 0}",
+         "webhook.timeout: expected a duration greater than zero"),
+        ("plugins: [kvm_borg_hooks.prefreeze]\nprefreeze: {web: {timeout: 99999d}}",
+         "prefreeze.web.timeout: '99999d' is too long"),
         ("repositories: [{name: a, type: borg, path: /x, encryption: none, lock_wait: 99999999}]",
          "repositories[0].lock_wait: 99999999 is too large"),
         # ssh_command must split like a shell line
@@ -135,7 +138,7 @@ def test_bad_config_names_the_key(text, message):
 def test_embedded_default_without_any_file(tmp_path, monkeypatch):
     monkeypatch.delenv(config.CONFIG_ENV, raising=False)
     monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "missing.yaml")
-    settings = config.load_settings(None)
+    settings = config.load_config(None)[0]
     assert settings.embedded_default
     repo = settings.repositories[0]
     assert repo["type"] == "borg" and repo["encryption"] == "repokey-blake2" and repo["auto_init"]
@@ -145,14 +148,14 @@ def test_embedded_default_without_any_file(tmp_path, monkeypatch):
 
 def test_named_config_file_must_exist(tmp_path):
     with pytest.raises(ConfigError, match="config file does not exist"):
-        config.load_settings(str(tmp_path / "nope.yaml"))
+        config.load_config(str(tmp_path / "nope.yaml"))[0]
 
 
 def test_env_variable_names_the_config(tmp_path, monkeypatch):
     path = tmp_path / "c.yaml"
     path.write_text("state_dir: /tmp/kb-env\n")
     monkeypatch.setenv(config.CONFIG_ENV, str(path))
-    settings = config.load_settings(None)
+    settings = config.load_config(None)[0]
     assert settings.state_dir.as_posix() == "/tmp/kb-env" and settings.config_path == path
 
 
@@ -170,12 +173,12 @@ def _settings_fields():
 
 
 def test_sizes_and_durations():
-    assert config.parse_size("500M", "k") == 500 * 2**20
-    assert config.parse_size("1.5GB", "k") == 1_500_000_000
-    assert config.parse_duration("26h", "k") == 26 * 3600
-    assert config.parse_duration(90, "k") == 90
+    assert config_formats.parse_size("500M", "k") == 500 * 2**20
+    assert config_formats.parse_size("1.5GB", "k") == 1_500_000_000
+    assert config_formats.parse_duration("26h", "k") == 26 * 3600
+    assert config_formats.parse_duration(90, "k") == 90
     with pytest.raises(ConfigError):
-        config.parse_duration("soon", "k")
+        config_formats.parse_duration("soon", "k")
 
 
 def test_yaml_1_2_scalars_stay_the_strings_the_user_wrote():
@@ -235,13 +238,13 @@ def test_unusable_config_file_is_one_line(tmp_path, content, message):
     path = tmp_path / "c.yaml"
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
-        config.load_settings(str(path))
+        config.load_config(str(path))[0]
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
 def test_config_that_is_a_directory_or_unreadable_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="config file is a directory"):
-        config.load_settings(str(tmp_path))
+        config.load_config(str(tmp_path))[0]
     path = tmp_path / "c.yaml"
     path.write_text("state_dir: /var/lib/kb\n")
     path.chmod(0)
@@ -252,4 +255,4 @@ def test_config_that_is_a_directory_or_unreadable_is_one_line(tmp_path):
     else:
         message = "cannot read: Permission denied"
     with pytest.raises(ConfigError, match=message):
-        config.load_settings(str(path))
+        config.load_config(str(path))[0]
