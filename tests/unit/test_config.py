@@ -2,11 +2,13 @@
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
-from kvm_borg import config, config_formats
+from kvm_borg import config, config_docs, config_formats, config_schema
 from kvm_borg.errors import ConfigError
+from kvm_borg.plugins import make_plugin_manager
 
 GOOD = """
 state_dir: /var/lib/kb
@@ -256,3 +258,102 @@ def test_config_that_is_a_directory_or_unreadable_is_one_line(tmp_path):
         message = "cannot read: Permission denied"
     with pytest.raises(ConfigError, match=message):
         config.load_config(str(path))[0]
+
+
+# --- one schema: the sample, the README table, plugins' keys ---------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_generated_sample_validates_and_sets_every_key_to_its_default():
+    schema, owners = config_docs.documented_schema()
+    sample = config_docs.sample_config(schema, owners)
+    data = config.parse_text(sample)
+    [repository] = data["repositories"]
+    defaults = config.validate({"repositories": [repository]})
+    assert data == defaults  # round trip: what the sample sets is exactly what the schema defaults to
+    assert repository["type"] == "borg" and repository["compression"] == "lz4"
+    for name in schema["properties"]:
+        assert f"\n{name}:" in sample or f"\n# {name}:" in sample, name
+    assert set(owners) == {"webhook", "prefreeze"}
+    assert "\nwebhook:" not in sample and "\n# webhook:" in sample  # a plugin's key is commented: plugins: []
+
+
+def test_sample_plugin_keys_validate_once_their_plugins_are_listed():
+    schema, owners = config_docs.documented_schema()
+    uncommented = "\n".join(line[2:] if line.startswith(("# webhook:", "#   healthchecks_url", "# prefreeze:"))
+                            else line for line in config_docs.sample_config(schema, owners).splitlines())
+    uncommented = uncommented.replace("plugins: []", "plugins: [kvm_borg_hooks.webhook, kvm_borg_hooks.prefreeze]")
+    data = config.parse_text(uncommented)
+    assert data["webhook"]["healthchecks_url"] == "https://hc-ping.com/YOUR-UUID" and data["webhook"]["timeout"] == 10
+    assert data["prefreeze"] == {}
+
+
+def test_readme_key_table_is_the_one_generated_from_the_schema():
+    table = config_docs.readme_table(*config_docs.documented_schema())
+    assert table in README.read_text(encoding="utf-8"), (
+        "README.md's configuration table differs from the schema: paste `python -m kvm_borg.config_docs readme-table`")
+
+
+@pytest.mark.parametrize("word", ["off", "yes", "no", "on"])
+def test_yaml_1_2_repository_and_domain_names_stay_strings(word):
+    data = config.parse_text(f"domains: {{include: [{word}], exclude: [{word}]}}\n"
+                             f"repositories: [{{name: {word}, type: borg, path: /x, encryption: none}}]\n")
+    assert data["repositories"][0]["name"] == word
+    assert data["domains"]["include"] == [word] and data["domains"]["exclude"] == [word]
+
+
+def test_a_plugins_key_without_its_plugin_is_an_unknown_key():
+    with pytest.raises(ConfigError, match=r"^webhook: unknown key \(known keys: ") as info:
+        config.parse_text("webhook: {url: 'http://127.0.0.1:1/'}")
+    assert "webhook" not in str(info.value).split("known keys: ")[1]
+
+
+def test_plugin_keys_are_validated_by_the_plugins_schema():
+    with pytest.raises(ConfigError, match="webhook: give at least one of url"):
+        config.parse_text("plugins: [kvm_borg_hooks.webhook]\nwebhook: {timeout: 5s}")
+    with pytest.raises(ConfigError, match=r"prefreeze.db.before\[0\]: expected a command string or a list of strings"):
+        config.parse_text("plugins: [kvm_borg_hooks.prefreeze]\nprefreeze: {db: {before: [[]]}}")
+    data = config.parse_text("plugins: [kvm_borg_hooks.prefreeze]\nprefreeze: {db: {before: [sync]}}")
+    assert data["prefreeze"] == {"db": {"before": ["sync"], "after": [], "timeout": 60.0, "required": False}}
+
+
+def test_a_third_party_repository_type_brings_its_own_keys():
+    head = "plugins: [kbtest_plugins.dirstore]\nrepositories: [{name: d, type: directory, path: /srv/d"
+    [repo] = config.parse_text(head + "}]")["repositories"]
+    assert repo == {"name": "d", "type": "directory", "path": "/srv/d", "keep_sparse": True}
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].keep_sparse: expected true or false, got 'maybe'$"):
+        config.parse_text(head + ", keep_sparse: maybe}]")
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].compression: unknown key \(known keys: keep_sparse, "
+                                          r"name, path, type\)$"):
+        config.parse_text(head + ", compression: lz4}]")
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].type: unknown repository type 'directory' "
+                                          r"\(known: borg, restic\)$"):
+        config.parse_text("repositories: [{name: d, type: directory, path: /srv/d}]")
+    with pytest.raises(ConfigError, match=r"known: borg, restic, directory\)$"):
+        config.parse_text("plugins: [kbtest_plugins.dirstore]\nrepositories: [{name: d, type: tape}]")
+
+
+def test_a_key_or_type_two_plugins_claim_is_refused():
+    with pytest.raises(ConfigError, match="plugin b: config key 'x' is already claimed by a"):
+        config_schema.merge_contributions([("a", {"keys": {"x": {}}}), ("b", {"keys": {"x": {}}})])
+    with pytest.raises(ConfigError, match="plugin b: repository type 'borg' is already claimed by a"):
+        config_schema.merge_contributions([("a", {"repository_types": {"borg": {}}}),
+                                           ("b", {"repository_types": {"borg": {}}})])
+    with pytest.raises(ConfigError, match="plugin a: config key 'state_dir' is already claimed by kvm_borg"):
+        config_schema.merge_contributions([("a", {"keys": {"state_dir": {}}})])
+    with pytest.raises(ConfigError, match="plugin a: kvm_borg_config_schema returned unknown part 'types'"):
+        config_schema.merge_contributions([("a", {"types": {}})])
+
+
+def test_the_built_in_backends_contribute_the_borg_and_restic_types():
+    contributions = dict(config.plugin_schema_contributions(make_plugin_manager((), entry_points=False)))
+    assert list(contributions["kvm_borg.backends.borg_schema"]["repository_types"]) == ["borg"]
+    assert list(contributions["kvm_borg.backends.restic_schema"]["repository_types"]) == ["restic"]
+
+
+def test_validation_does_not_change_the_document():
+    document = {"repositories": [{"name": "a", "type": "borg", "path": "/x", "encryption": "none"}]}
+    before = repr(document)
+    config.validate(document)
+    assert repr(document) == before
