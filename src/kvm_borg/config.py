@@ -20,7 +20,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from kvm_borg import config_schema, config_validate
+from kvm_borg import config_cache, config_schema, config_validate
 from kvm_borg.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/kvm-borg/config.yaml")
@@ -83,13 +83,14 @@ def schema_for(pm) -> dict:
     return config_schema.combined_schema(plugin_schema_contributions(pm))
 
 
-def plugin_manager_for(document: dict):
-    """Given the parsed YAML mapping, return the PluginManager with the plugins its `plugins:` names
-    (checked against the schema's `plugins` key first) beside the built-in and entry-point ones."""
+def plugin_manager_for(document: dict, cache_dir: Path | None = None):
+    """Given the parsed YAML mapping (and the validated-config cache, if any), return the PluginManager
+    with the plugins its `plugins:` names (checked against the schema's `plugins` key first) beside the
+    built-in and entry-point ones."""
     from kvm_borg.plugins import make_plugin_manager
 
     names = config_validate.validate_value(config_schema.CORE_KEYS["plugins"], document.get("plugins", []),
-                                           "plugins")
+                                           "plugins", cache_dir)
     return make_plugin_manager(names)
 
 
@@ -206,9 +207,9 @@ def load_config(cli_path: str | None = None, *, progress: bool = False):
             raise ConfigError(f"{path}: config file has no settings (only comments)")
     if not isinstance(document, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(document).__name__}")
-    pm = plugin_manager_for(document)
+    pm = plugin_manager_for(document, config_cache.VALIDATED_DIR)
     schema = schema_for(pm)
-    data = config_validate.validate(schema, document)
+    data = config_validate.validate(schema, document, config_cache.VALIDATED_DIR)
     check_state_dir_owner(data["state_dir"])
     if data["repositories"] is None:
         data["repositories"] = [embedded_default_repository(data["state_dir"], schema)]

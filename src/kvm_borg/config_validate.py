@@ -4,45 +4,71 @@ Two steps, both driven by the schema alone: fastjsonschema checks the structure 
 required keys, ranges, the rules of a repository type); then `normalize` fills in the defaults and
 applies the ``format`` of each value (`config_formats`). Every error is a one-line ConfigError that
 names the key as the user wrote it (``repositories[0].path: required``).
+
+fastjsonschema is imported only when a structure check runs: a document whose validation
+`config_cache` remembers is only normalized.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+from pathlib import Path
 from typing import Any
 
-import fastjsonschema
-
+from kvm_borg import config_cache
 from kvm_borg.config_formats import FORMATS, quote_hint
 from kvm_borg.errors import ConfigError
 
+# Keywords only the documentation reads: left out of the compiled validator (its code embeds the
+# schema of every rule it checks).
+_DOCUMENTATION = frozenset({"description", "examples", "default", "x-default-text", "x-sample-active"})
 _compiled: dict[str, Any] = {}
 
 
-def compile_schema(schema: dict):
-    """Given a schema, return its compiled fastjsonschema validator (compiled once per process)."""
-    digest = json.dumps(schema, sort_keys=True, default=str)
-    if digest not in _compiled:
-        _compiled[digest] = fastjsonschema.compile(schema, use_default=False, use_formats=False)
-    return _compiled[digest]
+def without_documentation(schema: Any) -> Any:
+    """Given a schema, return a copy without the keywords only the documentation reads."""
+    if isinstance(schema, dict):
+        return {k: without_documentation(v) for k, v in schema.items() if k not in _DOCUMENTATION}
+    if isinstance(schema, list):
+        return [without_documentation(v) for v in schema]
+    return schema
 
 
-def validate(schema: dict, document: Any) -> dict:
-    """Given the schema and the parsed YAML document (a mapping), return the normalized config dict
-    (defaults filled in, formats applied); anything invalid is a ConfigError naming the key."""
-    if not isinstance(document, dict):
-        raise ConfigError(f"config: expected a mapping at the top level, got {type(document).__name__}")
+def check_structure(schema: dict, document: dict) -> None:
+    """Given the schema and the document, raise a ConfigError naming the key if the document's structure
+    does not fit (the validator is compiled once per process and schema)."""
+    import fastjsonschema
+
+    key = config_cache.digest(schema, None)
+    if key not in _compiled:
+        _compiled[key] = fastjsonschema.compile(without_documentation(schema), use_default=False, use_formats=False)
     try:
-        compile_schema(schema)(document)
+        _compiled[key](document)
     except fastjsonschema.JsonSchemaValueException as exc:
         raise ConfigError(error_message(exc, document)) from None
-    return normalize(schema, document, "")
 
 
-def validate_value(schema: dict, value: Any, name: str) -> Any:
-    """Given the schema of one top-level key, its value and its name, return the value normalized."""
-    return validate({"type": "object", "properties": {name: schema}}, {name: value})[name]
+def validate(schema: dict, document: Any, cache_dir: Path | None = None) -> dict:
+    """Given the schema and the parsed YAML document (a mapping), return the normalized config dict
+    (defaults filled in, formats applied); anything invalid is a ConfigError naming the key. With
+    `cache_dir`, a document validated before against the same schema skips the structure check, and a
+    valid one is remembered there."""
+    if not isinstance(document, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(document).__name__}")
+    digest = config_cache.digest(schema, document) if cache_dir else None
+    cached = digest is not None and config_cache.is_validated(digest, cache_dir)
+    if not cached:
+        check_structure(schema, document)
+    data = normalize(schema, document, "")
+    if digest is not None and not cached:
+        config_cache.remember(digest, cache_dir)
+    return data
+
+
+def validate_value(schema: dict, value: Any, name: str, cache_dir: Path | None = None) -> Any:
+    """Given the schema of one top-level key, its value and its name (and `cache_dir` as for `validate`),
+    return the value normalized."""
+    return validate({"type": "object", "properties": {name: schema}}, {name: value}, cache_dir)[name]
 
 
 # --- error messages -------------------------------------------------------------------------
@@ -80,8 +106,8 @@ def expected(definition: dict, value: Any) -> str:
     return f"expected {' or '.join(types) or 'another value'}, got {value!r}"
 
 
-def error_message(exc: fastjsonschema.JsonSchemaValueException, document: Any) -> str:
-    """Given a fastjsonschema error and the document, return the one-line message naming the key."""
+def error_message(exc, document: Any) -> str:
+    """Given a fastjsonschema JsonSchemaValueException and the document, return the one-line message naming the key."""
     where, rule, definition, value = key_path(exc.path, document), exc.rule, exc.definition or {}, exc.value
     prefix = f"{where}." if where else ""
     if "x-message" in definition and rule in ("not", "anyOf", "oneOf", "enum", "const", "pattern"):

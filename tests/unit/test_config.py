@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvm_borg import config, config_docs, config_formats, config_schema
+from kvm_borg import config, config_cache, config_docs, config_formats, config_schema, config_validate
 from kvm_borg.errors import ConfigError
 from kvm_borg.plugins import make_plugin_manager
 
@@ -357,3 +357,50 @@ def test_validation_does_not_change_the_document():
     before = repr(document)
     config.validate(document)
     assert repr(document) == before
+
+
+# --- the validated-config cache ---------------------------------------------------------------
+
+CACHED = {"repositories": [{"name": "a", "type": "borg", "path": "/x", "encryption": "none"}]}
+
+
+def _schema():
+    return config.schema_for(make_plugin_manager((), entry_points=False))
+
+
+def test_a_document_validated_before_skips_the_structure_check_and_is_still_normalized(tmp_path, monkeypatch):
+    cache = tmp_path / "run" / "validated"
+    (tmp_path / "run").mkdir(mode=0o700)
+    schema = _schema()
+    first = config_validate.validate(schema, CACHED, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1
+    monkeypatch.setattr(config_validate, "check_structure", lambda *_: pytest.fail("structure checked again"))
+    assert config_validate.validate(schema, CACHED, cache_dir=cache) == first
+    assert first["repositories"][0]["compression"] == "lz4"  # normalized: defaults filled in
+
+
+def test_the_cache_never_remembers_an_invalid_document_nor_confuses_true_with_its_text(tmp_path):
+    cache = tmp_path / "run" / "validated"
+    (tmp_path / "run").mkdir(mode=0o700)
+    schema = _schema()
+    config_validate.validate(schema, {"domains": {"disks_exclude": {"true": ["vda"]}}}, cache_dir=cache)
+    with pytest.raises(ConfigError, match="domains.disks_exclude.True: expected a name"):
+        config_validate.validate(schema, {"domains": {"disks_exclude": {True: ["vda"]}}}, cache_dir=cache)
+    with pytest.raises(ConfigError, match="commit_retries"):
+        config_validate.validate(schema, {"commit_retries": 0}, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1  # only the valid document
+
+
+def test_a_cache_directory_open_to_others_is_not_trusted(tmp_path):
+    parent = tmp_path / "run"
+    parent.mkdir(mode=0o700)
+    cache = parent / "validated"
+    name = config_cache.digest(_schema(), CACHED)
+    config_cache.remember(name, cache)
+    assert config_cache.is_validated(name, cache)
+    os.chmod(cache, 0o777)
+    assert not config_cache.is_validated(name, cache)
+    os.chmod(cache, 0o700)
+    (cache / name).unlink()
+    (cache / name).symlink_to("/etc/hostname")
+    assert not config_cache.is_validated(name, cache)
