@@ -5,13 +5,14 @@ from __future__ import annotations
 from kvm_borg.config_schema import (
     PASSPHRASE_KEYS, PASSPHRASE_NOT_BOTH, SSH_COMMAND, STRING, STRING_LIST, any_of_keys, key, one_of, optional,
 )
+from kvm_borg.backends.restic_commands import COMPRESSION_MODES
 from kvm_borg.hookspecs import hookimpl
 
 RESTIC_REPOSITORY = {
     "properties": {
         "url": key(STRING, "the repository as restic takes it: a path, `sftp:user@host:/path`, `rest:...`, `s3:...`"),
         **PASSPHRASE_KEYS,
-        "compression": key(optional(one_of("auto", "off", "max")), "restic's `--compression` (restic's default: auto)"),
+        "compression": key(optional(one_of(*COMPRESSION_MODES)), "restic's `--compression` (restic's default: auto)"),
         "ssh_command": key(optional(SSH_COMMAND), "the ssh an sftp repository runs"),
         "host": key(optional(STRING), "`--host` of new snapshots (default: hostname)"),
         "hosts": key(optional(STRING_LIST), "whose snapshots list/restore see (default: [host]; \"*\": all)"),
