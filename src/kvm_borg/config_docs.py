@@ -15,6 +15,8 @@ from typing import Any
 
 from ruamel.yaml import YAML
 
+from kvm_borg.config_schema import variant_keys
+
 SAMPLE_HEADER = """\
 # kvm-borg configuration: /etc/kvm-borg/config.yaml (or --config FILE, or $KVM_BORG_CONFIG).
 # Read as YAML 1.2: `off`, `no`, `yes` are plain strings; only true/false are booleans. Quote a
@@ -55,7 +57,7 @@ def _repository_keys(schema: dict) -> list[str]:
     lines = ["# The keys of each repository type (besides name and type):"]
     for variant in schema["items"]["allOf"]:
         kind = variant["if"]["properties"]["type"]["const"]
-        then = variant["then"]
+        then = variant_keys(variant["then"])
         lines.append(f"#   type: {kind}")
         for name, sub in then["properties"].items():
             if name in ("name", "type"):

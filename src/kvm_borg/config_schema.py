@@ -164,10 +164,16 @@ def repository_variant(kind: str, type_schema: dict) -> dict:
     a repository whose `type` is `kind` (the common keys `name` and `type` added, other keys refused)."""
     then = mapping({**REPOSITORY_COMMON_KEYS, **type_schema.get("properties", {})},
                    ("name", "type", *type_schema.get("required", ())))
-    for rule in ("allOf", "examples"):
-        if rule in type_schema:
-            then[rule] = type_schema[rule]
+    if "examples" in type_schema:
+        then["examples"] = type_schema["examples"]
+    if "allOf" in type_schema:  # checked after the keys themselves (a validator takes allOf before properties)
+        then = {"allOf": [then, *type_schema["allOf"]]}
     return {"if": {"properties": {"type": {"const": kind}}, "required": ["type"]}, "then": then}
+
+
+def variant_keys(then: dict) -> dict:
+    """Given the ``then`` of a repository_variant, return the schemas of its keys."""
+    return then["allOf"][0] if "allOf" in then else then
 
 
 def repositories_schema(types: dict[str, dict]) -> dict:

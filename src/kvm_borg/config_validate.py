@@ -17,6 +17,7 @@ from typing import Any
 
 from kvm_borg import config_cache
 from kvm_borg.config_formats import FORMATS, quote_hint
+from kvm_borg.config_schema import variant_keys
 from kvm_borg.errors import ConfigError
 
 # Keywords only the documentation reads: left out of the compiled validator (its code embeds the
@@ -169,7 +170,7 @@ def _normalize_mapping(schema: dict, value: dict, where: str) -> dict:
     properties = dict(schema.get("properties", {}))
     for rule in schema.get("allOf", ()):
         if "if" in rule and "then" in rule and _matches(rule["if"], value):
-            properties.update(rule["then"].get("properties", {}))
+            properties.update(variant_keys(rule["then"]).get("properties", {}))
     result = {}
     for name, item in value.items():
         sub = properties.get(name, schema.get("additionalProperties"))

@@ -404,3 +404,10 @@ def test_a_cache_directory_open_to_others_is_not_trusted(tmp_path):
     (cache / name).unlink()
     (cache / name).symlink_to("/etc/hostname")
     assert not config_cache.is_validated(name, cache)
+
+
+def test_a_missing_required_key_is_named_before_the_rules_across_keys():
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].path: required$"):
+        config.parse_text("repositories: [{name: a, type: borg}]")
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].url: required$"):
+        config.parse_text("repositories: [{name: a, type: restic}]")
