@@ -31,10 +31,35 @@ import time
 
 from kvm_borg.engine.lifecycle import agent_command
 from kvm_borg.errors import EngineError, RefusedError
+from kvm_borg.config_schema import BOOLEAN, POSITIVE_DURATION, key, mapping, named_mapping
 from kvm_borg.hookspecs import hookimpl
 from kvm_borg.models import FreezeResult, FrozenSource, ReleaseResult
 
 log = logging.getLogger(__name__)
+
+# One guest command: a string (run with /bin/sh -c) or a non-empty argv list.
+GUEST_COMMANDS = {
+    "type": "array",
+    "items": {"anyOf": [{"type": "string", "pattern": "\\S"},
+                        {"type": "array", "minItems": 1, "items": {"type": "string"}}],
+              "x-message": "expected a command string or a list of strings, got {value!r}"},
+    "x-expected": "a list of commands",
+}
+
+PREFREEZE_SCHEMA = key(named_mapping(mapping({
+    "before": key(GUEST_COMMANDS, "run in the guest right before the snapshot", default=[]),
+    "after": key(GUEST_COMMANDS, "run in the guest right after the snapshot", default=[]),
+    "timeout": key(POSITIVE_DURATION, "per command", default="60s"),
+    "required": key(BOOLEAN, "a failing `before` command fails the domain's backup", default=False),
+})), "per domain, commands kvm_borg_hooks.prefreeze runs in the guest through its agent (see "
+    "docs/operations.md)", default={},
+    examples=[{"db01": {"before": ["mysql -e 'FLUSH TABLES'"]}}])
+
+
+@hookimpl
+def kvm_borg_config_schema():
+    """Return the `prefreeze:` key."""
+    return {"keys": {"prefreeze": PREFREEZE_SCHEMA}}
 
 POLL_SECONDS = 0.2
 
@@ -128,7 +153,7 @@ class GuestCommandsSource:
 def kvm_borg_frozen_source(domain, plan, settings):
     """Wrap the chosen source of a running domain that has `prefreeze:` commands."""
     source = yield
-    spec = (getattr(settings, "prefreeze", None) or {}).get(plan.name)
+    spec = (settings.plugin_config.get("prefreeze") or {}).get(plan.name)
     if source is None or not spec or not plan.running or not (spec["before"] or spec["after"]):
         return source
     return GuestCommandsSource(source, domain, spec)

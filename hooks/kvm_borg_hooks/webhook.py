@@ -25,12 +25,35 @@ import time
 import urllib.error
 import urllib.request
 
+from kvm_borg.config_schema import HTTP_URL, POSITIVE_DURATION, any_of_keys, key, mapping, named_mapping, optional
 from kvm_borg.hookspecs import hookimpl
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS = 2
 _started: set[int] = set()  # id() of the Settings whose run already sent its start ping
+
+
+URL_KEYS = ("url", "healthchecks_url", "start_url", "success_url", "failure_url")
+
+WEBHOOK_SCHEMA = key(optional(mapping({
+    "url": key(optional(HTTP_URL), "POST the JSON run summary here after every run"),
+    "healthchecks_url": key(optional(HTTP_URL), "healthchecks.io-style base: URL/start, then URL or URL/fail"),
+    "start_url": key(optional(HTTP_URL), "pinged when the run's first domain is about to be frozen"),
+    "success_url": key(optional(HTTP_URL), "pinged after a run with exit code 0 or 1"),
+    "failure_url": key(optional(HTTP_URL), "pinged after a failed or interrupted run"),
+    "timeout": key(POSITIVE_DURATION, "per request", default="10s"),
+    "headers": key(named_mapping({"type": "string", "x-expected": "a string"}), "extra HTTP headers", default={}),
+}, allOf=[any_of_keys(URL_KEYS, "give at least one of url, healthchecks_url, start_url, success_url, failure_url")])),
+    "where kvm_borg_hooks.webhook reports each run (POST of the summary, start / success / fail pings; "
+    "see docs/operations.md)",
+    examples=[{"healthchecks_url": "https://hc-ping.com/YOUR-UUID"}])
+
+
+@hookimpl
+def kvm_borg_config_schema():
+    """Return the `webhook:` key."""
+    return {"keys": {"webhook": WEBHOOK_SCHEMA}}
 
 
 def endpoints(webhook: dict) -> dict[str, str | None]:
@@ -71,7 +94,7 @@ def post(url: str, body: bytes | None, webhook: dict) -> None:
 @hookimpl
 def kvm_borg_before_snapshot(domain, settings):
     """Send the start ping once per run, when its first domain is about to be frozen."""
-    webhook = getattr(settings, "webhook", None)
+    webhook = settings.plugin_config.get("webhook") if settings else None
     if not webhook or id(settings) in _started:
         return
     _started.add(id(settings))
@@ -83,7 +106,7 @@ def kvm_borg_before_snapshot(domain, settings):
 @hookimpl
 def kvm_borg_backup_finished(summary, settings):
     """POST the run's summary to `url` and ping success or failure."""
-    webhook = getattr(settings, "webhook", None)
+    webhook = settings.plugin_config.get("webhook") if settings else None
     if not webhook:
         return
     document = payload(summary, getattr(settings, "hostname", None) or socket.gethostname())

@@ -93,14 +93,14 @@ def error_line(exc: BaseException) -> str:
 
 
 def _run(args) -> int:
-    from kvm_borg.actions.common import make_context
-    from kvm_borg.config import load_settings
+    from kvm_borg.actions.common import Context
+    from kvm_borg.config import load_config
     from kvm_borg.plugins import bind_settings
 
     if not getattr(args, "needs_settings", True):
         return args.run(None, args)
     progress = sys.stderr.isatty() and not getattr(args, "no_progress", False) and not getattr(args, "json", False)
-    ctx = make_context(load_settings(args.config, progress=progress))
+    ctx = Context(*load_config(args.config, progress=progress))
     bind_settings(ctx.pm, ctx.settings)
     try:
         return args.run(ctx, args)

@@ -76,3 +76,14 @@ def kvm_borg_on_error(domain, stage, error, settings):
 @hookspec
 def kvm_borg_backup_finished(summary, settings):
     """Called once per ``kvm-borg backup`` run with the RunSummary of every domain and repository."""
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+@hookspec
+def kvm_borg_config_schema():
+    """Return the config keys this plugin adds, as JSON schemas (see kvm_borg.config_schema for the
+    building blocks and annotations): ``{"keys": {top-level key: schema}, "repository_types": {type:
+    {"properties": {...}, "required": [...], "allOf": [...], "examples": [...]}}}``; either part may be
+    left out. A repository type's schema names only its own keys (``name`` and ``type`` are common)."""

@@ -2,11 +2,13 @@
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
-from kvm_borg import config
+from kvm_borg import config, config_cache, config_docs, config_formats, config_schema, config_validate
 from kvm_borg.errors import ConfigError
+from kvm_borg.plugins import make_plugin_manager
 
 GOOD = """
 state_dir: /var/lib/kb
@@ -76,8 +78,11 @@ def test_good_config_is_normalized_with_defaults():
         ("overlay_min_free: " + "9" * 400 + "TiB", "is too large (at most 1EiB)"),
         ("overlay_min_free: 2EiB", "overlay_min_free: expected a size"),
         ("overlay_min_free: 10000000000TiB", "overlay_min_free: '10000000000TiB' is too large"),
-        ("webhook: {url: 'http://127.0.0.1:1/', timeout: 0}", "webhook.timeout: expected a duration greater than zero"),
-        ("prefreeze: {web: {timeout: 99999d}}", "prefreeze.web.timeout: '99999d' is too long"),
+        # a plugin's keys are valid once the plugin is listed
+        ("plugins: [kvm_borg_hooks.webhook]\nwebhook: {url: 'http://127.0.0.1:1/', timeout: 0}",
+         "webhook.timeout: expected a duration greater than zero"),
+        ("plugins: [kvm_borg_hooks.prefreeze]\nprefreeze: {web: {timeout: 99999d}}",
+         "prefreeze.web.timeout: '99999d' is too long"),
         ("repositories: [{name: a, type: borg, path: /x, encryption: none, lock_wait: 99999999}]",
          "repositories[0].lock_wait: 99999999 is too large"),
         # ssh_command must split like a shell line
@@ -135,7 +140,7 @@ def test_bad_config_names_the_key(text, message):
 def test_embedded_default_without_any_file(tmp_path, monkeypatch):
     monkeypatch.delenv(config.CONFIG_ENV, raising=False)
     monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "missing.yaml")
-    settings = config.load_settings(None)
+    settings = config.load_config(None)[0]
     assert settings.embedded_default
     repo = settings.repositories[0]
     assert repo["type"] == "borg" and repo["encryption"] == "repokey-blake2" and repo["auto_init"]
@@ -145,14 +150,14 @@ def test_embedded_default_without_any_file(tmp_path, monkeypatch):
 
 def test_named_config_file_must_exist(tmp_path):
     with pytest.raises(ConfigError, match="config file does not exist"):
-        config.load_settings(str(tmp_path / "nope.yaml"))
+        config.load_config(str(tmp_path / "nope.yaml"))[0]
 
 
 def test_env_variable_names_the_config(tmp_path, monkeypatch):
     path = tmp_path / "c.yaml"
     path.write_text("state_dir: /tmp/kb-env\n")
     monkeypatch.setenv(config.CONFIG_ENV, str(path))
-    settings = config.load_settings(None)
+    settings = config.load_config(None)[0]
     assert settings.state_dir.as_posix() == "/tmp/kb-env" and settings.config_path == path
 
 
@@ -170,12 +175,12 @@ def _settings_fields():
 
 
 def test_sizes_and_durations():
-    assert config.parse_size("500M", "k") == 500 * 2**20
-    assert config.parse_size("1.5GB", "k") == 1_500_000_000
-    assert config.parse_duration("26h", "k") == 26 * 3600
-    assert config.parse_duration(90, "k") == 90
+    assert config_formats.parse_size("500M", "k") == 500 * 2**20
+    assert config_formats.parse_size("1.5GB", "k") == 1_500_000_000
+    assert config_formats.parse_duration("26h", "k") == 26 * 3600
+    assert config_formats.parse_duration(90, "k") == 90
     with pytest.raises(ConfigError):
-        config.parse_duration("soon", "k")
+        config_formats.parse_duration("soon", "k")
 
 
 def test_yaml_1_2_scalars_stay_the_strings_the_user_wrote():
@@ -235,13 +240,13 @@ def test_unusable_config_file_is_one_line(tmp_path, content, message):
     path = tmp_path / "c.yaml"
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
-        config.load_settings(str(path))
+        config.load_config(str(path))[0]
     assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
 def test_config_that_is_a_directory_or_unreadable_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="config file is a directory"):
-        config.load_settings(str(tmp_path))
+        config.load_config(str(tmp_path))[0]
     path = tmp_path / "c.yaml"
     path.write_text("state_dir: /var/lib/kb\n")
     path.chmod(0)
@@ -252,4 +257,157 @@ def test_config_that_is_a_directory_or_unreadable_is_one_line(tmp_path):
     else:
         message = "cannot read: Permission denied"
     with pytest.raises(ConfigError, match=message):
-        config.load_settings(str(path))
+        config.load_config(str(path))[0]
+
+
+# --- one schema: the sample, the README table, plugins' keys ---------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_generated_sample_validates_and_sets_every_key_to_its_default():
+    schema, owners = config_docs.documented_schema()
+    sample = config_docs.sample_config(schema, owners)
+    data = config.parse_text(sample)
+    [repository] = data["repositories"]
+    defaults = config.validate({"repositories": [repository]})
+    assert data == defaults  # round trip: what the sample sets is exactly what the schema defaults to
+    assert repository["type"] == "borg" and repository["compression"] == "lz4"
+    for name in schema["properties"]:
+        assert f"\n{name}:" in sample or f"\n# {name}:" in sample, name
+    assert set(owners) == {"webhook", "prefreeze"}
+    assert "\nwebhook:" not in sample and "\n# webhook:" in sample  # a plugin's key is commented: plugins: []
+
+
+def test_sample_plugin_keys_validate_once_their_plugins_are_listed():
+    schema, owners = config_docs.documented_schema()
+    uncommented = "\n".join(line[2:] if line.startswith(("# webhook:", "#   healthchecks_url", "# prefreeze:"))
+                            else line for line in config_docs.sample_config(schema, owners).splitlines())
+    uncommented = uncommented.replace("plugins: []", "plugins: [kvm_borg_hooks.webhook, kvm_borg_hooks.prefreeze]")
+    data = config.parse_text(uncommented)
+    assert data["webhook"]["healthchecks_url"] == "https://hc-ping.com/YOUR-UUID" and data["webhook"]["timeout"] == 10
+    assert data["prefreeze"] == {}
+
+
+def test_readme_key_table_is_the_one_generated_from_the_schema():
+    table = config_docs.readme_table(*config_docs.documented_schema())
+    assert table in README.read_text(encoding="utf-8"), (
+        "README.md's configuration table differs from the schema: paste `python -m kvm_borg.config_docs readme-table`")
+
+
+@pytest.mark.parametrize("word", ["off", "yes", "no", "on"])
+def test_yaml_1_2_repository_and_domain_names_stay_strings(word):
+    data = config.parse_text(f"domains: {{include: [{word}], exclude: [{word}]}}\n"
+                             f"repositories: [{{name: {word}, type: borg, path: /x, encryption: none}}]\n")
+    assert data["repositories"][0]["name"] == word
+    assert data["domains"]["include"] == [word] and data["domains"]["exclude"] == [word]
+
+
+def test_a_plugins_key_without_its_plugin_is_an_unknown_key():
+    with pytest.raises(ConfigError, match=r"^webhook: unknown key \(known keys: ") as info:
+        config.parse_text("webhook: {url: 'http://127.0.0.1:1/'}")
+    assert "webhook" not in str(info.value).split("known keys: ")[1]
+
+
+def test_plugin_keys_are_validated_by_the_plugins_schema():
+    with pytest.raises(ConfigError, match="webhook: give at least one of url"):
+        config.parse_text("plugins: [kvm_borg_hooks.webhook]\nwebhook: {timeout: 5s}")
+    with pytest.raises(ConfigError, match=r"prefreeze.db.before\[0\]: expected a command string or a list of strings"):
+        config.parse_text("plugins: [kvm_borg_hooks.prefreeze]\nprefreeze: {db: {before: [[]]}}")
+    data = config.parse_text("plugins: [kvm_borg_hooks.prefreeze]\nprefreeze: {db: {before: [sync]}}")
+    assert data["prefreeze"] == {"db": {"before": ["sync"], "after": [], "timeout": 60.0, "required": False}}
+
+
+def test_a_third_party_repository_type_brings_its_own_keys():
+    head = "plugins: [kbtest_plugins.dirstore]\nrepositories: [{name: d, type: directory, path: /srv/d"
+    [repo] = config.parse_text(head + "}]")["repositories"]
+    assert repo == {"name": "d", "type": "directory", "path": "/srv/d", "keep_sparse": True}
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].keep_sparse: expected true or false, got 'maybe'$"):
+        config.parse_text(head + ", keep_sparse: maybe}]")
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].compression: unknown key \(known keys: keep_sparse, "
+                                          r"name, path, type\)$"):
+        config.parse_text(head + ", compression: lz4}]")
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].type: unknown repository type 'directory' "
+                                          r"\(known: borg, restic\)$"):
+        config.parse_text("repositories: [{name: d, type: directory, path: /srv/d}]")
+    with pytest.raises(ConfigError, match=r"known: borg, restic, directory\)$"):
+        config.parse_text("plugins: [kbtest_plugins.dirstore]\nrepositories: [{name: d, type: tape}]")
+
+
+def test_a_key_or_type_two_plugins_claim_is_refused():
+    with pytest.raises(ConfigError, match="plugin b: config key 'x' is already claimed by a"):
+        config_schema.merge_contributions([("a", {"keys": {"x": {}}}), ("b", {"keys": {"x": {}}})])
+    with pytest.raises(ConfigError, match="plugin b: repository type 'borg' is already claimed by a"):
+        config_schema.merge_contributions([("a", {"repository_types": {"borg": {}}}),
+                                           ("b", {"repository_types": {"borg": {}}})])
+    with pytest.raises(ConfigError, match="plugin a: config key 'state_dir' is already claimed by kvm_borg"):
+        config_schema.merge_contributions([("a", {"keys": {"state_dir": {}}})])
+    with pytest.raises(ConfigError, match="plugin a: kvm_borg_config_schema returned unknown part 'types'"):
+        config_schema.merge_contributions([("a", {"types": {}})])
+
+
+def test_the_built_in_backends_contribute_the_borg_and_restic_types():
+    contributions = dict(config.plugin_schema_contributions(make_plugin_manager((), entry_points=False)))
+    assert list(contributions["kvm_borg.backends.borg.schema"]["repository_types"]) == ["borg"]
+    assert list(contributions["kvm_borg.backends.restic.schema"]["repository_types"]) == ["restic"]
+
+
+def test_validation_does_not_change_the_document():
+    document = {"repositories": [{"name": "a", "type": "borg", "path": "/x", "encryption": "none"}]}
+    before = repr(document)
+    config.validate(document)
+    assert repr(document) == before
+
+
+# --- the validated-config cache ---------------------------------------------------------------
+
+CACHED = {"repositories": [{"name": "a", "type": "borg", "path": "/x", "encryption": "none"}]}
+
+
+def _schema():
+    return config.schema_for(make_plugin_manager((), entry_points=False))
+
+
+def test_a_document_validated_before_skips_the_structure_check_and_is_still_normalized(tmp_path, monkeypatch):
+    cache = tmp_path / "run" / "validated"
+    (tmp_path / "run").mkdir(mode=0o700)
+    schema = _schema()
+    first = config_validate.validate(schema, CACHED, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1
+    monkeypatch.setattr(config_validate, "check_structure", lambda *_: pytest.fail("structure checked again"))
+    assert config_validate.validate(schema, CACHED, cache_dir=cache) == first
+    assert first["repositories"][0]["compression"] == "lz4"  # normalized: defaults filled in
+
+
+def test_the_cache_never_remembers_an_invalid_document_nor_confuses_true_with_its_text(tmp_path):
+    cache = tmp_path / "run" / "validated"
+    (tmp_path / "run").mkdir(mode=0o700)
+    schema = _schema()
+    config_validate.validate(schema, {"domains": {"disks_exclude": {"true": ["vda"]}}}, cache_dir=cache)
+    with pytest.raises(ConfigError, match="domains.disks_exclude.True: expected a name"):
+        config_validate.validate(schema, {"domains": {"disks_exclude": {True: ["vda"]}}}, cache_dir=cache)
+    with pytest.raises(ConfigError, match="commit_retries"):
+        config_validate.validate(schema, {"commit_retries": 0}, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1  # only the valid document
+
+
+def test_a_cache_directory_open_to_others_is_not_trusted(tmp_path):
+    parent = tmp_path / "run"
+    parent.mkdir(mode=0o700)
+    cache = parent / "validated"
+    name = config_cache.digest(_schema(), CACHED)
+    config_cache.remember(name, cache)
+    assert config_cache.is_validated(name, cache)
+    os.chmod(cache, 0o777)
+    assert not config_cache.is_validated(name, cache)
+    os.chmod(cache, 0o700)
+    (cache / name).unlink()
+    (cache / name).symlink_to("/etc/hostname")
+    assert not config_cache.is_validated(name, cache)
+
+
+def test_a_missing_required_key_is_named_before_the_rules_across_keys():
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].path: required$"):
+        config.parse_text("repositories: [{name: a, type: borg}]")
+    with pytest.raises(ConfigError, match=r"^repositories\[0\].url: required$"):
+        config.parse_text("repositories: [{name: a, type: restic}]")

@@ -25,7 +25,7 @@ def test_store_timeout_defaults_to_12h_and_takes_a_duration():
 def test_store_timeout_reaches_the_settings(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("store_timeout: 90m\n")
-    assert config.load_settings(str(path)).store_timeout == 5400
+    assert config.load_config(str(path))[0].store_timeout == 5400
 
 
 class FailingConnection:
@@ -43,7 +43,7 @@ class FailingConnection:
 
 
 def test_commit_timeout_bounds_the_whole_merge_and_keeps_the_journal_entry(tmp_path):
-    settings = config.load_settings(str(_config(tmp_path, commit_timeout="1s", commit_retries=50)))
+    settings = config.load_config(str(_config(tmp_path, commit_timeout="1s", commit_retries=50)))[0]
     entry = journal.Entry(domain="web", uuid=str(uuid.uuid4()), disks=[journal.JournalDisk(
         "vda", "/img/web.qcow2", "file", "qcow2", "/img/web.qcow2.kvm-borg-x")])
     journal.write_entry(settings.journal_dir, entry)
@@ -59,7 +59,7 @@ def test_commit_timeout_bounds_the_whole_merge_and_keeps_the_journal_entry(tmp_p
 
 
 def test_a_merge_that_fails_fast_does_not_blame_commit_timeout(tmp_path):
-    settings = config.load_settings(str(_config(tmp_path, commit_timeout="1h", commit_retries=1)))
+    settings = config.load_config(str(_config(tmp_path, commit_timeout="1h", commit_retries=1)))[0]
     entry = journal.Entry(domain="web", uuid=str(uuid.uuid4()), disks=[])
     connection = FailingConnection()
     with pytest.raises(CommitError) as info:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from importlib import resources
-
 from kvm_borg.actions.common import Context, backend_for, check_passphrase_file
 
 
-def sample_config() -> str:
-    """Return the commented sample configuration (valid as it stands)."""
-    return resources.files("kvm_borg").joinpath("config_sample.yaml").read_text(encoding="utf-8")
+def print_sample() -> int:
+    """Print the commented sample configuration generated from the schema (valid as it stands); return 0."""
+    from kvm_borg import config_docs
+
+    print(config_docs.sample_config(*config_docs.documented_schema()), end="")
+    return 0
 
 
 def validate_config(ctx: Context) -> str:
@@ -27,6 +28,6 @@ def add_arguments(subparsers) -> None:
     config = subparsers.add_parser("config", help="generate or validate the configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     generate = config_sub.add_parser("generate", help="print a commented sample configuration")
-    generate.set_defaults(run=lambda _ctx, _args: print(sample_config(), end="") or 0, needs_settings=False)
+    generate.set_defaults(run=lambda _ctx, _args: print_sample(), needs_settings=False)
     validate = config_sub.add_parser("validate", help="check the configuration file and its plugins")
     validate.set_defaults(run=lambda ctx, _args: print(validate_config(ctx)) or 0)

@@ -17,7 +17,8 @@ from datetime import datetime, timezone
 from kvm_borg import archive_choice, run_record, run_state
 from kvm_borg.pipeline.archive import host_for
 from kvm_borg.actions.common import Context, print_json, resolve_domains, usable_repositories
-from kvm_borg.config import parse_duration, select_repositories
+from kvm_borg.config import select_repositories
+from kvm_borg.config_formats import parse_duration
 from kvm_borg.errors import ConfigError, UsageError
 
 

@@ -5,5 +5,7 @@ DEFAULT_PLUGINS = (
     "kvm_borg.default_plugins.libvirt_snapshot",
     "kvm_borg.backends.borg",
     "kvm_borg.backends.restic",
+    "kvm_borg.backends.borg.schema",
+    "kvm_borg.backends.restic.schema",
     "kvm_borg.default_plugins.freeze_exposure",
 )
