@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import sys
@@ -104,14 +105,17 @@ def probed_backup(bench: v.Bench, repo: Path) -> dict:
 def measure(conn: libvirt.virConnect, workdir: Path, name: str, runs: int, data_mib: int, disk_mib: int,
             uri: str = "qemu:///system") -> dict:
     """Given a libvirt connection, a scratch directory, a domain name and the sizes, build the small domain,
-    run `runs` paired rounds and remove the domain; return the figures (JSON-ready)."""
+    run `runs` paired rounds and remove the domain; return the figures (JSON-ready; `load`: the 1-minute
+    load average at the start and at the end)."""
     remove_domain(conn, name)
+    load_at_start = os.getloadavg()[0]
     try:
         domain = build_reference_domain(conn, workdir / "fixed-ref", name, data_mib, disk_mib)
         bench = v.Bench(domain, workdir, uri=uri)
         pairs = paired_runs(bench, runs, lambda repo: probed_backup(bench, repo))
         return {"runs": runs, "data": domain.data_bytes, "disk": domain.disk_bytes,
-                "image": domain.disk.stat().st_size, "plain": pairs["plain"], "kvm-borg": pairs["kvm-borg"]}
+                "image": domain.disk.stat().st_size, "plain": pairs["plain"], "kvm-borg": pairs["kvm-borg"],
+                "load": [load_at_start, os.getloadavg()[0]]}
     finally:
         remove_domain(conn, name)
 
@@ -163,7 +167,8 @@ def render(figures: dict, command: str, machine: str) -> str:
 
 Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `{command}`.
 
-Machine: {machine}.
+Machine: {machine}; 1-minute load average {figures['load'][0]:.1f} at the start, {figures['load'][1]:.1f} at the end
+(on a busy machine every stretch grows: compare runs made at the same load).
 
 A small running domain: one qcow2 disk ({figures['disk'] / 2**20:.0f} MiB virtual, {figures['image'] / 2**20:.0f} MiB
 image file) holding an ext4 with {figures['data'] / 2**20:.0f} MiB of real files. {figures['runs']} rounds; in each,
