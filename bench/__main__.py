@@ -1,5 +1,13 @@
-"""`python -m bench`: the whole benchmark suite (bench/suite.py)."""
+"""`python -m bench`: the whole benchmark suite (bench/suite.py); `python -m bench fixed-cost [...]`: only
+the fixed-cost case (bench/fixed_cost.py)."""
 
-from bench.suite import main
+import sys
+
+if sys.argv[1:2] == ["fixed-cost"]:
+    from bench.fixed_cost import main
+
+    raise SystemExit(main(sys.argv[2:]))
+
+from bench.suite import main  # noqa: E402
 
 raise SystemExit(main())

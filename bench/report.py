@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from bench import fixed_cost
+
 MiB = 1 << 20
 
 LABELS = {
@@ -108,6 +110,13 @@ def targets(results) -> list[dict]:
                                f"{fig['borg-extract']['throughput'] / MiB:.0f} MiB/s); allocated {_mib(k['allocated'])} "
                                f"of {_mib(k['size'])} MiB" + ("" if sparse else " — NOT sparse") + durable,
                      "met": fig["ratio"] >= 0.8 and sparse})
+    if results.get("fixed_cost"):
+        rows += fixed_cost.targets(results["fixed_cost"])
+    else:
+        rows += [{"target": f"kvm-borg's own fixed cost per backup ≤ {fixed_cost.FIXED_COST_TARGET_S:.2f} s (median)",
+                  "figure": "-", "met": None},
+                 {"target": f"kvm-borg backup of a small domain ≤ {fixed_cost.OVERHEAD_TARGET:.2f} × the plain "
+                            "sequence (medians)", "figure": "-", "met": None}]
     return rows
 
 
@@ -276,6 +285,19 @@ def _guest_section(results) -> str:
             "phase of the backup. Details per run: [guest-impact.md](guest-impact.md).\n\n" + "\n".join(lines) + "\n")
 
 
+def _fixed_cost_section(results) -> str:
+    figures = results.get("fixed_cost")
+    if not figures:
+        return ""
+    s = fixed_cost.summary(figures)
+    return ("## Fixed cost (case 10)\n\n"
+            f"A small domain ({figures['image'] / MiB:,.0f} MiB image), {figures['runs']} paired rounds: kvm-borg's own "
+            f"fixed cost per backup (start → first libvirt call, plus after the last repository stored → exit, "
+            f"without the merge back) **{s['fixed'] * 1000:.0f} ms** median ({s['head'] * 1000:.0f} ms before the first "
+            f"libvirt call); `kvm-borg backup` {s['kvm-borg']:.2f} s against the plain sequence's {s['plain']:.2f} s "
+            f"({s['overhead']:.3f} ×). Every stretch of every run: [fixed-cost.md](fixed-cost.md).\n")
+
+
 def render(results, plots: bool) -> str:
     ref = results.get("reference")
     ref_text = "-"
@@ -298,7 +320,7 @@ def render(results, plots: bool) -> str:
     if plots:
         figures = "## Plots\n\n" + "\n\n".join(f"![{p}]({p})" for p in PLOTS) + "\n\n"
     sections = [_full_section(results), _repeat_section(results), _restore_section(results),
-                _commit_section(results), _guest_section(results)]
+                _commit_section(results), _guest_section(results), _fixed_cost_section(results)]
     return (f"# kvm-borg benchmark suite\n\nGenerated {results.get('started', '?')} by\n`{results['command']}`\n"
             f"(the whole suite took {results.get('seconds', 0) / 60:.1f} min).\n\n"
             f"Machine: {results.get('machine', '?')}; {versions}.\n\nReference domain: {ref_text}. Repositories are "
@@ -409,7 +431,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def write(results, out_dir: Path, plots: bool = True) -> list[Path]:
-    """Write suite.md (+ guest-impact.md, + the plots); return the files written."""
+    """Write suite.md (+ guest-impact.md, fixed-cost.md, the plots); return the files written."""
     files = []
     if plots:
         files += plot(results, out_dir)
@@ -425,4 +447,8 @@ def write(results, out_dir: Path, plots: bool = True) -> list[Path]:
     if guest.get("report"):
         (out_dir / "guest-impact.md").write_text(guest["report"])
         files.append(out_dir / "guest-impact.md")
+    if results.get("fixed_cost"):
+        (out_dir / "fixed-cost.md").write_text(
+            fixed_cost.render(results["fixed_cost"], results["command"], results.get("machine", "?")))
+        files.append(out_dir / "fixed-cost.md")
     return files

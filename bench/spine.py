@@ -37,24 +37,13 @@ def main(argv=None) -> int:
     name = "kvm-borg-bench-spine"
     remove_domain(conn, name)
     workdir = prepare_workdir(args.workdir)
-    times = {"plain": [], "kvm-borg": []}
     try:
         domain = build_reference_domain(conn, workdir / "ref", name, args.data_mib, args.disk_mib)
         image_bytes = domain.disk.stat().st_size
         bench = v.Bench(domain, workdir)
-        for n in range(args.runs):
-            order = ("plain", "kvm-borg") if n % 2 == 0 else ("kvm-borg", "plain")
-            for variant in order:
-                repo = v.init_borg(bench, workdir / f"repo-{variant}-{n}")
-                evict_cache(domain.disk)  # cold, as in the suite: borg drops what it reads from the cache
-                if variant == "plain":
-                    seconds = timed(lambda: v.plain_borg(bench, repo))
-                else:
-                    config = v.kvm_borg_config(bench, repo, "borg")
-                    seconds = timed(lambda: v.kvm_borg_backup(bench, config))
-                times[variant].append(seconds)
-                shutil.rmtree(repo)
-                print(f"run {n + 1}/{args.runs} {variant:<9} {seconds:7.2f}s", flush=True)
+        runs = paired_runs(bench, args.runs, lambda repo: {"seconds": timed(
+            lambda: v.kvm_borg_backup(bench, v.kvm_borg_config(bench, repo, "borg")))})
+        times = {variant: [r["seconds"] for r in rows] for variant, rows in runs.items()}
         description = machine_description(conn)
     finally:
         remove_domain(conn, name)
@@ -65,6 +54,31 @@ def main(argv=None) -> int:
     args.out.write_text(report)
     print(report)
     return 0 if median(times["kvm-borg"]) <= 1.10 * median(times["plain"]) else 1
+
+
+def paired_runs(bench: v.Bench, runs: int, kvm_borg_backup, cold: bool = True) -> dict[str, list[dict]]:
+    """Given a Bench, a number of runs and `kvm_borg_backup(repo) -> {"seconds": ..., ...}` (one kvm-borg
+    backup into the fresh borg repository `repo`), back up the domain `runs` times with the
+    plain sequence and with kvm-borg, alternating order (ABBA), each into a fresh repository, the image
+    dropped from the page cache first when `cold`; return {"plain": [...], "kvm-borg": [...]}, one dict
+    with at least "seconds" per run."""
+    results = {"plain": [], "kvm-borg": []}
+    for n in range(runs):
+        for variant in ("plain", "kvm-borg") if n % 2 == 0 else ("kvm-borg", "plain"):
+            repo = v.init_borg(bench, bench.workdir / f"repo-{variant}-{n}")
+            if cold:  # as in the suite: borg drops what it reads from the cache
+                evict_cache(bench.domain.disk)
+            try:
+                if variant == "plain":
+                    out = {"seconds": timed(lambda: v.plain_borg(bench, repo))}
+                else:
+                    out = kvm_borg_backup(repo)
+            finally:
+                shutil.rmtree(repo, ignore_errors=True)
+                repo.with_name(repo.name + ".config.yaml").unlink(missing_ok=True)
+            results[variant].append(out)
+            print(f"run {n + 1}/{runs} {variant:<9} {out['seconds']:7.2f}s", flush=True)
+    return results
 
 
 def render(args, description, image_bytes, data_bytes, times, ratios) -> str:

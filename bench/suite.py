@@ -15,9 +15,12 @@ copied from /usr, then measures, each case several times in alternating order:
             archive: throughput and allocated size;
   commit    blockcommit time against the MiB the guest wrote while the backup ran;
   guest     the real test guest (tests/guest): longest write stall during snapshot and commit
-            (bench/guest_impact.py).
+            (bench/guest_impact.py);
+  fixed-cost  kvm-borg's own fixed cost per backup and its paired overhead against the plain
+            sequence, on a small domain of its own (bench/fixed_cost.py, also runnable alone:
+            `python -m bench fixed-cost`).
 
-Writes docs/performance/suite.md, suite.json and the PNG plots; removes every domain, overlay and
+Writes docs/performance/suite.md, suite.json, fixed-cost.md and the PNG plots; removes every domain, overlay and
 repository it made, also on failure or SIGTERM. `--render-only suite.json` redraws the report
 from saved figures. Not part of the test suite (tests/test_bench_smoke.py runs it at tiny sizes).
 """
@@ -38,6 +41,7 @@ from pathlib import Path
 
 import libvirt
 
+from bench import fixed_cost
 from bench import variants as v
 from bench.common import (
     BORG,
@@ -58,7 +62,7 @@ from bench.common import (
     write_extents,
 )
 
-PHASES = ("full", "repeat", "restore", "commit", "guest")
+PHASES = ("full", "repeat", "restore", "commit", "guest", "fixed-cost")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--commit-runs", type=int, default=2, help="backups per amount written")
     p.add_argument("--guest-runs", type=int, default=3, help="backups of the real guest per quiesce mode")
     p.add_argument("--guest-modes", default="auto,off", help="quiesce modes for the guest phase")
+    p.add_argument("--fixed-runs", type=int, default=7, help="paired rounds of the fixed-cost case")
+    p.add_argument("--fixed-data-mib", type=int, default=16, help="real files on the fixed-cost case's small disk (MiB)")
+    p.add_argument("--fixed-disk-mib", type=int, default=128, help="virtual size of that small disk (MiB)")
     p.add_argument("--skip", default="", help=f"comma-separated phases to leave out ({','.join(PHASES)})")
     p.add_argument("--no-virtnbdbackup", action="store_true", help="leave virtnbdbackup out")
     p.add_argument("--no-plots", action="store_true", help="markdown only (no matplotlib needed)")
@@ -314,6 +321,11 @@ def phase_guest(args, results: dict) -> None:
                         "report": guest_impact.render(runs, modes, gargs, description, manifest)}
 
 
+def phase_fixed_cost(conn, workdir: Path, args, results: dict) -> None:
+    results["fixed_cost"] = fixed_cost.measure(conn, workdir / "fixed-cost", f"{args.name}-fixed", args.fixed_runs,
+                                               args.fixed_data_mib, args.fixed_disk_mib, args.uri)
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -368,14 +380,17 @@ def run_suite(args, argv) -> dict:
                     traceback.print_exc()
                     results["errors"][phase] = f"{type(exc).__name__}: {exc}"
             remove_reference(args)
-        if "guest" not in skip:
+        for phase, fn in (("guest", lambda: phase_guest(args, results)),
+                          ("fixed-cost", lambda: phase_fixed_cost(conn, workdir, args, results))):
+            if phase in skip:
+                continue
             try:
-                phase_guest(args, results)
+                fn()
             except Stop:
                 raise
             except Exception as exc:
                 traceback.print_exc()
-                results["errors"]["guest"] = f"{type(exc).__name__}: {exc}"
+                results["errors"][phase] = f"{type(exc).__name__}: {exc}"
     finally:
         remove_reference(args)
         remove_workdir(workdir)

@@ -22,7 +22,8 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
     name = f"kbtest-{run_id}-bench"  # the harness sweeps what a crashed run leaves
     argv = [sys.executable, "-m", "bench", "--data-mib", "8", "--disk-mib", "64", "--runs", "1",
             "--repeat-rounds", "1", "--restore-runs", "1", "--commit-write-mib", "0,8", "--commit-runs", "1",
-            "--guest-runs", "1", "--guest-modes", "auto", "--name", name, "--workdir", str(run_dir / "bench"),
+            "--guest-runs", "1", "--guest-modes", "auto", "--fixed-runs", "1", "--fixed-data-mib", "4",
+            "--fixed-disk-mib", "32", "--name", name, "--workdir", str(run_dir / "bench"),
             "--out-dir", str(out)]
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -39,15 +40,20 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
         rows = [line for line in table.splitlines() if line.startswith(f"| {label}")]
         assert rows and any(c.strip(" *").replace(".", "", 1).isdigit() for c in rows[0].split("|")), label
     for heading in ("## Targets", "## Full backups", "## Repeat runs", "## Restore", "## Blockcommit time",
-                    "## Guest impact", "## Plots"):
+                    "## Guest impact", "## Fixed cost", "## Plots"):
         assert heading in table, heading
     assert "borg, chunker `buzhash,19,23,21,4095`" in table  # case 9
     targets = [line for line in table.split("## Targets")[1].split("##")[0].splitlines() if line.startswith("| ")]
-    assert len(targets) == 1 + 4 and not any("not measured" in line for line in targets), targets
+    assert len(targets) == 1 + 6 and not any("not measured" in line for line in targets), targets
     assert [s["level"] for s in results["repeat"]["steps"]] == [0.0, 1.0, 10.0]
     assert {r["mib"] for r in results["commit"]} == {0, 8}
     assert [r["mode"] for r in results["guest"]["runs"]] == ["auto"]
     assert (out / "guest-impact.md").read_text().startswith("# Guest impact")
+    [fixed] = results["fixed_cost"]["kvm-borg"]
+    assert set(fixed["stretches"]) == {"head", "plan", "snapshot", "store", "store_to_commit", "commit", "tail",
+                                       "fixed", "fixed_with_commit"} and fixed["stretches"]["head"] > 0
+    fixed_table = (out / "fixed-cost.md").read_text()
+    assert fixed_table.startswith("# Fixed cost of a backup") and "| **median** |" in fixed_table
     for png in ("full-backup.png", "repeat-runs.png", "restore-and-commit.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in table

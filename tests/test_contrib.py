@@ -14,7 +14,7 @@ import yaml
 
 from harness import KVM_BORG_BIN, VENV_BIN
 
-from kvm_borg.cli import build_parser
+from kvm_borg.cli_args import build_parser
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 UNITS = sorted((CONTRIB / "systemd").glob("kvm-borg-*.*"))

@@ -1,7 +1,8 @@
 """The `kvm-borg` command line: parse arguments, run one action, map the outcome to an exit code.
 
-Each action module in COMMAND_MODULES registers its own subcommand(s) with `add_arguments`
-and sets `run(ctx, args) -> exit code` as the parser default.
+The arguments are defined in kvm_borg.cli_args (argparse only); each verb names its
+`run(ctx, args) -> exit code` as "module:function", imported here only when that verb runs, so
+`--help` and `--version` import no action, backend or libvirt.
 
 Exit codes: 0 success, 1 success with warnings, 2 error (bad input, refused, failed), 130 when
 interrupted by a signal (after the overlays were merged back).
@@ -13,52 +14,14 @@ does not import libvirt (start-up time): a libvirt error is recognised by its cl
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import sys
 import traceback
 
-from kvm_borg import __version__
+from kvm_borg.cli_args import build_parser
 from kvm_borg.errors import Interrupted, KvmBorgError
 from kvm_borg.redact import RedactingFilter, RedactingStream, redact_text
-
-COMMAND_MODULES = (
-    "kvm_borg.actions.backup",
-    "kvm_borg.actions.recover",
-    "kvm_borg.actions.listing",
-    "kvm_borg.actions.config_cmd",
-    "kvm_borg.actions.doctor",
-    "kvm_borg.actions.prune",
-    "kvm_borg.actions.check",
-    "kvm_borg.actions.status",
-    "kvm_borg.actions.freeze",
-    "kvm_borg.actions.restore",
-    "kvm_borg.actions.verify",
-    "kvm_borg.actions.mount",
-    "kvm_borg.actions.key",
-    "kvm_borg.actions.passthrough",
-)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line, exit 2
-        self.exit(2, f"kvm-borg: error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Return the argument parser with every action module's subcommands."""
-    parser = _Parser(prog="kvm-borg", description="Back up live libvirt domains into Borg or restic.")
-    parser.add_argument("--version", action="version", version=f"kvm-borg {__version__}")
-    parser.add_argument("-c", "--config", help="config file (default: $KVM_BORG_CONFIG or /etc/kvm-borg/config.yaml)")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
-    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_arguments(subparsers)
-    return parser
-
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
@@ -92,18 +55,25 @@ def error_line(exc: BaseException) -> str:
             "(run with --debug for the traceback)")
 
 
+def resolve_run(dotted: str):
+    """Given a verb's "module:function" name, import the module and return the function."""
+    module, _, function = dotted.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def _run(args) -> int:
+    run = resolve_run(args.run)
+    if not getattr(args, "needs_settings", True):
+        return run(None, args)
     from kvm_borg.actions.common import Context
     from kvm_borg.config import load_config
     from kvm_borg.plugins import bind_settings
 
-    if not getattr(args, "needs_settings", True):
-        return args.run(None, args)
     progress = sys.stderr.isatty() and not getattr(args, "no_progress", False) and not getattr(args, "json", False)
     ctx = Context(*load_config(args.config, progress=progress))
     bind_settings(ctx.pm, ctx.settings)
     try:
-        return args.run(ctx, args)
+        return run(ctx, args)
     finally:
         ctx.close()
 

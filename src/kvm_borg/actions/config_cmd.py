@@ -23,6 +23,18 @@ def validate_config(ctx: Context) -> str:
     return f"{where}: valid ({len(settings.repositories)} repositories, {len(settings.plugins)} extra plugins)"
 
 
+def generate_from_args(_ctx: None, _args) -> int:
+    """Run `kvm-borg config generate` (needs no settings): print the sample configuration; return 0."""
+    print(sample_config(), end="")
+    return 0
+
+
+def validate_from_args(ctx: Context, _args) -> int:
+    """Given the Context (its file already parsed and validated), run `kvm-borg config validate`; return 0."""
+    print(validate_config(ctx))
+    return 0
+
+
 def add_arguments(subparsers) -> None:
     """Register `kvm-borg config generate|validate`."""
     config = subparsers.add_parser("config", help="generate or validate the configuration")

@@ -210,6 +210,11 @@ def run_doctor(ctx: Context, round_trip: bool = False, as_json: bool = False) ->
     return 2 if FAIL in statuses else 1 if WARN in statuses else 0
 
 
+def run_from_args(ctx: Context, args) -> int:
+    """Given the Context and the parsed `kvm-borg doctor` arguments, run the checks; return the exit code."""
+    return run_doctor(ctx, round_trip=args.round_trip, as_json=args.json)
+
+
 def add_arguments(subparsers) -> None:
     """Register `kvm-borg doctor`."""
     parser = subparsers.add_parser("doctor", help="check the host, show versions and plugins")

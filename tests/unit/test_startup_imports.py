@@ -1,0 +1,75 @@
+"""`kvm-borg --help`, `--version` and `kvm-borg VERB --help` start fast: they import neither libvirt nor a
+backend nor any heavy library; each verb's run function is imported only when that verb runs."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from kvm_borg import cli, cli_args
+
+HEAVY = ("libvirt", "libvirtmod", "kvm_borg.backends", "kvm_borg.actions", "kvm_borg.engine", "kvm_borg.config",
+         "kvm_borg.plugins", "sh", "tenacity", "ruamel", "yaml", "jsonschema", "fastjsonschema", "pluggy", "rich")
+
+
+def imported_modules(*python_args: str) -> tuple[set[str], subprocess.CompletedProcess]:
+    """Given the arguments of a `python -X importtime ...` run, return (the names of every module it
+    imported, the finished process)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", *python_args], capture_output=True, text=True,
+                          timeout=60)
+    names = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    names.discard("package")  # the header line: "import time: self [us] | cumulative | imported package"
+    return names, proc
+
+
+def heavy_among(names: set[str]) -> set[str]:
+    """Given module names, return those that are, or are inside, one of the HEAVY packages."""
+    return {n for n in names if any(n == h or n.startswith(h + ".") for h in HEAVY)}
+
+
+def verbs(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """Given a parser, yield (command words, leaf parser) for every runnable (sub)command below it."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions:
+        yield path, parser
+    for action in actions:
+        for name, sub in action.choices.items():
+            yield from verbs(sub, path + (name,))
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["backup", "--help"], ["restore", "--help"],
+                                  ["config", "generate", "--help"], ["borg", "--help"]])
+def test_help_and_version_import_no_libvirt_backend_or_heavy_library(argv):
+    names, proc = imported_modules("-m", "kvm_borg.cli", *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert "kvm_borg.cli_args" in names  # the probe sees kvm-borg's own imports
+    assert heavy_among(names) == set()
+    assert proc.stdout.startswith("kvm-borg 0.1.0" if argv == ["--version"] else "usage: kvm-borg")
+
+
+def test_the_probe_sees_a_heavy_import_when_there_is_one():
+    names, proc = imported_modules("-c", "import kvm_borg.cli, kvm_borg.backends, libvirt, sh, tenacity")
+    assert proc.returncode == 0, proc.stderr
+    assert {"libvirt", "libvirtmod", "kvm_borg.backends", "sh", "tenacity"} <= heavy_among(names)
+
+
+def test_every_verb_names_a_run_function_that_exists_and_takes_ctx_and_args():
+    leaves = dict(verbs(cli_args.build_parser()))
+    assert {" ".join(p) for p in leaves} == {
+        "backup", "recover", "list", "init", "config generate", "config validate", "doctor", "prune", "check",
+        "status", "freeze", "thaw", "restore", "verify", "mount", "umount", "key export", "borg", "restic"}
+    for path, parser in leaves.items():
+        run = cli.resolve_run(parser.get_default("run"))
+        assert callable(run), path
+        assert run.__code__.co_argcount == 2, (path, run)  # run(ctx, args)
+    assert leaves["config", "generate"].get_default("needs_settings") is False
+
+
+def test_verify_defaults_in_the_arguments_are_verifys_own():
+    from kvm_borg.actions import verify
+
+    args = cli_args.build_parser().parse_args(["verify", "dom"])
+    assert (args.boot_timeout, args.alive_seconds) == (verify.DEFAULT_BOOT_TIMEOUT, verify.DEFAULT_ALIVE_SECONDS)
