@@ -163,12 +163,18 @@ def _new_dir(workdir: Path, prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
 
 
-def _edited_copy(original: Original, tree: Path, edit: Edit) -> Path:
-    """Copy the original's tree to `tree` (modes and times kept, symlinks as symlinks), let `edit`
-    change the copy and return `tree`."""
+def _variant(original: Original, kind: str, edit: Edit, workdir: Path, name: str | None, host: str | None,
+             when: datetime | None, comment: str | None) -> tuple[str, datetime, str, Path]:
+    """Given an Original and what the crafted archive should be (see craft_borg), copy the original's
+    tree under `workdir` (modes and times kept, symlinks as symlinks) and let `edit` change the copy.
+    Return (name, creation time, comment text, edited tree) of the new archive."""
+    when = when or unique_timestamp()
+    name = name or f"{original.domain}-{kvm_borg_timestamp(when)}"
+    text = comment if comment is not None else rewrite_comment(original.comment, host=host)
+    tree = Path(workdir) / f"{kind}-{name}"
     shutil.copytree(original.tree, tree, symlinks=True)
     edit(Tree(tree))
-    return tree
+    return name, when, text, tree
 
 
 # --- names, times, comments ---------------------------------------------------------------------
@@ -238,10 +244,7 @@ def craft_borg(repo: Path | str, archive: str, edit: Edit, *, workdir: Path, nam
     env = dict(env or borg_env())
     own = original is None
     original = borg_original(repo, archive, workdir=workdir, env=env) if own else _checked(original, archive)
-    when = when or unique_timestamp()
-    name = name or f"{original.domain}-{kvm_borg_timestamp(when)}"
-    text = comment if comment is not None else rewrite_comment(original.comment, host=host)
-    tree = _edited_copy(original, Path(workdir) / f"borg-{name}", edit)
+    name, when, text, tree = _variant(original, "borg", edit, workdir, name, host, when, comment)
     stamp = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + "+00:00"
     escaped = text.replace("{", "{{").replace("}", "}}")  # borg expands {placeholders} in --comment
     _run([BORG_BIN, "create", "--comment", escaped, "--timestamp", stamp, f"{repo}::{name}",
@@ -304,10 +307,7 @@ def craft_restic(repo_url: str, archive: str, edit: Edit, *, workdir: Path, env:
     own = original is None
     original = restic_original(repo_url, archive, workdir=workdir, env=env) if own else _checked(original, archive)
     env = _restic_repository_env(env, repo_url)
-    when = when or unique_timestamp()
-    name = name or f"{original.domain}-{kvm_borg_timestamp(when)}"
-    text = comment if comment is not None else rewrite_comment(original.comment, host=host)
-    tree = _edited_copy(original, Path(workdir) / f"restic-{name}", edit)
+    name, when, text, tree = _variant(original, "restic", edit, workdir, name, host, when, comment)
     size = sum(p.lstat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
     tags = rc.archive_tags(original.domain, name, text, rc.PART_MAIN, size=size)
     argv = [RESTIC_BIN, "backup", "--json", "--host", host or original.hostname,
