@@ -16,6 +16,7 @@ from .cli import (
     restic_env,
     run_borg,
     run_cli,
+    start_borg,
     start_cli,
 )
 from .domains import (

@@ -101,6 +101,14 @@ def run_borg(*args: str | os.PathLike, env: Mapping[str, str] | None = None, tim
     return proc
 
 
+def start_borg(*args: str | os.PathLike, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start the venv's ``borg ARGS...`` with :func:`borg_env` (or ``env``) without waiting (a check
+    that runs while the test does something else). stdin is /dev/null, stdout/stderr are text
+    pipes: read them with ``proc.communicate()``. Return the Popen."""
+    return subprocess.Popen([str(BORG_BIN), *map(str, args)], env=dict(env) if env else borg_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 RESTIC_BIN = Path(shutil.which("restic") or "/usr/bin/restic")
 
 

@@ -1,4 +1,4 @@
-"""The harness's small helpers: `tmpfs` (always unmounted again), `wait_for` and `start_cli`."""
+"""The harness's small helpers: `tmpfs` (always unmounted again), `wait_for`, `start_cli` and `start_borg`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from harness import start_cli, tmpfs, wait_for
+from harness import start_borg, start_cli, tmpfs, wait_for
 from kvm_borg import mountinfo
 
 
@@ -60,3 +60,10 @@ def test_start_cli_runs_kvm_borg_with_pipes_and_the_extra_environment(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.startswith("kvm-borg ") and proc.args[1:] == ["--version"]
+
+
+def test_start_borg_runs_the_venvs_borg_without_waiting(tmp_path):
+    proc = start_borg("check", tmp_path / "no-repository")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "does not exist" in err, (proc.returncode, err)
+    assert proc.args[0].endswith("/borg")
