@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from harness import BORG_BIN, VENV_BIN, DiskSpec, borg_env, qemu_img_compare, run_cli
+from harness import BORG_BIN, VENV_BIN, DiskSpec, qemu_img_compare, run_cli, tmpfs
 from kbtest_plugins.probe import AFTER_SNAPSHOT_LENGTH, AFTER_SNAPSHOT_OFFSET, AFTER_SNAPSHOT_PATTERN
 from support import assert_back_on_own_images, borg_archives, cli_env, extract_archive, write_config
 
@@ -191,10 +191,7 @@ def test_thaw_removes_only_what_freeze_created_never_a_foreign_directory_or_a_mo
     foreign = expose / "old-vm"
     (foreign / "disks").mkdir(parents=True)
     (foreign / "meta.json").write_text("{}")
-    mounted = expose / "scratch"
-    mounted.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mounted)], check=True)
-    try:
+    with tmpfs(expose / "scratch", "1m") as mounted:
         (mounted / "meta.json").write_text("{}")
         (mounted / "disks").mkdir()
         frozen = run_cli("freeze", domain.name, "--expose", expose, "--json", config=config, env=cli_env())
@@ -211,5 +208,3 @@ def test_thaw_removes_only_what_freeze_created_never_a_foreign_directory_or_a_mo
         assert sorted(p.name for p in domain_dir.iterdir()) == ["notes.txt"]  # everything of freeze is gone
         assert (foreign / "meta.json").exists() and (foreign / "disks").is_dir()
         assert str(mounted) in mount_points() and (mounted / "meta.json").exists() and (mounted / "disks").is_dir()
-    finally:
-        subprocess.run(["umount", "-l", str(mounted)], capture_output=True)

@@ -7,12 +7,10 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
-from harness import KVM_BORG_BIN, DiskSpec, run_cli
-from harness.cli import _merged_env
+from harness import DiskSpec, run_cli, start_cli, tmpfs, wait_for
 from support import (
     assert_back_on_own_images,
     borg_archives,
@@ -29,15 +27,9 @@ TWO_DISKS = [DiskSpec("vda", "qcow2", 32), DiskSpec("vdb", "raw", 32)]
 
 def _start_paused_backup(config, domain, pause_file, seconds=120):
     """Start `kvm-borg backup` that pauses right after its snapshot; return the Popen once paused."""
-    env = _merged_env(cli_env(KBTEST_PAUSE_FILE=pause_file, KBTEST_PAUSE_SECONDS=seconds))
-    proc = subprocess.Popen([str(KVM_BORG_BIN), "--config", str(config), "backup", domain.name],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(pause_file):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "backup never reached its snapshot"
-        time.sleep(0.1)
+    proc = start_cli("backup", domain.name, config=config,
+                     env=cli_env(KBTEST_PAUSE_FILE=pause_file, KBTEST_PAUSE_SECONDS=seconds))
+    wait_for(lambda: os.path.exists(pause_file), "the backup's snapshot", timeout=60, proc=proc)
     return proc
 
 
@@ -207,17 +199,12 @@ def test_overlay_deleted_by_hand_of_a_shut_off_domain_is_reported_and_the_disk_p
 
 def _start_backup(config, names, **env):
     """Start `kvm-borg backup NAMES...` with extra environment variables; return the Popen."""
-    return subprocess.Popen([str(KVM_BORG_BIN), "--config", str(config), "backup", *names],
-                            env=_merged_env(cli_env(**env)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start_cli("backup", *names, config=config, env=cli_env(**env))
 
 
 def _wait_for_file(path, proc, what, timeout=120):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"backup never reached {what}"
-        time.sleep(0.1)
+    """Return once the backup `proc` created `path` (it reached `what`); fail if it exits first."""
+    wait_for(lambda: os.path.exists(path), f"the backup to reach {what}", timeout=timeout, proc=proc)
 
 
 def _domains_in_events(events) -> set[str]:
@@ -296,10 +283,7 @@ def test_an_unexpected_exception_in_one_domain_is_one_line_for_it_and_the_run_go
 
 def test_a_full_state_dir_shared_with_the_overlays_never_skips_the_merge(domain_factory, image_dir, tmp_path):
     """ENOSPC in state_dir (journal stage writes) must not skip or delay the blockcommit."""
-    small = image_dir / "small-state"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0755", "tmpfs", str(small)], check=True)
-    try:
+    with tmpfs(image_dir / "small-state", "8m", "mode=0755") as small:
         (small / "overlays").mkdir()
         domain = domain_factory.make(disks=TWO_DISKS)  # started after the mount: QEMU's namespace sees it
         config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", state_dir=str(small / "state"),
@@ -322,8 +306,6 @@ def test_a_full_state_dir_shared_with_the_overlays_never_skips_the_merge(domain_
         assert result["ok"] and any("could not record stage 'committing'" in w for w in result["warnings"])
         assert_back_on_own_images(domain, small / "state")
         assert overlay_files(small) == []
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
 def test_recover_reports_a_corrupt_journal_entry_by_file_and_still_completes_the_others(

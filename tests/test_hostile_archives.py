@@ -1,7 +1,8 @@
 """Hostile archives: real kvm-borg archives, edited and stored again (tests/harness/crafted.py), restored.
 
 One small real archive per repository type is made once for the module (a shut-off two-disk
-domain, borg and restic); every case crafts a variant of it. Each attack aims at names that
+domain, borg and restic) and extracted once; every case crafts a variant of it from a copy of
+that extraction. Each attack aims at names that
 carry a fresh marker (`kbpwn-<hex>`), so the check "nothing was written outside the target"
 is exact even while other tests write to /tmp or /var/lib/libvirt: no path with the marker
 may exist under the aimed-at roots afterwards, the quiet roots (/etc/cron.d, /root) and the
@@ -26,12 +27,15 @@ from harness import DiskSpec, DomainFactory, make_dir, restic_env, run_cli
 from harness.crafted import (
     ATTACK_ROOTS,
     QUIET_ROOTS,
+    Original,
     Tree,
+    borg_original,
     changed,
     craft_borg,
     craft_restic,
     listing,
     marked_paths,
+    restic_original,
     special_files,
 )
 from kvm_borg.restore_plan import safe_file_name
@@ -42,7 +46,8 @@ DISKS = [DiskSpec("vda", "qcow2", 4), DiskSpec("vdb", "raw", 4)]
 
 @dataclass
 class Source:
-    """The module's real archive: one borg and one restic archive of `domain` (shut off)."""
+    """The module's real archive: one borg and one restic archive of `domain` (shut off), each
+    also extracted once (`borg_original`, `restic_original`: what every craft starts from)."""
 
     domain: object
     config: Path
@@ -51,6 +56,8 @@ class Source:
     borg_archive: str
     restic_archive: str
     work: Path
+    borg_original: Original
+    restic_original: Original
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +77,11 @@ def source(libvirt_conn, run_dir, run_id, tmp_path_factory):
         proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env())
         assert proc.returncode == 0, proc.stderr
         stores = {s["repository"]: s["archive"] for s in json.loads(proc.stdout)["domains"][0]["stores"]}
+        originals = tmp / "originals"
         yield Source(domain, config, tmp / "borg-repo", str(tmp / "restic-repo"), stores["borg"], stores["restic"],
-                     work)
+                     work, borg_original(tmp / "borg-repo", stores["borg"], workdir=originals),
+                     restic_original(str(tmp / "restic-repo"), stores["restic"], workdir=originals,
+                                     env=restic_env(cache_dir=tmp / "restic-cache")))
     finally:
         errors = factory.cleanup()
         shutil.rmtree(work, ignore_errors=True)
@@ -81,9 +91,10 @@ def source(libvirt_conn, run_dir, run_id, tmp_path_factory):
 def craft(source: Source, kind: str, edit, tmp_path: Path, **kw) -> str:
     """Craft a variant of the module's `kind` ("borg"/"restic") archive; return its name."""
     if kind == "borg":
-        return craft_borg(source.borg_repo, source.borg_archive, edit, workdir=tmp_path / "craft", **kw)
+        return craft_borg(source.borg_repo, source.borg_archive, edit, workdir=tmp_path / "craft",
+                          original=source.borg_original, **kw)
     return craft_restic(source.restic_url, source.restic_archive, edit, workdir=tmp_path / "craft",
-                        env=restic_env(cache_dir=tmp_path / "restic-cache"), **kw)
+                        env=restic_env(cache_dir=tmp_path / "restic-cache"), original=source.restic_original, **kw)
 
 
 class Watch:

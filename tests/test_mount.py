@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness import DiskSpec, run_cli
-from harness.crafted import Tree, craft_borg
+from harness.crafted import Original, Tree, borg_original, craft_borg
 from kvm_borg import mountinfo
 from support import cli_env, write_config
 
@@ -305,15 +305,16 @@ def test_mount_honours_no_setuid_device_node_or_exec_and_other_users_cannot_reac
     assert not mountpoint.exists()
 
 
-def store_crafted_archive(repo: Path, original: str, name: str, workdir: Path, edit) -> str:
-    """Store a copy of `original` (a real kvm-borg archive) as archive `name`, its files changed by
-    `edit(root, meta_path, meta)`, which returns the meta.json to write (harness.crafted does the rest)."""
+def store_crafted_archive(repo: Path, original: Original, name: str, workdir: Path, edit) -> str:
+    """Store a copy of `original` (a real kvm-borg archive, extracted once by `borg_original`) as
+    archive `name`, its files changed by `edit(root, meta_path, meta)`, which returns the meta.json
+    to write (harness.crafted does the rest)."""
 
     def edit_tree(tree: Tree) -> None:
         meta_path = tree.meta_path()
         meta_path.write_text(json.dumps(edit(tree.root, meta_path, tree.meta())))
 
-    return craft_borg(repo, original, edit_tree, workdir=workdir, name=name)
+    return craft_borg(repo, original.archive, edit_tree, workdir=workdir, name=name, original=original)
 
 
 def host_secret_image(tmp_path: Path) -> Path:
@@ -384,8 +385,9 @@ def test_mount_refuses_hostile_archives_and_leaves_nothing_mounted(domain_factor
     mountpoint = image_dir / "mnt"
     mountpoint.mkdir(mode=0o700)
     failures = {}
+    extracted = borg_original(repo, original, workdir=tmp_path / "original")
     for case, (edit, message) in cases.items():
-        archive = store_crafted_archive(repo, original, f"crafted-{case}", tmp_path / "crafted", edit)
+        archive = store_crafted_archive(repo, extracted, f"crafted-{case}", tmp_path / "crafted", edit)
         proc = run_cli("mount", domain.name, mountpoint, "--archive", archive, config=config, env=cli_env())
         errors = [line for line in proc.stderr.splitlines() if line.startswith("kvm-borg: error:")]
         leftovers = our_leftovers(mountpoint, state_dir)

@@ -22,8 +22,17 @@ import libvirt
 import pytest
 
 from guest import build
-from harness import KVM_BORG_BIN, inactive_sources, live_sources, run_cli
-from harness.cli import _merged_env
+from harness import (
+    BORG_BIN,
+    borg_env,
+    inactive_sources,
+    live_sources,
+    run_cli,
+    start_borg,
+    start_cli,
+    tmpfs,
+    wait_for,
+)
 from support import borg, cli_env, journal_entries, overlay_files, write_config, write_passphrase
 
 pytestmark = pytest.mark.slow
@@ -69,11 +78,12 @@ def scenario(guest_factory, image_dir, tmp_path, libvirt_conn):
     def make(fmt="qcow2", data_disk=None, repositories=None, init=True, **settings) -> Scenario:
         kwargs = {"data_disk": data_disk} if data_disk else {}
         guest = guest_factory(fmt=fmt, size_mib=64, **kwargs)
-        build.wait_for_agent(guest.dom, 90)
-        build.wait_for_progress(guest.console_log, 5, 60)
         repo = tmp_path / "repo"
+        # The repository is initialised while the guest boots (TCG: seconds), not after.
         config = write_config(image_dir / "kb", repo_path=repo, repositories=repositories, init=init,
                               plugins=[], **settings)
+        build.wait_for_agent(guest.dom, 90)
+        build.wait_for_progress(guest.console_log, 5, 60)
         return Scenario(guest, libvirt_conn, config, image_dir / "kb" / "state", repo, tmp_path)
 
     return make
@@ -81,18 +91,7 @@ def scenario(guest_factory, image_dir, tmp_path, libvirt_conn):
 
 def start_backup(sc: Scenario, failpoint: str | None = None) -> subprocess.Popen:
     extra = {"KVM_BORG_FAILPOINT": failpoint} if failpoint else {}
-    return subprocess.Popen([str(KVM_BORG_BIN), "--config", str(sc.config), "backup", sc.guest.name, "--json"],
-                            env=_merged_env(cli_env(**extra)), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(predicate, what: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"kvm-borg exited {proc.returncode} before {what}: {proc.communicate()}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+    return start_cli("backup", sc.guest.name, "--json", config=sc.config, env=cli_env(**extra))
 
 
 def pause_at(sc: Scenario, point: str) -> tuple[subprocess.Popen, Path]:
@@ -121,7 +120,17 @@ def on_overlay(sc: Scenario) -> bool:
     return ".kvm-borg-" in sources["vda"]
 
 
-def settle_and_verify(sc: Scenario, row: dict, *, repo_checked: bool = True) -> None:
+def write_until_the_guest_pauses(sc: Scenario, proc: subprocess.Popen) -> None:
+    """Given a scenario whose overlays sit on a 4 MiB file system and the backup holding them, let the
+    guest write 12 MiB and return once QEMU has paused it on the write error (ENOSPC)."""
+    build.agent_command(sc.dom, "guest-exec", {
+        "path": "/bin/sh", "arg": ["-c", "dd if=/dev/urandom of=/data/fill bs=1M count=12 conv=fsync"]})
+    wait_for(lambda: sc.dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR],
+             "the guest to pause on ENOSPC", timeout=120, proc=proc)
+    sc.note_console()
+
+
+def settle_and_verify(sc: Scenario, row: dict) -> None:
     """The invariants every fault must leave, filling the report row as they are shown."""
     sc.note_console()
     dom, disk = sc.dom, str(sc.guest.data_disk)
@@ -145,22 +154,27 @@ def settle_and_verify(sc: Scenario, row: dict, *, repo_checked: bool = True) -> 
     nxt = run_cli("backup", sc.guest.name, "--json", config=sc.config, env=cli_env())
     assert nxt.returncode in (0, 1), nxt.stderr
     assert json.loads(nxt.stdout)["domains"][0]["ok"]
-    # ... and no record the guest reported is missing from its image.
-    sc.note_console()
-    dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
-    build.wait_for_shutoff(dom, 90)
-    sc.note_console()
-    check = build.check_records(build.read_records(sc.guest.data_disk))
-    lost = max(0, sc.max_seen - (check.last_seq or 0))
-    row["records_lost"] = lost
-    assert check.gap_free, check.errors
-    assert lost == 0, f"guest reported seq {sc.max_seen}, image ends at {check.last_seq}"
-    if repo_checked:
-        result = borg("check", sc.repo, check=False)
-        row["repo_check"] = "ok" if result.returncode == 0 else f"FAILED ({result.returncode})"
-        assert result.returncode == 0, result.stderr
-    else:
-        row["repo_check"] = "n/a (unreachable)"
+    # That was the repository's last write: `borg check` runs while the guest shuts down.
+    repo_check = start_borg("check", sc.repo)
+    try:
+        # ... and no record the guest reported is missing from its image ...
+        sc.note_console()
+        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+        build.wait_for_shutoff(dom, 90)
+        sc.note_console()
+        check = build.check_records(build.read_records(sc.guest.data_disk))
+        lost = max(0, sc.max_seen - (check.last_seq or 0))
+        row["records_lost"] = lost
+        assert check.gap_free, check.errors
+        assert lost == 0, f"guest reported seq {sc.max_seen}, image ends at {check.last_seq}"
+    except BaseException:
+        repo_check.kill()
+        repo_check.communicate()
+        raise
+    # ... and the repository checks clean.
+    _, stderr = repo_check.communicate(timeout=600)
+    row["repo_check"] = "ok" if repo_check.returncode == 0 else f"FAILED ({repo_check.returncode})"
+    assert repo_check.returncode == 0, stderr
 
 
 # --- SIGKILL of kvm-borg at each stage -------------------------------------------------------------
@@ -282,25 +296,16 @@ def test_domain_shut_down_mid_backup_is_merged_offline(scenario, report_row):
 def test_overlay_file_system_full_pauses_the_guest_which_is_resumed_after_the_commit(scenario, image_dir,
                                                                                     report_row):
     report_row["fault"] = "overlay file system full"
-    overlay_dir = image_dir / "small-overlays"
-    overlay_dir.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(overlay_dir)], check=True)
-    try:
+    with tmpfs(image_dir / "small-overlays", "4m", "mode=0755") as overlay_dir:
         sc = scenario(overlay_dir=str(overlay_dir), overlay_min_free="1MiB")
         sc.extra_dirs.append(overlay_dir)
         proc, pause = pause_at(sc, "storing")
-        build.agent_command(sc.dom, "guest-exec", {
-            "path": "/bin/sh", "arg": ["-c", "dd if=/dev/urandom of=/data/fill bs=1M count=12 conv=fsync"]})
-        wait_for(lambda: sc.dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR],
-                 "the guest to pause on ENOSPC", timeout=120, proc=proc)
-        sc.note_console()
+        write_until_the_guest_pauses(sc, proc)
         rc, out, err = finish(proc, pause)
         assert rc == 1, err  # success, with the warning that the guest was resumed
         assert "paused by a write error" in out
         assert sc.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         settle_and_verify(sc, report_row)
-    finally:
-        subprocess.run(["umount", "-l", str(overlay_dir)], capture_output=True)
 
 
 # --- the repository fails -------------------------------------------------------------------------
@@ -338,8 +343,7 @@ def test_repository_lock_held_by_another_process(scenario, tmp_path, report_row)
     report_row["fault"] = "repository lock held by another process"
     sc = scenario(repositories=[{"name": "main", "type": "borg", "path": str(tmp_path / "repo"), "lock_wait": 2,
                                  "passphrase_file": str(write_passphrase(tmp_path / "pass"))}])
-    holder = subprocess.Popen(["/bin/sh", "-c", f"exec {borg_binary()} with-lock {sc.repo} sleep 60"],
-                              env=borg_env_for_tests())
+    holder = subprocess.Popen(["/bin/sh", "-c", f"exec {BORG_BIN} with-lock {sc.repo} sleep 60"], env=borg_env())
     try:
         wait_for(lambda: any((sc.repo / name).exists() for name in ("lock.exclusive", "lock.roster")),
                  "the lock to be taken", timeout=30)
@@ -378,10 +382,7 @@ def test_wrong_passphrase(scenario, report_row):
 
 def test_repository_disk_full(scenario, image_dir, report_row):
     report_row["fault"] = "repository disk full"
-    small = image_dir / "small-repo-fs"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(small)], check=True)
-    try:
+    with tmpfs(image_dir / "small-repo-fs", "24m") as small:
         disk = make_bulky_data_disk(image_dir / "bulky.raw", 256, 64)
         sc = scenario(fmt="raw", data_disk=disk, repositories=None)
         full_repo = small / "repo"
@@ -394,8 +395,6 @@ def test_repository_disk_full(scenario, image_dir, report_row):
         assert result.returncode == 0, result.stderr  # a full disk does not damage the repository
         write_config(config.parent, repo_path=sc.repo, plugins=[])
         settle_and_verify(sc, report_row)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
 # --- libvirtd and concurrency --------------------------------------------------------------------
@@ -444,18 +443,6 @@ def test_two_backups_of_the_same_domain_at_once(scenario, report_row):
     assert rc == 0, err
     report_row["runs"] = 2
     settle_and_verify(sc, report_row)
-
-
-def borg_binary() -> str:
-    from harness import BORG_BIN
-
-    return str(BORG_BIN)
-
-
-def borg_env_for_tests() -> dict:
-    from harness import borg_env
-
-    return borg_env()
 
 
 def test_overlay_deleted_by_hand_while_the_domain_runs_on_it(scenario, report_row):
@@ -530,20 +517,13 @@ def fill_to_the_last_page(path: Path) -> None:
 def test_full_file_system_shared_by_state_dir_and_overlays_still_merges_and_resumes(scenario, image_dir,
                                                                                     report_row):
     report_row["fault"] = "state_dir and overlays on one full file system"
-    small = image_dir / "small-state"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(small)], check=True)
-    try:
+    with tmpfs(image_dir / "small-state", "4m", "mode=0755") as small:
         (small / "overlays").mkdir()
         sc = scenario(state_dir=str(small / "state"), overlay_dir=str(small / "overlays"), overlay_min_free="1MiB")
         sc.state = small / "state"
         sc.extra_dirs.append(small)
         proc, pause = pause_at(sc, "storing")
-        build.agent_command(sc.dom, "guest-exec", {
-            "path": "/bin/sh", "arg": ["-c", "dd if=/dev/urandom of=/data/fill bs=1M count=12 conv=fsync"]})
-        wait_for(lambda: sc.dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR],
-                 "the guest to pause on ENOSPC", timeout=120, proc=proc)
-        sc.note_console()
+        write_until_the_guest_pauses(sc, proc)
         fill_to_the_last_page(small / "filler")  # QEMU's failed cluster may have left a few pages free
         rc, out, err = finish(proc, pause)
         (small / "filler").unlink()  # room again for the next backup's overlay
@@ -554,8 +534,6 @@ def test_full_file_system_shared_by_state_dir_and_overlays_still_merges_and_resu
         assert sc.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING  # not left paused
         assert not on_overlay(sc)
         settle_and_verify(sc, report_row)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
 
 def test_corrupt_journal_entry_beside_a_good_one_is_reported_and_the_good_one_recovered(scenario, report_row):

@@ -3,7 +3,7 @@
 Fixtures live in tests/conftest.py (libvirt_conn, run_id, run_dir, image_dir,
 domain_factory, borg_repo); the helpers are importable from here::
 
-    from harness import DiskSpec, hmp_write, image_has_pattern, qemu_img_compare
+    from harness import DiskSpec, hmp_write, image_has_pattern, qemu_img_compare, tmpfs
 """
 
 from .cli import (
@@ -16,6 +16,8 @@ from .cli import (
     restic_env,
     run_borg,
     run_cli,
+    start_borg,
+    start_cli,
 )
 from .domains import (
     DiskSpec,
@@ -45,6 +47,8 @@ from .images import (
     read_guest_bytes,
     verify_fill,
 )
+from .mounts import tmpfs
 from .runs import DOMAIN_PREFIX, TEST_ROOT, claim_run_dir, make_dir, new_run_id, sweep_stale
+from .waits import wait_for
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -26,6 +26,23 @@ def _merged_env(env: Mapping[str, str] | None) -> dict[str, str]:
     return merged
 
 
+def _cli_argv(args, config) -> list[str]:
+    """Given CLI arguments and an optional config path, return the argv of the venv's kvm-borg."""
+    if not KVM_BORG_BIN.exists():
+        raise FileNotFoundError(f"{KVM_BORG_BIN} not found: run 'sudo bash scripts/setup.sh --dev'")
+    return [str(KVM_BORG_BIN), *(["--config", str(config)] if config is not None else []), *map(str, args)]
+
+
+def start_cli(*args: str | os.PathLike, config: str | os.PathLike | None = None,
+              env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start ``kvm-borg [--config CONFIG] ARGS...`` without waiting (for a test that acts while it runs).
+
+    ``env`` is added to the current environment, stdin is /dev/null, stdout/stderr are text pipes:
+    read them with ``proc.communicate()``. Return the Popen."""
+    return subprocess.Popen(_cli_argv(args, config), env=_merged_env(env), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def run_cli(*args: str | os.PathLike, config: str | os.PathLike | None = None,
             env: Mapping[str, str] | None = None, timeout: float = 600, check: bool = False,
             input: str | None = None, cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
@@ -35,12 +52,7 @@ def run_cli(*args: str | os.PathLike, config: str | os.PathLike | None = None,
     current environment.  With ``check`` a non-zero exit raises AssertionError that
     shows the output.  The output is also printed so pytest shows it on failure.
     """
-    if not KVM_BORG_BIN.exists():
-        raise FileNotFoundError(f"{KVM_BORG_BIN} not found: run 'sudo bash scripts/setup.sh --dev'")
-    cmd = [str(KVM_BORG_BIN)]
-    if config is not None:
-        cmd += ["--config", str(config)]
-    cmd += [str(a) for a in args]
+    cmd = _cli_argv(args, config)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_merged_env(env), timeout=timeout,
                           input=input, stdin=None if input is not None else subprocess.DEVNULL, cwd=cwd)
     print(f"$ {' '.join(cmd)}  -> exit {proc.returncode}\n--- stdout\n{proc.stdout}--- stderr\n{proc.stderr}")
@@ -87,6 +99,14 @@ def run_borg(*args: str | os.PathLike, env: Mapping[str, str] | None = None, tim
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
     return proc
+
+
+def start_borg(*args: str | os.PathLike, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start the venv's ``borg ARGS...`` with :func:`borg_env` (or ``env``) without waiting (a check
+    that runs while the test does something else). stdin is /dev/null, stdout/stderr are text
+    pipes: read them with ``proc.communicate()``. Return the Popen."""
+    return subprocess.Popen([str(BORG_BIN), *map(str, args)], env=dict(env) if env else borg_env(),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 RESTIC_BIN = Path(shutil.which("restic") or "/usr/bin/restic")

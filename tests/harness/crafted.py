@@ -22,6 +22,10 @@ Usage::
     name = craft_borg(repo, archive, edit, workdir=tmp_path / "craft")
     name = craft_restic(repo_url, archive, edit, workdir=tmp_path / "craft", env=restic_env())
 
+A module that crafts many variants of one archive extracts it once (`borg_original`,
+`restic_original`) and passes the `Original` to every craft, which then copies the extracted
+tree instead of reading the archive again.
+
 The listing helpers (`listing`, `marked_paths`, `changed`) compare the host paths an attacker
 would aim at before and after a restore; see `ATTACK_ROOTS` and `QUIET_ROOTS`.
 """
@@ -34,6 +38,7 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -130,6 +135,48 @@ class Tree:
 Edit = Callable[[Tree], None]
 
 
+@dataclass(frozen=True)
+class Original:
+    """A real archive extracted once: `tree` (never edited: every craft edits a copy), the
+    archive's kvm-borg `comment` (JSON text), and for restic the main snapshot's `hostname`."""
+
+    archive: str
+    tree: Path
+    comment: str
+    hostname: str | None = None
+
+    @property
+    def domain(self) -> str:
+        return json.loads(self.comment)["domain"]
+
+
+def _checked(original: Original, archive: str) -> Original:
+    """Return `original` if it is the extraction of `archive`, else raise ValueError."""
+    if original.archive != archive:
+        raise ValueError(f"the original given is archive {original.archive}, not {archive}")
+    return original
+
+
+def _new_dir(workdir: Path, prefix: str) -> Path:
+    """Return a new, empty directory under `workdir` (created) whose name starts with `prefix`."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+
+
+def _variant(original: Original, kind: str, edit: Edit, workdir: Path, name: str | None, host: str | None,
+             when: datetime | None, comment: str | None) -> tuple[str, datetime, str, Path]:
+    """Given an Original and what the crafted archive should be (see craft_borg), copy the original's
+    tree under `workdir` (modes and times kept, symlinks as symlinks) and let `edit` change the copy.
+    Return (name, creation time, comment text, edited tree) of the new archive."""
+    when = when or unique_timestamp()
+    name = name or f"{original.domain}-{kvm_borg_timestamp(when)}"
+    text = comment if comment is not None else rewrite_comment(original.comment, host=host)
+    tree = Path(workdir) / f"{kind}-{name}"
+    shutil.copytree(original.tree, tree, symlinks=True)
+    edit(Tree(tree))
+    return name, when, text, tree
+
+
 # --- names, times, comments ---------------------------------------------------------------------
 
 
@@ -175,29 +222,36 @@ def borg_comment(repo: Path | str, archive: str, env: Mapping[str, str] | None =
     return json.loads(proc.stdout)["archives"][0]["comment"]
 
 
+def borg_original(repo: Path | str, archive: str, *, workdir: Path,
+                  env: Mapping[str, str] | None = None) -> Original:
+    """Given a real kvm-borg borg archive, extract it into a new directory under `workdir` (created)
+    and return the Original."""
+    env = dict(env or borg_env())
+    tree = _new_dir(workdir, f"original-borg-{archive}-")
+    _run([BORG_BIN, "extract", "--sparse", f"{repo}::{archive}"], env=env, cwd=tree)
+    return Original(archive, tree, borg_comment(repo, archive, env))
+
+
 def craft_borg(repo: Path | str, archive: str, edit: Edit, *, workdir: Path, name: str | None = None,
                host: str | None = None, when: datetime | None = None, comment: str | None = None,
-               env: Mapping[str, str] | None = None) -> str:
+               env: Mapping[str, str] | None = None, original: Original | None = None) -> str:
     """Given a real kvm-borg archive, extract it, let `edit(Tree)` change it and store it as a new archive.
 
     The new archive gets the original's comment (with `host` replaced when given, or `comment`
     verbatim), the creation time `when` (default: a unique past time) and the name `name`
-    (default: `{domain}-{timestamp}` like kvm-borg's). Return the new archive's name."""
+    (default: `{domain}-{timestamp}` like kvm-borg's). With `original` (`borg_original` of
+    `archive`), its tree is copied instead of extracting the archive. Return the new archive's name."""
     env = dict(env or borg_env())
-    original = borg_comment(repo, archive, env)
-    domain = json.loads(original)["domain"]
-    when = when or unique_timestamp()
-    name = name or f"{domain}-{kvm_borg_timestamp(when)}"
-    text = comment if comment is not None else rewrite_comment(original, host=host)
-    tree = Path(workdir) / f"borg-{name}"
-    tree.mkdir(parents=True)
-    _run([BORG_BIN, "extract", "--sparse", f"{repo}::{archive}"], env=env, cwd=tree)
-    edit(Tree(tree))
+    own = original is None
+    original = borg_original(repo, archive, workdir=workdir, env=env) if own else _checked(original, archive)
+    name, when, text, tree = _variant(original, "borg", edit, workdir, name, host, when, comment)
     stamp = when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + "+00:00"
     escaped = text.replace("{", "{{").replace("}", "}}")  # borg expands {placeholders} in --comment
     _run([BORG_BIN, "create", "--comment", escaped, "--timestamp", stamp, f"{repo}::{name}",
           *_store_roots(tree)], env=env, cwd=tree)
     shutil.rmtree(tree, ignore_errors=True)
+    if own:
+        shutil.rmtree(original.tree, ignore_errors=True)
     return name
 
 
@@ -210,42 +264,60 @@ def restic_snapshots(env: Mapping[str, str], *tags: str) -> list[dict]:
     return json.loads(_run(argv, env=env).stdout) or []
 
 
+def _restic_main(env: Mapping[str, str], archive: str) -> dict:
+    """Return the `part=main` snapshot of kvm-borg restic archive `archive` (file disks only: no device part)."""
+    from kvm_borg.backends.restic import archives as rc
+
+    parts = restic_snapshots(env, rc.MARKER_TAG, rc.tag("archive", archive))
+    mains = [s for s in parts if rc.parse_tags(s.get("tags") or []).get("part") == rc.PART_MAIN]
+    if len(mains) != 1 or len(parts) != 1:
+        raise AssertionError(f"restic archive {archive}: expected one main snapshot and no device part, got {parts}")
+    return mains[0]
+
+
+def _restic_repository_env(env: Mapping[str, str], repo_url: str) -> dict[str, str]:
+    return {**env, "RESTIC_REPOSITORY": str(repo_url), "TZ": "UTC"}
+
+
+def restic_original(repo_url: str, archive: str, *, workdir: Path, env: Mapping[str, str]) -> Original:
+    """Given a real kvm-borg restic archive, restore its main snapshot into a new directory under
+    `workdir` (created) and return the Original (`env` holds the repository password)."""
+    from kvm_borg.backends.restic import archives as rc
+
+    env = _restic_repository_env(env, repo_url)
+    main = _restic_main(env, archive)
+    tree = _new_dir(workdir, f"original-restic-{archive}-")
+    _run([RESTIC_BIN, "restore", main["id"], "--target", tree], env=env)
+    return Original(archive, tree, rc.decode_comment(rc.parse_tags(main["tags"])["comment"]), main["hostname"])
+
+
 def craft_restic(repo_url: str, archive: str, edit: Edit, *, workdir: Path, env: Mapping[str, str],
                  name: str | None = None, host: str | None = None, when: datetime | None = None,
-                 comment: str | None = None) -> str:
+                 comment: str | None = None, original: Original | None = None) -> str:
     """Given a real kvm-borg restic archive (its `part=main` snapshot; file disks only), restore it,
     let `edit(Tree)` change it and back it up as a new archive with kvm-borg's tags.
 
     `env` holds the repository password (RESTIC_PASSWORD...); `repo_url` goes to RESTIC_REPOSITORY.
     The new snapshot has the original's host (or `host`), the time `when` (default: a unique past
-    time) and the original's comment (host replaced when given, or `comment` verbatim).
-    Return the new archive's name."""
-    from kvm_borg.backends.restic import archives
+    time) and the original's comment (host replaced when given, or `comment` verbatim). With
+    `original` (`restic_original` of `archive`), its tree is copied instead of restoring the
+    snapshot. Return the new archive's name."""
+    from kvm_borg.backends.restic import archives as rc
 
-    env = {**env, "RESTIC_REPOSITORY": str(repo_url), "TZ": "UTC"}
-    parts = restic_snapshots(env, archives.MARKER_TAG, archives.tag("archive", archive))
-    mains = [s for s in parts if archives.parse_tags(s.get("tags") or []).get("part") == archives.PART_MAIN]
-    if len(mains) != 1 or len(parts) != 1:
-        raise AssertionError(f"restic archive {archive}: expected one main snapshot and no device part, got {parts}")
-    main = mains[0]
-    values = archives.parse_tags(main["tags"])
-    original = archives.decode_comment(values["comment"])
-    domain = json.loads(original)["domain"]
-    when = when or unique_timestamp()
-    name = name or f"{domain}-{kvm_borg_timestamp(when)}"
-    text = comment if comment is not None else rewrite_comment(original, host=host)
-    tree = Path(workdir) / f"restic-{name}"
-    tree.mkdir(parents=True)
-    _run([RESTIC_BIN, "restore", main["id"], "--target", tree], env=env)
-    edit(Tree(tree))
+    own = original is None
+    original = restic_original(repo_url, archive, workdir=workdir, env=env) if own else _checked(original, archive)
+    env = _restic_repository_env(env, repo_url)
+    name, when, text, tree = _variant(original, "restic", edit, workdir, name, host, when, comment)
     size = sum(p.lstat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
-    tags = archives.archive_tags(domain, name, text, archives.PART_MAIN, size=size)
-    argv = [RESTIC_BIN, "backup", "--json", "--host", host or main["hostname"],
+    tags = rc.archive_tags(original.domain, name, text, rc.PART_MAIN, size=size)
+    argv = [RESTIC_BIN, "backup", "--json", "--host", host or original.hostname,
             "--time", when.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")]
     for item in tags:
         argv += ["--tag", item]
     _run(argv + ["--", *_store_roots(tree)], env=env, cwd=tree)
     shutil.rmtree(tree, ignore_errors=True)
+    if own:
+        shutil.rmtree(original.tree, ignore_errors=True)
     return name
 
 

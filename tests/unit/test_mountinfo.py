@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
+from harness.mounts import tmpfs
 from kvm_borg import mountinfo
 
 SAMPLE = (
@@ -56,13 +56,8 @@ def test_mount_points_of_a_file_and_entry_at_takes_the_topmost(tmp_path):
 
 def test_a_real_mount_with_a_space_tab_backslash_and_non_utf8_name_is_found(tmp_path):
     name = os.fsdecode(b"odd \t\\\xe9 dir")
-    point = tmp_path / name
-    point.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nosuid,nodev", "tmpfs", os.fsencode(point)], check=True)
-    try:
+    with tmpfs(tmp_path / name, "1m", "nosuid", "nodev") as point:
         assert str(point) in mountinfo.mount_points()
         entry = mountinfo.entry_at(str(point))
         assert entry.fs_type == "tmpfs" and {"nosuid", "nodev"} <= entry.options
-    finally:
-        subprocess.run(["umount", os.fsencode(point)], check=True)
     assert str(point) not in mountinfo.mount_points()
