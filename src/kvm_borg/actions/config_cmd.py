@@ -25,8 +25,7 @@ def validate_config(ctx: Context) -> str:
 
 def generate_from_args(_ctx: None, _args) -> int:
     """Run `kvm-borg config generate` (needs no settings): print the sample configuration; return 0."""
-    print(sample_config(), end="")
-    return 0
+    return print_sample()
 
 
 def validate_from_args(ctx: Context, _args) -> int:
