@@ -14,6 +14,7 @@ does not import libvirt (start-up time): a libvirt error is recognised by its cl
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import sys
@@ -107,5 +108,17 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = stdout
 
 
+def console_main() -> None:
+    """The `kvm-borg` process: run main() on sys.argv and exit with its code.
+
+    Before the exit every object left is frozen (gc.freeze), so the interpreter's final garbage
+    collections skip them: they would walk every object of every imported module (~0.2 s on a busy
+    2-core host) for memory the OS frees anyway. By then main() has closed its files, connections
+    and children; atexit handlers and the flushing of stdout/stderr still run."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -85,3 +85,14 @@ def test_kvm_borg_errors_keep_their_message_and_exit_code(monkeypatch, capsys):
 def test_importing_the_cli_does_not_import_libvirt():
     code = "import sys, kvm_borg.cli; sys.exit('libvirt' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_kvm_borg_process_exits_with_mains_code_and_its_one_line():
+    code = "import sys; from kvm_borg.cli import console_main; sys.argv = ['kvm-borg', *sys.argv[1:]]; console_main()"
+    proc = subprocess.run([sys.executable, "-c", code, "--config", "/nonexistent/config.yaml", "list"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == "kvm-borg: error: /nonexistent/config.yaml: config file does not exist\n"
+    proc = subprocess.run([sys.executable, "-c", code, "config", "generate"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("# kvm-borg configuration")
