@@ -18,19 +18,6 @@ def backup_from_names(ctx: Context, names: list[str], all_domains: bool, repo_na
     return run_backup(ctx, domains, backends, cli_excluded)
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg backup`."""
-    parser = subparsers.add_parser("backup", help="back up domains")
-    parser.add_argument("domains", nargs="*", metavar="DOMAIN")
-    parser.add_argument("--all", action="store_true", help="every domain the config's `domains:` selects")
-    parser.add_argument("--repo", action="append", metavar="NAME", help="only this repository (repeatable)")
-    parser.add_argument("--exclude-disk", action="append", default=[], metavar="TARGET",
-                        help="leave this disk target out (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a TTY")
-    parser.set_defaults(run=run_from_args)
-
-
 def print_summary(summary: RunSummary) -> None:
     """Print one block per domain: status, archives per repository, warnings."""
     for domain in summary.domains:

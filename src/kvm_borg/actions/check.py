@@ -48,18 +48,6 @@ def run_check(ctx: Context, repo_names: list[str] | None, verify_data: bool, sub
     return results
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg check`."""
-    parser = subparsers.add_parser("check", help="check the consistency of the repositories")
-    parser.add_argument("--repo", action="append", metavar="NAME", help="only this repository (repeatable)")
-    data = parser.add_mutually_exclusive_group()
-    data.add_argument("--verify-data", action="store_true", help="read and verify all data (slow)")
-    data.add_argument("--read-data-subset", metavar="PCT",
-                      help="restic: read this share of the data (e.g. 10%%); borg runs its normal check")
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(run=run_from_args)
-
-
 def run_from_args(ctx: Context, args) -> int:
     subset = parse_subset(args.read_data_subset) if args.read_data_subset else None
     results = run_check(ctx, args.repo, args.verify_data, subset)

@@ -33,12 +33,3 @@ def validate_from_args(ctx: Context, _args) -> int:
     print(validate_config(ctx))
     return 0
 
-
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg config generate|validate`."""
-    config = subparsers.add_parser("config", help="generate or validate the configuration")
-    config_sub = config.add_subparsers(dest="config_command", required=True)
-    generate = config_sub.add_parser("generate", help="print a commented sample configuration")
-    generate.set_defaults(run=lambda _ctx, _args: print_sample(), needs_settings=False)
-    validate = config_sub.add_parser("validate", help="check the configuration file and its plugins")
-    validate.set_defaults(run=lambda ctx, _args: print(validate_config(ctx)) or 0)

@@ -214,11 +214,3 @@ def run_from_args(ctx: Context, args) -> int:
     """Given the Context and the parsed `kvm-borg doctor` arguments, run the checks; return the exit code."""
     return run_doctor(ctx, round_trip=args.round_trip, as_json=args.json)
 
-
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg doctor`."""
-    parser = subparsers.add_parser("doctor", help="check the host, show versions and plugins")
-    parser.add_argument("--round-trip", action="store_true",
-                        help="back up a scratch domain into a temporary repository and compare the restore")
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(run=lambda ctx, args: run_doctor(ctx, round_trip=args.round_trip, as_json=args.json))

@@ -32,23 +32,6 @@ def expose_dir_from(value: str) -> Path:
     return Path(os.path.realpath(value))
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg freeze` and `kvm-borg thaw`."""
-    freeze = subparsers.add_parser("freeze", help="snapshot domains and expose the frozen images read-only under DIR")
-    freeze.add_argument("domains", nargs="*", metavar="DOMAIN")
-    freeze.add_argument("--all", action="store_true", help="every domain the config's `domains:` selects")
-    freeze.add_argument("--expose", required=True, metavar="DIR", help="directory to expose the domains under")
-    freeze.add_argument("--exclude-disk", action="append", default=[], metavar="TARGET",
-                        help="leave this disk target out (repeatable)")
-    freeze.add_argument("--json", action="store_true")
-    freeze.set_defaults(run=freeze_from_args)
-    thaw = subparsers.add_parser("thaw", help="undo `freeze`: unmount, merge back, clean up (idempotent)")
-    thaw.add_argument("domains", nargs="*", metavar="DOMAIN")
-    thaw.add_argument("--expose", metavar="DIR", help="only what was exposed under DIR")
-    thaw.add_argument("--json", action="store_true")
-    thaw.set_defaults(run=thaw_from_args)
-
-
 def freeze_from_args(ctx: Context, args) -> int:
     expose_dir = expose_dir_from(args.expose)
     if expose_dir == Path("/") or (expose_dir.exists() and not expose_dir.is_dir()):

@@ -123,18 +123,3 @@ def run_key_export(ctx: Context, args) -> int:
           f"somewhere other than this host", file=sys.stderr)
     return 0
 
-
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg key export`."""
-    key = subparsers.add_parser("key", help="export a borg repository's key (borg key export)",
-                                description="The repositories' encryption keys.")
-    commands = key.add_subparsers(dest="key_command", required=True, metavar="export")
-    export = commands.add_parser(
-        "export", help="write a borg repository's key to FILE (0600)",
-        description="Write a borg repository's key to FILE (mode 0600; `-`: stdout), as `borg key export` "
-                    "makes it. restic repositories have no key file: keep their password instead.")
-    export.add_argument("--repo", metavar="NAME", help="the borg repository (default: the only one configured)")
-    export.add_argument("--paper", action="store_true", help="a key to print and type back in (borg --paper)")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
-    export.add_argument("file", metavar="FILE", help="where to write the key (`-`: stdout)")
-    export.set_defaults(run=run_key_export)

@@ -52,20 +52,6 @@ def run_init(ctx: Context, repo_names: list[str] | None) -> list[dict]:
     return outcomes
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg list` and `kvm-borg init`."""
-    listing = subparsers.add_parser("list", help="list archives")
-    listing.add_argument("domain", nargs="?", metavar="DOMAIN")
-    listing.add_argument("--repo", action="append", metavar="NAME")
-    listing.add_argument("--host", metavar="NAME",
-                         help="archives made on host NAME, '*' for every host (default: this host)")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(run=list_from_args)
-    init = subparsers.add_parser("init", help="create the configured repositories")
-    init.add_argument("--repo", action="append", metavar="NAME")
-    init.set_defaults(run=init_from_args)
-
-
 def list_from_args(ctx: Context, args) -> int:
     archives = run_list(ctx, args.domain, args.repo, args.host)
     if args.json:

@@ -464,21 +464,6 @@ def run_umount(ctx: Context, mountpoint: str) -> list[str]:
 # --- the commands ------------------------------------------------------------------------------
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg mount` and `kvm-borg umount`."""
-    parser = subparsers.add_parser("mount", help="mount an archive's disks and their file systems read-only")
-    parser.add_argument("domain", metavar="DOMAIN")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
-    parser.add_argument("--archive", metavar="NAME", default="latest", help="archive name, or latest (default)")
-    parser.add_argument("--repo", metavar="NAME", help="repository to read (default: the first configured)")
-    parser.add_argument("--disk", action="append", default=[], metavar="TARGET", help="only this disk (repeatable)")
-    parser.add_argument("--json", action="store_true", help="print what is mounted where as JSON")
-    parser.set_defaults(run=mount_from_args)
-    umount = subparsers.add_parser("umount", help="undo `kvm-borg mount`")
-    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
-    umount.set_defaults(run=umount_from_args)
-
-
 def mount_from_args(ctx: Context, args) -> int:
     with signals.interruptible():  # a SIGTERM half-way still tears down what was mounted
         try:

@@ -9,7 +9,6 @@ the user's; the tool's exit code is kvm-borg's.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -58,18 +57,3 @@ def _run(repo: dict, argv, **kwargs) -> int:
     except CommandError as exc:
         raise KvmBorgError(f"repository {repo['name']!r}: {exc.message}") from None
 
-
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg borg` and `kvm-borg restic`."""
-    for kind, run, example in (("borg", run_borg, "list ::ARCHIVE"), ("restic", run_restic, "snapshots")):
-        parser = subparsers.add_parser(
-            kind,
-            help=f"run the configured {kind} on a repository (its location, passphrase and ssh settings)",
-            description=f"Run the configured {kind} with a repository's location, passphrase and ssh settings, "
-                        f"e.g. `kvm-borg {kind} --repo NAME -- {example}`. The exit code is {kind}'s.",
-        )
-        parser.add_argument("--repo", metavar="NAME",
-                            help=f"the {kind} repository (default: the only one configured)")
-        parser.add_argument("args", nargs=argparse.REMAINDER, metavar="-- ARGS",
-                            help=f"the {kind} command and its arguments")
-        parser.set_defaults(run=run)

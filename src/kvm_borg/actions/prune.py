@@ -51,17 +51,6 @@ def print_outcomes(outcomes: list[dict], dry_run: bool) -> None:
             print("  compacted")
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg prune`."""
-    parser = subparsers.add_parser("prune", help="delete archives the retention policy no longer keeps")
-    parser.add_argument("domains", nargs="*", metavar="DOMAIN",
-                        help="only these domains (default: every domain with kvm-borg archives)")
-    parser.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
-    parser.add_argument("--repo", action="append", metavar="NAME", help="only this repository (repeatable)")
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(run=run_from_args)
-
-
 def run_from_args(ctx: Context, args) -> int:
     outcomes = run_prune(ctx, args.domains, args.repo, args.dry_run)
     print_json(as_json(outcomes)) if args.json else print_outcomes(outcomes, args.dry_run)

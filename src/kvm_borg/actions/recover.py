@@ -63,15 +63,6 @@ def run_recover(ctx: Context, names: list[str]) -> list[dict]:
     return outcomes
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg recover`."""
-    parser = subparsers.add_parser("recover", help="merge back overlays left by interrupted runs")
-    parser.add_argument("domains", nargs="*", metavar="DOMAIN")
-    parser.add_argument("--all", action="store_true", help="every journal entry (the default without names)")
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(run=run_from_args)
-
-
 def run_from_args(ctx: Context, args) -> int:
     outcomes = run_recover(ctx, [] if args.all else args.domains)
     if args.json:

@@ -15,25 +15,6 @@ log = logging.getLogger(__name__)
 # --- the command -------------------------------------------------------------------------------
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg restore`."""
-    parser = subparsers.add_parser("restore", help="restore a domain from an archive")
-    parser.add_argument("domain", metavar="DOMAIN", help="the archived domain's name")
-    parser.add_argument("--archive", metavar="NAME", default="latest", help="archive name, or latest (default)")
-    parser.add_argument("--repo", metavar="NAME", help="repository to read (default: the first configured)")
-    parser.add_argument("--host", metavar="NAME", help="take the archives made on host NAME (default: this host)")
-    parser.add_argument("--target-dir", metavar="DIR", help="write the images and the XML here (default: the local domain's own images, else /var/lib/libvirt/images)")
-    parser.add_argument("--name", metavar="NEW", help="restore as a copy: new name, UUID and MAC addresses")
-    parser.add_argument("--define", action="store_true", help="define the restored domain in libvirt")
-    parser.add_argument("--start", action="store_true", help="define and start the restored domain")
-    parser.add_argument("--disk", action="append", default=[], metavar="TARGET", help="only this disk (repeatable)")
-    parser.add_argument("--to", metavar="FILE", help="with one --disk: write its image to FILE, into a block device (with --overwrite), or - for stdout")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing files and an existing shut-off domain")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.set_defaults(run=run_from_args)
-
-
 def restore(ctx: Context, options: RestoreOptions):
     """Given the Context and RestoreOptions, check the options, open the repository and restore; return the
     RestoreResult."""

@@ -117,22 +117,6 @@ def run_status(ctx: Context, names: list[str], repo_names: list[str] | None, max
     return domain_rows(state, domains, [r["name"] for r in repositories], max_age, time.time())
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg status`."""
-    parser = subparsers.add_parser("status", help="last backup per domain; exit 2 when one is too old")
-    parser.add_argument("domains", nargs="*", metavar="DOMAIN",
-                        help="only these domains (default: every domain the config's `domains:` selects)")
-    parser.add_argument("--repo", action="append", metavar="NAME", help="only this repository (repeatable)")
-    parser.add_argument("--max-age", metavar="DURATION", help="stale after this age (default: max_age, 26h)")
-    parser.add_argument("--refresh", action="store_true",
-                        help="first list the repositories (archive counts, backups made elsewhere)")
-    parser.add_argument("--host", metavar="NAME",
-                        help="with --refresh: record the archives made on host NAME, '*' for every host "
-                             "(default: this host)")
-    parser.add_argument("--json", action="store_true")
-    parser.set_defaults(run=run_from_args)
-
-
 def run_from_args(ctx: Context, args) -> int:
     try:
         max_age = parse_duration(args.max_age, "--max-age") if args.max_age else ctx.settings.max_age

@@ -145,23 +145,6 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
     return report
 
 
-def add_arguments(subparsers) -> None:
-    """Register `kvm-borg verify`."""
-    parser = subparsers.add_parser("verify", help="restore drill: restore to scratch, check, optionally boot")
-    parser.add_argument("domain", metavar="DOMAIN")
-    parser.add_argument("--archive", metavar="NAME", default="latest", help="archive name, or latest (default)")
-    parser.add_argument("--repo", metavar="NAME", help="repository to read (default: the first configured)")
-    parser.add_argument("--host", metavar="NAME", help="take the archives made on host NAME (default: this host)")
-    parser.add_argument("--boot", action="store_true", help="start the copy isolated and wait for a sign of life")
-    parser.add_argument("--boot-timeout", type=float, default=DEFAULT_BOOT_TIMEOUT, metavar="SECONDS",
-                        help=f"wait this long for the guest agent (default {DEFAULT_BOOT_TIMEOUT:g})")
-    parser.add_argument("--alive-seconds", type=float, default=DEFAULT_ALIVE_SECONDS, metavar="SECONDS",
-                        help="without a guest agent: the copy must still run after this long "
-                             f"(default {DEFAULT_ALIVE_SECONDS:g})")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(run=run_from_args)
-
-
 def run_from_args(ctx: Context, args) -> int:
     with signals.interruptible():  # a SIGTERM still destroys the copy and removes the scratch directory
         report = run_verify(ctx, args.domain, archive=args.archive, repo=args.repo, host=args.host, boot=args.boot,
