@@ -24,9 +24,8 @@ def store_all(ctx, name: str, backends, request: ArchiveRequest) -> list[StoreRe
     by then fails with "store_timeout ... passed"."""
     scope = ChildScope()
     timeout = ctx.settings.store_timeout
-    expired: list = []  # holds the Event stop_scope_after sets when store_timeout passed
 
-    def store_one(repo, backend) -> StoreResult:
+    def store_one(repo, backend, expired) -> StoreResult:  # expired: the Event set once store_timeout passed
         try:
             result = backend.store(request)
         except KvmBorgError as exc:
@@ -34,7 +33,7 @@ def store_all(ctx, name: str, backends, request: ArchiveRequest) -> list[StoreRe
         except Exception as exc:  # a backend's bug must not cost the other repositories their archive
             log.exception("domain '%s': repository %s: unexpected error", name, repo["name"])
             result = StoreResult(repository=repo["name"], ok=False, error=f"unexpected error: {exc}")
-        if not result.ok and expired and expired[0].is_set():
+        if not result.ok and expired.is_set():
             result.error = f"store_timeout {duration_text(timeout)} passed: the repository writes were stopped"
         return result
 
@@ -52,12 +51,11 @@ def store_all(ctx, name: str, backends, request: ArchiveRequest) -> list[StoreRe
     for repo, backend in backends:
         location = str(getattr(backend, "location", None) or repo["name"]).rstrip("/")
         groups.setdefault(location, []).append((repo, backend))
-    with stop_scope_after(scope, timeout) as timed_out:
-        expired.append(timed_out)
+    with stop_scope_after(scope, timeout) as expired:
         if len(groups) <= 1:
             results = []
             for repo, backend in backends:
-                results.append(scope.call(store_one, repo, backend))
+                results.append(scope.call(store_one, repo, backend, expired))
                 report(repo, results[-1])
             return results
 
@@ -69,6 +67,6 @@ def store_all(ctx, name: str, backends, request: ArchiveRequest) -> list[StoreRe
                 by_name[repo["name"]] = result
                 report(repo, result)
 
-        calls = [lambda group=group: [store_one(repo, backend) for repo, backend in group] for group in group_list]
+        calls = [lambda group=group: [store_one(repo, backend, expired) for repo, backend in group] for group in group_list]
         call_in_parallel(calls, finished, scope=scope)
         return [by_name[repo["name"]] for repo, _backend in backends]
