@@ -29,7 +29,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="kvm-borg: %(levelname)s: %(message)s", stream=sys.stderr)
     for handler in logging.getLogger().handlers:  # no log line shows a password from a repository URL
         handler.addFilter(RedactingFilter())
-    logging.getLogger("sh").setLevel(logging.WARNING)
 
 
 def libvirt_error_message(exc: BaseException) -> str | None:

@@ -1,9 +1,10 @@
 """Plain data passed between the steps and the plugins, and the two ports' contracts (FrozenSource,
-RepositoryBackend). No I/O except BackendBase's default `stream_file`."""
+RepositoryBackend). No I/O except BackendBase's default `stream_file` and RecoveryReport's log lines."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -344,3 +345,24 @@ class BackendBase:
     def command_environment(self) -> dict[str, Any]:
         """Raise UsageError: this backend's tool cannot be run by hand."""
         raise self._cannot(f"run {self.repository.get('type')} by hand")
+
+
+log = logging.getLogger(__name__)
+
+
+class RecoveryReport:
+    """What completing one journal entry did (`did`) and what it could not (`warn`), each line logged as it is
+    added; the `kvm_borg_recover_entry` hook returns one."""
+
+    def __init__(self, domain: str):
+        self.domain = domain
+        self.actions: list[str] = []
+        self.warnings: list[str] = []
+
+    def did(self, text: str) -> None:
+        log.info("domain '%s': %s", self.domain, text)
+        self.actions.append(text)
+
+    def warn(self, text: str) -> None:
+        log.warning("domain '%s': %s", self.domain, text)
+        self.warnings.append(text)

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import libvirt
 import pytest
 
-from kvm_borg.engine.capture import capture_domain, dotted_version, is_active, xml_flags
+from kvm_borg.engine.capture import capture_domain, is_active, xml_flags
+from kvm_borg.engine.versions import dotted_version
 from kvm_borg.errors import EngineError, KvmBorgError
 
 

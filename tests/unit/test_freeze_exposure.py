@@ -5,7 +5,7 @@ exposure record goes."""
 from types import SimpleNamespace
 
 from kvm_borg import journal
-from kvm_borg.engine.libvirt_snapshot import RecoveryReport
+from kvm_borg.models import RecoveryReport
 from kvm_borg.hookspecs import hookimpl
 from kvm_borg.pipeline import exposure
 from kvm_borg.plugins import make_plugin_manager

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from kvm_borg.pipeline import exposure
-from kvm_borg.engine.libvirt_snapshot import RecoveryReport
+from kvm_borg.models import RecoveryReport
 from kvm_borg.errors import KvmBorgError
 
 

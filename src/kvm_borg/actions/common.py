@@ -21,6 +21,7 @@ from kvm_borg.engine.domain_xml import disk_targets, domain_selected
 from kvm_borg.errors import ConfigError, KvmBorgError, UsageError
 from kvm_borg.models import RepositoryBackend
 from kvm_borg.plugins import make_plugin_manager
+from kvm_borg.pipeline.backup import prepare_state_dir
 from kvm_borg.redact import redact_text
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,6 @@ def make_context(settings: Settings) -> Context:
     return Context(settings, make_plugin_manager(settings.plugins))
 
 
-def ensure_state_dir(settings: Settings) -> None:
-    """Create state_dir (0711: QEMU must reach overlays below it, nobody may list it)."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(settings.state_dir, 0o711)
-
-
 def check_passphrase_file(repo: dict) -> None:
     """Refuse a passphrase file that is missing or readable by group/others (exit 2)."""
     path = repo.get("passphrase_file")
@@ -87,7 +82,7 @@ def ensure_embedded_default(ctx: Context, repo: dict, backend: RepositoryBackend
     first use, and tell the user once to export the key and keep the passphrase."""
     if not repo.get("auto_init"):
         return
-    ensure_state_dir(ctx.settings)
+    prepare_state_dir(ctx.settings)
     passphrase = Path(repo["passphrase_file"])
     if not os.path.lexists(passphrase):
         create_exclusive(passphrase, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)

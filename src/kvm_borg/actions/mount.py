@@ -42,7 +42,8 @@ import time
 from pathlib import Path
 
 from kvm_borg import mountinfo, restore_plan, signals
-from kvm_borg.actions.common import Context, ensure_state_dir, open_repository, print_json
+from kvm_borg.pipeline.backup import prepare_state_dir
+from kvm_borg.actions.common import Context, open_repository, print_json
 from kvm_borg.atomic import write_atomic
 from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
 from kvm_borg.pipeline import archive as archive_reading
@@ -313,7 +314,7 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
     is_dir = st is not None and stat.S_ISDIR(st.st_mode)
     check_mount_point(mountpoint, uid=os.geteuid(), exists=st is not None, mode=st.st_mode if st else 0,
                       owner=st.st_uid if st else 0, is_dir=is_dir, empty=not (is_dir and os.listdir(mountpoint)))
-    ensure_state_dir(ctx.settings)
+    prepare_state_dir(ctx.settings)
     path = state_file(ctx.settings.state_dir, mountpoint)
     if path.exists():
         raise RefusedError(f"kvm-borg already mounted something at {mountpoint}; run `kvm-borg umount {mountpoint}`")

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 
 from kvm_borg import restore_plan, signals
-from kvm_borg.actions.common import Context, ensure_state_dir, open_repository, print_json
+from kvm_borg.pipeline.backup import prepare_state_dir
+from kvm_borg.actions.common import Context, open_repository, print_json
 from kvm_borg.engine import lifecycle
 from kvm_borg.engine.domain_xml import has_guest_agent_channel
 from kvm_borg.errors import KvmBorgError
@@ -86,7 +87,7 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
                alive_seconds: float = DEFAULT_ALIVE_SECONDS) -> VerifyReport:
     """Given a domain and options, run the restore drill; return the VerifyReport (ok or not)."""
     report = VerifyReport(domain=domain)
-    ensure_state_dir(ctx.settings)
+    prepare_state_dir(ctx.settings)
     root = ctx.settings.state_dir / "verify"
     root.mkdir(mode=0o711, exist_ok=True)
     os.chmod(root, 0o711)  # QEMU must reach the images inside

@@ -3,7 +3,7 @@ kvm_borg.pipeline.exposure.OWNER): first withdraw the exposure, then let the ent
 plugin release it like any other, then drop the exposure record. Used by `kvm-borg recover` and
 `kvm-borg thaw` alike; works whichever source froze the domain."""
 
-from kvm_borg.engine.libvirt_snapshot import RecoveryReport
+from kvm_borg.models import RecoveryReport
 from kvm_borg.hookspecs import hookimpl
 from kvm_borg.pipeline import exposure
 

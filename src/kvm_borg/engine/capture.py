@@ -13,6 +13,7 @@ import libvirt
 from kvm_borg.engine import host_state
 from kvm_borg.engine.libvirt_errors import translated, translating
 from kvm_borg.engine.planning import DomainHandle
+from kvm_borg.engine.versions import libvirt_versions
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,6 @@ class DomainCapture:
     qemu_version: str
 
 
-def dotted_version(number: int) -> str:
-    """Given a libvirt version number (major * 1000000 + minor * 1000 + micro), return "major.minor.micro"."""
-    return f"{number // 1000000}.{number // 1000 % 1000}.{number % 1000}"
-
-
 def xml_flags(inactive: bool) -> int:
     """Given whether the persistent (inactive) definition is wanted, return the XMLDesc flags (secrets included)."""
     return libvirt.VIR_DOMAIN_XML_SECURE | (libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0)
@@ -39,13 +35,14 @@ def xml_flags(inactive: bool) -> int:
 @translating
 def capture_domain(handle: DomainHandle, running: bool) -> DomainCapture:
     """Given a domain and whether its plan saw it running, return its DomainCapture (live XML only when running)."""
-    dom, conn = handle.dom, handle.connection.conn
+    dom = handle.dom
+    libvirt_version, qemu_version = libvirt_versions(handle.connection.conn)
     return DomainCapture(
         persistent=bool(dom.isPersistent()),
         persistent_xml=dom.XMLDesc(xml_flags(inactive=True)),
         live_xml=dom.XMLDesc(xml_flags(inactive=False)) if running else None,
-        libvirt_version=dotted_version(conn.getLibVersion()),
-        qemu_version=dotted_version(conn.getVersion()),
+        libvirt_version=libvirt_version,
+        qemu_version=qemu_version,
     )
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kvm_borg import mountinfo
 from kvm_borg.atomic import write_atomic
-from kvm_borg.engine.libvirt_snapshot import RecoveryReport
+from kvm_borg.models import RecoveryReport
 from kvm_borg.errors import KvmBorgError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import uuid as uuid_module
 from pathlib import Path
 
 from kvm_borg import journal, metadata
-from kvm_borg.engine.libvirt_snapshot import RecoveryReport
+from kvm_borg.models import RecoveryReport
 from kvm_borg.engine.planning import handle_for, make_plan
 from kvm_borg.errors import KvmBorgError, RefusedError
 from kvm_borg.locks import domain_lock

@@ -49,7 +49,7 @@ def store_all(ctx, name: str, backends, request: ArchiveRequest) -> list[StoreRe
 
     groups: dict[str, list] = {}
     for repo, backend in backends:
-        location = str(getattr(backend, "location", None) or repo["name"]).rstrip("/")
+        location = str(backend.location or repo["name"]).rstrip("/")
         groups.setdefault(location, []).append((repo, backend))
     with stop_scope_after(scope, timeout) as expired:
         if len(groups) <= 1:
