@@ -119,8 +119,8 @@ def documented_schema() -> tuple[dict, dict[str, str]]:
     from kvm_borg.plugins import make_plugin_manager
 
     contributions = config.plugin_schema_contributions(make_plugin_manager(SHIPPED_PLUGINS, entry_points=False))
-    keys, _, owners = config_schema.merge_contributions(contributions)
-    return config_schema.combined_schema(contributions), {name: owners[name] for name in keys}
+    _, _, owners = config_schema.merge_contributions(contributions)
+    return config_schema.combined_schema(contributions), owners
 
 
 if __name__ == "__main__":

@@ -196,7 +196,7 @@ def repositories_schema(types: dict[str, dict]) -> dict:
 
 def merge_contributions(contributions: list[tuple[str, dict]]) -> tuple[dict, dict, dict]:
     """Given [(plugin name, what its kvm_borg_config_schema returned)], return ({key: schema},
-    {repository type: schema}, {key or type: plugin name}); a key or type two plugins claim is a ConfigError."""
+    {repository type: schema}, {top-level key: the plugin that contributed it}); a key or type two plugins claim is a ConfigError."""
     keys: dict[str, dict] = {}
     types: dict[str, dict] = {}
     owner: dict[str, str] = {}
@@ -212,7 +212,7 @@ def merge_contributions(contributions: list[tuple[str, dict]]) -> tuple[dict, di
                     raise ConfigError(f"plugin {plugin}: {what} {name!r} is already claimed by {claimed}")
                 target[name] = schema
                 owner[f"{part}:{name}"] = plugin
-    return keys, types, {name.split(":", 1)[1]: plugin for name, plugin in owner.items()}
+    return keys, types, {name[len("keys:"):]: plugin for name, plugin in owner.items() if name.startswith("keys:")}
 
 
 def combined_schema(contributions: list[tuple[str, dict]]) -> dict:
