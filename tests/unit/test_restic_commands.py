@@ -137,16 +137,6 @@ def test_sftp_command_puts_batch_mode_first_and_the_target_last():
     assert rc.sftp_command("/local/path", "ssh") is None
 
 
-def test_backend_refuses_an_unknown_compression_naming_the_key():
-    settings = type("S", (), {"hostname": "hv1", "restic_binary": None, "progress": False})()
-    with pytest.raises(ConfigError, match="compression"):
-        ResticRepository({"name": "r", "type": "restic", "url": "/r", "compression": "zstd"}, settings)
-    backend = ResticRepository({"name": "r", "type": "restic", "url": "sftp:u@h:/r", "hosts": ["*"]}, settings)
-    assert backend.list_hosts is None and backend.host == "hv1" and backend.location == "sftp:u@h:/r"
-    assert backend.options[0].startswith("sftp.command=ssh -o BatchMode=yes")
-    assert backend.archive_path("var/lib/x.qcow2") == "/var/lib/x.qcow2"
-
-
 def _snapshot(id_, part, archive="web, 1-20260101T000000Z", host="hv1", **extra):
     return {"id": id_, "time": "2026-01-01T00:00:00.123456789Z", "hostname": host, "paths": ["/x"],
             "tags": list(archives.archive_tags("web, 1", archive, COMMENT, part, size=10 if part == "main" else None)),
@@ -274,3 +264,11 @@ def test_a_lost_ssh_reason_is_asked_of_ssh_again(tmp_path):
     assert message.endswith("(ssh: Host key verification failed.)") and "\n" not in message
     log.feed("subprocess ssh: Host key verification failed.")
     assert not log.lost_ssh_reason()
+
+
+def test_backend_takes_its_host_location_and_ssh_options_from_the_config():
+    settings = type("S", (), {"hostname": "hv1", "restic_binary": None, "progress": False})()
+    backend = ResticRepository({"name": "r", "type": "restic", "url": "sftp:u@h:/r", "hosts": ["*"]}, settings)
+    assert backend.list_hosts is None and backend.host == "hv1" and backend.location == "sftp:u@h:/r"
+    assert backend.options[0].startswith("sftp.command=ssh -o BatchMode=yes")
+    assert backend.archive_path("var/lib/x.qcow2") == "/var/lib/x.qcow2"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kvm_borg import __version__, journal
 from kvm_borg.actions.common import Context, backend_for
+from kvm_borg.backends.borg import defaults as borg_defaults
 from kvm_borg.engine import lifecycle
 from kvm_borg.engine.versions import binding_version, libvirt_versions
 from kvm_borg.errors import EngineError, KvmBorgError
@@ -151,9 +152,10 @@ def run_round_trip(ctx: Context) -> tuple[str, str]:
     passphrase = work / "passphrase"
     passphrase.write_text(uuid.uuid4().hex)
     os.chmod(passphrase, 0o600)
-    repo = {"name": "doctor", "type": "borg", "path": str(work / "repo"), "encryption": "repokey-blake2",
-            "passphrase_file": str(passphrase), "passphrase_command": None, "compression": "lz4",
-            "chunker_params": "fixed,4194304", "lock_wait": 10, "ssh_command": None, "remote_path": None}
+    repo = {"name": "doctor", "type": "borg", "path": str(work / "repo"), "encryption": borg_defaults.DEFAULT_ENCRYPTION,
+            "passphrase_file": str(passphrase), "passphrase_command": None,
+            "compression": borg_defaults.DEFAULT_COMPRESSION, "chunker_params": borg_defaults.DEFAULT_CHUNKER_PARAMS,
+            "lock_wait": 10, "ssh_command": None, "remote_path": None}
     scratch = dataclasses.replace(settings, state_dir=work / "state", repositories=[repo], quiesce="off",
                                   overlay_dir=None)
     scratch_ctx = Context(scratch, ctx.pm, ctx.connection)

@@ -29,20 +29,20 @@ from kvm_borg.backends.restic import commands as rc
 from kvm_borg.backends.restic.archives import ArchiveParts, archive_info_from, group_archives
 from kvm_borg.backends.restic.output import NO_REPOSITORY, WRONG_PASSWORD, BackupOutput, ResticLog, parse_ls_nodes
 from kvm_borg.backends.ssh_options import DEFAULT_SSH_COMMAND, with_default_options
-from kvm_borg.errors import ConfigError, KvmBorgError
+from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import (
     CommandError,
     CommandResult,
     one_line,
     run_command,
     start_detached,
-    summarize_stderr,
 )
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import transfer_progress
 from kvm_borg.redact import redact_url
 from kvm_borg.sizes import content_size
 from kvm_borg.sparse import SparseWriter
+from kvm_borg.tools import first_line, run_tool
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +93,7 @@ class ResticRepository:
         self.host: str = repository.get("host") or getattr(settings, "hostname", None) or os.uname().nodename
         hosts = repository.get("hosts") or [self.host]
         self.list_hosts: list[str] | None = None if "*" in hosts else list(hosts)
-        compression = repository.get("compression")
-        if compression is not None and compression not in rc.COMPRESSION_MODES:
-            raise ConfigError(
-                f"repository {self.name}: compression: expected one of {', '.join(rc.COMPRESSION_MODES)}, "
-                f"got {compression!r}"
-            )
-        self.compression: str | None = compression
+        self.compression: str | None = repository.get("compression")  # checked by the schema (restic/schema.py)
         self.binary = find_restic_binary(getattr(settings, "restic_binary", None))
         self.progress = bool(getattr(settings, "progress", False))
         self.sftp_command = rc.sftp_command(
@@ -295,11 +289,11 @@ class ResticRepository:
 
     def unmount(self, mountpoint: str) -> None:
         """Given a directory `mount` served, unmount it; the restic process then exits by itself."""
-        result = run_command(("fusermount3", "-u", mountpoint))
-        if result.returncode != 0:
-            result = run_command(("umount", mountpoint))
-        if result.returncode != 0:
-            raise ResticError(f"cannot unmount {mountpoint}: {summarize_stderr(result.stderr_tail, result.returncode)}")
+        proc = run_tool(("fusermount3", "-u", mountpoint), ok_codes=None)
+        if proc.returncode != 0:
+            proc = run_tool(("umount", mountpoint), ok_codes=None)
+        if proc.returncode != 0:
+            raise ResticError(f"cannot unmount {mountpoint}: {first_line(proc.stderr) or f'umount exited {proc.returncode}'}")
 
     def archive_path(self, host_path: str) -> str:
         """Given an absolute host path, return the path restic stores it under (the same absolute path)."""
