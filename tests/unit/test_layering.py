@@ -131,3 +131,17 @@ def test_nothing_outside_the_cli_imports_a_verb():
         if verbs:
             offenders[name] = verbs
     assert not offenders, f"imports a verb (only the CLI may): {offenders}"
+
+
+def test_backends_and_the_engine_meet_only_in_the_pipeline():
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if parts[0] not in ("engine", "backends"):
+            continue
+        other = "kvm_borg.backends" if parts[0] == "engine" else "kvm_borg.engine"
+        upward = ("kvm_borg.pipeline", "kvm_borg.actions", "kvm_borg.cli", other)
+        found = sorted(m for m in imports_of(path) if m.startswith(upward))
+        if found:
+            offenders[module_name(path)] = found
+    assert not offenders, f"engine/backends import each other or upwards: {offenders}"
