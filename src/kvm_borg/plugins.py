@@ -8,7 +8,7 @@ import logging
 
 import pluggy
 
-from kvm_borg import hookspecs
+from kvm_borg import entry_points, hookspecs
 from kvm_borg.default_plugins import DEFAULT_PLUGINS
 from kvm_borg.errors import ConfigError
 
@@ -50,7 +50,7 @@ def make_plugin_manager(config_plugins: list[str] | tuple[str, ...] = (), *, ent
     for name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(name), name=name)
     if entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        load_entry_point_plugins(pm)
     for i, name in enumerate(config_plugins):
         if pm.has_plugin(name):
             continue
@@ -60,6 +60,21 @@ def make_plugin_manager(config_plugins: list[str] | tuple[str, ...] = (), *, ent
             raise ConfigError(f"plugins[{i}]: cannot import plugin module {name!r}: {exc}") from None
         pm.register(module, name=name)
     return pm
+
+
+def load_entry_point_plugins(pm: pluggy.PluginManager, directories: list[str] | None = None) -> None:
+    """Given a PluginManager, register every plugin installed with an entry point in the `kvm_borg` group (see
+    kvm_borg.entry_points; a name already registered or blocked is skipped, as pluggy does). One that cannot
+    be imported is a ConfigError naming it and the file that declares it."""
+    for entry in entry_points.find(ENTRY_POINT_GROUP, directories):
+        if pm.has_plugin(entry.name) or pm.is_blocked(entry.name):
+            continue
+        try:
+            plugin = entry_points.load(entry)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"entry point {entry.name} = {entry.value} ({entry.source}): cannot load it: {exc}") \
+                from None
+        pm.register(plugin, name=entry.name)
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list[dict]:

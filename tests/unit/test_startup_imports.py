@@ -73,3 +73,34 @@ def test_verify_defaults_in_the_arguments_are_verifys_own():
 
     args = cli_args.build_parser().parse_args(["verify", "dom"])
     assert (args.boot_timeout, args.alive_seconds) == (verify.DEFAULT_BOOT_TIMEOUT, verify.DEFAULT_ALIVE_SECONDS)
+
+
+def test_each_add_function_registers_exactly_the_verbs_listed_for_it():
+    for names, add in cli_args.VERBS.items():
+        parser = cli_args.Parser(prog="kvm-borg")
+        subparsers = parser.add_subparsers(dest="command", parser_class=cli_args.Parser)
+        add(subparsers)
+        assert tuple(subparsers.choices) == names, add.__name__
+
+
+def test_the_one_verb_parser_parses_like_the_whole_one():
+    import contextlib
+    import io
+
+    samples = [["backup", "web", "--repo", "a", "--json"], ["-q", "--config", "backup", "list", "web"],
+               ["-c", "f.yaml", "-v", "restore", "web", "--disk", "vda", "--to", "-"], ["--config=f", "thaw"],
+               ["config", "validate"], ["borg", "--repo", "r", "--", "list"], ["-vv", "--debug", "status", "--json"]]
+    for argv in samples:
+        assert cli_args.verb_named(argv) == next(a for a in argv if a in {n for ns in cli_args.VERBS for n in ns}
+                                                  and argv[argv.index(a) - 1] not in ("-c", "--config"))
+        assert vars(cli_args.build_parser(argv).parse_args(argv)) == vars(cli_args.build_parser().parse_args(argv))
+    for unsure in (["--help"], ["-x", "backup"], ["nosuchverb"], [], ["--config"]):
+        assert cli_args.verb_named(unsure) is None
+    for bad in (["backup", "--no-such-flag"], ["restore"]):  # the same one-line error and exit 2 either way
+        outputs = []
+        for parser in (cli_args.build_parser(bad), cli_args.build_parser()):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+                parser.parse_args(bad)
+            outputs.append((exit_.value.code, err.getvalue()))
+        assert outputs[0] == outputs[1] and outputs[0][0] == 2

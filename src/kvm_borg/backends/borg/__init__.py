@@ -13,7 +13,6 @@ answers for repositories of ``type: borg``. The package, one job a module:
 
 from __future__ import annotations
 
-from kvm_borg.backends.borg.repository import BorgRepository
 from kvm_borg.hookspecs import hookimpl
 
 
@@ -22,4 +21,6 @@ def kvm_borg_repository_backend(repository, settings):
     """Given a repository config dict and the Settings, return a BorgRepository for `type: borg`, else None."""
     if repository.get("type") != "borg":
         return None
+    from kvm_borg.backends.borg.repository import BorgRepository  # late: a run imports only the backends it uses
+
     return BorgRepository(repository, settings)

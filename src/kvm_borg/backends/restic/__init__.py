@@ -11,7 +11,6 @@ answers for repositories of ``type: restic``. The package, one job a module:
 
 from __future__ import annotations
 
-from kvm_borg.backends.restic.repository import ResticRepository
 from kvm_borg.hookspecs import hookimpl
 
 
@@ -20,4 +19,6 @@ def kvm_borg_repository_backend(repository, settings):
     """Given a repository config dict and the Settings, return a ResticRepository for `type: restic`, else None."""
     if repository.get("type") != "restic":
         return None
+    from kvm_borg.backends.restic.repository import ResticRepository  # late: a run imports only the backends it uses
+
     return ResticRepository(repository, settings)
