@@ -96,26 +96,25 @@ def tpm_emulator(domain_xml: str) -> dict | None:
     return None
 
 
+def _source_names(domain_xml: str, device: str, kind: str, attribute: str) -> list[str]:
+    """Given a domain XML, a device tag, its `type` and an attribute of its <source>, return the values of that
+    attribute over the devices of that type, once each, in document order."""
+    names = []
+    for node in ET.fromstring(domain_xml).findall(f"./devices/{device}"):
+        source = node.find("source")
+        if node.get("type") == kind and source is not None and source.get(attribute):
+            names.append(source.get(attribute))
+    return list(dict.fromkeys(names))
+
+
 def interface_networks(domain_xml: str) -> list[str]:
     """Given a domain XML, return the libvirt networks its interfaces use, once each."""
-    root = ET.fromstring(domain_xml)
-    names = []
-    for interface in root.findall("./devices/interface"):
-        source = interface.find("source")
-        if interface.get("type") == "network" and source is not None and source.get("network"):
-            names.append(source.get("network"))
-    return list(dict.fromkeys(names))
+    return _source_names(domain_xml, "interface", "network", "network")
 
 
 def volume_pools(domain_xml: str) -> list[str]:
     """Given a domain XML, return the storage pools its `type='volume'` disks name, once each."""
-    root = ET.fromstring(domain_xml)
-    names = []
-    for disk in root.findall("./devices/disk"):
-        source = disk.find("source")
-        if disk.get("type") == "volume" and source is not None and source.get("pool"):
-            names.append(source.get("pool"))
-    return list(dict.fromkeys(names))
+    return _source_names(domain_xml, "disk", "volume", "pool")
 
 
 def staging_archive_path(staging_dir: str, name: str) -> str:
