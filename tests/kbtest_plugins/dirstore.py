@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kvm_borg.config_schema import ABSOLUTE_PATH, BOOLEAN, key
 from kvm_borg.hookspecs import hookimpl
-from kvm_borg.models import ArchiveInfo, StoreResult
+from kvm_borg.models import ArchiveInfo, BackendBase, StoreResult
 
 BLOCK = 1 << 20
 MANIFEST = ".archive.json"
@@ -48,7 +48,7 @@ def kvm_borg_config_schema():
 def kvm_borg_repository_backend(repository, settings):
     """Return a DirectoryRepository for a `type: directory` repository."""
     if repository["type"] == "directory":
-        return DirectoryRepository(repository)
+        return DirectoryRepository(repository, settings)
     return None
 
 
@@ -67,12 +67,12 @@ def copy_file(source: str, destination: Path, keep_sparse: bool) -> int:
     return size
 
 
-class DirectoryRepository:
-    """Archives as directory trees under the repository's `path`."""
+class DirectoryRepository(BackendBase):
+    """Archives as directory trees under the repository's `path`; the optional RepositoryBackend members
+    (preflight, version, mount, ...) are BackendBase's defaults, as docs/plugins.md advises."""
 
-    def __init__(self, repository: dict):
-        self.repository = repository
-        self.name = repository["name"]
+    def __init__(self, repository: dict, settings):
+        super().__init__(repository, settings)
         self.root = Path(repository["path"])
 
     def init(self) -> bool:
