@@ -51,6 +51,25 @@ def test_zero_config_backs_up_into_an_encrypted_local_repository(domain_factory,
     assert_back_on_own_images(domain, pristine_default_state_dir)
 
 
+def test_list_and_init_work_on_a_fresh_zero_config_repository(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"state_dir: {tmp_path / 'state'}\n")  # no repositories: the embedded default
+    listed = run_cli("list", "--json", config=config)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr  # before the first backup
+    created = run_cli("init", config=config)
+    assert created.returncode == 0 and "local: created" in created.stdout, created.stderr
+    assert "Export the key with" in created.stderr
+    passphrase = tmp_path / "state" / "passphrase"
+    assert stat.S_IMODE(passphrase.stat().st_mode) == 0o600
+    info = json.loads(borg("info", "--json", tmp_path / "state" / "repository",
+                           passphrase=passphrase.read_text().strip()).stdout)
+    assert info["encryption"]["mode"] == "repokey-blake2"
+    again = run_cli("init", config=config)
+    assert again.returncode == 0 and "local: already exists" in again.stdout, again.stderr
+    listed = run_cli("list", "--json", config=config)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
+
+
 def test_generated_config_is_valid_and_validate_reports_it(tmp_path):
     generated = run_cli("config", "generate")
     assert generated.returncode == 0 and generated.stdout.startswith("# kvm-borg configuration")

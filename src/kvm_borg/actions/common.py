@@ -77,6 +77,13 @@ def backend_for(ctx: Context, repo: dict) -> RepositoryBackend:
     return backend
 
 
+def embedded_default_exists(repo: dict, backend: RepositoryBackend) -> bool:
+    """Given the zero-config repository, return whether the first backup (or `kvm-borg init`) created it:
+    its generated passphrase file and the repository are there (before that, neither is, and the
+    repository cannot be asked without the passphrase)."""
+    return os.path.lexists(repo["passphrase_file"]) and backend.exists()
+
+
 def ensure_embedded_default(ctx: Context, repo: dict, backend: RepositoryBackend) -> None:
     """For the zero-config repository: generate the passphrase (0600) and create the repository on
     first use, and tell the user once to export the key and keep the passphrase."""
@@ -140,7 +147,7 @@ def usable_repositories(ctx: Context, names: list[str] | None) -> list[tuple[dic
     for repo in select_repositories(ctx.settings, names):
         check_passphrase_file(repo)
         backend = backend_for(ctx, repo)
-        if repo.get("auto_init") and not backend.exists():
+        if repo.get("auto_init") and not embedded_default_exists(repo, backend):
             continue
         usable.append((repo, backend))
     return usable

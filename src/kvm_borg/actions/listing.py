@@ -12,6 +12,7 @@ from kvm_borg.actions.common import (
     Context,
     backend_for,
     check_passphrase_file,
+    embedded_default_exists,
     ensure_embedded_default,
     print_json,
     usable_repositories,
@@ -44,7 +45,7 @@ def run_init(ctx: Context, repo_names: list[str] | None) -> list[dict]:
         check_passphrase_file(repo)
         backend = backend_for(ctx, repo)
         if repo.get("auto_init"):
-            existed = backend.exists()
+            existed = embedded_default_exists(repo, backend)
             ensure_embedded_default(ctx, repo, backend)
             outcomes.append({"repository": repo["name"], "created": not existed})
         else:
