@@ -13,13 +13,13 @@ import os
 import time
 
 import libvirt
-import libvirt_qemu
 
 from kvm_borg import failpoints, journal
 from kvm_borg.config import Settings
 from kvm_borg.engine import images
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.libvirt_errors import translating
+from kvm_borg.engine.lifecycle import agent_command
 from kvm_borg.engine.domain_xml import (
     disk_targets,
     has_guest_agent_channel,
@@ -29,7 +29,7 @@ from kvm_borg.engine.domain_xml import (
     sources_by_target,
 )
 from kvm_borg.engine.planning import DomainHandle
-from kvm_borg.errors import CommitError, KvmBorgError, RefusedError
+from kvm_borg.errors import CommitError, EngineError, KvmBorgError, RefusedError
 from kvm_borg.execute import duration_text
 from kvm_borg.models import DomainPlan, FreezeResult, FrozenDisk, RecoveryReport, ReleaseResult
 
@@ -63,10 +63,10 @@ def recovery_command(name: str) -> str:
 def guest_agent_answers(dom: libvirt.virDomain, timeout: float) -> bool:
     """Given a running domain, return whether its QEMU guest agent answers a ping within `timeout` s."""
     try:
-        libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', max(1, int(timeout)), 0)
+        agent_command(dom, "guest-ping", timeout=timeout)
         return True
-    except libvirt.libvirtError as exc:
-        log.debug("guest agent of %s does not answer: %s", dom.name(), exc.get_error_message())
+    except EngineError as exc:
+        log.debug("guest agent of %s does not answer: %s", dom.name(), exc)
         return False
 
 
