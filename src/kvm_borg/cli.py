@@ -109,17 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = stdout
 
 
-_collector_paused = False  # console_main paused the garbage collector for the start-up
-
-
 def _start_up_done() -> None:
-    """End the start-up of a `kvm-borg` process: freeze what the imports, the config and the plugins
-    allocated (gc.freeze: later collections never walk it again) and let the collector run again."""
-    global _collector_paused
-    if _collector_paused:
+    """End the start-up of a `kvm-borg` process whose collector console_main paused: freeze what the
+    imports, the config and the plugins allocated (gc.freeze: later collections never walk it again)
+    and let the collector run again."""
+    if not gc.isenabled():
         gc.freeze()
         gc.enable()
-        _collector_paused = False
 
 
 def console_main() -> None:
@@ -133,9 +129,7 @@ def console_main() -> None:
     collections skip them: they would walk every object of every imported module (~0.2 s on a busy
     2-core host) for memory the OS frees anyway. By then main() has closed its files, connections
     and children; atexit handlers and the flushing of stdout/stderr still run."""
-    global _collector_paused
     gc.disable()
-    _collector_paused = True
     code = main()
     gc.freeze()
     sys.exit(code)
