@@ -17,12 +17,9 @@ import uuid as uuid_module
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from kvm_borg.archive_meta import (  # noqa: F401 - the checkers are part of this module's interface
-    IMAGE_FORMATS,
+from kvm_borg.archive_meta import (
     check_archive_path,
     check_domain_name,
-    check_format,
-    check_host_path,
     check_meta,
     check_relative_path,
     check_target,

@@ -27,7 +27,7 @@ def test_raw_and_qcow2_are_mounted(fmt):
 @pytest.mark.parametrize("fmt, message", [
     ("vmdk", "disk vda is a vmdk image: kvm-borg mount opens only qcow2 and raw images"),
     ("vdi", "is a vdi image"),
-    ("vvfat", "invalid image format"),  # not an image format qemu-img writes: refused by restore_plan.check_format
+    ("vvfat", "invalid image format"),  # not an image format qemu-img writes: refused by archive_meta.check_format
     ("nbd", "invalid image format"),
     ("../etc", "invalid image format"),
     ("QCOW2", "invalid image format"),

@@ -41,7 +41,7 @@ import stat
 import time
 from pathlib import Path
 
-from kvm_borg import mountinfo, restore_plan, signals
+from kvm_borg import archive_meta, mountinfo, restore_plan, signals
 from kvm_borg.pipeline.backup import prepare_state_dir
 from kvm_borg.actions.common import Context, open_repository, print_json
 from kvm_borg.atomic import write_atomic
@@ -85,7 +85,7 @@ def mount_options(fs_type: str) -> str:
 
 def check_mount_format(fmt: str, what: str) -> str:
     """Given a (validated) image format from meta.json, return it if mount can open it safely; else a UsageError."""
-    fmt = restore_plan.check_format(fmt)
+    fmt = archive_meta.check_format(fmt)
     if fmt not in MOUNT_FORMATS:
         raise UsageError(f"{what} is a {fmt} image: kvm-borg mount opens only "
                          f"{' and '.join(sorted(MOUNT_FORMATS))} images (use kvm-borg restore)")

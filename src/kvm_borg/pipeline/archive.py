@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from kvm_borg import archive_choice, restore_plan
+from kvm_borg import archive_choice, archive_meta, restore_plan
 from kvm_borg.errors import UsageError
 from kvm_borg.models import RepositoryBackend
 
@@ -136,7 +136,7 @@ def read_archive(backend: RepositoryBackend, archive: str, domain: str | None) -
             problems.append(f"its meta.json {candidate} is not valid JSON")
             continue
         if isinstance(data, dict) and "kvm_borg" in data:
-            found.append(restore_plan.check_meta(data))
+            found.append(archive_meta.check_meta(data))
         else:
             problems.append(f"{candidate} is not a kvm-borg meta.json")
     if not found:
@@ -156,7 +156,7 @@ def read_domain_xml(backend: RepositoryBackend, archive: str, meta: dict, entrie
     """Given an archive, its checked meta.json and entries, return (the domain XML's path in the archive, the
     archived persistent domain XML as text); a missing one, one that is not a regular file or not UTF-8 is a
     UsageError."""
-    xml_archive_path = restore_plan.check_archive_path(meta["files"]["domain_xml"], "domain XML")
+    xml_archive_path = archive_meta.check_archive_path(meta["files"]["domain_xml"], "domain XML")
     if xml_archive_path not in entries:
         raise UsageError(f"archive {archive} lacks the domain XML {xml_archive_path}")
     if entries[xml_archive_path] != "file":

@@ -20,7 +20,7 @@ import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 
-from kvm_borg import restore_plan
+from kvm_borg import archive_meta, restore_plan
 from kvm_borg.engine import lifecycle
 from kvm_borg.engine.domain_xml import parse_disks
 from kvm_borg.engine.host_facts import host_facts
@@ -119,7 +119,7 @@ def check_options(options: RestoreOptions) -> None:
     if options.disks and (options.define or options.start):
         raise UsageError("--define and --start need every disk: leave out --disk")
     if options.name is not None:
-        restore_plan.check_domain_name(options.name, "invalid --name")
+        archive_meta.check_domain_name(options.name, "invalid --name")
 
 
 def run_restore(settings, conn, repo: dict, backend: RepositoryBackend, options: RestoreOptions) -> RestoreResult:
