@@ -87,6 +87,7 @@ class FreezeResult:
     warnings: list[str] = field(default_factory=list)
     method: str = "snapshot"  # the DomainPlan's method, as this source carried it out
     read_stats: list[DiskReadStats] = field(default_factory=list)  # per disk (empty: every disk read whole)
+    bytes_served: Callable[[], int] | None = None  # the bytes readers got from the disks so far, where counted
 
 
 class FrozenSource(Protocol):
@@ -139,6 +140,7 @@ class ArchiveRequest:
     block_devices: tuple[str, ...]  # the subset of `files` that are block devices
     comment: str  # one-line JSON that identifies the archive as kvm-borg's
     total_bytes: int  # bytes to read, for progress
+    bytes_served: Callable[[], int] | None = None  # when set, progress counts these bytes actually read instead of the tool's
 
 
 @dataclass

@@ -51,3 +51,21 @@ def test_content_size_of_a_directory_sums_its_regular_files_without_following_li
     (tmp_path / "sub" / "f").write_bytes(b"b" * 5)
     (tmp_path / "link").symlink_to("/etc/passwd")
     assert content_size(str(tmp_path)) == 15
+
+
+def test_progress_counts_the_bytes_the_source_served_when_it_counts_them():
+    from kvm_borg.models import ArchiveRequest
+    from kvm_borg.progress import progress_of
+    from kvm_borg.pipeline.staging import bytes_to_read
+
+    seen = []
+    plain = ArchiveRequest("web", "a", "t", (), (), "{}", 10)
+    progress_of(plain, seen.append)(7)
+    served = ArchiveRequest("web", "a", "t", (), (), "{}", 10, bytes_served=lambda: 3)
+    progress_of(served, seen.append)(7)
+    assert seen == [7, 3]
+    freeze = FreezeResult(disks=[_segmented()], quiesced=False, consistency="crash-consistent", method="bitmap",
+                          read_stats=[DiskReadStats("vda", bytes_read=4 << 20)])
+    assert bytes_to_read(freeze) == 10 << 20  # nothing counts what is served: the virtual size
+    freeze.bytes_served = lambda: 0
+    assert bytes_to_read(freeze) == 4 << 20  # only the changed segments are read
