@@ -1,0 +1,452 @@
+"""The bitmap engine: freeze a running domain with ONE libvirt pull-mode backup job that atomically
+creates a new kvm-borg checkpoint, and show each disk as a directory of segment files (a FUSE view
+over the job's NBD exports) whose attributes change only where the disk changed since the last run.
+Release stops the view, ends the job, folds the new per-segment stamps into the state file and only
+then deletes kvm-borg's older checkpoints. Registered by kvm_borg.default_plugins.libvirt_bitmap.
+
+Every path after backupBegin ends the job: release() (safe after a partial freeze) or, after a
+crash, `recover_bitmap_entry` from the journal entry written BEFORE backupBegin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from kvm_borg import failpoints, journal, segment_state, segments
+from kvm_borg.config import Settings
+from kvm_borg.engine import backup_job, images
+from kvm_borg.engine.connection import Connection
+from kvm_borg.engine.domain_xml import has_guest_agent_channel
+from kvm_borg.engine.libvirt_errors import translated, translating
+from kvm_borg.engine.libvirt_snapshot import guest_agent_answers, record_stage
+from kvm_borg.engine.planning import DomainHandle
+from kvm_borg.errors import EngineError, KvmBorgError, RefusedError
+from kvm_borg.models import DiskPlan, DiskReadStats, DomainPlan, FreezeResult, FrozenDisk, RecoveryReport, ReleaseResult
+
+log = logging.getLogger(__name__)
+
+SOURCE_NAME = "libvirt-bitmap"
+SOCKET_NAME = "nbd.sock"
+SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+NBD_CONNECTIONS = 2
+DIRTY_FLAG = 1  # qemu:dirty-bitmap extents: bit 0 set = changed since the checkpoint
+
+
+def recovery_command(name: str) -> str:
+    return f"kvm-borg recover '{name}'"
+
+
+# --- deciding (pure) ----------------------------------------------------------------------------
+
+
+def no_bitmap_reason(driver_type: str, qcow2_compat: str | None) -> str | None:
+    """Given a disk's format and (qcow2) compat level, return why it cannot carry a checkpoint bitmap
+    (raw, qcow2 v2...), or None when it can (qcow2 v3)."""
+    if driver_type != "qcow2":
+        return f"{driver_type} disk: no bitmap"
+    if qcow2_compat != "1.1":
+        return f"qcow2 image of compat {qcow2_compat or 'unknown'}: no bitmap (needs qcow2 v3)"
+    return None
+
+
+def full_read_reason(*, no_bitmap: str | None, full_requested: bool, state: segment_state.BitmapState | None,
+                     checkpoint_problem: str | None, checkpoint_disks: set[str], previous: segments.DiskSegments | None,
+                     target: str, virtual_size: int, segment_size: int, format: str, image: dict | None) -> str | None:
+    """Given what is known about one disk this run (why it cannot carry a bitmap, whether --full was asked,
+    the domain's previous state, what is wrong with its checkpoint, the targets that checkpoint has
+    bitmaps for, the disk's previous segments, and its geometry and image identity now), return why
+    every segment must be read this run, or None when the bitmap since the checkpoint may be used."""
+    if no_bitmap:
+        return no_bitmap
+    if full_requested:
+        return "--full requested"
+    if state is None or state.checkpoint is None:
+        return "no earlier bitmap backup"
+    if previous is None:
+        return "no earlier bitmap backup of this disk"
+    if checkpoint_problem:
+        return checkpoint_problem
+    if target not in checkpoint_disks:
+        return f"checkpoint {state.checkpoint} has no bitmap of this disk"
+    return segments.full_read_reason(previous, virtual_size=virtual_size, segment_size=segment_size, format=format,
+                                     image=image)
+
+
+@dataclass
+class DiskRun:
+    """One disk in this run: its plan, position, what its checkpoint carries and how it is read."""
+
+    plan: DiskPlan
+    index: int  # position in the plan: part of its segment inodes
+    bitmap: bool  # the new checkpoint carries a bitmap for it
+    reason: str | None  # full_read_reason (None: incremental from the state's checkpoint)
+    virtual_size: int
+    image: dict | None
+    segments: segments.DiskSegments | None = None  # after the job began
+    dirty: int = 0  # segments read this run
+    changed: range | list = ()  # their indices
+
+    @property
+    def target(self) -> str:
+        return self.plan.target
+
+
+def image_identity(path: str) -> dict | None:
+    """Given an image path, return its identity {"path", "dev", "ino"}, or None when it cannot be stat'ed."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return {"path": path, "dev": info.st_dev, "ino": info.st_ino}
+
+
+def scratch_dir_of(settings: Settings) -> Path:
+    """Given the settings, return the directory of the per-run scratch dirs (scratch_dir)."""
+    return Path(settings.scratch_dir)
+
+
+def view_mountpoint(settings: Settings, uuid: str) -> Path:
+    """Given the settings and a domain UUID, return the view's mount point: a STABLE path (borg's files
+    cache keys on it)."""
+    return Path(settings.state_dir) / "view" / uuid
+
+
+# --- the source ---------------------------------------------------------------------------------
+
+
+class BitmapSource:
+    """A FrozenSource: one pull-mode backup job per run, disks shown as segment directories."""
+
+    def __init__(self, handle: DomainHandle, plan: DomainPlan, settings: Settings):
+        self.handle, self.plan, self.settings = handle, plan, settings
+        self.entry: journal.Entry | None = None
+        self.journal_written = False
+        self.owner: str | None = None
+        self.checkpoint: str | None = None
+        self.checkpoint_created = False
+        self.run_dir: Path | None = None
+        self.view = None
+        self.new_state: segment_state.BitmapState | None = None
+
+    def hand_over(self, owner: str) -> None:
+        """Before freeze(): name `owner` in the journal entry; the view then outlives this process."""
+        self.owner = owner
+
+    # -- freeze steps
+
+    def _quiesce_decision(self, warnings: list[str]) -> bool:
+        name, dom = self.plan.name, self.handle.dom
+        if self.plan.quiesce == "off":
+            return False
+        has_channel = has_guest_agent_channel(dom.XMLDesc(0))
+        quiesce = has_channel and guest_agent_answers(dom, self.settings.guest_agent_timeout)
+        if not quiesce and self.plan.quiesce == "required":
+            raise RefusedError(f"domain '{name}': quiesce is required but the guest agent does not answer")
+        if not quiesce and has_channel:
+            warnings.append(f"domain '{name}': guest agent not answering, backup is crash-consistent")
+        elif not quiesce:
+            log.info("domain '%s' has no guest agent channel: crash-consistent backup", name)
+        return quiesce
+
+    def _decide(self, state: segment_state.BitmapState | None) -> list[DiskRun]:
+        dom = self.handle.dom
+        problem, bitmap_disks = None, set()
+        if state is not None and state.checkpoint and not self.plan.full_read:
+            problem = backup_job.checkpoint_problem(dom, state.checkpoint)
+            if problem is None:
+                bitmap_disks = backup_job.checkpoint_bitmap_disks(backup_job.checkpoint_description(dom, state.checkpoint))
+        runs = []
+        for index, disk in enumerate(self.plan.disks):
+            compat = images.qcow2_compat(disk.source) if disk.driver_type == "qcow2" else None
+            no_bitmap = no_bitmap_reason(disk.driver_type, compat)
+            virtual_size = int(dom.blockInfo(disk.target, 0)[0])
+            image = image_identity(disk.source)
+            previous = state.disks.get(disk.target) if state is not None else None
+            reason = full_read_reason(
+                no_bitmap=no_bitmap, full_requested=self.plan.full_read, state=state, checkpoint_problem=problem,
+                checkpoint_disks=bitmap_disks, previous=previous, target=disk.target, virtual_size=virtual_size,
+                segment_size=self.settings.segment_size, format=disk.driver_type, image=image)
+            runs.append(DiskRun(disk, index, no_bitmap is None, reason, virtual_size, image))
+        return runs
+
+    def _prepare_scratch(self) -> tuple[Path, Path]:
+        """Refuse (nothing changed yet) when scratch_dir lacks room or its socket path is too long."""
+        name = self.plan.name
+        root = scratch_dir_of(self.settings)
+        root.mkdir(mode=0o711, parents=True, exist_ok=True)  # QEMU must reach the run's directory
+        free = shutil.disk_usage(root).free
+        if free < self.settings.scratch_min_free:
+            raise RefusedError(
+                f"domain '{name}': only {free // 2**20} MiB free in {root} for scratch files, "
+                f"{self.settings.scratch_min_free // 2**20} MiB required (scratch_min_free)")
+        run_dir = root / self.plan.uuid
+        socket = run_dir / SOCKET_NAME
+        if len(os.fsencode(str(socket))) > SOCKET_PATH_MAX:
+            raise RefusedError(f"domain '{name}': scratch_dir {root} is too long a path for the NBD socket "
+                               f"{socket} (at most {SOCKET_PATH_MAX} bytes)")
+        return run_dir, socket
+
+    @translating
+    def freeze(self) -> FreezeResult:
+        """Decide per disk (incremental or full read and why), journal the run, start the backup job
+        (quiesced with fsFreeze/fsThaw around it when the guest agent answers), read the dirty and
+        allocation maps, start the segment view; return the disks as segment directories."""
+        name, dom, settings = self.plan.name, self.handle.dom, self.settings
+        warnings: list[str] = []
+        quiesce = self._quiesce_decision(warnings)
+        run_dir, socket = self._prepare_scratch()
+        state = segment_state.load(settings.state_dir, self.plan.uuid)
+        runs = self._decide(state)
+        owner = backup_job.qemu_owner(dom)
+        mountpoint = view_mountpoint(settings, self.plan.uuid)
+        self.checkpoint = backup_job.new_checkpoint_name(time.time()) if any(r.bitmap for r in runs) else None
+        self.entry = journal.Entry(
+            domain=name, uuid=self.plan.uuid, disks=[], source=SOURCE_NAME, owner=self.owner,
+            extra={"checkpoint": self.checkpoint, "previous_checkpoint": state.checkpoint if state else None,
+                   "scratch_dir": str(run_dir), "socket": str(socket), "mountpoint": str(mountpoint),
+                   "view_pid": None})
+        journal.write_entry(settings.journal_dir, self.entry)  # BEFORE anything changes
+        self.journal_written = True
+        self.run_dir = run_dir
+        failpoints.reached("journal-written")
+        if run_dir.exists():  # left by a run that died before journaling: ours, by its name
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(mode=0o700)
+        if owner is not None:
+            os.chown(run_dir, *owner)  # QEMU binds the socket and opens the scratch files in it
+        backup = backup_job.backup_xml(str(socket), [
+            (r.target, str(run_dir / f"{r.target}.scratch"), None if r.reason else state.checkpoint) for r in runs])
+        checkpoint = backup_job.checkpoint_xml(self.checkpoint, [(r.target, "bitmap" if r.bitmap else "no")
+                                                                 for r in runs]) if self.checkpoint else None
+        now_ns = time.time_ns()
+        started = time.monotonic()
+        quiesced = self._begin(backup, checkpoint, quiesce, warnings)
+        freeze_seconds = time.monotonic() - started
+        self.checkpoint_created = self.checkpoint is not None
+        self.entry.stage = "job"
+        journal.write_entry(settings.journal_dir, self.entry)
+        failpoints.reached("job-begun")
+        stamp = segments.run_stamp(now_ns, state.disks.values() if state else ())
+        for run in runs:
+            previous = state.disks.get(run.target) if state else None
+            self._read_maps(run, str(socket), previous, stamp)
+        self.new_state = segment_state.BitmapState(self.checkpoint, {r.target: r.segments for r in runs},
+                                                   self.plan.uuid)
+        self._start_view(runs, str(socket), mountpoint, stamp)
+        for warning in warnings:
+            log.warning(warning)
+        return FreezeResult(
+            disks=[self._frozen_disk(r, mountpoint) for r in runs],
+            quiesced=quiesced,
+            consistency="quiesced" if quiesced else "crash-consistent",
+            freeze_seconds=freeze_seconds,
+            warnings=warnings,
+            method="bitmap",
+            read_stats=[self._read_stats(r) for r in runs],
+        )
+
+    def _begin(self, backup: str, checkpoint: str | None, quiesce: bool, warnings: list[str]) -> bool:
+        """Start the job, between fsFreeze and fsThaw when quiescing; return whether the guest was quiesced."""
+        name, dom = self.plan.name, self.handle.dom
+        frozen = False
+        if quiesce:
+            try:
+                dom.fsFreeze(None, 0)
+                frozen = True
+            except libvirt.libvirtError as exc:
+                if self.plan.quiesce == "required":
+                    raise KvmBorgError(f"domain '{name}': guest file systems could not be frozen: "
+                                       f"{exc.get_error_message()}") from None
+                warnings.append(f"domain '{name}': freezing the guest file systems failed "
+                                f"({exc.get_error_message()}), backup is crash-consistent")
+        try:
+            backup_job.begin(dom, backup, checkpoint)
+        except EngineError as exc:
+            raise KvmBorgError(f"domain '{name}': backup job could not start: {exc}") from None
+        finally:
+            if frozen:
+                try:
+                    dom.fsThaw(None, 0)
+                except libvirt.libvirtError as exc:
+                    warnings.append(f"domain '{name}': thawing the guest file systems failed: "
+                                    f"{exc.get_error_message()}")
+        return frozen
+
+    def _read_maps(self, run: DiskRun, socket: str, previous, stamp: int) -> None:
+        """Read the disk's allocation (and, incremental, dirty) map from its export; plan its segments."""
+        from kvm_borg import nbd_client
+
+        size = self.settings.segment_size
+        bitmap_context = f"qemu:dirty-bitmap:backup-{run.target}"
+        contexts = ["base:allocation"] + ([] if run.reason else [bitmap_context])
+        handle = nbd_client.open_export(socket, run.target, contexts)
+        try:
+            export_size = nbd_client.size(handle)
+            if export_size != run.virtual_size:
+                raise KvmBorgError(f"disk {run.target}: export is {export_size} bytes, libvirt said {run.virtual_size}")
+            count = segments.segment_count(export_size, size)
+            zero = segments.zero_segments(nbd_client.extents(handle, "base:allocation", export_size), size, count,
+                                          export_size)
+            dirty = None
+            if not run.reason:
+                dirty = segments.dirty_segments(
+                    [(o, n, bool(f & DIRTY_FLAG)) for o, n, f in nbd_client.extents(handle, bitmap_context, export_size)],
+                    size, count)
+        finally:
+            nbd_client.close(handle)
+        run.segments = segments.plan_disk(previous, dirty=dirty, zero=zero, stamp=stamp, target=run.target,
+                                          virtual_size=export_size, segment_size=size, format=run.plan.driver_type,
+                                          image=run.image)
+        run.dirty = count if dirty is None else len(dirty)
+        run.changed = range(count) if dirty is None else sorted(dirty)
+
+    def _start_view(self, runs: list[DiskRun], socket: str, mountpoint: Path, stamp: int) -> None:
+        from kvm_borg.segment_view import control, spec
+
+        mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
+        disks = tuple(spec.NbdDisk(
+            target=r.target, socket=socket, export=r.target, virtual_size=r.segments.virtual_size,
+            segment_size=r.segments.segment_size, chain=r.segments.chain, disk_index=r.index,
+            stamps=r.segments.stamps, zero=bytes(r.segments.zero), manifest=segments.manifest(r.segments),
+            connections=NBD_CONNECTIONS) for r in runs)
+        view_spec = spec.ViewSpec(kind="nbd", mountpoint=str(mountpoint), disks=disks, now_ns=stamp + 1)
+        spec_dir = self.run_dir / "view"
+        spec_dir.mkdir(mode=0o700)
+        self.view = control.start_view(view_spec, spec_dir / "spec.json", outlive_parent=self.owner is not None)
+        self.entry.extra["view_pid"] = self.view.pid
+        self.entry.stage = "view"
+        journal.write_entry(self.settings.journal_dir, self.entry)
+
+    def _frozen_disk(self, run: DiskRun, mountpoint: Path) -> FrozenDisk:
+        return FrozenDisk(
+            target=run.target, path=str(mountpoint / run.target), driver_type=run.plan.driver_type,
+            virtual_size=run.segments.virtual_size, original_source=run.plan.source, layout="segments",
+            segment_size=run.segments.segment_size, segment_count=run.segments.count)
+
+    def _read_stats(self, run: DiskRun) -> DiskReadStats:
+        expected = sum(run.segments.file_size(i) for i in run.changed)
+        return DiskReadStats(target=run.target, bytes_read=expected, segments_dirty=run.dirty,
+                             segments_total=run.segments.count, full_read_reason=run.reason)
+
+    # -- after freeze
+
+    def mark_stage(self, stage: str) -> str | None:
+        """Record `stage` in the journal entry once it is written (see record_stage); return the warning or None."""
+        return record_stage(self.entry, self.settings, stage) if self.journal_written else None
+
+    def release(self) -> ReleaseResult:
+        """Stop the view, end the job, fold the new stamps into the state file, delete kvm-borg's older
+        checkpoints, remove the scratch dir and drop the journal entry; safe after a partial freeze.
+        When the job cannot be ended the entry is kept and a warning names `kvm-borg recover`."""
+        if not self.journal_written:
+            return ReleaseResult()
+        started = time.monotonic()
+        report = RecoveryReport(self.plan.name)
+        stage_warning = self.mark_stage("releasing")
+        failpoints.reached("release")
+        bytes_read: dict[str, int] = {}
+        if self.view is not None:
+            try:
+                bytes_read = dict(self.view.stop().bytes_read)
+            except KvmBorgError as exc:
+                report.warn(f"stopping the segment view: {exc}")
+        folded = None
+        if self.new_state is not None:
+            try:
+                segment_state.save(self.settings.state_dir, self.new_state)
+                folded = self.new_state.checkpoint
+            except (OSError, ValueError) as exc:
+                report.warn(f"could not save the bitmap state ({exc}); the next run reads since the previous "
+                            "checkpoint again")
+        finish(self.entry, self.handle.connection, self.settings, report, folded=folded)
+        warnings = ([stage_warning] if stage_warning else []) + report.warnings
+        return ReleaseResult(warnings=warnings, seconds=time.monotonic() - started, bytes_read=bytes_read)
+
+
+# --- ending a run: release and recover ----------------------------------------------------------
+
+
+def finish(entry: journal.Entry, connection: Connection, settings: Settings, report: RecoveryReport,
+           folded: str | None) -> None:
+    """Given a bitmap journal entry and the checkpoint the state file now names when this run folded
+    (None: not folded, or unknown), end what the run left: stop a leftover view, end the backup job,
+    delete the entry's checkpoint unless the state names it (or else every older kvm-borg checkpoint),
+    remove the scratch dir and drop the entry. The entry is kept (with a warning naming `kvm-borg
+    recover`) only when the job could not be ended."""
+    extra = entry.extra
+    mountpoint, pid = extra.get("mountpoint"), extra.get("view_pid")
+    if mountpoint:
+        try:
+            from kvm_borg.segment_view import control
+
+            control.stop_leftover(mountpoint, pid if isinstance(pid, int) else None)
+        except (KvmBorgError, OSError) as exc:
+            report.warn(f"could not stop the segment view at {mountpoint}: {exc}")
+    dom = connection.lookup_uuid(entry.uuid)
+    if dom is not None:
+        try:
+            if backup_job.abort(dom):
+                report.did("ended the backup job")
+        except EngineError as exc:
+            report.warn(f"could not end the backup job ({exc}); the journal entry is kept: run "
+                        f"`{recovery_command(entry.domain)}`")
+            return
+    _tidy_checkpoints(dom, entry, settings, report, folded)
+    scratch = extra.get("scratch_dir")
+    if scratch and os.path.lexists(scratch):
+        shutil.rmtree(scratch, ignore_errors=True)
+        if os.path.lexists(scratch):
+            report.warn(f"could not remove the scratch dir {scratch}")
+        else:
+            report.did(f"removed the scratch dir {scratch}")
+    if mountpoint:
+        try:
+            os.rmdir(mountpoint)
+        except OSError:
+            pass
+    try:
+        journal.remove_entry(settings.journal_dir, entry.uuid)
+    except OSError as exc:
+        report.warn(f"could not remove the journal entry ({exc}): run `{recovery_command(entry.domain)}`")
+
+
+def _tidy_checkpoints(dom, entry: journal.Entry, settings: Settings, report: RecoveryReport, folded: str | None) -> None:
+    """Delete the entry's checkpoint when the state does not name it; when it does, delete kvm-borg's
+    older ones (the previous state's bitmap covers everything until the fold is durable)."""
+    if dom is None:
+        return
+    created = entry.extra.get("checkpoint")
+    current = folded
+    if current is None:
+        state = segment_state.load(settings.state_dir, entry.uuid)
+        current = state.checkpoint if state is not None else None
+    try:
+        if current is not None and current == created:
+            doomed = [n for n in backup_job.own_checkpoints(dom) if n != current]
+        else:
+            doomed = [created] if created else []
+        for name in doomed:
+            done = backup_job.delete_checkpoint(dom, name)
+            if done is not None:
+                report.did(f"checkpoint {name}: {done}")
+    except EngineError as exc:
+        report.warn(f"could not delete a kvm-borg checkpoint ({exc}); the next run deletes it")
+
+
+def recover_bitmap_entry(entry: journal.Entry, connection: Connection, settings: Settings) -> RecoveryReport:
+    """Given a journal entry of this source, complete it after a crash: stop a leftover view, end a
+    leftover job, delete the checkpoint the run created unless the state file names it (then it is the
+    current one and the older ones go), remove the scratch dir, drop the entry. Idempotent."""
+    report = RecoveryReport(entry.domain)
+    if connection.reconnect_if_dead():
+        report.warn("the connection to libvirtd was lost (libvirtd restarted?); reconnected")
+    with translated():
+        finish(entry, connection, settings, report, folded=None)
+    return report
