@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 SOURCE_NAME = "libvirt-bitmap"
 SOCKET_NAME = "nbd.sock"
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+# Where the socket goes when scratch_dir is too deep for one: a per-domain dir below it, QEMU's own.
+SHORT_SOCKET_ROOT = Path("/run/kvm-borg/nbd")
 NBD_CONNECTIONS = 2
 DIRTY_FLAG = 1  # qemu:dirty-bitmap extents: bit 0 set = changed since the checkpoint
 
@@ -177,7 +179,8 @@ class BitmapSource:
         return runs
 
     def _prepare_scratch(self) -> tuple[Path, Path]:
-        """Refuse (nothing changed yet) when scratch_dir lacks room or its socket path is too long."""
+        """Refuse (nothing changed yet) when scratch_dir lacks room; return (the run's scratch dir, the
+        socket path: in it, or below SHORT_SOCKET_ROOT when that path would be too long for a socket)."""
         name = self.plan.name
         root = scratch_dir_of(self.settings)
         root.mkdir(mode=0o711, parents=True, exist_ok=True)  # QEMU must reach the run's directory
@@ -189,9 +192,20 @@ class BitmapSource:
         run_dir = root / self.plan.uuid
         socket = run_dir / SOCKET_NAME
         if len(os.fsencode(str(socket))) > SOCKET_PATH_MAX:
-            raise RefusedError(f"domain '{name}': scratch_dir {root} is too long a path for the NBD socket "
-                               f"{socket} (at most {SOCKET_PATH_MAX} bytes)")
+            socket = SHORT_SOCKET_ROOT / self.plan.uuid / SOCKET_NAME
         return run_dir, socket
+
+    def _make_dirs(self, run_dir: Path, socket: Path, owner: tuple[int, int] | None) -> None:
+        """Create the run's scratch dir (and the socket's, when elsewhere), private to QEMU's user."""
+        dirs = [run_dir] if socket.parent == run_dir else [run_dir, socket.parent]
+        if socket.parent != run_dir:
+            SHORT_SOCKET_ROOT.mkdir(mode=0o711, parents=True, exist_ok=True)
+        for directory in dirs:
+            if directory.exists():  # left by a run that died before journaling: ours, by its name
+                shutil.rmtree(directory)
+            directory.mkdir(mode=0o700)
+            if owner is not None:
+                os.chown(directory, *owner)  # QEMU binds the socket and opens the scratch files in it
 
     @translating
     def freeze(self) -> FreezeResult:
@@ -216,11 +230,7 @@ class BitmapSource:
         self.journal_written = True
         self.run_dir = run_dir
         failpoints.reached("journal-written")
-        if run_dir.exists():  # left by a run that died before journaling: ours, by its name
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(mode=0o700)
-        if owner is not None:
-            os.chown(run_dir, *owner)  # QEMU binds the socket and opens the scratch files in it
+        self._make_dirs(run_dir, socket, owner)
         backup = backup_job.backup_xml(str(socket), [
             (r.target, str(run_dir / f"{r.target}.scratch"), None if r.reason else state.checkpoint) for r in runs])
         checkpoint = backup_job.checkpoint_xml(self.checkpoint, [(r.target, "bitmap" if r.bitmap else "no")
@@ -399,13 +409,17 @@ def finish(entry: journal.Entry, connection: Connection, settings: Settings, rep
                         f"`{recovery_command(entry.domain)}`")
             return
     _tidy_checkpoints(dom, entry, settings, report, folded)
-    scratch = extra.get("scratch_dir")
-    if scratch and os.path.lexists(scratch):
-        shutil.rmtree(scratch, ignore_errors=True)
-        if os.path.lexists(scratch):
-            report.warn(f"could not remove the scratch dir {scratch}")
-        else:
-            report.did(f"removed the scratch dir {scratch}")
+    scratch, socket = extra.get("scratch_dir"), extra.get("socket")
+    socket_dir = os.path.dirname(socket) if socket else None
+    if socket_dir != scratch and os.path.dirname(socket_dir or "") != str(SHORT_SOCKET_ROOT):
+        socket_dir = None  # only ever our own directories
+    for directory in {scratch, socket_dir} - {None, ""}:
+        if os.path.lexists(directory):
+            shutil.rmtree(directory, ignore_errors=True)
+            if os.path.lexists(directory):
+                report.warn(f"could not remove the scratch dir {directory}")
+            else:
+                report.did(f"removed the scratch dir {directory}")
     if mountpoint:
         try:
             os.rmdir(mountpoint)
