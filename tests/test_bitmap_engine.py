@@ -149,3 +149,156 @@ def test_the_snapshot_method_backs_up_a_domain_with_kvm_borg_checkpoints_and_kee
 @pytest.fixture(autouse=True)
 def _quiet_libvirt():
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+# --- BitmapSource, used directly ------------------------------------------------------------------
+
+SEGMENT = 256 * 1024
+
+
+@pytest.fixture
+def bitmap_env(run_dir, image_dir, domain_factory):
+    """(make_source(domain, full=False) -> BitmapSource, settings, connection): the source the plugin
+    would pick for a plan with method "bitmap", over a state_dir short enough for the NBD socket."""
+    import dataclasses
+
+    from kvm_borg import config
+    from kvm_borg.engine.connection import Connection
+    from kvm_borg.engine.libvirt_bitmap import BitmapSource
+    from kvm_borg.engine.planning import handle_for, make_plan
+
+    state = domain_factory.track_path(tempfile.mkdtemp(prefix="bs", dir=run_dir))
+    state.chmod(0o711)
+    path = write_config(image_dir / "kb", init=False, state_dir=str(state))
+    settings, _pm = config.load_config(str(path))
+    settings = dataclasses.replace(settings, segment_size=SEGMENT, scratch_min_free=MiB)
+    connection = Connection(settings.libvirt_uri)
+
+    def make_source(domain, full=False):
+        handle = handle_for(connection, domain.name)
+        plan = make_plan(handle, settings, [], time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+        return BitmapSource(handle, dataclasses.replace(plan, method="bitmap", full_read=full), settings)
+
+    yield make_source, settings, connection
+    connection.close()
+
+
+def guest_bytes(domain, target: str) -> bytes:
+    """The disk's whole guest-visible content, read from its image while the domain runs (-U)."""
+    proc = subprocess.run(["qemu-img", "dd", "-U", "-f", domain.formats[target], "-O", "raw",
+                           f"if={domain.disks[target]}", "of=/dev/stdout", "bs=1M"], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def segment_files(directory: Path) -> dict[str, os.stat_result]:
+    return {p.name: p.stat() for p in sorted(directory.iterdir()) if p.name != "manifest.json"}
+
+
+def test_bitmap_source_shows_only_changed_segments_as_changed_and_folds_them(bitmap_env, domain_factory):
+    make_source, settings, _connection = bitmap_env
+    from kvm_borg import journal, segment_state
+
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 2), DiskSpec("vdb", "raw", 1, "zero")])
+    source = make_source(domain)
+    frozen = source.freeze()
+    try:
+        assert frozen.method == "bitmap"
+        stats = {s.target: s for s in frozen.read_stats}
+        assert (stats["vda"].full_read_reason, stats["vda"].segments_dirty, stats["vda"].segments_total) == \
+            ("no earlier bitmap backup", 8, 8)
+        assert stats["vdb"].full_read_reason == "raw disk: no bitmap"
+        vda, vdb = frozen.disks
+        assert (vda.layout, vda.segment_size, vda.segment_count) == ("segments", SEGMENT, 8)
+        assert journal.read_entry(settings.journal_dir, domain.dom.UUIDString()).source == "libvirt-bitmap"
+        directory = Path(vda.path)
+        manifest = json.loads((directory / "manifest.json").read_text())
+        assert (manifest["segment_count"], manifest["virtual_size"], manifest["format"]) == (8, 2 * MiB, "qcow2")
+        content = guest_bytes(domain, "vda")
+        first = segment_files(directory)
+        assert list(first) == [f"{i:08d}" for i in range(8)]
+        assert b"".join((directory / name).read_bytes() for name in first) == content
+        assert {s.st_size for s in segment_files(Path(vdb.path)).values()} == {0}  # all zeros: empty files
+    finally:
+        released = source.release()
+    assert released.warnings == []
+    assert released.bytes_read["vda"] == 2 * MiB
+    uuid = domain.dom.UUIDString()
+    state = segment_state.load(settings.state_dir, uuid)
+    assert backup_job.own_checkpoints(domain.dom) == [state.checkpoint]
+    assert journal.read_entry(settings.journal_dir, uuid) is None
+    assert not (settings.scratch_dir / uuid).exists()
+
+    domain.hmp_write("vda", 0xC3, MiB + 4096, 4096)  # inside segment 4
+    source = make_source(domain)
+    frozen = source.freeze()
+    try:
+        stats = {s.target: s for s in frozen.read_stats}
+        assert (stats["vda"].full_read_reason, stats["vda"].segments_dirty) == (None, 1)
+        directory = Path(frozen.disks[0].path)
+        second = segment_files(directory)
+        changed = {name for name in first if (first[name].st_ino, first[name].st_mtime_ns, first[name].st_ctime_ns)
+                   != (second[name].st_ino, second[name].st_mtime_ns, second[name].st_ctime_ns)}
+        assert changed == {"00000004"}
+        assert second["00000004"].st_mtime_ns > max(s.st_mtime_ns for s in first.values())
+        assert (directory / "00000004").read_bytes()[4096:8192] == b"\xc3" * 4096
+    finally:
+        released = source.release()
+    assert released.warnings == [] and released.bytes_read["vda"] == SEGMENT
+    newer = segment_state.load(settings.state_dir, uuid)
+    assert newer.checkpoint != state.checkpoint
+    assert backup_job.own_checkpoints(domain.dom) == [newer.checkpoint]  # the older one is gone
+
+    source = make_source(domain, full=True)
+    frozen = source.freeze()
+    try:
+        stats = {s.target: s for s in frozen.read_stats}
+        assert (stats["vda"].full_read_reason, stats["vda"].segments_dirty) == ("--full requested", 8)
+        third = segment_files(Path(frozen.disks[0].path))
+        assert all(third[name].st_ino != second[name].st_ino for name in third)  # a new chain
+    finally:
+        assert source.release().warnings == []
+
+
+def test_a_killed_qemu_makes_the_next_run_read_in_full_and_says_why(bitmap_env, domain_factory):
+    make_source, settings, _connection = bitmap_env
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 1)])
+    source = make_source(domain)
+    source.freeze()
+    assert source.release().warnings == []
+    kill_qemu(domain)
+    domain.start()
+    source = make_source(domain)
+    frozen = source.freeze()
+    try:
+        [stats] = frozen.read_stats
+        assert stats.full_read_reason.startswith("bitmap of checkpoint kvm-borg.") and "unusable" in stats.full_read_reason
+        assert stats.segments_dirty == stats.segments_total == 4
+    finally:
+        assert source.release().warnings == []
+    assert len(backup_job.own_checkpoints(domain.dom)) == 1
+
+
+def test_recover_ends_what_a_crashed_run_left_and_is_idempotent(bitmap_env, domain_factory):
+    make_source, settings, connection = bitmap_env
+    from kvm_borg import journal, mountinfo, segment_state
+    from kvm_borg.engine.libvirt_bitmap import recover_bitmap_entry
+
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 1)])
+    source = make_source(domain)
+    source.freeze()  # ... and kvm-borg dies here: no release
+    uuid = domain.dom.UUIDString()
+    entry = journal.read_entry(settings.journal_dir, uuid)
+    created = entry.extra["checkpoint"]
+    assert backup_job.job_active(domain.dom) and backup_job.own_checkpoints(domain.dom) == [created]
+    assert mountinfo.entry_at(entry.extra["mountpoint"]) is not None
+    report = recover_bitmap_entry(entry, connection, settings)
+    assert report.warnings == []
+    assert not backup_job.job_active(domain.dom)
+    assert backup_job.own_checkpoints(domain.dom) == []  # the state never named it
+    assert segment_state.load(settings.state_dir, uuid) is None
+    assert mountinfo.entry_at(entry.extra["mountpoint"]) is None
+    assert not Path(entry.extra["scratch_dir"]).exists()
+    assert journal.read_entry(settings.journal_dir, uuid) is None
+    again = recover_bitmap_entry(entry, connection, settings)
+    assert again.warnings == [] and again.actions == []
