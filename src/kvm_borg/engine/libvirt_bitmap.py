@@ -100,6 +100,16 @@ class DiskRun:
         return self.plan.target
 
 
+def qcow2_compat(path: str) -> str | None:
+    """Given a qcow2 image path, return its compat level ("1.1" = v3, "0.10" = v2), or None when unreadable."""
+    try:
+        top = images.backing_chain(path, "qcow2")[0]
+    except (KvmBorgError, OSError, ValueError, IndexError):
+        return None
+    compat = ((top.get("format-specific") or {}).get("data") or {}).get("compat")
+    return compat if isinstance(compat, str) else None
+
+
 def image_identity(path: str) -> dict | None:
     """Given an image path, return its identity {"path", "dev", "ino"}, or None when it cannot be stat'ed."""
     try:
@@ -166,7 +176,7 @@ class BitmapSource:
                 bitmap_disks = backup_job.checkpoint_bitmap_disks(backup_job.checkpoint_description(dom, state.checkpoint))
         runs = []
         for index, disk in enumerate(self.plan.disks):
-            compat = images.qcow2_compat(disk.source) if disk.driver_type == "qcow2" else None
+            compat = qcow2_compat(disk.source) if disk.driver_type == "qcow2" else None
             no_bitmap = no_bitmap_reason(disk.driver_type, compat)
             virtual_size = int(dom.blockInfo(disk.target, 0)[0])
             image = image_identity(disk.source)
