@@ -15,6 +15,7 @@ import libvirt
 import pytest
 
 from harness import DiskSpec, run_cli
+from harness.images import read_guest_bytes
 from support import assert_back_on_own_images, cli_env, write_config
 
 from kvm_borg.engine import backup_job
@@ -184,11 +185,8 @@ def bitmap_env(run_dir, image_dir, domain_factory):
 
 
 def guest_bytes(domain, target: str) -> bytes:
-    """The disk's whole guest-visible content, read from its image while the domain runs (-U)."""
-    proc = subprocess.run(["qemu-img", "dd", "-U", "-f", domain.formats[target], "-O", "raw",
-                           f"if={domain.disks[target]}", "of=/dev/stdout", "bs=1M"], capture_output=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    """The disk's whole guest-visible content, read from its image while the domain runs."""
+    return read_guest_bytes(domain.disks[target], domain.formats[target], 0, domain.specs[target].size_mib * MiB)
 
 
 def segment_files(directory: Path) -> dict[str, os.stat_result]:
