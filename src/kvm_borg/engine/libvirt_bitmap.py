@@ -91,6 +91,10 @@ class DiskRun:
     reason: str | None  # full_read_reason (None: incremental from the state's checkpoint)
     virtual_size: int
     image: dict | None
+    socket: str = ""  # the NBD export's unix socket (export name = target)
+    dirty_context: str | None = None  # the NBD meta context of its dirty bitmap (None: full read or clean)
+    clean: bool = False  # offline, layers unchanged since the last run: no segment changed
+    layers: list | None = None  # offline: segment_state.layer_identity of its image layers
     segments: segments.DiskSegments | None = None  # after the job began
     dirty: int = 0  # segments read this run
     changed: range | list = ()  # their indices
@@ -133,8 +137,8 @@ def view_mountpoint(settings: Settings, uuid: str) -> Path:
 # --- the source ---------------------------------------------------------------------------------
 
 
-class BitmapSource:
-    """A FrozenSource: one pull-mode backup job per run, disks shown as segment directories."""
+class SegmentSource:
+    """What both bitmap sources share: the run's dirs, the maps, the segment view, the results, the stage."""
 
     def __init__(self, handle: DomainHandle, plan: DomainPlan, settings: Settings):
         self.handle, self.plan, self.settings = handle, plan, settings
@@ -142,7 +146,6 @@ class BitmapSource:
         self.journal_written = False
         self.owner: str | None = None
         self.checkpoint: str | None = None
-        self.checkpoint_created = False
         self.run_dir: Path | None = None
         self.view = None
         self.new_state: segment_state.BitmapState | None = None
@@ -150,6 +153,121 @@ class BitmapSource:
     def hand_over(self, owner: str) -> None:
         """Before freeze(): name `owner` in the journal entry; the view then outlives this process."""
         self.owner = owner
+
+    def _prepare_scratch(self) -> tuple[Path, Path]:
+        """Refuse (nothing changed yet) when scratch_dir lacks room; return (the run's scratch dir, the
+        socket path: in it, or below SHORT_SOCKET_ROOT when that path would be too long for a socket)."""
+        name = self.plan.name
+        root = scratch_dir_of(self.settings)
+        root.mkdir(mode=0o711, parents=True, exist_ok=True)  # QEMU must reach the run's directory
+        free = shutil.disk_usage(root).free
+        if free < self.settings.scratch_min_free:
+            raise RefusedError(
+                f"domain '{name}': only {free // 2**20} MiB free in {root} for scratch files, "
+                f"{self.settings.scratch_min_free // 2**20} MiB required (scratch_min_free)")
+        run_dir = root / self.plan.uuid
+        socket = run_dir / SOCKET_NAME
+        if len(os.fsencode(str(socket))) > SOCKET_PATH_MAX:
+            socket = SHORT_SOCKET_ROOT / self.plan.uuid / SOCKET_NAME
+        return run_dir, socket
+
+    def _make_dirs(self, run_dir: Path, socket: Path, owner: tuple[int, int] | None) -> None:
+        """Create the run's scratch dir (and the socket's, when elsewhere), private to `owner` (QEMU's user)."""
+        dirs = [run_dir] if socket.parent == run_dir else [run_dir, socket.parent]
+        if socket.parent != run_dir:
+            SHORT_SOCKET_ROOT.mkdir(mode=0o711, parents=True, exist_ok=True)
+        for directory in dirs:
+            if directory.exists():  # left by a run that died before journaling: ours, by its name
+                shutil.rmtree(directory)
+            directory.mkdir(mode=0o700)
+            if owner is not None:
+                os.chown(directory, *owner)  # QEMU binds the socket and opens the scratch files in it
+
+    def _read_maps(self, run: DiskRun, previous, stamp: int) -> None:
+        """Read the disk's allocation (and, given a dirty context, dirty) map from its export; plan its
+        segments: all read (full), the dirty ones, or none (clean)."""
+        from kvm_borg import nbd_client
+
+        size = self.settings.segment_size
+        contexts = ["base:allocation"] + ([run.dirty_context] if run.dirty_context else [])
+        handle = nbd_client.open_export(run.socket, run.target, contexts)
+        try:
+            export_size = nbd_client.size(handle)
+            if export_size != run.virtual_size:
+                raise KvmBorgError(f"disk {run.target}: export is {export_size} bytes, expected {run.virtual_size}")
+            count = segments.segment_count(export_size, size)
+            zero = segments.zero_segments(nbd_client.extents(handle, "base:allocation", export_size), size, count,
+                                          export_size)
+            dirty = None
+            if run.clean:
+                dirty = set()
+            elif run.dirty_context:
+                extents = nbd_client.extents(handle, run.dirty_context, export_size)
+                dirty = segments.dirty_segments([(o, n, bool(f & DIRTY_FLAG)) for o, n, f in extents], size, count)
+        finally:
+            nbd_client.close(handle)
+        run.segments = segments.plan_disk(previous, dirty=dirty, zero=zero, stamp=stamp, target=run.target,
+                                          virtual_size=export_size, segment_size=size, format=run.plan.driver_type,
+                                          image=run.image, layers=run.layers)
+        run.dirty = count if dirty is None else len(dirty)
+        run.changed = range(count) if dirty is None else sorted(dirty)
+
+    def _start_view(self, runs: list[DiskRun], mountpoint: Path, stamp: int) -> None:
+        from kvm_borg.segment_view import control, spec
+
+        mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
+        disks = tuple(spec.NbdDisk(
+            target=r.target, socket=r.socket, export=r.target, virtual_size=r.segments.virtual_size,
+            segment_size=r.segments.segment_size, chain=r.segments.chain, disk_index=r.index,
+            stamps=r.segments.stamps, zero=bytes(r.segments.zero), manifest=segments.manifest(r.segments),
+            connections=NBD_CONNECTIONS) for r in runs)
+        view_spec = spec.ViewSpec(kind="nbd", mountpoint=str(mountpoint), disks=disks, now_ns=stamp + 1)
+        spec_dir = self.run_dir / "view"
+        spec_dir.mkdir(mode=0o700)
+        self.view = control.start_view(view_spec, spec_dir / "spec.json", outlive_parent=self.owner is not None)
+        self.entry.extra["view_pid"] = self.view.pid
+        self.entry.stage = "view"
+        journal.write_entry(self.settings.journal_dir, self.entry)
+
+    def _frozen_disk(self, run: DiskRun, mountpoint: Path) -> FrozenDisk:
+        return FrozenDisk(
+            target=run.target, path=str(mountpoint / run.target), driver_type=run.plan.driver_type,
+            virtual_size=run.segments.virtual_size, original_source=run.plan.source, layout="segments",
+            segment_size=run.segments.segment_size, segment_count=run.segments.count)
+
+    def _read_stats(self, run: DiskRun) -> DiskReadStats:
+        expected = sum(run.segments.file_size(i) for i in run.changed)
+        return DiskReadStats(target=run.target, bytes_read=expected, segments_dirty=run.dirty,
+                             segments_total=run.segments.count, full_read_reason=run.reason)
+
+    def mark_stage(self, stage: str) -> str | None:
+        """Record `stage` in the journal entry once it is written (see record_stage); return the warning or None."""
+        return record_stage(self.entry, self.settings, stage) if self.journal_written else None
+
+    def _stop_view(self, report: RecoveryReport) -> dict[str, int]:
+        if self.view is None:
+            return {}
+        try:
+            return dict(self.view.stop().bytes_read)
+        except KvmBorgError as exc:
+            report.warn(f"stopping the segment view: {exc}")
+            return {}
+
+    def _fold(self, report: RecoveryReport) -> str | None:
+        """Save the new state (fsync'd); return the checkpoint it names, None when there was none to save."""
+        if self.new_state is None:
+            return None
+        try:
+            segment_state.save(self.settings.state_dir, self.new_state)
+        except (OSError, ValueError) as exc:
+            report.warn(f"could not save the bitmap state ({exc}); the next run reads since the previous "
+                        "checkpoint again")
+            return None
+        return self.new_state.checkpoint
+
+
+class BitmapSource(SegmentSource):
+    """A FrozenSource: one pull-mode backup job per run, disks shown as segment directories."""
 
     # -- freeze steps
 
@@ -188,35 +306,6 @@ class BitmapSource:
             runs.append(DiskRun(disk, index, no_bitmap is None, reason, virtual_size, image))
         return runs
 
-    def _prepare_scratch(self) -> tuple[Path, Path]:
-        """Refuse (nothing changed yet) when scratch_dir lacks room; return (the run's scratch dir, the
-        socket path: in it, or below SHORT_SOCKET_ROOT when that path would be too long for a socket)."""
-        name = self.plan.name
-        root = scratch_dir_of(self.settings)
-        root.mkdir(mode=0o711, parents=True, exist_ok=True)  # QEMU must reach the run's directory
-        free = shutil.disk_usage(root).free
-        if free < self.settings.scratch_min_free:
-            raise RefusedError(
-                f"domain '{name}': only {free // 2**20} MiB free in {root} for scratch files, "
-                f"{self.settings.scratch_min_free // 2**20} MiB required (scratch_min_free)")
-        run_dir = root / self.plan.uuid
-        socket = run_dir / SOCKET_NAME
-        if len(os.fsencode(str(socket))) > SOCKET_PATH_MAX:
-            socket = SHORT_SOCKET_ROOT / self.plan.uuid / SOCKET_NAME
-        return run_dir, socket
-
-    def _make_dirs(self, run_dir: Path, socket: Path, owner: tuple[int, int] | None) -> None:
-        """Create the run's scratch dir (and the socket's, when elsewhere), private to QEMU's user."""
-        dirs = [run_dir] if socket.parent == run_dir else [run_dir, socket.parent]
-        if socket.parent != run_dir:
-            SHORT_SOCKET_ROOT.mkdir(mode=0o711, parents=True, exist_ok=True)
-        for directory in dirs:
-            if directory.exists():  # left by a run that died before journaling: ours, by its name
-                shutil.rmtree(directory)
-            directory.mkdir(mode=0o700)
-            if owner is not None:
-                os.chown(directory, *owner)  # QEMU binds the socket and opens the scratch files in it
-
     @translating
     def freeze(self) -> FreezeResult:
         """Decide per disk (incremental or full read and why), journal the run, start the backup job
@@ -249,17 +338,17 @@ class BitmapSource:
         started = time.monotonic()
         quiesced = self._begin(backup, checkpoint, quiesce, warnings)
         freeze_seconds = time.monotonic() - started
-        self.checkpoint_created = self.checkpoint is not None
         self.entry.stage = "job"
         journal.write_entry(settings.journal_dir, self.entry)
         failpoints.reached("job-begun")
         stamp = segments.run_stamp(now_ns, state.disks.values() if state else ())
         for run in runs:
-            previous = state.disks.get(run.target) if state else None
-            self._read_maps(run, str(socket), previous, stamp)
+            run.socket = str(socket)
+            run.dirty_context = None if run.reason else f"qemu:dirty-bitmap:backup-{run.target}"
+            self._read_maps(run, state.disks.get(run.target) if state else None, stamp)
         self.new_state = segment_state.BitmapState(self.checkpoint, {r.target: r.segments for r in runs},
                                                    self.plan.uuid)
-        self._start_view(runs, str(socket), mountpoint, stamp)
+        self._start_view(runs, mountpoint, stamp)
         for warning in warnings:
             log.warning(warning)
         return FreezeResult(
@@ -299,68 +388,6 @@ class BitmapSource:
                                     f"{exc.get_error_message()}")
         return frozen
 
-    def _read_maps(self, run: DiskRun, socket: str, previous, stamp: int) -> None:
-        """Read the disk's allocation (and, incremental, dirty) map from its export; plan its segments."""
-        from kvm_borg import nbd_client
-
-        size = self.settings.segment_size
-        bitmap_context = f"qemu:dirty-bitmap:backup-{run.target}"
-        contexts = ["base:allocation"] + ([] if run.reason else [bitmap_context])
-        handle = nbd_client.open_export(socket, run.target, contexts)
-        try:
-            export_size = nbd_client.size(handle)
-            if export_size != run.virtual_size:
-                raise KvmBorgError(f"disk {run.target}: export is {export_size} bytes, libvirt said {run.virtual_size}")
-            count = segments.segment_count(export_size, size)
-            zero = segments.zero_segments(nbd_client.extents(handle, "base:allocation", export_size), size, count,
-                                          export_size)
-            dirty = None
-            if not run.reason:
-                dirty = segments.dirty_segments(
-                    [(o, n, bool(f & DIRTY_FLAG)) for o, n, f in nbd_client.extents(handle, bitmap_context, export_size)],
-                    size, count)
-        finally:
-            nbd_client.close(handle)
-        run.segments = segments.plan_disk(previous, dirty=dirty, zero=zero, stamp=stamp, target=run.target,
-                                          virtual_size=export_size, segment_size=size, format=run.plan.driver_type,
-                                          image=run.image)
-        run.dirty = count if dirty is None else len(dirty)
-        run.changed = range(count) if dirty is None else sorted(dirty)
-
-    def _start_view(self, runs: list[DiskRun], socket: str, mountpoint: Path, stamp: int) -> None:
-        from kvm_borg.segment_view import control, spec
-
-        mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
-        disks = tuple(spec.NbdDisk(
-            target=r.target, socket=socket, export=r.target, virtual_size=r.segments.virtual_size,
-            segment_size=r.segments.segment_size, chain=r.segments.chain, disk_index=r.index,
-            stamps=r.segments.stamps, zero=bytes(r.segments.zero), manifest=segments.manifest(r.segments),
-            connections=NBD_CONNECTIONS) for r in runs)
-        view_spec = spec.ViewSpec(kind="nbd", mountpoint=str(mountpoint), disks=disks, now_ns=stamp + 1)
-        spec_dir = self.run_dir / "view"
-        spec_dir.mkdir(mode=0o700)
-        self.view = control.start_view(view_spec, spec_dir / "spec.json", outlive_parent=self.owner is not None)
-        self.entry.extra["view_pid"] = self.view.pid
-        self.entry.stage = "view"
-        journal.write_entry(self.settings.journal_dir, self.entry)
-
-    def _frozen_disk(self, run: DiskRun, mountpoint: Path) -> FrozenDisk:
-        return FrozenDisk(
-            target=run.target, path=str(mountpoint / run.target), driver_type=run.plan.driver_type,
-            virtual_size=run.segments.virtual_size, original_source=run.plan.source, layout="segments",
-            segment_size=run.segments.segment_size, segment_count=run.segments.count)
-
-    def _read_stats(self, run: DiskRun) -> DiskReadStats:
-        expected = sum(run.segments.file_size(i) for i in run.changed)
-        return DiskReadStats(target=run.target, bytes_read=expected, segments_dirty=run.dirty,
-                             segments_total=run.segments.count, full_read_reason=run.reason)
-
-    # -- after freeze
-
-    def mark_stage(self, stage: str) -> str | None:
-        """Record `stage` in the journal entry once it is written (see record_stage); return the warning or None."""
-        return record_stage(self.entry, self.settings, stage) if self.journal_written else None
-
     def release(self) -> ReleaseResult:
         """Stop the view, end the job, fold the new stamps into the state file, delete kvm-borg's older
         checkpoints, remove the scratch dir and drop the journal entry; safe after a partial freeze.
@@ -371,20 +398,8 @@ class BitmapSource:
         report = RecoveryReport(self.plan.name)
         stage_warning = self.mark_stage("releasing")
         failpoints.reached("release")
-        bytes_read: dict[str, int] = {}
-        if self.view is not None:
-            try:
-                bytes_read = dict(self.view.stop().bytes_read)
-            except KvmBorgError as exc:
-                report.warn(f"stopping the segment view: {exc}")
-        folded = None
-        if self.new_state is not None:
-            try:
-                segment_state.save(self.settings.state_dir, self.new_state)
-                folded = self.new_state.checkpoint
-            except (OSError, ValueError) as exc:
-                report.warn(f"could not save the bitmap state ({exc}); the next run reads since the previous "
-                            "checkpoint again")
+        bytes_read = self._stop_view(report)
+        folded = self._fold(report)
         finish(self.entry, self.handle.connection, self.settings, report, folded=folded)
         warnings = ([stage_warning] if stage_warning else []) + report.warnings
         return ReleaseResult(warnings=warnings, seconds=time.monotonic() - started, bytes_read=bytes_read)
