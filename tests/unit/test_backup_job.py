@@ -86,3 +86,16 @@ def test_parse_owner_by_name():
     assert backup_job.parse_owner("0:0") == (0, 0)
     with pytest.raises(KeyError):
         backup_job.parse_owner("no-such-user-kvm-borg:root")
+
+
+def test_qemu_nbd_exports_read_only_without_locking_and_doubles_commas():
+    from kvm_borg.engine import qemu_nbd
+
+    argv = qemu_nbd.qemu_nbd_argv("/img/a,b.qcow2", "qcow2", "/s/vda.sock", "vda", bitmap="kvm-borg.x", connections=4)
+    assert argv[:6] == ["qemu-nbd", "--read-only", "--persistent", "--shared=4", "--socket=/s/vda.sock",
+                        "--export-name=vda"]
+    assert "--bitmap=kvm-borg.x" in argv
+    assert argv[-2:] == ["--image-opts", "driver=qcow2,file.driver=file,file.filename=/img/a,,b.qcow2,file.locking=off"]
+    plain = qemu_nbd.qemu_nbd_argv("/dev/vg/lv", "raw", "/s/vdb.sock", "vdb", block_device=True)
+    assert not any(a.startswith("--bitmap") for a in plain)
+    assert plain[-1] == "driver=raw,file.driver=host_device,file.filename=/dev/vg/lv,file.locking=off"

@@ -10,13 +10,13 @@ SOURCE_NAME = "libvirt-bitmap"  # == kvm_borg.engine.libvirt_bitmap.SOURCE_NAME
 
 @hookimpl(tryfirst=True)
 def kvm_borg_frozen_source(domain, plan, settings):
-    """A BitmapSource for a running domain planned with method "bitmap"; None otherwise (a shut-off
-    domain is read from its images by the snapshot plugin's offline source)."""
-    if getattr(plan, "method", "snapshot") != "bitmap" or not plan.running:
+    """For a plan with method "bitmap": a BitmapSource (running domain) or an OfflineBitmapSource (shut
+    off); None for every other plan."""
+    if getattr(plan, "method", "snapshot") != "bitmap":
         return None
-    from kvm_borg.engine.libvirt_bitmap import BitmapSource
+    from kvm_borg.engine.libvirt_bitmap import BitmapSource, OfflineBitmapSource
 
-    return BitmapSource(domain, plan, settings)
+    return BitmapSource(domain, plan, settings) if plan.running else OfflineBitmapSource(domain, plan, settings)
 
 
 @hookimpl

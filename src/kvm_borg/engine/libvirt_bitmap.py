@@ -167,7 +167,8 @@ class SegmentSource:
                 f"{self.settings.scratch_min_free // 2**20} MiB required (scratch_min_free)")
         run_dir = root / self.plan.uuid
         socket = run_dir / SOCKET_NAME
-        if len(os.fsencode(str(socket))) > SOCKET_PATH_MAX:
+        longest = max([SOCKET_NAME, *(f"{d.target}.sock" for d in self.plan.disks)], key=len)  # offline: one per disk
+        if len(os.fsencode(str(run_dir / longest))) > SOCKET_PATH_MAX:
             socket = SHORT_SOCKET_ROOT / self.plan.uuid / SOCKET_NAME
         return run_dir, socket
 
@@ -405,6 +406,161 @@ class BitmapSource(SegmentSource):
         return ReleaseResult(warnings=warnings, seconds=time.monotonic() - started, bytes_read=bytes_read)
 
 
+def offline_bitmap_problem(top_info: dict, name: str) -> str | None:
+    """Given `qemu-img info` of a qcow2 image (its top entry) and a checkpoint name, return why the image's
+    persistent bitmap of that name cannot be exported (missing, in use: not closed cleanly), or None."""
+    bitmaps = ((top_info.get("format-specific") or {}).get("data") or {}).get("bitmaps") or []
+    found = next((b for b in bitmaps if isinstance(b, dict) and b.get("name") == name), None)
+    if found is None:
+        return f"the image has no bitmap of checkpoint {name}"
+    flags = found.get("flags") or []
+    if "in-use" in flags:
+        return f"bitmap of checkpoint {name} unusable (the image was not closed cleanly)"
+    return None
+
+
+def offline_disk_mode(*, full_requested: bool, state: segment_state.BitmapState | None,
+                      previous: segments.DiskSegments | None, geometry_reason: str | None, layers: list | None,
+                      bitmap_problem: str | None) -> tuple[str, str | None]:
+    """Given what is known about one disk of a shut-off domain, return how to read it and why:
+    ("clean", None) when its image layers are unchanged since the last (offline) run, ("bitmap", None)
+    when the state's checkpoint bitmap in the image says what changed, else ("full", reason)."""
+    if full_requested:
+        return "full", "--full requested"
+    if state is None or previous is None:
+        return "full", "no earlier bitmap backup" if state is None else "no earlier bitmap backup of this disk"
+    if geometry_reason:
+        return "full", geometry_reason
+    if layers is not None and previous.layers == layers:
+        return "clean", None
+    if state.checkpoint and bitmap_problem is None:
+        return "bitmap", None
+    return "full", bitmap_problem or "image changed since the last backup, and no checkpoint to say where"
+
+
+class OfflineBitmapSource(SegmentSource):
+    """A FrozenSource for a shut-off domain planned with the bitmap method: each disk exported read-only
+    by qemu-nbd and shown as segments like a running one. A disk whose image layers are unchanged since
+    the last run (identity, size, ctime of every layer, recorded after an offline run) is clean; else
+    the state's checkpoint bitmap in the image (cleanly closed) gives the changes; else a full read. No
+    checkpoint is created (libvirt cannot, offline); the state keeps naming the previous one, whose
+    bitmap still records every later change. If the domain starts meanwhile, the result is flagged
+    inconsistent and nothing is folded (the pipeline then backs it up live)."""
+
+    def __init__(self, handle: DomainHandle, plan: DomainPlan, settings: Settings):
+        super().__init__(handle, plan, settings)
+        self.exports: list = []  # the qemu-nbd processes
+        self.started_during_backup = False
+        self._callback_id = None
+
+    def _on_lifecycle(self, _conn, dom, event, _detail, _opaque):
+        if event == libvirt.VIR_DOMAIN_EVENT_STARTED and dom.UUIDString() == self.plan.uuid:
+            self.started_during_backup = True
+
+    def _decide(self, state) -> list[DiskRun]:
+        runs = []
+        for index, disk in enumerate(self.plan.disks):
+            info = images.backing_chain(disk.source, disk.driver_type)
+            virtual_size = int(info[0]["virtual-size"])
+            image = image_identity(disk.source)
+            previous = state.disks.get(disk.target) if state is not None else None
+            try:
+                layers = segment_state.layer_identity([disk.source, *(e["filename"] for e in info[1:])])
+            except (OSError, KeyError):
+                layers = None
+            geometry = segments.full_read_reason(previous, virtual_size=virtual_size,
+                                                 segment_size=self.settings.segment_size, format=disk.driver_type,
+                                                 image=image) if previous is not None else None
+            problem = None
+            if state is not None and state.checkpoint:
+                problem = (no_bitmap_reason(disk.driver_type, qcow2_compat(disk.source))
+                           or offline_bitmap_problem(info[0], state.checkpoint))
+            mode, reason = offline_disk_mode(full_requested=self.plan.full_read, state=state, previous=previous,
+                                             geometry_reason=geometry, layers=layers, bitmap_problem=problem)
+            run = DiskRun(disk, index, False, reason, virtual_size, image, clean=mode == "clean", layers=layers)
+            run.dirty_context = f"qemu:dirty-bitmap:{state.checkpoint}" if mode == "bitmap" else None
+            runs.append(run)
+        return runs
+
+    @translating
+    def freeze(self) -> FreezeResult:
+        """Watch for a start, decide per disk (clean, bitmap or full), journal the run, export every disk
+        with qemu-nbd, read the maps, start the segment view; return the disks as segment directories."""
+        from kvm_borg.engine import qemu_nbd
+
+        name, settings = self.plan.name, self.settings
+        conn = self.handle.connection.conn
+        self._callback_id = conn.domainEventRegisterAny(
+            self.handle.dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
+        if self.handle.dom.isActive():
+            self.started_during_backup = True
+        run_dir, socket = self._prepare_scratch()
+        state = segment_state.load(settings.state_dir, self.plan.uuid)
+        runs = self._decide(state)
+        mountpoint = view_mountpoint(settings, self.plan.uuid)
+        self.checkpoint = state.checkpoint if state is not None else None
+        for run in runs:
+            run.socket = str(socket.parent / f"{run.target}.sock")
+        self.entry = journal.Entry(
+            domain=name, uuid=self.plan.uuid, disks=[], source=SOURCE_NAME, owner=self.owner, stage="planned",
+            extra={"checkpoint": None, "previous_checkpoint": self.checkpoint, "scratch_dir": str(run_dir),
+                   "socket": str(socket), "mountpoint": str(mountpoint), "view_pid": None, "exports": []})
+        journal.write_entry(settings.journal_dir, self.entry)  # BEFORE anything starts
+        self.journal_written = True
+        self.run_dir = run_dir
+        self._make_dirs(run_dir, socket, None)
+        now_ns = time.time_ns()
+        for run in runs:
+            argv = qemu_nbd.qemu_nbd_argv(
+                run.plan.source, run.plan.driver_type, run.socket, run.target,
+                bitmap=self.checkpoint if run.dirty_context else None, connections=NBD_CONNECTIONS + 2,
+                block_device=images.is_block_device(run.plan.source))
+            process = qemu_nbd.start(argv, run.socket, run_dir / f"{run.target}.qemu-nbd.log")
+            self.exports.append(process)
+            self.entry.extra["exports"].append({"pid": process.pid, "socket": run.socket})
+        self.entry.stage = "exported"
+        journal.write_entry(settings.journal_dir, self.entry)
+        stamp = segments.run_stamp(now_ns, state.disks.values() if state else ())
+        for run in runs:
+            self._read_maps(run, state.disks.get(run.target) if state else None, stamp)
+        self.new_state = segment_state.BitmapState(self.checkpoint, {r.target: r.segments for r in runs},
+                                                   self.plan.uuid)
+        self._start_view(runs, mountpoint, stamp)
+        return FreezeResult(disks=[self._frozen_disk(r, mountpoint) for r in runs], quiesced=False,
+                            consistency="offline", method="bitmap", read_stats=[self._read_stats(r) for r in runs])
+
+    def release(self) -> ReleaseResult:
+        """Stop the view and the exports, fold the new state unless the domain started meanwhile, remove
+        the scratch dir and drop the journal entry; say whether the domain started."""
+        from kvm_borg.engine import qemu_nbd
+
+        if self._callback_id is not None:
+            try:
+                self.handle.connection.conn.domainEventDeregisterAny(self._callback_id)
+            except libvirt.libvirtError:
+                pass
+            self._callback_id = None
+        if not self.journal_written:
+            return ReleaseResult()
+        started = time.monotonic()
+        report = RecoveryReport(self.plan.name)
+        stage_warning = self.mark_stage("releasing")
+        bytes_read = self._stop_view(report)
+        for process in self.exports:
+            qemu_nbd.stop(process)
+        try:
+            inconsistent = self.started_during_backup or bool(self.handle.dom.isActive())
+        except libvirt.libvirtError:
+            inconsistent = True
+        if inconsistent:
+            report.warn(f"domain '{self.plan.name}' started while its images were read")
+        folded = None if inconsistent else self._fold(report)
+        finish(self.entry, self.handle.connection, self.settings, report, folded=folded)
+        warnings = ([stage_warning] if stage_warning else []) + report.warnings
+        return ReleaseResult(warnings=warnings, inconsistent=inconsistent, seconds=time.monotonic() - started,
+                             bytes_read=bytes_read)
+
+
 # --- ending a run: release and recover ----------------------------------------------------------
 
 
@@ -424,6 +580,12 @@ def finish(entry: journal.Entry, connection: Connection, settings: Settings, rep
             control.stop_leftover(mountpoint, pid if isinstance(pid, int) else None)
         except (KvmBorgError, OSError) as exc:
             report.warn(f"could not stop the segment view at {mountpoint}: {exc}")
+    for export in extra.get("exports") or []:
+        from kvm_borg.engine import qemu_nbd
+
+        if isinstance(export, dict) and isinstance(export.get("pid"), int) and \
+                qemu_nbd.stop_leftover(export["pid"], str(export.get("socket"))):
+            report.did(f"stopped the qemu-nbd export at {export.get('socket')}")
     dom = connection.lookup_uuid(entry.uuid)
     if dom is not None:
         try:
