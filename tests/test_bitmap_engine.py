@@ -165,7 +165,7 @@ def bitmap_env(run_dir, image_dir, domain_factory):
 
     from kvm_borg import config
     from kvm_borg.engine.connection import Connection
-    from kvm_borg.engine.libvirt_bitmap import BitmapSource
+    from kvm_borg.engine.libvirt_bitmap import BitmapSource, OfflineBitmapSource
     from kvm_borg.engine.planning import handle_for, make_plan
 
     state = domain_factory.track_path(tempfile.mkdtemp(prefix="bs", dir=run_dir))
@@ -178,7 +178,8 @@ def bitmap_env(run_dir, image_dir, domain_factory):
     def make_source(domain, full=False):
         handle = handle_for(connection, domain.name)
         plan = make_plan(handle, settings, [], time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-        return BitmapSource(handle, dataclasses.replace(plan, method="bitmap", full_read=full), settings)
+        plan = dataclasses.replace(plan, method="bitmap", full_read=full)
+        return (BitmapSource if plan.running else OfflineBitmapSource)(handle, plan, settings)
 
     yield make_source, settings, connection
     connection.close()
@@ -302,3 +303,52 @@ def test_recover_ends_what_a_crashed_run_left_and_is_idempotent(bitmap_env, doma
     assert journal.read_entry(settings.journal_dir, uuid) is None
     again = recover_bitmap_entry(entry, connection, settings)
     assert again.warnings == [] and again.actions == []
+
+
+def test_a_shut_off_domain_is_read_clean_from_its_bitmap_or_not_at_all(bitmap_env, domain_factory):
+    make_source, settings, _connection = bitmap_env
+    from kvm_borg import segment_state
+
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 2)])
+    source = make_source(domain)
+    source.freeze()
+    assert source.release().warnings == []
+    uuid = domain.dom.UUIDString()
+    checkpoint = segment_state.load(settings.state_dir, uuid).checkpoint
+    domain.hmp_write("vda", 0x3C, 2 * SEGMENT, BLOCK)  # segment 2, after the checkpoint
+    domain.destroy()  # a clean close: the bitmap is stored in the image
+
+    def offline_run(expected_dirty, expected_reason=None):
+        source = make_source(domain)
+        frozen = source.freeze()
+        try:
+            [stats] = frozen.read_stats
+            assert frozen.consistency == "offline" and stats.full_read_reason == expected_reason
+            assert stats.segments_dirty == len(expected_dirty)
+            directory = Path(frozen.disks[0].path)
+            files = segment_files(directory)
+            assert b"".join((directory / n).read_bytes() for n in files) == guest_bytes(domain, "vda")
+        finally:
+            released = source.release()
+        assert released.warnings == [] and not released.inconsistent
+        return files
+
+    first = offline_run({2})  # from the checkpoint's bitmap in the image
+    assert segment_state.load(settings.state_dir, uuid).checkpoint == checkpoint  # kept: no checkpoint offline
+    second = offline_run(set())  # nothing touched the image: clean
+    assert {n: (s.st_ino, s.st_mtime_ns) for n, s in first.items()} == \
+        {n: (s.st_ino, s.st_mtime_ns) for n, s in second.items()}
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x77 {5 * SEGMENT} {BLOCK}", str(domain.disks["vda"])],
+                   check=True, capture_output=True)
+    third = offline_run({2, 5})  # the bitmap still records everything since the checkpoint
+    assert {n for n in third if third[n].st_mtime_ns != second[n].st_mtime_ns} == {"00000002", "00000005"}
+    assert backup_job.own_checkpoints(domain.dom) == [checkpoint]
+    assert not list(settings.scratch_dir.iterdir())
+    domain.start()
+    source = make_source(domain)
+    frozen = source.freeze()
+    try:
+        [stats] = frozen.read_stats
+        assert (stats.full_read_reason, stats.segments_dirty) == (None, 2)
+    finally:
+        assert source.release().warnings == []
