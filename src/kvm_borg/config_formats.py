@@ -109,6 +109,16 @@ def state_dir(value: str, key: str) -> str:
     return path
 
 
+def scratch_dir(value: str, key: str) -> str:
+    """Given the scratch_dir string, return it normalized (symlinks resolved); a system directory such as
+    /tmp or /var/tmp is refused (the bitmap method opens its per-run directories in it to QEMU)."""
+    path = os.path.realpath(absolute_path(value, key))
+    if path in SYSTEM_DIRS:
+        raise ConfigError(f"{key}: {value!r} is a system directory ({path}); use a directory of its own "
+                          f"such as /var/lib/kvm-borg/scratch")
+    return path
+
+
 def ssh_command(value: str, key: str) -> str:
     """Given a shell-quoted command line, return it when it splits (shlex syntax) into at least one word."""
     try:
@@ -157,6 +167,7 @@ FORMATS: dict[str, Callable[[Any, str], Any]] = {
     "positive-duration": positive_duration,
     "absolute-path": absolute_path,
     "state-dir": state_dir,
+    "scratch-dir": scratch_dir,
     "ssh-command": ssh_command,
     "http-url": http_url,
     "quiesce": quiesce,

@@ -119,9 +119,10 @@ CORE_KEYS: dict[str, dict] = {
     "segment_size": key({**SIZE, "format": "segment-size"},
                         "bitmap method: a disk is stored as segment files of this size (a multiple of 64KiB, "
                         "64KiB to 1GiB); changing it reads every disk in full once", default="4MiB"),
-    "scratch_dir": key(optional(ABSOLUTE_PATH),
+    "scratch_dir": key(optional({**STRING, "format": "scratch-dir"}),
                        "bitmap method: where the backup job's scratch files and NBD socket live (must be "
-                       "reachable by QEMU)", **{"x-default-text": "`state_dir/scratch`"}),
+                       "reachable by QEMU; a directory of its own, never /tmp, /var/tmp ...)",
+                       **{"x-default-text": "`state_dir/scratch`"}),
     "scratch_min_free": key(SIZE, "bitmap method: refuse to start when scratch_dir has less free space",
                             default="1GiB"),
     "quiesce": key({"enum": ["auto", "required", "off", False], "format": "quiesce",

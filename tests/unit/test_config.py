@@ -139,6 +139,8 @@ def test_good_config_is_normalized_with_defaults():
         ("segment_size: 0", "segment_size: expected a multiple of 64KiB"),
         ("segment_size: big", "segment_size: expected a size like 1GiB"),
         ("scratch_dir: scratch", "scratch_dir: expected an absolute path, got 'scratch'"),
+        ("scratch_dir: /var/tmp/", "scratch_dir: '/var/tmp/' is a system directory (/var/tmp); use a directory of "
+                                   "its own such as /var/lib/kvm-borg/scratch"),
         ("scratch_min_free: -1", "scratch_min_free: expected a size"),
     ],
 )
