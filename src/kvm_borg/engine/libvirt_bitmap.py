@@ -19,7 +19,7 @@ from pathlib import Path
 
 import libvirt
 
-from kvm_borg import failpoints, journal, segment_state, segments
+from kvm_borg import failpoints, journal, method_choice, segment_state, segments
 from kvm_borg.config import Settings
 from kvm_borg.engine import backup_job, images
 from kvm_borg.engine.connection import Connection
@@ -53,7 +53,7 @@ def no_bitmap_reason(driver_type: str, qcow2_compat: str | None) -> str | None:
     (raw, qcow2 v2...), or None when it can (qcow2 v3)."""
     if driver_type != "qcow2":
         return f"{driver_type} disk: no bitmap"
-    if qcow2_compat != "1.1":
+    if not method_choice.holds_bitmaps(driver_type, qcow2_compat):
         return f"qcow2 image of compat {qcow2_compat or 'unknown'}: no bitmap (needs qcow2 v3)"
     return None
 
@@ -102,16 +102,6 @@ class DiskRun:
     @property
     def target(self) -> str:
         return self.plan.target
-
-
-def qcow2_compat(path: str) -> str | None:
-    """Given a qcow2 image path, return its compat level ("1.1" = v3, "0.10" = v2), or None when unreadable."""
-    try:
-        top = images.backing_chain(path, "qcow2")[0]
-    except (KvmBorgError, OSError, ValueError, IndexError):
-        return None
-    compat = ((top.get("format-specific") or {}).get("data") or {}).get("compat")
-    return compat if isinstance(compat, str) else None
 
 
 def image_identity(path: str) -> dict | None:
@@ -295,7 +285,7 @@ class BitmapSource(SegmentSource):
                 bitmap_disks = backup_job.checkpoint_bitmap_disks(backup_job.checkpoint_description(dom, state.checkpoint))
         runs = []
         for index, disk in enumerate(self.plan.disks):
-            compat = qcow2_compat(disk.source) if disk.driver_type == "qcow2" else None
+            compat = images.qcow2_compat(disk.source) if disk.driver_type == "qcow2" else None
             no_bitmap = no_bitmap_reason(disk.driver_type, compat)
             virtual_size = int(dom.blockInfo(disk.target, 0)[0])
             image = image_identity(disk.source)
@@ -473,7 +463,7 @@ class OfflineBitmapSource(SegmentSource):
                                                  image=image) if previous is not None else None
             problem = None
             if state is not None and state.checkpoint:
-                problem = (no_bitmap_reason(disk.driver_type, qcow2_compat(disk.source))
+                problem = (no_bitmap_reason(disk.driver_type, images.qcow2_compat(disk.source))
                            or offline_bitmap_problem(info[0], state.checkpoint))
             mode, reason = offline_disk_mode(full_requested=self.plan.full_read, state=state, previous=previous,
                                              geometry_reason=geometry, layers=layers, bitmap_problem=problem)
@@ -515,7 +505,8 @@ class OfflineBitmapSource(SegmentSource):
                 run.plan.source, run.plan.driver_type, run.socket, run.target,
                 bitmap=self.checkpoint if run.dirty_context else None, connections=NBD_CONNECTIONS + 2,
                 block_device=images.is_block_device(run.plan.source))
-            process = qemu_nbd.start(argv, run.socket, run_dir / f"{run.target}.qemu-nbd.log")
+            process = qemu_nbd.start(argv, run.socket, run_dir / f"{run.target}.qemu-nbd.log",
+                                     outlive_parent=self.owner is not None)
             self.exports.append(process)
             self.entry.extra["exports"].append({"pid": process.pid, "socket": run.socket})
         self.entry.stage = "exported"

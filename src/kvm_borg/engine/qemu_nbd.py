@@ -54,13 +54,16 @@ def _connectable(path: str) -> bool:
         probe.close()
 
 
-def start(argv: list[str], socket: str, log_path: Path, timeout: float = START_TIMEOUT) -> subprocess.Popen:
-    """Given a qemu_nbd_argv, its socket and a log file, start the server (it dies with kvm-borg) and
-    return it once the socket accepts connections; KvmBorgError with qemu-nbd's reason otherwise."""
+def start(argv: list[str], socket: str, log_path: Path, timeout: float = START_TIMEOUT, *,
+          outlive_parent: bool = False) -> subprocess.Popen:
+    """Given a qemu_nbd_argv, its socket and a log file, start the server (it dies with kvm-borg unless
+    `outlive_parent`: `freeze --expose`) and return it once the socket accepts connections; KvmBorgError
+    with qemu-nbd's reason otherwise."""
     with open(log_path, "ab") as log:
         try:
-            process = subprocess.Popen(with_parent_death_signal(argv), stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=log, close_fds=True)
+            process = subprocess.Popen(argv if outlive_parent else with_parent_death_signal(argv),
+                                       stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                                       start_new_session=outlive_parent)
         except OSError as exc:
             raise KvmBorgError(f"cannot run qemu-nbd: {exc.strerror}") from None
     deadline = time.monotonic() + timeout
