@@ -352,3 +352,61 @@ def test_a_shut_off_domain_is_read_clean_from_its_bitmap_or_not_at_all(bitmap_en
         assert (stats.full_read_reason, stats.segments_dirty) == (None, 2)
     finally:
         assert source.release().warnings == []
+
+
+def test_a_refused_run_changes_nothing(bitmap_env, domain_factory):
+    make_source, settings, _connection = bitmap_env
+    import dataclasses
+
+    from kvm_borg import journal
+    from kvm_borg.errors import RefusedError
+
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 1)])
+    source = make_source(domain)
+    source.settings = dataclasses.replace(settings, scratch_min_free=1 << 60)
+    with pytest.raises(RefusedError, match="scratch_min_free"):
+        source.freeze()
+    assert source.release().warnings == []
+    source = make_source(domain)
+    source.plan = dataclasses.replace(source.plan, quiesce="required")  # no guest agent in a test domain
+    with pytest.raises(RefusedError, match="quiesce is required"):
+        source.freeze()
+    source.release()
+    assert journal.read_entry(settings.journal_dir, domain.dom.UUIDString()) is None
+    assert backup_job.own_checkpoints(domain.dom) == [] and not backup_job.job_active(domain.dom)
+
+
+def test_qemu_quitting_during_the_job_is_released_and_the_next_run_is_incremental(bitmap_env, domain_factory):
+    make_source, settings, _connection = bitmap_env
+    from harness import hmp
+    from kvm_borg import journal, segment_state
+
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 1)])
+    source = make_source(domain)
+    source.freeze()
+    assert source.release().warnings == []
+    domain.hmp_write("vda", 0x21, 0, BLOCK)
+    source = make_source(domain)
+    source.freeze()
+    new = journal.read_entry(settings.journal_dir, domain.dom.UUIDString()).extra["checkpoint"]
+    with pytest.raises(Exception):
+        hmp(domain.dom, "quit")  # like a guest powering off: QEMU closes its images cleanly and exits
+    deadline = time.monotonic() + 30
+    while domain.dom.isActive():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    released = source.release()
+    assert released.warnings == []
+    assert segment_state.load(settings.state_dir, domain.dom.UUIDString()).checkpoint == new  # folded
+    assert journal.read_entry(settings.journal_dir, domain.dom.UUIDString()) is None
+    assert len(backup_job.own_checkpoints(domain.dom)) == 2  # the older one waits for a running domain
+    domain.start()
+    domain.hmp_write("vda", 0x22, 3 * SEGMENT, BLOCK)
+    source = make_source(domain)
+    frozen = source.freeze()
+    try:
+        [stats] = frozen.read_stats
+        assert (stats.full_read_reason, stats.segments_dirty) == (None, 1)
+    finally:
+        assert source.release().warnings == []
+    assert len(backup_job.own_checkpoints(domain.dom)) == 1
