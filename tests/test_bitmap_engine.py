@@ -182,6 +182,11 @@ def bitmap_env(run_dir, image_dir, domain_factory):
         return (BitmapSource if plan.running else OfflineBitmapSource)(handle, plan, settings)
 
     yield make_source, settings, connection
+    from kvm_borg import journal
+    from kvm_borg.engine.libvirt_bitmap import recover_bitmap_entry
+
+    for entry in journal.list_entries(settings.journal_dir):  # a failed test's run: end its job and view
+        recover_bitmap_entry(entry, connection, settings)
     connection.close()
 
 
@@ -389,8 +394,10 @@ def test_qemu_quitting_during_the_job_is_released_and_the_next_run_is_incrementa
     source = make_source(domain)
     source.freeze()
     new = journal.read_entry(settings.journal_dir, domain.dom.UUIDString()).extra["checkpoint"]
-    with pytest.raises(Exception):
+    try:
         hmp(domain.dom, "quit")  # like a guest powering off: QEMU closes its images cleanly and exits
+    except (libvirt.libvirtError, RuntimeError):
+        pass  # the monitor may go away before it answers
     deadline = time.monotonic() + 30
     while domain.dom.isActive():
         assert time.monotonic() < deadline
