@@ -417,3 +417,36 @@ def test_qemu_quitting_during_the_job_is_released_and_the_next_run_is_incrementa
     finally:
         assert source.release().warnings == []
     assert len(backup_job.own_checkpoints(domain.dom)) == 1
+
+
+# --- through `kvm-borg backup` and `kvm-borg recover` ---------------------------------------------
+
+
+def test_a_backup_killed_mid_store_is_recovered_and_loses_no_change(domain_factory, image_dir, run_dir, tmp_path):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 2)])
+    state = domain_factory.track_path(tempfile.mkdtemp(prefix="bc", dir=run_dir))
+    state.chmod(0o711)
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", state_dir=str(state), method="bitmap",
+                          segment_size="256KiB")
+
+    def backup(**env):
+        proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env(**env))
+        return proc, (json.loads(proc.stdout)["domains"][0]["disks"][0] if proc.stdout.strip() else None)
+
+    proc, first = backup()
+    assert proc.returncode == 0, proc.stderr
+    assert (first["full_read_reason"], first["segments_dirty"], first["bytes_read"]) == ("no earlier bitmap backup", 8, 2 * MiB)
+    [kept] = backup_job.own_checkpoints(domain.dom)
+    domain.hmp_write("vda", 0x99, 6 * SEGMENT, BLOCK)
+    proc, _ = backup(KVM_BORG_FAILPOINT="storing:kill")
+    assert proc.returncode == -signal.SIGKILL
+    assert backup_job.job_active(domain.dom) and len(backup_job.own_checkpoints(domain.dom)) == 2
+    proc = run_cli("recover", domain.name, config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    assert not backup_job.job_active(domain.dom)
+    assert backup_job.own_checkpoints(domain.dom) == [kept]  # the killed run's checkpoint is gone, not the state's
+    assert list((state / "journal").glob("*.json")) == [] and not list((state / "scratch").iterdir())
+    proc, third = backup()
+    assert proc.returncode == 0, proc.stderr
+    assert (third["full_read_reason"], third["segments_dirty"], third["bytes_read"]) == (None, 1, SEGMENT)
+    assert len(backup_job.own_checkpoints(domain.dom)) == 1 and backup_job.own_checkpoints(domain.dom) != [kept]
