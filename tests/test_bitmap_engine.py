@@ -89,44 +89,6 @@ def test_incremental_job_exports_exactly_the_blocks_written_since_the_checkpoint
     assert backup_job.checkpoint_bitmap_disks(backup_job.checkpoint_description(domain.dom, first)) == {"vda"}
 
 
-def test_a_bitmap_lost_to_a_killed_qemu_is_named_and_its_checkpoint_still_deletes(domain_factory, job_dir):
-    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 8)])
-    directory = run_dir_for(domain, job_dir)
-    domain.dom.checkpointCreateXML("<domaincheckpoint><name>mine</name></domaincheckpoint>", 0)  # not ours
-    kept = backup_job.new_checkpoint_name(time.time())
-    begin(domain, directory, kept, [("vda", None)])
-    backup_job.abort(domain.dom)
-    assert backup_job.checkpoint_problem(domain.dom, kept) is None
-    assert backup_job.checkpoint_problem(domain.dom, "kvm-borg.20000101T000000Z.00000000") == \
-        "checkpoint kvm-borg.20000101T000000Z.00000000 missing"
-    assert backup_job.own_checkpoints(domain.dom) == [kept]  # "mine" is never listed
-    kill_qemu(domain)  # the bitmaps were never written to the image
-    assert backup_job.delete_checkpoint(domain.dom, kept) == "kept: the domain is not running"
-    domain.start()
-    problem = backup_job.checkpoint_problem(domain.dom, kept)
-    assert problem.startswith(f"bitmap of checkpoint {kept} unusable (") and "missing or broken bitmap" in problem
-    assert backup_job.delete_checkpoint(domain.dom, kept) == "deleted metadata only"
-    assert backup_job.delete_checkpoint(domain.dom, kept) is None
-    assert [c.getName() for c in domain.dom.listAllCheckpoints(0)] == ["mine"]
-
-
-def test_a_cleanly_stopped_domain_keeps_a_valid_bitmap_a_killed_one_does_not(domain_factory, job_dir):
-    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 8)])
-    directory = run_dir_for(domain, job_dir)
-    name = backup_job.new_checkpoint_name(time.time())
-    begin(domain, directory, name, [("vda", None)])
-    backup_job.abort(domain.dom)
-    domain.destroy()  # SIGTERM: QEMU closes the image cleanly and stores the bitmap
-    domain.start()
-    assert backup_job.checkpoint_problem(domain.dom, name) is None
-    domain.hmp_write("vda", 0x5A, 0, BLOCK)
-    kill_qemu(domain)  # now the stored bitmap is marked in use: inconsistent
-    domain.start()
-    assert "missing or broken bitmap" in backup_job.checkpoint_problem(domain.dom, name)
-    assert backup_job.delete_checkpoint(domain.dom, name) == "deleted"
-    assert backup_job.own_checkpoints(domain.dom) == []
-
-
 def test_the_snapshot_method_backs_up_a_domain_with_kvm_borg_checkpoints_and_keeps_them_valid(
         domain_factory, image_dir, job_dir, tmp_path):
     domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 16)])
@@ -268,21 +230,31 @@ def test_bitmap_source_shows_only_changed_segments_as_changed_and_folds_them(bit
 
 def test_a_killed_qemu_makes_the_next_run_read_in_full_and_says_why(bitmap_env, domain_factory):
     make_source, settings, _connection = bitmap_env
+    from kvm_borg import segment_state
+
     domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 1)])
+    domain.dom.checkpointCreateXML("<domaincheckpoint><name>mine</name></domaincheckpoint>", 0)  # not ours
     source = make_source(domain)
     source.freeze()
     assert source.release().warnings == []
-    kill_qemu(domain)
+    [lost] = backup_job.own_checkpoints(domain.dom)  # "mine" is never listed
+    assert backup_job.checkpoint_problem(domain.dom, lost) is None
+    assert backup_job.checkpoint_problem(domain.dom, "kvm-borg.20000101T000000Z.00000000") == \
+        "checkpoint kvm-borg.20000101T000000Z.00000000 missing"
+    kill_qemu(domain)  # the bitmap was never written to the image
     domain.start()
     source = make_source(domain)
     frozen = source.freeze()
     try:
         [stats] = frozen.read_stats
-        assert stats.full_read_reason.startswith("bitmap of checkpoint kvm-borg.") and "unusable" in stats.full_read_reason
+        assert stats.full_read_reason.startswith(f"bitmap of checkpoint {lost} unusable (")
+        assert "missing or broken bitmap" in stats.full_read_reason
         assert stats.segments_dirty == stats.segments_total == 4
     finally:
         assert source.release().warnings == []
-    assert len(backup_job.own_checkpoints(domain.dom)) == 1
+    current = segment_state.load(settings.state_dir, domain.dom.UUIDString()).checkpoint
+    assert backup_job.own_checkpoints(domain.dom) == [current] != [lost]  # deleted as metadata only: no bitmap
+    assert sorted(c.getName() for c in domain.dom.listAllCheckpoints(0)) == sorted(["mine", current])
 
 
 def test_recover_ends_what_a_crashed_run_left_and_is_idempotent(bitmap_env, domain_factory):
