@@ -132,7 +132,7 @@ def bitmap_env(run_dir, image_dir, domain_factory):
 
     state = domain_factory.track_path(tempfile.mkdtemp(prefix="bs", dir=run_dir))
     state.chmod(0o711)
-    path = write_config(image_dir / "kb", init=False, state_dir=str(state))
+    path = write_config(image_dir / "kb", init=False, state_dir=str(state), method="bitmap")
     settings, _pm = config.load_config(str(path))
     settings = dataclasses.replace(settings, segment_size=SEGMENT, scratch_min_free=MiB)
     connection = Connection(settings.libvirt_uri)
