@@ -60,8 +60,9 @@ def _remember_signal(signum, _frame) -> None:
     _early_signals.append(signum)
 
 
-async def _serve(pyfuse3, trio) -> None:
+async def _serve(pyfuse3, trio, view) -> None:
     async with trio.open_nursery() as nursery:
+        view.nursery = nursery
         async def watch_signals():
             with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
                 if _early_signals:  # came during start-up, before this receiver existed
@@ -106,7 +107,7 @@ def serve(spec_path: Path) -> int:
     clean = False
     try:
         _report(spec_path, f"ready {os.getpid()}")
-        trio.run(_serve, pyfuse3, trio)
+        trio.run(_serve, pyfuse3, trio, view)
         clean = True
     finally:
         try:
