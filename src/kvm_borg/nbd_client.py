@@ -195,6 +195,14 @@ class HandlePool:
             self._all.append(handle)
         return handle
 
+    def export_size(self) -> int:
+        """Return the export's size, asked through an idle handle (opening the first one if needed)."""
+        handle = self._take()
+        try:
+            return size(handle)
+        finally:
+            self._idle.put(handle)
+
     def read(self, offset: int, length: int) -> bytes:
         """Given an offset and a length, read them through an idle handle (see `read`); return the bytes."""
         handle = self._take()

@@ -41,7 +41,8 @@ MANIFEST = "manifest.json"
 BLOCK = 1 << 20
 #: How many of the segment's next blocks are fetched while one is served.
 AHEAD = 3
-#: Blocks kept per view (fetched or in flight); a block is dropped once its last byte was served.
+#: Blocks kept per view (fetched or in flight); a block is dropped once each of its bytes was served
+#: (the kernel's readahead may ask for a block's pieces out of order), else the oldest beyond this.
 CACHED_BLOCKS = 32
 #: Page cache on (readahead sends 256 KiB requests, several at once) rather than FOPEN_DIRECT_IO.
 DIRECT_IO = False
@@ -179,11 +180,7 @@ class NbdView(ReadOnlyView):
         """Open one NBD connection per disk and compare the export's size with the spec; NbdError if
         an export is missing or has another size."""
         for disk, pool in zip(self.disks, self.pools):
-            handle = pool._take()
-            try:
-                actual = nbd_client.size(handle)
-            finally:
-                pool._idle.put(handle)
+            actual = pool.export_size()
             if actual != disk.virtual_size:
                 raise nbd_client.NbdError(f"NBD export {disk.export!r} has {actual} bytes, the spec says {disk.virtual_size}")
 
@@ -275,8 +272,11 @@ class NbdView(ReadOnlyView):
             take = min(end - off, len(data) - within)
             parts.append(memoryview(data)[within:within + take])  # no copy: FUSE copies it once
             off += take
-            if within + take == len(data):
-                self.blocks.pop((n, index, block), None)  # served to its end: a sequential reader is past it
+            entry = self.blocks.get((n, index, block))
+            if entry is not None:
+                entry.served += take
+                if entry.served >= len(data):  # every byte served (in any order): a reader is past it
+                    del self.blocks[(n, index, block)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _block(self, n: int, index: int, block: int, length: int) -> bytes:
@@ -318,12 +318,13 @@ class NbdView(ReadOnlyView):
 class _Fetch:
     """One block read in flight or done: its bytes or its error, and an event set when it ended."""
 
-    __slots__ = ("done", "data", "error")
+    __slots__ = ("done", "data", "error", "served")
 
     def __init__(self):
         self.done = trio.Event()
         self.data = b""
         self.error: BaseException | None = None
+        self.served = 0  # bytes of it handed to readers so far
 
 
 class SegmentFiles:
