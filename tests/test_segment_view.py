@@ -25,14 +25,12 @@ from pathlib import Path
 
 import pytest
 
-import segview_double.sitecustomize  # noqa: F401  TEMPORARY: stands in for kvm_borg.segments until it lands
-
 from harness import RESTIC_BIN, restic_env, run_borg
 from kvm_borg import mountinfo, nbd_client
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.segment_view import control
 from kvm_borg.segment_view import spec as S
-from kvm_borg.segments import segment_inode, segment_name
+from kvm_borg.segments import dirty_segments, segment_inode, segment_name, zero_segments
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 16 * MiB
@@ -40,7 +38,6 @@ SEG = 256 * KiB
 COUNT = SIZE // SEG
 BITMAP = "kbview-b1"
 CHAIN = 0x5EC7
-DOUBLE_DIR = Path(__file__).resolve().parent / "segview_double"  # TEMPORARY, with the import above
 # Written after the bitmap was added: (offset, length); the last one writes zeros.
 DIRTY_WRITES = [(4 * MiB, 64 * KiB), (9 * MiB + 128 * KiB, 256 * KiB), (12 * MiB, 256 * KiB)]
 DIRTY_SEGMENTS = {16, 36, 37, 48}
@@ -52,12 +49,6 @@ def qemu_io(image: Path, *commands: str) -> None:
     for command in commands:
         args += ["-c", command]
     subprocess.run([*args, str(image)], check=True, capture_output=True)
-
-
-@pytest.fixture(autouse=True)
-def double_on_path(monkeypatch):
-    """TEMPORARY: the view process finds the kvm_borg.segments stand-in (remove with segview_double/)."""
-    monkeypatch.setenv("PYTHONPATH", f"{DOUBLE_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
 
 
 @pytest.fixture
@@ -116,15 +107,6 @@ def mountpoint(tmp_path, name="kbview-mnt") -> str:
     return str(path)
 
 
-def zero_from_allocation(extents) -> set[int]:
-    """Test helper: the segments wholly covered by base:allocation extents with the ZERO flag."""
-    zero = set(range(COUNT))
-    for offset, length, flags in extents:
-        if not flags & nbd_client.STATE_ZERO:
-            zero -= set(range(offset // SEG, -(-(offset + length) // SEG)))
-    return zero
-
-
 def nbd_view_spec(socket: str, mnt: str, stamps, zero: set[int], now_ns: int) -> S.ViewSpec:
     disk = S.NbdDisk(target="vda", socket=socket, export="", virtual_size=SIZE, segment_size=SEG, chain=CHAIN,
                      disk_index=0, stamps=array("Q", stamps), zero=bytes(int(i in zero) for i in range(COUNT)),
@@ -158,7 +140,8 @@ def test_the_dirty_map_and_the_allocation_are_what_was_written(export):
     assert [(o, n) for o, n, flags in dirty if flags & nbd_client.STATE_DIRTY] == DIRTY_WRITES
     for extents in (dirty, allocation):
         assert extents[0][0] == 0 and sum(n for _, n, _ in extents) == SIZE
-    assert zero_from_allocation(allocation) == set(range(COUNT)) - DATA_SEGMENTS
+    assert zero_segments(allocation, SEG, COUNT, SIZE) == set(range(COUNT)) - DATA_SEGMENTS
+    assert dirty_segments([(o, n, bool(f & 1)) for o, n, f in dirty], SEG, COUNT) == DIRTY_SEGMENTS
     assert data == b"\x00\x22\x22"
 
 
@@ -195,6 +178,10 @@ def test_every_segment_holds_the_images_bytes_and_zero_segments_are_empty(tmp_pa
     with pytest.raises(OSError) as refused:
         open(os.path.join(disk_dir, "00000000"), "r+b")
     assert refused.value.errno == errno.EROFS
+    deadline = time.monotonic() + 10  # the live count (progress bars) follows within PROGRESS_SECONDS
+    while view.bytes_served() != len(DATA_SEGMENTS) * SEG and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert view.bytes_served() == len(DATA_SEGMENTS) * SEG
     stats = view.stop()
     assert stats.clean and stats.bytes_read == {"vda": len(DATA_SEGMENTS) * SEG}
     assert mountinfo.entry_at(mnt) is None

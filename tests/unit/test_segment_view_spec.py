@@ -8,8 +8,6 @@ from array import array
 
 import pytest
 
-import segview_double.sitecustomize  # noqa: F401  TEMPORARY: stands in for kvm_borg.segments until it lands
-
 from kvm_borg.errors import UsageError
 from kvm_borg.nbd_client import merge_extents
 from kvm_borg.segment_view import spec as S

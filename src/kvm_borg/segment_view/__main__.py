@@ -2,9 +2,11 @@
 
 A process of its own (it outlives `kvm-borg freeze --expose`), never a thread of kvm-borg.
 Beside the spec it writes `<spec>.status` once: `ready <pid>` after the mount is live, or
-`error: <one line>` when it could not start (exit 2). It serves until SIGTERM/SIGINT/SIGHUP or an
-unmount, then unmounts and writes `stats.json` (atomic): `{"clean": true, "disks": {target:
-{"bytes_read": N}}}`. Its log goes to stderr (control.start_view points that at `view.log`).
+`error: <one line>` when it could not start (exit 2). While it serves it rewrites `stats.json`
+(renamed into place, not fsync'd) every PROGRESS_SECONDS the counts changed, `"clean": false`; it
+serves until SIGTERM/SIGINT/SIGHUP or an unmount, then unmounts and writes `stats.json` (atomic,
+fsync'd) once more: `{"clean": true, "disks": {target: {"bytes_read": N}}}`. Its log goes to stderr
+(control.start_view points that at `view.log`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,22 @@ def mount_options(spec: view_spec.ViewSpec) -> set[str]:
     return options
 
 
+def stats_json(view, clean: bool) -> bytes:
+    """Given a view and whether it stopped cleanly, return the bytes of its stats.json."""
+    disks = {target: {"bytes_read": n} for target, n in view.bytes_read.items()}
+    return json.dumps({"clean": clean, "disks": disks}, sort_keys=True).encode()
+
+
+def _write_progress(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.progress")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        atomic.write_all(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+
+
 def _report(spec_path: Path, text: str) -> None:
     atomic.write_atomic(view_spec.status_path(spec_path), (text + "\n").encode(), 0o600)
 
@@ -52,6 +70,7 @@ def _check_mountpoint(path: str) -> None:
         raise view_spec.SpecError(f"something is already mounted on {path}")
 
 
+PROGRESS_SECONDS = 0.5
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _early_signals: list[int] = []
 
@@ -60,9 +79,23 @@ def _remember_signal(signum, _frame) -> None:
     _early_signals.append(signum)
 
 
-async def _serve(pyfuse3, trio, view) -> None:
+async def _serve(pyfuse3, trio, view, spec_path: Path) -> None:
     async with trio.open_nursery() as nursery:
         view.nursery = nursery
+
+        async def write_progress():
+            written = None
+            while True:
+                await trio.sleep(PROGRESS_SECONDS)
+                counts = dict(view.bytes_read)
+                if counts != written:
+                    try:
+                        _write_progress(view_spec.stats_path(spec_path), stats_json(view, False))
+                    except OSError as exc:
+                        logger.warning("cannot write progress: %s", exc)
+                    written = counts
+
+        nursery.start_soon(write_progress)
         async def watch_signals():
             with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
                 if _early_signals:  # came during start-up, before this receiver existed
@@ -107,15 +140,14 @@ def serve(spec_path: Path) -> int:
     clean = False
     try:
         _report(spec_path, f"ready {os.getpid()}")
-        trio.run(_serve, pyfuse3, trio, view)
+        trio.run(_serve, pyfuse3, trio, view, spec_path)
         clean = True
     finally:
         try:
             pyfuse3.close(unmount=True)
         finally:
             view.close()
-            stats = {"clean": clean, "disks": {t: {"bytes_read": n} for t, n in view.bytes_read.items()}}
-            atomic.write_atomic(view_spec.stats_path(spec_path), json.dumps(stats, sort_keys=True).encode(), 0o600)
+            atomic.write_atomic(view_spec.stats_path(spec_path), stats_json(view, clean), 0o600)
     return 0
 
 
