@@ -293,9 +293,7 @@ def read_segments(backend: RepositoryBackend, archive: str, disk: RestoreDisk, o
         if "done" in outcome:
             if "error" in outcome:  # refused: stop the child
                 raise outcome["error"]
-            if bytes(data).strip(b"\0"):  # after the end marker only the tar's zero padding may follow
-                raise UsageError(f"{what}: the archive's tar stream goes on after its end; refused")
-            return
+            return  # after the tar's end marker: its padding (the tar is the backend's own, not the archive's)
         feed.put(bytes(data), parser.is_alive)
 
     try:
