@@ -249,3 +249,31 @@ def test_a_2_tib_disk_plans_quickly():
     assert time.perf_counter() - started < 2.0
     assert second.stamps[100] == T0 + 1 and second.stamps[101] == T0 and second.zero[100] == 0
     assert segments.segment_inode(second.chain, 0, count - 1) > SEGMENT_INODE_BASE
+
+
+def test_dirty_and_zero_agree_with_a_byte_by_byte_reference_on_random_maps():
+    import random
+
+    rng = random.Random(15)
+    for _ in range(300):
+        size = rng.choice((4, 8, 16))
+        virtual = rng.randrange(0, 12 * size)
+        count = segment_count(virtual, size)
+        extents, offset = [], 0
+        while offset < virtual + rng.choice((0, 0, size)):  # sometimes past the end
+            length = rng.randrange(1, 2 * size)
+            if rng.random() < 0.1:
+                offset += rng.randrange(1, size)  # a gap: bytes not described
+            extents.append((offset, length, rng.choice((0, 1, 2, 3))))
+            offset += length
+        if rng.random() < 0.2:
+            extents = extents[: rng.randrange(0, len(extents) + 1)]  # the map ends early
+        flag_at = {}
+        for start, length, flags in extents:
+            for byte in range(start, start + length):
+                flag_at[byte] = flags
+        expected_zero = {i for i in range(count)
+                         if all(flag_at.get(b, 0) & 2 for b in range(i * size, min((i + 1) * size, virtual)))}
+        expected_dirty = {b // size for b, flags in flag_at.items() if flags & 1 and b < count * size}
+        assert zero_segments(extents, size, count, virtual) == expected_zero, (size, virtual, extents)
+        assert dirty_segments([(o, n, f & 1) for o, n, f in extents], size, count) == expected_dirty
