@@ -262,12 +262,18 @@ def test_recover_ends_what_a_crashed_run_left_and_is_idempotent(bitmap_env, doma
     from kvm_borg import journal, mountinfo, segment_state
     from kvm_borg.engine.libvirt_bitmap import recover_bitmap_entry
 
+    import dataclasses
+
     domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 1)])
     source = make_source(domain)
+    deep = domain.dir / ("deep-" * 16)  # too long a path for a unix socket below it
+    source.settings = dataclasses.replace(settings, scratch_dir_setting=deep)
     source.freeze()  # ... and kvm-borg dies here: no release
     uuid = domain.dom.UUIDString()
     entry = journal.read_entry(settings.journal_dir, uuid)
     created = entry.extra["checkpoint"]
+    assert entry.extra["scratch_dir"] == str(deep / uuid)
+    assert entry.extra["socket"] == f"/run/kvm-borg-nbd/{uuid}/nbd.sock"
     assert backup_job.job_active(domain.dom) and backup_job.own_checkpoints(domain.dom) == [created]
     assert mountinfo.entry_at(entry.extra["mountpoint"]) is not None
     report = recover_bitmap_entry(entry, connection, settings)
@@ -276,7 +282,7 @@ def test_recover_ends_what_a_crashed_run_left_and_is_idempotent(bitmap_env, doma
     assert backup_job.own_checkpoints(domain.dom) == []  # the state never named it
     assert segment_state.load(settings.state_dir, uuid) is None
     assert mountinfo.entry_at(entry.extra["mountpoint"]) is None
-    assert not Path(entry.extra["scratch_dir"]).exists()
+    assert not Path(entry.extra["scratch_dir"]).exists() and not Path(entry.extra["socket"]).parent.exists()
     assert journal.read_entry(settings.journal_dir, uuid) is None
     again = recover_bitmap_entry(entry, connection, settings)
     assert again.warnings == [] and again.actions == []

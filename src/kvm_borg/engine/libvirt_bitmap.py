@@ -36,7 +36,7 @@ SOURCE_NAME = "libvirt-bitmap"
 SOCKET_NAME = "nbd.sock"
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
 # Where the socket goes when scratch_dir is too deep for one: a per-domain dir below it, QEMU's own.
-SHORT_SOCKET_ROOT = Path("/run/kvm-borg/nbd")
+SHORT_SOCKET_ROOT = Path("/run/kvm-borg-nbd")  # not below /run/kvm-borg: that is 0700, QEMU must reach it
 NBD_CONNECTIONS = 2
 DIRTY_FLAG = 1  # qemu:dirty-bitmap extents: bit 0 set = changed since the checkpoint
 
