@@ -359,6 +359,26 @@ def test_a_refused_run_changes_nothing(bitmap_env, domain_factory):
     assert backup_job.own_checkpoints(domain.dom) == [] and not backup_job.job_active(domain.dom)
 
 
+def test_a_failure_after_the_job_began_still_ends_it_and_leaves_nothing(bitmap_env, domain_factory, monkeypatch):
+    make_source, settings, _connection = bitmap_env
+    from kvm_borg import journal, segment_state
+    from kvm_borg.errors import KvmBorgError
+
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 1)])
+    source = make_source(domain)
+    monkeypatch.setenv("KVM_BORG_FAILPOINT", "job-begun:error")
+    with pytest.raises(KvmBorgError):
+        source.freeze()
+    assert backup_job.job_active(domain.dom)
+    monkeypatch.delenv("KVM_BORG_FAILPOINT")
+    released = source.release()
+    assert released.warnings == []
+    uuid = domain.dom.UUIDString()
+    assert not backup_job.job_active(domain.dom) and backup_job.own_checkpoints(domain.dom) == []
+    assert segment_state.load(settings.state_dir, uuid) is None
+    assert journal.read_entry(settings.journal_dir, uuid) is None and not (settings.scratch_dir / uuid).exists()
+
+
 def test_qemu_quitting_during_the_job_is_released_and_the_next_run_is_incremental(bitmap_env, domain_factory):
     make_source, settings, _connection = bitmap_env
     from harness import hmp
