@@ -99,3 +99,33 @@ def test_qemu_nbd_exports_read_only_without_locking_and_doubles_commas():
     plain = qemu_nbd.qemu_nbd_argv("/dev/vg/lv", "raw", "/s/vdb.sock", "vdb", block_device=True)
     assert not any(a.startswith("--bitmap") for a in plain)
     assert plain[-1] == "driver=raw,file.driver=host_device,file.filename=/dev/vg/lv,file.locking=off"
+
+
+def _plan(method, running=True):
+    from kvm_borg.models import DiskPlan, DomainPlan
+
+    return DomainPlan(name="web", uuid="6a0f4b8e-54d6-4c3e-9a55-0c2d1f7f3b11", running=running,
+                      disks=(DiskPlan("vda", "/img/a.qcow2", "file", "qcow2"),), skipped=(),
+                      overlays={"vda": "/img/a.ov.qcow2"} if running and method == "snapshot" else {},
+                      quiesce="auto", method=method)
+
+
+@pytest.mark.parametrize("method, running, expected", [
+    ("bitmap", True, "BitmapSource"), ("bitmap", False, "OfflineBitmapSource"),
+    ("snapshot", True, "SnapshotSource"), ("snapshot", False, "OfflineSource")])
+def test_the_plugins_pick_the_source_of_the_plans_method(method, running, expected):
+    from kvm_borg.plugins import make_plugin_manager
+
+    pm = make_plugin_manager([], entry_points=False)
+    source = pm.hook.kvm_borg_frozen_source(domain=object(), plan=_plan(method, running), settings=object())
+    assert type(source).__name__ == expected
+
+
+def test_a_bitmap_entry_is_recovered_by_the_bitmap_plugin_only():
+    from kvm_borg import journal
+    from kvm_borg.default_plugins import libvirt_bitmap, libvirt_snapshot
+
+    entry = journal.Entry(domain="web", uuid="u", disks=[], source="libvirt-bitmap")
+    assert libvirt_snapshot.kvm_borg_recover_entry(entry=entry, connection=None, settings=None) is None
+    snapshot_entry = journal.Entry(domain="web", uuid="u", disks=[])
+    assert libvirt_bitmap.kvm_borg_recover_entry(entry=snapshot_entry, connection=None, settings=None) is None
