@@ -390,8 +390,7 @@ class BitmapSource(SegmentSource):
         stage_warning = self.mark_stage("releasing")
         failpoints.reached("release")
         bytes_read = self._stop_view(report)
-        folded = self._fold(report)
-        finish(self.entry, self.handle.connection, self.settings, report, folded=folded)
+        finish(self.entry, self.handle.connection, self.settings, report, fold=lambda: self._fold(report))
         warnings = ([stage_warning] if stage_warning else []) + report.warnings
         return ReleaseResult(warnings=warnings, seconds=time.monotonic() - started, bytes_read=bytes_read)
 
@@ -545,8 +544,8 @@ class OfflineBitmapSource(SegmentSource):
             inconsistent = True
         if inconsistent:
             report.warn(f"domain '{self.plan.name}' started while its images were read")
-        folded = None if inconsistent else self._fold(report)
-        finish(self.entry, self.handle.connection, self.settings, report, folded=folded)
+        finish(self.entry, self.handle.connection, self.settings, report,
+               fold=None if inconsistent else (lambda: self._fold(report)))
         warnings = ([stage_warning] if stage_warning else []) + report.warnings
         return ReleaseResult(warnings=warnings, inconsistent=inconsistent, seconds=time.monotonic() - started,
                              bytes_read=bytes_read)
@@ -556,12 +555,13 @@ class OfflineBitmapSource(SegmentSource):
 
 
 def finish(entry: journal.Entry, connection: Connection, settings: Settings, report: RecoveryReport,
-           folded: str | None) -> None:
-    """Given a bitmap journal entry and the checkpoint the state file now names when this run folded
-    (None: not folded, or unknown), end what the run left: stop a leftover view, end the backup job,
-    delete the entry's checkpoint unless the state names it (or else every older kvm-borg checkpoint),
-    remove the scratch dir and drop the entry. The entry is kept (with a warning naming `kvm-borg
-    recover`) only when the job could not be ended."""
+           fold=None) -> None:
+    """Given a bitmap journal entry and, from release, `fold` (a callable that saves the run's new state and
+    returns the checkpoint it names, None when not saved), end what the run left: stop a leftover view
+    and qemu-nbd exports, end the backup job, resume a guest a full scratch_dir paused, fold, delete the
+    entry's checkpoint unless the state names it (or else every older kvm-borg checkpoint), remove the
+    scratch dir and drop the entry. The entry is kept (with a warning naming `kvm-borg recover`), and
+    nothing folded, only when the job could not be ended."""
     extra = entry.extra
     mountpoint, pid = extra.get("mountpoint"), extra.get("view_pid")
     if mountpoint:
@@ -590,6 +590,7 @@ def finish(entry: journal.Entry, connection: Connection, settings: Settings, rep
             resume_if_paused_by_write_error(dom, report)
         except libvirt.libvirtError as exc:
             report.warn(f"could not resume the guest paused by a write error: {exc.get_error_message()}")
+    folded = fold() if fold is not None else None  # after the job ended, before any checkpoint goes
     _tidy_checkpoints(dom, entry, settings, report, folded)
     scratch, socket = extra.get("scratch_dir"), extra.get("socket")
     socket_dir = os.path.dirname(socket) if socket else None
@@ -658,5 +659,5 @@ def recover_bitmap_entry(entry: journal.Entry, connection: Connection, settings:
     if connection.reconnect_if_dead():
         report.warn("the connection to libvirtd was lost (libvirtd restarted?); reconnected")
     with translated():
-        finish(entry, connection, settings, report, folded=None)
+        finish(entry, connection, settings, report)
     return report
