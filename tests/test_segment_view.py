@@ -366,3 +366,21 @@ def test_a_freeze_view_outlives_its_parent_and_a_backup_view_does_not(tmp_path, 
         assert json.loads((tmp_path / "backup" / "stats.json").read_text())["clean"] is True
     finally:
         control.stop_leftover(backup, pid)
+
+
+def read_as_nobody(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", path],
+                          capture_output=True)
+
+
+def test_allow_other_lets_another_user_read_a_files_view(tmp_path, image_dir, image, views):
+    raw = image[1]
+    directory = segment_directory(tmp_path / "kbview-segs", raw)
+    shared = mountpoint(image_dir, "kbview-shared")  # image_dir is traversable by other users (0755)
+    views.start(S.ViewSpec(kind="files", mountpoint=shared, allow_other=True,
+                           disks=(S.FilesDisk("vda", str(directory), SIZE, SEG),)), name="shared")
+    private = mountpoint(image_dir, "kbview-private")
+    views.start(files_spec(directory, private), name="private")
+    assert read_as_nobody(os.path.join(shared, "vda.raw")).stdout == raw
+    refused = read_as_nobody(os.path.join(private, "vda.raw"))
+    assert refused.returncode != 0 and b"Permission denied" in refused.stderr
