@@ -270,6 +270,18 @@ class BorgRepository(BackendBase):
         if any("never matched" in w for w in log.warnings):
             raise BorgError(f"repository {self.name!r}: {archive_path} is not in {archive}")
 
+    def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and one stored directory, pass an uncompressed tar stream of it (and what lies
+        below it) to `write`, in order (`borg export-tar ... -`: every chunk authenticated as it is read).
+        A path the archive does not hold is a BorgError."""
+        argv = commands.make_export_tar_command(self.binary, self.location, archive, archive_path,
+                                                lock_wait=self.lock_wait)
+        result, log = self._run(argv, on_stdout=write)
+        if failed(result.returncode):
+            raise self._error("export-tar", log, result)
+        if any("never matched" in w for w in log.warnings):
+            raise BorgError(f"repository {self.name!r}: {archive_path} is not in {archive}")
+
     def mount(self, archive: str, mountpoint: str) -> str:
         """Given an archive and an empty directory, mount the archive there read-only (FUSE, in the
         background); return the directory that holds the archive's root."""

@@ -259,6 +259,17 @@ class ResticRepository:
         if result.returncode != 0:
             raise self._error("dump", log, result)
 
+    def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and one stored directory, pass a tar stream of it (and what lies below it) to
+        `write`, in order: `restic dump SNAPSHOT DIR` of the snapshot part that holds the directory (restic
+        0.14 dumps a directory as tar; every blob authenticated as it is read)."""
+        archive_path = self.archive_path(archive_path)
+        snapshot = self._archive(archive).snapshot_holding(archive_path)
+        result, log = self._run(rc.make_dump_command(self.binary, snapshot["id"], archive_path, options=self.options),
+                                on_stdout=write)
+        if result.returncode != 0:
+            raise self._error("dump", log, result)
+
     def mount(self, archive: str, mountpoint: str) -> str:
         """Given an archive and an empty directory, serve the repository there read-only with `restic mount`
         (a FUSE process left running in the background); return the directory of the archive's main snapshot.
