@@ -65,8 +65,14 @@ def image(tmp_path) -> tuple[Path, bytes]:
 
 
 @pytest.fixture
-def export(tmp_path, image):
-    """`qemu-nbd -r -t -e 4 --bitmap` of the image on a unix socket; yields the socket path."""
+def export(nbd_server):
+    """The socket path of `nbd_server`."""
+    return nbd_server[0]
+
+
+@pytest.fixture
+def nbd_server(tmp_path, image):
+    """`qemu-nbd -r -t -e 4 --bitmap` of the image on a unix socket; yields (socket path, its Popen)."""
     socket = tmp_path / "kbview-nbd.sock"
     server = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "4", "--socket", str(socket), "-f", "qcow2",
                                "--bitmap", BITMAP, str(image[0])], stdin=subprocess.DEVNULL)
@@ -75,7 +81,7 @@ def export(tmp_path, image):
         while not socket.exists():
             assert server.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
             time.sleep(0.02)
-        yield str(socket)
+        yield str(socket), server
     finally:
         server.terminate()
         server.wait(timeout=20)
@@ -185,6 +191,19 @@ def test_every_segment_holds_the_images_bytes_and_zero_segments_are_empty(tmp_pa
     stats = view.stop()
     assert stats.clean and stats.bytes_read == {"vda": len(DATA_SEGMENTS) * SEG}
     assert mountinfo.entry_at(mnt) is None
+
+
+def test_a_read_the_nbd_server_cannot_answer_is_eio_never_zeros(tmp_path, nbd_server, views):
+    socket, server = nbd_server
+    mnt = mountpoint(tmp_path)
+    view = views.start(nbd_view_spec(socket, mnt, [1] * COUNT, set(), now_ns=2))
+    assert len(Path(mnt, "vda", "00000000").read_bytes()) == SEG
+    server.kill()
+    server.wait()
+    with pytest.raises(OSError) as failed:
+        Path(mnt, "vda", "00000002").read_bytes()
+    assert failed.value.errno == errno.EIO
+    assert view.stop().clean
 
 
 def borg_changes(output: str) -> dict[str, str]:
