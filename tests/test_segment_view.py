@@ -151,6 +151,34 @@ def test_the_dirty_map_and_the_allocation_are_what_was_written(export):
     assert data == b"\x00\x22\x22"
 
 
+def test_maps_of_a_disk_past_4_gib_are_read_in_pieces_to_its_end(tmp_path):
+    big = tmp_path / "kbview-big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "9G"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(big), BITMAP], check=True)
+    qemu_io(big, f"write -P 0x55 {8 * 1024 * MiB + 64 * KiB} 64K")  # past any single 4 GiB request
+    socket = tmp_path / "kbview-big.sock"
+    server = subprocess.Popen(["qemu-nbd", "-r", "-t", "--socket", str(socket), "-f", "qcow2", "--bitmap", BITMAP,
+                               str(big)], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not socket.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.02)
+        handle = nbd_client.open_export(str(socket), "", ["base:allocation", f"qemu:dirty-bitmap:{BITMAP}"])
+        size = nbd_client.size(handle)
+        dirty = nbd_client.extents(handle, f"qemu:dirty-bitmap:{BITMAP}", size)
+        allocation = nbd_client.extents(handle, "base:allocation", size)
+        nbd_client.close(handle)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert size == 9 * 1024 * MiB
+    written = (8 * 1024 * MiB + 64 * KiB, 64 * KiB)
+    assert [(o, n) for o, n, f in dirty if f & nbd_client.STATE_DIRTY] == [written]
+    assert [(o, n) for o, n, f in allocation if not f & nbd_client.STATE_ZERO] == [written]
+    assert sum(n for _, n, _ in dirty) == sum(n for _, n, _ in allocation) == size
+
+
 def test_a_context_the_server_does_not_offer_is_an_error(export):
     with pytest.raises(nbd_client.NbdError, match="offers no 'qemu:dirty-bitmap:nosuch'"):
         nbd_client.open_export(export, "", ["qemu:dirty-bitmap:nosuch"])
