@@ -79,12 +79,14 @@ class InodeIndex:
         ValueError when two are equal."""
         self.starts = array("Q")
         flat = array("Q")
+        if sum(map(len, per_disk)) >= 2**32:
+            raise ValueError("a view holds fewer than 2**32 segments")
         for inodes in per_disk:
             self.starts.append(len(flat))
             flat.extend(inodes)
         order = sorted(range(len(flat)), key=flat.__getitem__)
         self.inodes = array("Q", (flat[i] for i in order))
-        self.positions = array("L", order)
+        self.positions = array("I", order)  # 4 bytes: a view holds fewer than 2**32 segments
         for a, b in zip(self.inodes, self.inodes[1:]):
             if a == b:
                 raise ValueError(f"two segments share inode {a}")
