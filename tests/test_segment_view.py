@@ -244,7 +244,9 @@ def borg_changes(output: str) -> dict[str, str]:
     return found
 
 
-def test_borg_reads_only_the_segment_whose_stamp_changed(tmp_path, export, views, borg_repo):
+def test_borg_reads_only_the_segment_whose_stamp_changed(tmp_path, image, export, views, borg_repo):
+    """...and (sharing the repository, to save a borg run) a files view over `borg mount` of the
+    first archive gives back the image."""
     zero = set(range(COUNT)) - DATA_SEGMENTS
     stamps = [1_000] * COUNT
     mnt = mountpoint(tmp_path)
@@ -268,6 +270,16 @@ def test_borg_reads_only_the_segment_whose_stamp_changed(tmp_path, export, views
     third = run_borg("create", "--list", "--filter=AME", f"{borg_repo.path}::three", disk_dir, env=borg_repo.env)
     assert view.stop().bytes_read == {"vda": 0}
     assert borg_changes(third.stderr) == {"manifest.json": "A"}
+
+    archive_mnt = mountpoint(tmp_path, "kbview-borg-mount")
+    run_borg("mount", f"{borg_repo.path}::one", archive_mnt, env=borg_repo.env)
+    try:
+        stitched = mountpoint(tmp_path, "kbview-stitched")
+        view = views.start(files_spec(Path(archive_mnt, disk_dir.lstrip("/")), stitched), name="stitch")
+        assert Path(stitched, "vda.raw").read_bytes() == image[1]
+        assert view.stop().bytes_read == {"vda": len(DATA_SEGMENTS) * SEG}
+    finally:
+        run_borg("umount", archive_mnt, env=borg_repo.env)
 
 
 def restic_backup(env, repo: Path, path: str, parent: str | None = None) -> dict:
@@ -370,6 +382,16 @@ def test_a_killed_view_is_cleaned_up_by_stop_leftover(tmp_path, export, views):
     assert mountinfo.entry_at(mnt) is not None  # a dead FUSE server leaves its mount
     control.stop_leftover(mnt, view.pid)
     assert mountinfo.entry_at(mnt) is None
+
+
+def test_a_view_that_does_not_stop_is_killed_and_unmounted(tmp_path, export, views):
+    mnt = mountpoint(tmp_path)
+    view = views.start(nbd_view_spec(export, mnt, [1] * COUNT, set(), now_ns=2))
+    os.kill(view.pid, signal.SIGSTOP)  # as if stuck in a read the NBD server never answers
+    stats = view.stop(timeout=1)
+    assert view.process.returncode == -signal.SIGKILL
+    assert mountinfo.entry_at(mnt) is None
+    assert not stats.clean
 
 
 START_AND_EXIT = textwrap.dedent("""
