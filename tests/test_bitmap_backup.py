@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import DiskSpec, start_cli, wait_for
+from harness import DiskSpec, image_virtual_size, qemu_img_compare, start_cli, wait_for
 from harness.bitmap import (
     KiB,
     MiB,
@@ -255,3 +255,22 @@ def test_full_flag_reads_every_segment_again(domain_factory, image_dir, tmp_path
     assert_read_only_dirty(disk_stats(r3)["vda"], model.take_dirty(), reference)
     assert_restores_to(config, domain.name, "vda", reference, tmp_path, archive=archive_of(r3))
     assert leftovers(domain.dom, image_dir / "kb" / "state") == []
+
+
+def test_the_reference_model_is_the_guest_view(domain_factory, tmp_path):
+    """The harness's own promise, on which every compare above rests: after writes through the running VM
+    (across segments, zeros over data, into holes, past a live resize), the model equals the guest view
+    read by qemu-img from the image QEMU holds open."""
+    domain = domain_factory.make(disks=SPARSE_DISK, name="bm-model")
+    model = DiskModel.of(domain, "vda", tmp_path / "model")
+    for write in WRITES_A + WRITES_B:
+        model.write(*write)
+    assert model.take_dirty() == {12, 13, 68, 80, 255, 160, 161}
+    domain.dom.blockResize("vda", 80 * MiB, 1)  # VIR_DOMAIN_BLOCK_RESIZE_BYTES
+    model.resize(80 * MiB)
+    model.write(0x27, 70 * MiB, 256 * KiB)
+    reference = model.at_instant(tmp_path / "now.raw")
+    assert image_virtual_size(domain.disks["vda"], "qcow2") == reference.stat().st_size == 80 * MiB
+    assert qemu_img_compare(domain.disks["vda"], reference, "qcow2", "raw")
+    model.apply(0x01, 0, 512)  # a write the VM never saw: the compare must notice
+    assert not qemu_img_compare(domain.disks["vda"], model.reference, "qcow2", "raw")
