@@ -54,9 +54,11 @@ from support import write_config
 
 pytestmark = pytest.mark.slow
 
-# The engine's failpoints of a bitmap run, in the order a run reaches them (src/kvm_borg/engine/
-# libvirt_bitmap.py), plus the pipeline's `storing` (frozen, view mounted, nothing stored yet).
-BITMAP_STAGES = ["bitmap-job-started", "storing", "bitmap-released", "bitmap-folded"]
+# The failpoints a bitmap run reaches, in order (src/kvm_borg/engine/libvirt_bitmap.py and the pipeline):
+# `journal-written` (entry on disk, no job yet), `job-begun` (job running, its checkpoint created, no view
+# yet), `storing` (view mounted, nothing stored yet), `release` (stored; view, job, state fold and
+# checkpoint deletion still to come).
+BITMAP_STAGES = ["journal-written", "job-begun", "storing", "release"]
 BY_REFERENCE = "n/a: archive = reference"
 
 
