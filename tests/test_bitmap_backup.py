@@ -38,6 +38,7 @@ from harness.bitmap import (
     restic_snapshot_id,
     segment_count,
     segment_files,
+    short_scratch_dir,
 )
 from harness.cli import RESTIC_BIN, restic_env, run_borg
 from support import write_config, write_passphrase
@@ -45,6 +46,14 @@ from support import write_config, write_passphrase
 DISK = 64 * MiB
 SEGMENTS = segment_count(DISK)
 SPARSE_DISK = [DiskSpec("vda", "qcow2", 64, fill="sparse")]  # even MiBs hold a pattern, odd MiBs are holes
+
+
+@pytest.fixture
+def scratch(run_dir):
+    """A short scratch_dir (the NBD socket path must fit in 107 bytes), removed after the test."""
+    directory = short_scratch_dir(run_dir)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def repository(kind: str, directory: Path, name: str | None = None) -> dict:
@@ -114,11 +123,11 @@ WRITES_B = [(0x41, 3 * MiB + 192 * KiB, 64 * KiB), (0x42, 40 * MiB, 512 * KiB)]
 
 @pytest.mark.parametrize("kind", ["borg", "restic"])
 def test_full_then_incremental_runs_restore_each_instant_and_read_only_the_dirty_segments(
-        kind, domain_factory, image_dir, tmp_path):
+        kind, domain_factory, image_dir, tmp_path, scratch):
     domain = domain_factory.make(disks=SPARSE_DISK, name=f"bm-incr-{kind}")
     model = DiskModel.of(domain, "vda", tmp_path / "model")
     repo = repository(kind, tmp_path)
-    config = write_config(image_dir / "kb", [repo], plugins=[], **bitmap_settings())
+    config = write_config(image_dir / "kb", [repo], plugins=[], **bitmap_settings(scratch_dir=str(scratch)))
     state_dir = image_dir / "kb" / "state"
 
     # Run 1: no state yet, every segment is read (the holes are zero segments: no data to read).
@@ -165,7 +174,7 @@ def test_full_then_incremental_runs_restore_each_instant_and_read_only_the_dirty
         assert_restores_to(config, domain.name, "vda", reference, tmp_path, archive=archive)
     methods = {a["name"]: a["method"] for a in list_archives(config, domain.name)}
     assert methods == {a1: "bitmap", a2: "bitmap", a3: "bitmap", a4: "bitmap"}, methods
-    assert leftovers(domain.dom, state_dir) == []
+    assert leftovers(domain.dom, state_dir, scratch) == []
     check = repository_check(kind, location(repo))
     assert check.returncode == 0, check.stderr
 
@@ -183,11 +192,11 @@ def delete_archives(repo: dict, archives: list[str]) -> None:
 
 @pytest.mark.parametrize("kind", ["borg", "restic"])
 def test_the_newest_archive_alone_restores_equal_once_the_older_ones_are_deleted(kind, domain_factory, image_dir,
-                                                                                  tmp_path):
+                                                                                  tmp_path, scratch):
     domain = domain_factory.make(disks=SPARSE_DISK, name=f"bm-prune-{kind}")
     model = DiskModel.of(domain, "vda", tmp_path / "model")
     repo = repository(kind, tmp_path)
-    config = write_config(image_dir / "kb", [repo], plugins=[], **bitmap_settings())
+    config = write_config(image_dir / "kb", [repo], plugins=[], **bitmap_settings(scratch_dir=str(scratch)))
     older = [archive_of(backup(config, domain.name))]
     model.write(0x51, 5 * MiB, 300 * KiB)
     older.append(archive_of(backup(config, domain.name)))
@@ -202,13 +211,14 @@ def test_the_newest_archive_alone_restores_equal_once_the_older_ones_are_deleted
     assert check.returncode == 0, check.stderr
 
 
-def test_a_repository_that_missed_runs_gets_a_complete_archive_next_time(domain_factory, image_dir, tmp_path):
+def test_a_repository_that_missed_runs_gets_a_complete_archive_next_time(domain_factory, image_dir, tmp_path,
+                                                                          scratch):
     """Repository `b` is unreachable for one run, repository `c` is added later: their next archive is the
     guest view of its instant, like `a`'s which saw every run."""
     domain = domain_factory.make(disks=SPARSE_DISK, name="bm-missed")
     model = DiskModel.of(domain, "vda", tmp_path / "model")
     a, b, c = (repository("borg", tmp_path, name) for name in "abc")
-    config = write_config(image_dir / "kb", [a, b], plugins=[], **bitmap_settings())
+    config = write_config(image_dir / "kb", [a, b], plugins=[], **bitmap_settings(scratch_dir=str(scratch)))
     backup(config, domain.name)
 
     model.write(0x61, 2 * MiB, 1 * MiB)
@@ -221,7 +231,7 @@ def test_a_repository_that_missed_runs_gets_a_complete_archive_next_time(domain_
 
     model.write(0x62, 30 * MiB, 64 * KiB)
     reference = model.at_instant(tmp_path / "ref.raw")
-    config = write_config(image_dir / "kb", [a, b, c], plugins=[], **bitmap_settings())
+    config = write_config(image_dir / "kb", [a, b, c], plugins=[], **bitmap_settings(scratch_dir=str(scratch)))
     r3 = backup(config, domain.name)
     for repo in (a, b, c):
         assert_restores_to(config, domain.name, "vda", reference, tmp_path, archive=archive_of(r3, repo["name"]),
@@ -230,14 +240,14 @@ def test_a_repository_that_missed_runs_gets_a_complete_archive_next_time(domain_
         assert check.returncode == 0, check.stderr
     # What a repository missed costs reads, not correctness: c, new, read every segment holding data.
     assert disk_stats(r3)["vda"]["bytes_read"] >= DISK // 2
-    assert leftovers(domain.dom, image_dir / "kb" / "state") == []
+    assert leftovers(domain.dom, image_dir / "kb" / "state", scratch) == []
 
 
-def test_full_flag_reads_every_segment_again(domain_factory, image_dir, tmp_path):
+def test_full_flag_reads_every_segment_again(domain_factory, image_dir, tmp_path, scratch):
     domain = domain_factory.make(disks=SPARSE_DISK, name="bm-full")
     model = DiskModel.of(domain, "vda", tmp_path / "model")
     repo = repository("borg", tmp_path)
-    config = write_config(image_dir / "kb", [repo], plugins=[], **bitmap_settings())
+    config = write_config(image_dir / "kb", [repo], plugins=[], **bitmap_settings(scratch_dir=str(scratch)))
     backup(config, domain.name)
     model.write(0x71, 11 * MiB, 64 * KiB)
     reference = model.at_instant(tmp_path / "ref.raw")
@@ -254,7 +264,7 @@ def test_full_flag_reads_every_segment_again(domain_factory, image_dir, tmp_path
     r3 = backup(config, domain.name)
     assert_read_only_dirty(disk_stats(r3)["vda"], model.take_dirty(), reference)
     assert_restores_to(config, domain.name, "vda", reference, tmp_path, archive=archive_of(r3))
-    assert leftovers(domain.dom, image_dir / "kb" / "state") == []
+    assert leftovers(domain.dom, image_dir / "kb" / "state", scratch) == []
 
 
 def test_the_reference_model_is_the_guest_view(domain_factory, tmp_path):

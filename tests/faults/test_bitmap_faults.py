@@ -48,6 +48,7 @@ from harness.bitmap import (
     repository_check,
     restore_disk,
     segment_count,
+    short_scratch_dir,
 )
 from harness.cli import borg_env
 from support import write_config
@@ -101,7 +102,22 @@ class Case:
 
 
 @pytest.fixture
-def case(domain_factory, image_dir, tmp_path):
+def short_dirs(run_dir):
+    """make() -> a new short directory below the run's (scratch_dir, tmpfs mount points: the NBD socket
+    path must fit in 107 bytes); all removed after the test."""
+    made = []
+
+    def make() -> Path:
+        made.append(short_scratch_dir(run_dir))
+        return made[-1]
+
+    yield make
+    for directory in made:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def case(domain_factory, image_dir, tmp_path, short_dirs):
     """make(disks=[DiskSpec...], **settings) -> Case: a running OS-less domain (64 MiB sparse qcow2 vda by
     default), models of its disks, a bitmap config (256 KiB segments) with an initialised borg repository."""
 
@@ -110,8 +126,9 @@ def case(domain_factory, image_dir, tmp_path):
         domain = domain_factory.make(disks=disks)
         models = {d.target: DiskModel.of(domain, d.target, tmp_path / "model") for d in disks}
         repo = tmp_path / "repo"
+        settings.setdefault("scratch_dir", str(short_dirs()))
         config = write_config(image_dir / "kb", repo_path=repo, plugins=[], **bitmap_settings(**settings))
-        scratch = Path(settings["scratch_dir"]) if "scratch_dir" in settings else None
+        scratch = Path(settings["scratch_dir"])
         return Case(domain, models, config, image_dir / "kb" / "state", repo, tmp_path, scratch)
 
     return make
@@ -381,11 +398,11 @@ def test_bitmap_borg_files_cache_deleted(case, report_row):
     settle_and_verify(c, report_row)
 
 
-def test_bitmap_scratch_file_system_full_before_the_run_is_refused_cleanly(case, image_dir, report_row):
+def test_bitmap_scratch_file_system_full_before_the_run_is_refused_cleanly(case, short_dirs, report_row):
     """scratch_dir with less free space than scratch_min_free: the run refuses before any job starts,
     naming the directory; nothing changes."""
     report_row["fault"] = "bitmap: scratch file system below scratch_min_free"
-    with tmpfs(image_dir / "small-scratch", "2m", "mode=0755") as scratch:
+    with tmpfs(short_dirs(), "2m", "mode=0755") as scratch:
         c = case(scratch_dir=str(scratch), scratch_min_free="8MiB")
         result = c.backup(expect=(2,))
         assert not result["ok"] and str(scratch) in result["error"], result
@@ -449,7 +466,7 @@ class GuestCase:
 
 
 @pytest.fixture
-def guest_case(guest_factory, image_dir, tmp_path, libvirt_conn):
+def guest_case(guest_factory, image_dir, tmp_path, libvirt_conn, short_dirs):
     """make(data_disk=None, **settings) -> GuestCase: the writing TCG guest on a qcow2 data disk with its
     agent up, and a bitmap config with an initialised borg repository."""
 
@@ -457,10 +474,11 @@ def guest_case(guest_factory, image_dir, tmp_path, libvirt_conn):
         kwargs = {"data_disk": data_disk} if data_disk else {}
         guest = guest_factory(fmt="qcow2", size_mib=64, **kwargs)
         repo = tmp_path / "repo"
+        settings.setdefault("scratch_dir", str(short_dirs()))
         config = write_config(image_dir / "kb", repo_path=repo, plugins=[], **bitmap_settings(**settings))
         build.wait_for_agent(guest.dom, 90)
         build.wait_for_progress(guest.console_log, 5, 60)
-        scratch = Path(settings["scratch_dir"]) if "scratch_dir" in settings else None
+        scratch = Path(settings["scratch_dir"])
         return GuestCase(guest, libvirt_conn, config, image_dir / "kb" / "state", repo, tmp_path, scratch)
 
     return make
@@ -551,13 +569,13 @@ def make_filled_qcow2(path: Path, size_mib: int, random_mib: int) -> Path:
     return path
 
 
-def test_bitmap_scratch_file_system_full_during_the_job(guest_case, image_dir, report_row):
+def test_bitmap_scratch_file_system_full_during_the_job(guest_case, image_dir, short_dirs, report_row):
     """The guest overwrites data while the run is frozen: the job copies the old data into its scratch
     file, whose 4 MiB file system fills. The guest may pause on the write error; the run ends, resumes
     it, and leaves nothing; whatever it stored is a clean file system; no record is lost."""
     report_row["fault"] = "bitmap: scratch file system full during the job"
     disk = make_filled_qcow2(image_dir / "filled.qcow2", 64, 24)
-    with tmpfs(image_dir / "small-scratch", "4m", "mode=0755") as scratch:
+    with tmpfs(short_dirs(), "4m", "mode=0755") as scratch:
         gc = guest_case(data_disk=disk, scratch_dir=str(scratch), scratch_min_free="1MiB")
         pause = gc.tmp / "pause-storing"
         proc = start_cli("backup", gc.guest.name, "--json", config=gc.config,

@@ -9,13 +9,15 @@ that is clean WITHOUT journal replay and holds exactly the records durable at th
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from guest import build
-from harness.bitmap import archive_of, backup, bitmap_settings, disk_stats, leftovers, restore_disk, segment_count
+from harness.bitmap import (archive_of, backup, bitmap_settings, disk_stats, leftovers, restore_disk, segment_count,
+                            short_scratch_dir)
 from support import write_config
 
 pytestmark = pytest.mark.slow
@@ -55,10 +57,11 @@ def assert_quiesced_archive_holds_the_frozen_records(config: Path, g: build.Gues
 
 
 def test_quiesced_bitmap_backups_under_load_restore_clean_fs_and_exact_record_prefix(guest_factory, image_dir,
-                                                                                       tmp_path):
+                                                                                       tmp_path, run_dir):
     g = guest_factory(fmt="qcow2", size_mib=64)
+    scratch = short_scratch_dir(run_dir)
     config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", plugins=[], quiesce="auto",
-                          **bitmap_settings())
+                          **bitmap_settings(scratch_dir=str(scratch)))
     build.wait_for_agent(g.dom, timeout=AGENT_BOOT_TIMEOUT)
     build.wait_for_progress(g.console_log, 20, timeout=AGENT_BOOT_TIMEOUT)
     segments = segment_count(64 << 20)
@@ -79,4 +82,5 @@ def test_quiesced_bitmap_backups_under_load_restore_clean_fs_and_exact_record_pr
     build.wait_for_progress(g.console_log, build.serial_last_seq(g.console_log) + 10, timeout=60)
     assert build.serial_errors(g.console_log) == []
     assert g.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-    assert leftovers(g.dom, image_dir / "kb" / "state") == []
+    assert leftovers(g.dom, image_dir / "kb" / "state", scratch) == []
+    shutil.rmtree(scratch)

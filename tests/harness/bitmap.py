@@ -35,6 +35,17 @@ def bitmap_settings(segment_size: int = SEGMENT_SIZE, **more) -> dict:
     return {"method": "bitmap", "segment_size": f"{segment_size // KiB}KiB", **more}
 
 
+def short_scratch_dir(run_dir: Path) -> Path:
+    """Given the run's QEMU-reachable directory, return a new, short scratch_dir below it (0755): the NBD
+    socket `<scratch_dir>/<uuid>/nbd.sock` must fit in 107 bytes, which a per-test directory
+    named after a long test does not. The caller removes it (see the modules' `scratch` fixtures)."""
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="s", dir=run_dir))
+    directory.chmod(0o755)
+    return directory
+
+
 def touched_segments(offset: int, length: int, segment_size: int = SEGMENT_SIZE) -> set[int]:
     """Given a write's byte range, return the indexes of the segments it touches."""
     return set(range(offset // segment_size, (offset + length - 1) // segment_size + 1))
