@@ -10,6 +10,7 @@ image; start failures name their reason; a leftover view is cleaned up.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -232,6 +233,19 @@ def test_a_read_the_nbd_server_cannot_answer_is_eio_never_zeros(tmp_path, nbd_se
         Path(mnt, "vda", "00000002").read_bytes()
     assert failed.value.errno == errno.EIO
     assert view.stop().clean
+
+
+def test_two_disks_get_their_own_directories_inodes_and_counts(tmp_path, image, export, views):
+    one = nbd_view_spec(export, mountpoint(tmp_path), [1] * COUNT, set(), now_ns=2)
+    other = dataclasses.replace(one.disks[0], target="vdb", disk_index=1)
+    view = views.start(dataclasses.replace(one, disks=(one.disks[0], other)))
+    mnt = one.mountpoint
+    assert sorted(os.listdir(mnt)) == ["vda", "vdb"]
+    a, b = Path(mnt, "vda", "00000001"), Path(mnt, "vdb", "00000001")
+    assert (a.stat().st_ino, b.stat().st_ino) == (segment_inode(CHAIN, 0, 1), segment_inode(CHAIN, 1, 1))
+    assert a.read_bytes() == b.read_bytes() == image[1][SEG:2 * SEG]
+    assert Path(mnt, "vdb", "00000002").read_bytes() == image[1][2 * SEG:3 * SEG]
+    assert view.stop().bytes_read == {"vda": SEG, "vdb": 2 * SEG}
 
 
 def borg_changes(output: str) -> dict[str, str]:
