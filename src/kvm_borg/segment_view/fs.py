@@ -166,6 +166,9 @@ class NbdView(ReadOnlyView):
         self.index = InodeIndex([array("Q", (segment_inode(disk.chain, disk.disk_index, i) for i in range(disk.count)))
                                  for disk in self.disks])
         self.total = self.index.starts[-1] + self.disks[-1].count if self.disks else 0
+        for own in range(ROOT, 4 + 2 * len(self.disks)):  # root, directories, manifests
+            if self.index.find(own) is not None:
+                raise ValueError(f"a segment has inode {own}, which the view uses itself")
         self.pools = [nbd_client.HandlePool(disk.socket, disk.export, disk.connections) for disk in self.disks]
         self.limiters = [trio.CapacityLimiter(disk.connections) for disk in self.disks]
         self.blocks: OrderedDict[tuple[int, int, int], _Fetch] = OrderedDict()
