@@ -283,3 +283,42 @@ def test_a_hostile_segment_directory_is_one_line_exit_2_and_nothing_written(sour
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("kvm-borg: error: ") and message in last, proc.stderr
         assert list(tmp_path.iterdir()) == []  # nothing at the destination, no temporary file beside it
+
+
+# --- mount -------------------------------------------------------------------------------------------------
+
+
+def ext4_image(path: Path, size: int, files: dict[str, bytes]) -> Path:
+    """Write a raw image of `size` bytes holding an ext4 file system (no partition table) with `files`."""
+    tree = path.with_suffix(".tree")
+    tree.mkdir()
+    for name, data in files.items():
+        (tree / name).write_bytes(data)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(path), str(size // 1024) + "k"], check=True,
+                   capture_output=True)
+    shutil.rmtree(tree)
+    return path
+
+
+def test_mount_shows_a_flat_image_per_segmented_disk_and_the_file_system_in_it(source, tmp_path):
+    secret = secrets.token_bytes(300 * 1024)
+    references = {"vda": source.small["vda"], "vdb": ext4_image(source.work / f"ext4-{secrets.token_hex(3)}.raw",
+                                                               8 * MIB, {"hello.txt": b"hello\n", "blob": secret})}
+    archive = store_segmented(source, "borg", references=references)
+    mountpoint = tmp_path / "mnt"
+    proc = run_cli("mount", source.name, str(mountpoint), "--repo", "borg", "--archive", archive, "--json",
+                   config=source.config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    try:
+        result = json.loads(proc.stdout)
+        assert result["images"] == {"vda": str(mountpoint / "images" / "vda.raw"),
+                                    "vdb": str(mountpoint / "images" / "vdb.raw")}
+        assert (mountpoint / "images" / "vda.raw").read_bytes() == references["vda"].read_bytes()
+        assert result["filesystems"]["vdb"]["type"] == "ext4"
+        assert (mountpoint / "vdb" / "hello.txt").read_bytes() == b"hello\n"
+        assert (mountpoint / "vdb" / "blob").read_bytes() == secret
+    finally:
+        down = run_cli("umount", str(mountpoint), config=source.config, env=cli_env())
+    assert down.returncode == 0, down.stderr
+    assert not mountpoint.exists() or list(mountpoint.iterdir()) == []
+    assert str(mountpoint) not in Path("/proc/self/mountinfo").read_text()
