@@ -364,6 +364,9 @@ def _restore_one_disk(conn, backend: RepositoryBackend, repo: dict, archive: str
         destination = os.path.abspath(options.to)
         kind = destination_kind(destination)
         if kind == "device":
+            if disk.segmented and disk.format != "raw":
+                raise UsageError(f"disk {disk.target} is a segmented {disk.format} disk: restore it into a file "
+                                 f"(--to FILE); a block device takes segmented raw disks only")
             device = os.path.realpath(destination)
             if not options.overwrite:
                 raise RefusedError(f"{destination} is a block device; give --overwrite to write the image into it")
@@ -374,9 +377,6 @@ def _restore_one_disk(conn, backend: RepositoryBackend, repo: dict, archive: str
             if size < disk.virtual_size:
                 raise RefusedError(f"{destination} holds {size} bytes, less than the {disk.virtual_size} bytes of "
                                    f"disk {disk.target}")
-            if disk.segmented and disk.format != "raw":
-                raise UsageError(f"disk {disk.target} is a segmented {disk.format} disk: restore it into a file "
-                                 f"(--to FILE); a block device takes segmented raw disks only")
             if disk.segmented:
                 result.bytes_written = write_segmented_into_device(backend, archive, disk, device)
             else:

@@ -158,7 +158,8 @@ def parse_segments(stream, disk: RestoreDisk, output, what: str) -> SegmentsRead
     manifest_seen = False
     try:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=_TAR_BUFFER) as tar:
-            for member in tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every member it read: not here (a disk may have millions)
                 kind = member_kind(member.name, member.isdir(), member.isreg() and not member.issparse(),
                                    directory, count)
                 if kind is None:
