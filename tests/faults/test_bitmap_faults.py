@@ -186,6 +186,7 @@ def finish(proc: subprocess.Popen, pause: Path | None = None, timeout: float = 3
     if pause is not None:
         pause.unlink(missing_ok=True)
     out, err = proc.communicate(timeout=timeout)
+    print(f"$ {' '.join(map(str, proc.args))}  -> exit {proc.returncode}\n--- stdout\n{out}--- stderr\n{err}")
     result = json.loads(out)["domains"][0] if out.strip() else None
     return proc.returncode, result, err
 
