@@ -81,7 +81,9 @@ def borg_env(passphrase: str = TEST_PASSPHRASE, base_dir: str | os.PathLike | No
 
     ``base_dir`` isolates borg's config/cache/security dirs (BORG_BASE_DIR) from
     the real ones in ~ (recommended for tests).  With ``inherit=False`` only the
-    borg-related variables (plus PATH/HOME/LANG) are returned.
+    borg-related variables (plus PATH/HOME/LANG) are returned.  BORG_FUSE_IMPL is
+    "none", as kvm-borg gives its own borg runs (a test that runs ``borg mount``
+    itself passes ``extra={"BORG_FUSE_IMPL": "pyfuse3"}``).
     """
     env = dict(os.environ) if inherit else {k: os.environ[k] for k in ("HOME", "LANG", "LC_ALL") if k in os.environ}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
@@ -93,6 +95,7 @@ def borg_env(passphrase: str = TEST_PASSPHRASE, base_dir: str | os.PathLike | No
         BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
         BORG_DELETE_I_KNOW_WHAT_I_AM_DOING="YES",
         BORG_CHECK_I_KNOW_WHAT_I_AM_DOING="YES",
+        BORG_FUSE_IMPL="none",
     )
     env.pop("BORG_PASSCOMMAND", None)
     env.pop("BORG_PASSPHRASE_FD", None)

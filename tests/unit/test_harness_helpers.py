@@ -79,5 +79,6 @@ def test_programs_the_tests_start_cannot_import_pytest_as_in_a_production_venv()
         assert proc.returncode == 1 and "pytest is hidden" in proc.stderr, proc.stderr
         assert env["PYTHONPATH"].split(":")[0].endswith("production_path")
     assert "/elsewhere" in _merged_env({"PYTHONPATH": "/elsewhere"})["PYTHONPATH"]
+    assert borg_env()["BORG_FUSE_IMPL"] == "none"  # as kvm-borg's own borg runs but `borg mount`
     proc = subprocess.run([str(BORG_BIN), "--version"], env=borg_env(), capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("borg 1."), proc.stderr
