@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from kvm_borg import __version__, journal
 from kvm_borg.actions.common import Context, backend_for
 from kvm_borg.backends.borg import defaults as borg_defaults
 from kvm_borg.engine import lifecycle
-from kvm_borg.engine.versions import binding_version, libvirt_versions
+from kvm_borg.engine.versions import backup_api_problem, binding_version, libvirt_versions
 from kvm_borg.errors import EngineError, KvmBorgError
 from kvm_borg.plugins import describe_plugins
 from kvm_borg.tools import first_line, run_tool
@@ -57,6 +58,56 @@ def security_checks() -> list[tuple[str, str, str]]:
     else:
         rows.append(("selinux", OK, "not enforcing"))
     return rows
+
+
+def import_problem(module: str, package: str) -> str | None:
+    """Given a module's name and what provides it, return why it does not import here, or None."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # an ImportError, or a broken extension module (OSError, ...)
+        return f"{module} does not import ({type(exc).__name__}: {exc}; {package})"
+    return None
+
+
+def bitmap_wanted(settings) -> bool:
+    """Given Settings, return whether the configuration asks for the bitmap method anywhere (a `method`
+    or `domains_method` other than snapshot)."""
+    return settings.method != "snapshot" or any(m != "snapshot" for m in settings.domains_method.values())
+
+
+def scratch_check(settings) -> tuple[str, str, str]:
+    """Given Settings, return the (check, status, detail) row of the bitmap method's scratch_dir: its free
+    space (of the nearest existing directory above it when it does not exist yet) against scratch_min_free."""
+    path = settings.scratch_dir
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    status = OK if free >= settings.scratch_min_free else WARN
+    note = "" if path.exists() else ", created on first bitmap backup"
+    return "scratch_dir", status, f"{path} ({free // 2**20} MiB free{note}; scratch_min_free {settings.scratch_min_free // 2**20} MiB)"
+
+
+def bitmap_method_check(settings, problems: list[str]) -> tuple[str, str, str]:
+    """Given Settings and what keeps the bitmap method from running here (empty: nothing), return its
+    (check, status, detail) row: a warning only when the configuration asks for it (method or
+    domains_method other than snapshot)."""
+    if not problems:
+        return "bitmap method", OK, "can run (libnbd, pyfuse3, libvirt backup jobs)"
+    wanted = bitmap_wanted(settings)
+    detail = "cannot run: " + "; ".join(problems)
+    return "bitmap method", WARN if wanted else OK, detail if wanted else f"{detail} (not configured: method is snapshot)"
+
+
+def bitmap_method_problems(ctx: Context) -> list[str]:
+    """Given a Context, return what keeps the bitmap method from running on this host (empty: nothing)."""
+    problems = [import_problem("nbd", "install python3-libnbd and run scripts/setup.sh, with a Python 3.11 venv"),
+                import_problem("pyfuse3", "pip install pyfuse3 (borgbackup[pyfuse3])")]
+    try:
+        problems.append(backup_api_problem(ctx.connection.conn))
+    except KvmBorgError as exc:
+        problems.append(f"libvirt: {exc}")
+    return [problem for problem in problems if problem]
 
 
 def collect_checks(ctx: Context) -> list[tuple[str, str, str]]:
@@ -104,6 +155,9 @@ def collect_checks(ctx: Context) -> list[tuple[str, str, str]]:
         rows.append(("journal", WARN, f"unfinished backups of {names}: run `kvm-borg recover`"))
     else:
         rows.append(("journal", OK, "no unfinished backup"))
+    rows.append(bitmap_method_check(settings, bitmap_method_problems(ctx)))
+    if bitmap_wanted(settings):
+        rows.append(scratch_check(settings))
     rows.extend(security_checks())
     return rows
 

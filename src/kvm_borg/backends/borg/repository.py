@@ -48,7 +48,7 @@ from kvm_borg.backends.borg.output import (
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, run_command
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, BackendBase, CheckResult, PruneResult, StoreResult
-from kvm_borg.progress import transfer_progress
+from kvm_borg.progress import progress_of, transfer_progress
 from kvm_borg.redact import redact_url
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class BorgRepository(BackendBase):
                 f"{request.domain} → {self.name}", request.total_bytes, enabled=self.progress
             ) as update:
                 result, log = self._run(
-                    argv, cache_suffix=files_cache_suffix(request.domain), on_progress=update
+                    argv, cache_suffix=files_cache_suffix(request.domain), on_progress=progress_of(request, update)
                 )
         except (BorgError, CommandError) as exc:
             return StoreResult(self.name, ok=False, seconds=time.monotonic() - started, error=str(exc))
@@ -267,6 +267,18 @@ class BorgRepository(BackendBase):
         result, log = self._run(argv, on_stdout=write)
         if failed(result.returncode):
             raise self._error("extract", log, result)
+        if any("never matched" in w for w in log.warnings):
+            raise BorgError(f"repository {self.name!r}: {archive_path} is not in {archive}")
+
+    def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and one stored directory, pass an uncompressed tar stream of it (and what lies
+        below it) to `write`, in order (`borg export-tar ... -`: every chunk authenticated as it is read).
+        A path the archive does not hold is a BorgError."""
+        argv = commands.make_export_tar_command(self.binary, self.location, archive, archive_path,
+                                                lock_wait=self.lock_wait)
+        result, log = self._run(argv, on_stdout=write)
+        if failed(result.returncode):
+            raise self._error("export-tar", log, result)
         if any("never matched" in w for w in log.warnings):
             raise BorgError(f"repository {self.name!r}: {archive_path} is not in {archive}")
 

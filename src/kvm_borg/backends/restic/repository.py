@@ -38,7 +38,7 @@ from kvm_borg.execute import (
     start_detached,
 )
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
-from kvm_borg.progress import transfer_progress
+from kvm_borg.progress import progress_of, transfer_progress
 from kvm_borg.redact import redact_url
 from kvm_borg.sizes import content_size
 from kvm_borg.sparse import SparseWriter
@@ -170,7 +170,8 @@ class ResticRepository:
             self.name, request.archive_name, len(files), len(devices), total,
         )
         try:
-            with transfer_progress(f"{request.domain} → {self.name}", total, enabled=self.progress) as update:
+            bar_total = request.total_bytes if request.bytes_served is not None else total
+            with transfer_progress(f"{request.domain} → {self.name}", bar_total, enabled=self.progress) as update:
                 done = 0
                 parts = [(device, archives.PART_DEVICE) for device in devices] + [(None, archives.PART_MAIN)]
                 for device, part in parts:
@@ -181,7 +182,7 @@ class ResticRepository:
                     offset = done
                     summary = self._backup_part(
                         request, tags, device=device, paths=files if device is None else (),
-                        on_bytes=lambda n, offset=offset: update(offset + n),
+                        on_bytes=progress_of(request, lambda n, offset=offset: update(offset + n)),
                     )
                     written.append(summary["snapshot_id"])
                     original += int(summary.get("total_bytes_processed", 0))
@@ -255,6 +256,17 @@ class ResticRepository:
     def stream_file(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
         """Given an archive and one stored path, pass the file's bytes to `write`, in order (`restic dump`;
         restic authenticates every blob it reads)."""
+        archive_path = self.archive_path(archive_path)
+        snapshot = self._archive(archive).snapshot_holding(archive_path)
+        result, log = self._run(rc.make_dump_command(self.binary, snapshot["id"], archive_path, options=self.options),
+                                on_stdout=write)
+        if result.returncode != 0:
+            raise self._error("dump", log, result)
+
+    def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and one stored directory, pass a tar stream of it (and what lies below it) to
+        `write`, in order: `restic dump SNAPSHOT DIR` of the snapshot part that holds the directory (restic
+        0.14 dumps a directory as tar; every blob authenticated as it is read)."""
         archive_path = self.archive_path(archive_path)
         snapshot = self._archive(archive).snapshot_holding(archive_path)
         result, log = self._run(rc.make_dump_command(self.binary, snapshot["id"], archive_path, options=self.options),
