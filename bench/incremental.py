@@ -299,7 +299,9 @@ class Variant:
 def change_extents(case: str, disk_bytes: int, percent: float, seed: int) -> tuple[list[tuple[int, int]], int]:
     """Given a change case, the disk size, the percent and a seed, return (extents, unit) to write."""
     unit = 4 * MiB if case == "extents-4m" else 64 * KiB
-    return scattered_extents(disk_bytes, percent / 100, unit, seed), unit
+    units = disk_bytes // unit
+    fraction = max(percent / 100, 1 / units)  # at least one unit, also on a tiny disk
+    return scattered_extents(disk_bytes, fraction, unit, seed), unit
 
 
 def write_change(bench: Bench, case: str, seed: int) -> dict:

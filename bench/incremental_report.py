@@ -119,9 +119,9 @@ by `{results.get('command')}` ({results.get('seconds', 0) / 60:.0f} min; load av
 
 Machine: {results.get('machine')}; {results.get('restic')}; {results.get('kvm_borg')}.
 
-Disk: one running domain (no OS booted), qcow2 v3, {d.get('disk', 0) / 2**30:.0f} GiB virtual, holding an ext4
-file system with {d.get('data', 0) / 2**30:.2f} GiB of files ({d.get('real', 0) / 2**30:.2f} GiB copied from /usr,
-the rest generated: half random bytes, half shuffled real text); image file {d.get('image', 0) / 2**30:.2f} GiB.
+Disk: one running domain (no OS booted), qcow2 v3, {_size(d.get('disk', 0))} virtual, holding an ext4
+file system with {_size(d.get('data', 0))} of files ({_size(d.get('real', 0))} copied from /usr,
+the rest generated: half random bytes, half shuffled real text); image file {_size(d.get('image', 0))}.
 Every run is cold (page cache dropped). Bitmap runs use segments of {results.get('segment_mib'):g} MiB unless
 noted. Changes: {results.get('change_percent'):g} % of the virtual disk, new random data, written through the running
 VM (HMP qemu-io), so they are exactly the bitmap's dirty bytes.
@@ -133,7 +133,9 @@ VM (HMP qemu-io), so they are exactly the bitmap's dirty bytes.
         f"| {t['name']} | {t['goal']} | {t['figure']} | {_verdict(t['met'])}"
         f"{' (' + t['why'][:200] + ')' if t['why'] else ''} |" for t in targets(results)) + "\n")
     for backend in results.get("backends", []):
-        lines = [f"## Series: {backend} (median of {results.get('args_rounds', _rounds(results))} rounds)\n",
+        if not any(r["backend"] == backend for r in results.get("series", [])):
+            continue
+        lines = [f"## Series: {backend} (median of {_rounds(results)} rounds)\n",
                  "| case | snapshot (s) | bitmap (s) | bitmap / snapshot full | bitmap / snapshot same case "
                  "| read: snapshot (MiB) | read: bitmap (MiB) | dirty (MiB) | growth: snapshot (MiB) "
                  "| growth: bitmap (MiB) |",
@@ -221,6 +223,10 @@ window, next to an idle window of the same length just before. Run 0 of each met
 
 def _rounds(results):
     return len({r["round"] for r in results.get("series", [])}) or 0
+
+
+def _size(n):
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / MiB:.0f} MiB"
 
 
 def _load(values):
