@@ -88,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=ds.DEFAULT_CACHE, help="where the dataset image is cached")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "docs/performance", help="where the report goes")
     p.add_argument("--uri", default="qemu:///system")
-    p.add_argument("--render-only", type=Path, metavar="JSON", help="only redraw the report from an incremental.json")
+    p.add_argument("--render-only", type=Path, metavar="JSON[,JSON...]",
+                   help="only redraw the report from incremental.json files (several: their runs merged)")
     args = p.parse_args(argv)
     if args.quick:
         defaults = {a.dest: a.default for a in p._actions}
@@ -619,13 +620,32 @@ def run_all(args, argv) -> dict:
     return results
 
 
+def merge_results(parts: list[dict]) -> dict:
+    """Given the results of several invocations, return one: the first's header, every run of every phase,
+    every error; the command and start of each are kept in `merged_from` (the report says they were not paired)."""
+    if len(parts) == 1:
+        return parts[0]
+    merged = {**parts[0], "errors": {}, "merged_from": [f"{p.get('started')}: {p.get('command')}" for p in parts]}
+    for key in ("series", "writes", "sweep", "guest"):
+        merged[key] = [row for p in parts for row in p.get(key, [])]
+    for p in parts:
+        merged["errors"].update(p.get("errors", {}))
+        for key in ("view", "guest_meta"):
+            if p.get(key):
+                merged[key] = p[key]
+        for key in ("methods", "backends"):
+            merged[key] = list(dict.fromkeys(merged.get(key, []) + p.get(key, [])))
+    merged["seconds"] = sum(p.get("seconds", 0) for p in parts)
+    return merged
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     from bench import incremental_report as report  # noqa: PLC0415
 
     if args.render_only:
-        results = json.loads(args.render_only.read_text())
+        results = merge_results([json.loads(Path(p).read_text()) for p in str(args.render_only).split(",")])
     else:
         if os.geteuid() != 0:
             raise SystemExit("run me as root (libvirt qemu:///system, drop_caches, images QEMU can open)")

@@ -126,6 +126,9 @@ Every run is cold (page cache dropped). Bitmap runs use segments of {results.get
 noted. Changes: {results.get('change_percent'):g} % of the virtual disk, new random data, written through the running
 VM (HMP qemu-io), so they are exactly the bitmap's dirty bytes.
 """]
+    if results.get("merged_from"):
+        parts.append("Merged from separate invocations (their runs were **not** paired or alternated with "
+                     "each other):\n\n" + "\n".join(f"- {m}" for m in results["merged_from"]) + "\n")
     errors = results.get("errors") or {}
     if errors:
         parts.append("**Errors** (phases that failed):\n\n" + "\n".join(f"- {k}: `{v[:600]}`" for k, v in errors.items()) + "\n")
