@@ -102,3 +102,46 @@ kb_fix_kvm() {
     chmod g+rw "$KB_KVM_DEV"
     kb_log "${KB_KVM_DEV} is now $(stat -c '%U:%G %a' "$KB_KVM_DEV")"
 }
+
+# Make Debian's libnbd Python bindings (python3-libnbd: nbd.py and libnbdmod<EXT_SUFFIX>, built for
+# Debian's Python 3.11; not on PyPI) importable in the venv by symlinking them into its purelib.
+# Only when the venv's Python has the module's ABI (its EXT_SUFFIX, e.g. .cpython-311-x86_64-linux-gnu.so);
+# otherwise a warning that the bitmap method is unavailable, and links made before are removed.
+# Re-runnable. KVM_BORG_DIST_PACKAGES overrides Debian's directory (for testing only).
+KB_DIST_PACKAGES="${KVM_BORG_DIST_PACKAGES:-/usr/lib/python3/dist-packages}"
+kb_link_libnbd() {
+    local py="$KB_VENV/bin/python" purelib suffix version name libnbd
+    purelib=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') || kb_die "cannot ask $py for its site-packages"
+    suffix=$("$py" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+    version=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    if [ -e "$KB_DIST_PACKAGES/nbd.py" ] && [ -e "$KB_DIST_PACKAGES/libnbdmod$suffix" ]; then
+        for name in nbd.py "libnbdmod$suffix"; do
+            ln -sfn "$KB_DIST_PACKAGES/$name" "$purelib/$name"
+        done
+        if libnbd=$("$py" -c 'import nbd; print(nbd.NBD().get_version())' 2>/dev/null); then
+            kb_log "libnbd $libnbd importable in $KB_VENV (linked from $KB_DIST_PACKAGES): the bitmap method can run"
+            return 0
+        fi
+        kb_unlink_libnbd "$purelib"
+        kb_warn "Debian's libnbd bindings do not import into $KB_VENV (Python $version): the bitmap method is unavailable"
+        return 0
+    fi
+    kb_unlink_libnbd "$purelib"
+    if "$py" -c 'import nbd' >/dev/null 2>&1; then
+        kb_log "libnbd importable in $KB_VENV: the bitmap method can run"
+    elif [ ! -e "$KB_DIST_PACKAGES/nbd.py" ]; then
+        kb_warn "python3-libnbd is not installed ($KB_DIST_PACKAGES/nbd.py missing): the bitmap method is unavailable"
+    else
+        kb_warn "the venv runs Python $version, but Debian's python3-libnbd is built for Python 3.11" \
+                "($(cd "$KB_DIST_PACKAGES" && echo libnbdmod*.so)): the bitmap method is unavailable;" \
+                "make the venv with Python 3.11 (KVM_BORG_PYTHON=/usr/bin/python3.11, after removing $KB_VENV)"
+    fi
+}
+
+# Remove, from the given site-packages, the libnbd links kb_link_libnbd made (never a real file).
+kb_unlink_libnbd() {
+    local link
+    for link in "$1/nbd.py" "$1"/libnbdmod*.so; do
+        if [ -L "$link" ] && [ "$(dirname "$(readlink "$link")")" = "$KB_DIST_PACKAGES" ]; then rm -f "$link"; fi
+    done
+}

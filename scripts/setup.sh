@@ -6,8 +6,9 @@
 #
 # Installs the Debian packages (skipped when all are present), creates a venv
 # (KVM_BORG_VENV, default /opt/kvm-borg/venv), pip-installs this repository into it,
-# links kvm-borg into /usr/local/bin, starts virtlogd/libvirtd when they are not
-# running and makes /dev/kvm usable by QEMU.  Safe to re-run.
+# links kvm-borg into /usr/local/bin and Debian's libnbd bindings into the venv (the
+# bitmap method; the venv's Python must be 3.11 for them), starts virtlogd/libvirtd when
+# they are not running and makes /dev/kvm usable by QEMU.  Safe to re-run.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -16,7 +17,7 @@ KB_STEP=setup
 
 DEV=0
 usage() {
-    sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     cat <<EOF
 
 Options:
@@ -46,6 +47,7 @@ APT_PACKAGES=(
     python3-venv python3-dev gcc pkg-config
     liblz4-dev libzstd-dev libxxhash-dev libacl1-dev libssl-dev
     fuse3 libfuse3-dev util-linux swtpm swtpm-tools
+    python3-libnbd libnbd-bin   # the bitmap method's NBD client (libnbd's Python bindings; nbdinfo)
     systemd   # systemd-analyze, for the test of contrib/systemd (works without systemd as PID 1)
 )
 # The benchmark suite (python -m bench, tests/test_bench_smoke.py) compares kvm-borg with virtnbdbackup.
@@ -152,6 +154,7 @@ pip_install() {
 install_packages
 make_venv
 pip_install
+kb_link_libnbd
 kb_fix_kvm
 kb_fix_swtpm_localca
 kb_ensure_daemons

@@ -58,6 +58,8 @@ CONFIG_CASES = {
         "repositories[0].name: expected a non-empty string, got True (quote it"),
     "number in domains.include": ("domains: {include: [web, 1]}\nrepositories: [REPO_OK]",
                                   "domains.include[1]: expected a string, got 1 (quote it"),
+    "segment_size not a multiple of 64KiB": ("segment_size: 100K\nrepositories: [REPO_OK]",
+                                             "segment_size: expected a multiple of 64KiB from 64KiB to 1GiB"),
     "state_dir is /": ("state_dir: /\nrepositories: [REPO_OK]", "state_dir: '/' is a system directory (/)"),
     "state_dir resolves to /etc": ("state_dir: /var/lib/../../etc\nrepositories: [REPO_OK]",
                                    "state_dir: '/var/lib/../../etc' is a system directory (/etc)"),

@@ -122,6 +122,27 @@ def test_doctor_round_trip_reports_versions_plugins_and_passes(tmp_path, libvirt
     assert [n for n in (d.name() for d in libvirt_conn.listAllDomains(0)) if n.startswith("kvm-borg-doctor")] == []
 
 
+def _doctor_bitmap_row(tmp_path, name, method, extra_path=None):
+    config = write_config(tmp_path / name, repo_path=tmp_path / "repo", init=False, method=method)
+    env = cli_env(PYTHONPATH=os.pathsep.join([*([str(extra_path)] if extra_path else []), str(Path(__file__).parent)]))
+    proc = run_cli("doctor", "--json", config=config, env=env)
+    checks = {c["check"]: c for c in json.loads(proc.stdout)["checks"]}
+    return proc.returncode, checks["bitmap method"]
+
+
+def test_doctor_says_whether_the_bitmap_method_can_run(tmp_path):
+    code, row = _doctor_bitmap_row(tmp_path, "real", "bitmap")
+    assert row == {"check": "bitmap method", "status": "ok", "detail": "can run (libnbd, pyfuse3, libvirt backup jobs)"}
+    # libnbd's bindings missing: a module named nbd that does not import shadows Debian's
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "nbd.py").write_text("raise ImportError('libnbd is not installed here')\n")
+    code, row = _doctor_bitmap_row(tmp_path, "wanted", "bitmap", shadow)
+    assert row["status"] == "warning" and code >= 1
+    assert "cannot run: nbd does not import (ImportError: libnbd is not installed here; install python3-libnbd" \
+        in row["detail"]
+
+
 def test_bad_arguments_are_one_line_with_exit_2():
     proc = run_cli("backup", "--frobnicate")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

@@ -72,6 +72,8 @@ def add_backup(subparsers) -> None:
                         help="leave this disk target out (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the run summary as JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a TTY")
+    parser.add_argument("--full", action="store_true",
+                        help="read every segment this run (bitmap method); a deliberate full re-read")
     parser.set_defaults(run="kvm_borg.actions.backup:run_from_args")
 
 

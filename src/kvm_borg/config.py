@@ -55,6 +55,12 @@ class Settings:
     max_age: float = 26 * 3600.0  # `kvm-borg status` exits 2 past this age
     metrics_file: str | None = None  # node_exporter textfile written after every run
     store_timeout: float = 12 * 3600.0  # bound on one domain's repository writes; then merged back
+    method: str = "snapshot"  # auto | snapshot | bitmap (method_choice.choose_method decides per domain)
+    domains_method: dict = field(default_factory=dict)  # {domain name or glob: method}
+    segment_size: int = 4 * 1024**2  # bitmap method: bytes per segment file
+    scratch_dir_setting: Path | None = None  # `scratch_dir` as configured; None: state_dir/scratch
+    scratch_min_free: int = 1024**3  # bitmap method: refuse to start with less free space in scratch_dir
+    full_read: bool = False  # `backup --full`: read every segment this run (CLI only)
 
     @property
     def journal_dir(self) -> Path:
@@ -70,6 +76,11 @@ class Settings:
     @property
     def staging_dir(self) -> Path:
         return self.state_dir / "staging"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """The bitmap method's scratch files and NBD sockets: `scratch_dir`, else state_dir/scratch."""
+        return self.scratch_dir_setting or self.state_dir / "scratch"
 
 
 def plugin_schema_contributions(pm) -> list[tuple[str, dict]]:
@@ -239,6 +250,11 @@ def load_config(cli_path: str | None = None, *, progress: bool = False):
         max_age=data["max_age"],
         metrics_file=data["metrics_file"],
         store_timeout=data["store_timeout"],
+        method=data["method"],
+        domains_method=data["domains_method"],
+        segment_size=data["segment_size"],
+        scratch_dir_setting=Path(data["scratch_dir"]) if data["scratch_dir"] else None,
+        scratch_min_free=data["scratch_min_free"],
     )
     return settings, pm
 

@@ -55,6 +55,19 @@ def parse_size(value: Any, key: str) -> int:
     return int(size)
 
 
+SEGMENT_ALIGN = 64 * 1024
+MAX_SEGMENT = 1024**3
+
+
+def segment_size(value: Any, key: str) -> int:
+    """Given a size for the bitmap method's segments, return bytes: a multiple of 64KiB from 64KiB to 1GiB
+    (the granularity of QEMU's dirty bitmaps on a default qcow2 cluster)."""
+    size = parse_size(value, key)
+    if size % SEGMENT_ALIGN or not SEGMENT_ALIGN <= size <= MAX_SEGMENT:
+        raise ConfigError(f"{key}: expected a multiple of 64KiB from 64KiB to 1GiB, got {value!r}")
+    return size
+
+
 def parse_duration(value: Any, key: str) -> float:
     """Given seconds or a string like '90s', '30m', '26h', '7d', return seconds; ConfigError names `key`."""
     if isinstance(value, bool):
@@ -93,6 +106,16 @@ def state_dir(value: str, key: str) -> str:
     if path in SYSTEM_DIRS:
         raise ConfigError(f"{key}: {value!r} is a system directory ({path}); use a directory of its own "
                           f"such as /var/lib/kvm-borg")
+    return path
+
+
+def scratch_dir(value: str, key: str) -> str:
+    """Given the scratch_dir string, return it normalized (symlinks resolved); a system directory such as
+    /tmp or /var/tmp is refused (the bitmap method opens its per-run directories in it to QEMU)."""
+    path = os.path.realpath(absolute_path(value, key))
+    if path in SYSTEM_DIRS:
+        raise ConfigError(f"{key}: {value!r} is a system directory ({path}); use a directory of its own "
+                          f"such as /var/lib/kvm-borg/scratch")
     return path
 
 
@@ -139,10 +162,12 @@ def retention_rules(value: Any, key: str) -> dict:
 
 FORMATS: dict[str, Callable[[Any, str], Any]] = {
     "size": parse_size,
+    "segment-size": segment_size,
     "duration": parse_duration,
     "positive-duration": positive_duration,
     "absolute-path": absolute_path,
     "state-dir": state_dir,
+    "scratch-dir": scratch_dir,
     "ssh-command": ssh_command,
     "http-url": http_url,
     "quiesce": quiesce,

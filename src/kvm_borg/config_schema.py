@@ -108,6 +108,23 @@ CORE_KEYS: dict[str, dict] = {
     "overlay_dir": key(optional(ABSOLUTE_PATH), "where snapshot overlays are created",
                        examples=["/var/lib/libvirt/overlays"], **{"x-default-text": "unset: next to each image"}),
     "overlay_min_free": key(SIZE, "refuse to start when an overlay directory has less free space", default="1GiB"),
+    "method": key(one_of("auto", "snapshot", "bitmap"),
+                  "how a domain is backed up: `snapshot` (external snapshot, every image read whole), `bitmap` "
+                  "(a libvirt backup job: only the segments changed since the last run are read), `auto` "
+                  "(bitmap for a running domain with a qcow2 v3 disk, else snapshot)", default="snapshot"),
+    "domains_method": key(named_mapping(one_of("auto", "snapshot", "bitmap"),
+                                        "a mapping of domain names or globs to methods"),
+                          "per domain name or glob, the `method` (the exact name first, else the first glob "
+                          "that matches)", default={}, examples=[{"db-*": "bitmap", "legacy01": "snapshot"}]),
+    "segment_size": key({**SIZE, "format": "segment-size"},
+                        "bitmap method: a disk is stored as segment files of this size (a multiple of 64KiB, "
+                        "64KiB to 1GiB); changing it reads every disk in full once", default="4MiB"),
+    "scratch_dir": key(optional({**STRING, "format": "scratch-dir"}),
+                       "bitmap method: where the backup job's scratch files and NBD socket live (must be "
+                       "reachable by QEMU; a directory of its own, never /tmp, /var/tmp ...)",
+                       **{"x-default-text": "`state_dir/scratch`"}),
+    "scratch_min_free": key(SIZE, "bitmap method: refuse to start when scratch_dir has less free space",
+                            default="1GiB"),
     "quiesce": key({"enum": ["auto", "required", "off", False], "format": "quiesce",
                     "x-expected": "one of auto, required, off"},
                    "`auto`: quiesce when the guest agent answers, else crash-consistent + warning; `required`; `off`",

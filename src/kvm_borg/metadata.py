@@ -7,6 +7,11 @@ shows them with a leading "/"):
 - `<state_dir>/staging/<domain uuid>/meta.json`, `domain.xml` (persistent definition) and
   `domain-live.xml` (the running definition, absent for a shut-off domain).
 `meta.json` maps each disk target to its image inside the archive; restore reads it first.
+
+A disk backed up by the bitmap method (layout "segments") is a directory instead of an image: its
+guest-visible content, flattened, cut into segment files named `%08d` by index, each `size` bytes (the
+last one shorter) or empty when the whole segment reads as zeros, plus a `manifest.json`; its meta.json
+entry carries `"layout": "segments"` and `"segments": {"size": S, "count": C}` (see README, "Archive layout").
 """
 
 from __future__ import annotations
@@ -56,6 +61,13 @@ def backing_layers(disk: FrozenDisk) -> list[dict]:
     return layers
 
 
+def segment_fields(disk: FrozenDisk) -> dict:
+    """Given a FrozenDisk, return the meta.json keys of its layout: {} for an image, else `layout` and `segments`."""
+    if disk.layout != "segments":
+        return {}
+    return {"layout": "segments", "segments": {"size": disk.segment_size, "count": disk.segment_count}}
+
+
 def build_meta(
     plan: DomainPlan,
     freeze: FreezeResult,
@@ -84,6 +96,7 @@ def build_meta(
                 "archive_path": relative_archive_path(disk.path),
                 "block_device": disk.is_block_device,
                 "backing_chain": backing_layers(disk),
+                **segment_fields(disk),
             }
         )
     files = {"domain_xml": relative_archive_path(os.path.join(staging_dir, PERSISTENT_XML_NAME))}
@@ -100,6 +113,7 @@ def build_meta(
         "domain": {"name": plan.name, "uuid": plan.uuid, "running": plan.running, "persistent": persistent},
         "quiesced": freeze.quiesced,
         "consistency": freeze.consistency,
+        "method": freeze.method,
         "disks": disks,
         "skipped_disks": [{"target": s.target, "reason": s.reason} for s in plan.skipped],
         "files": files,
@@ -116,6 +130,7 @@ def archive_comment(meta: dict) -> str:
             "disks": [d["target"] for d in meta["disks"]],
             "host": meta["host"],
             "consistency": meta["consistency"],
+            "method": meta.get("method", "snapshot"),
         },
         ensure_ascii=False,
         separators=(",", ":"),
@@ -133,6 +148,16 @@ def parse_archive_comment(comment: str | None) -> dict | None:
     if not isinstance(data, dict) or not data.get("kvm_borg") or not isinstance(data.get("domain"), str):
         return None
     return data
+
+
+METHODS = ("snapshot", "bitmap")
+
+
+def archive_method(comment: dict) -> str | None:
+    """Given a parsed archive comment (untrusted), return the method that made the archive: "snapshot" when
+    none is recorded (older archives), the recorded one when it is known, else None."""
+    method = comment.get("method", "snapshot")
+    return method if method in METHODS else None
 
 
 def archive_files(meta: dict, staging_dir: str) -> list[str]:

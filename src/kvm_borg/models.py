@@ -42,8 +42,10 @@ class DomainPlan:
     running: bool
     disks: tuple[DiskPlan, ...]
     skipped: tuple[SkippedDisk, ...]
-    overlays: dict[str, str]  # target -> overlay path (empty for a shut-off domain)
+    overlays: dict[str, str]  # target -> overlay path (empty for a shut-off domain or the bitmap method)
     quiesce: str  # "auto" | "required" | "off"
+    method: str = "snapshot"  # how the disks are frozen and read: "snapshot" | "bitmap" (changed blocks)
+    full_read: bool = False  # `backup --full`: the bitmap method reads every segment this run
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,20 @@ class FrozenDisk:
     backing_chain: tuple[str, ...] = ()
     is_block_device: bool = False
     backing_formats: tuple[str, ...] = ()  # format of each backing_chain layer, as qemu-img reports it
+    layout: str = "image"  # "image": `path` is the image file; "segments": `path` is a directory of segment files
+    segment_size: int = 0  # layout "segments": bytes per segment file (the last one may be shorter)
+    segment_count: int = 0  # layout "segments": number of segment files
+
+
+@dataclass
+class DiskReadStats:
+    """What a backup read of one disk: bytes, and with the bitmap method the segments and why a disk was read in full."""
+
+    target: str
+    bytes_read: int = 0  # expected at freeze time; the bytes actually served once released
+    segments_dirty: int | None = None  # bitmap method: segments changed since the previous run (None: not segmented)
+    segments_total: int | None = None
+    full_read_reason: str | None = None  # why every segment is read this run (None: only the changed ones)
 
 
 @dataclass
@@ -69,6 +85,9 @@ class FreezeResult:
     consistency: str  # "quiesced" | "crash-consistent" | "offline"
     freeze_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    method: str = "snapshot"  # the DomainPlan's method, as this source carried it out
+    read_stats: list[DiskReadStats] = field(default_factory=list)  # per disk (empty: every disk read whole)
+    bytes_served: Callable[[], int] | None = None  # the bytes readers got from the disks so far, where counted
 
 
 class FrozenSource(Protocol):
@@ -107,6 +126,7 @@ class ReleaseResult:
     warnings: list[str] = field(default_factory=list)
     inconsistent: bool = False
     seconds: float = 0.0
+    bytes_read: dict[str, int] = field(default_factory=dict)  # target -> bytes the readers were served, where counted
 
 
 @dataclass(frozen=True)
@@ -120,6 +140,7 @@ class ArchiveRequest:
     block_devices: tuple[str, ...]  # the subset of `files` that are block devices
     comment: str  # one-line JSON that identifies the archive as kvm-borg's
     total_bytes: int  # bytes to read, for progress
+    bytes_served: Callable[[], int] | None = None  # when set, progress counts these bytes actually read instead of the tool's
 
 
 @dataclass
@@ -149,6 +170,8 @@ class DomainResult:
     seconds: float = 0.0
     freeze_seconds: float = 0.0
     commit_seconds: float = 0.0
+    method: str | None = None  # "snapshot" | "bitmap", once frozen
+    disks: list[dict] = field(default_factory=list)  # per disk: target, bytes_read, segments_dirty, segments_total, full_read_reason
 
 
 @dataclass
@@ -187,6 +210,7 @@ class ArchiveInfo:
     deduplicated_size: int | None = None
     disks: tuple[str, ...] = ()
     host: str | None = None
+    method: str | None = None  # "snapshot" | "bitmap" (from the archive comment; None: not recorded)
 
 
 @dataclass

@@ -51,3 +51,13 @@ def transfer_progress(
             progress.update(task, completed=completed)
 
         yield update
+
+
+def progress_of(request, update: Callable[[int], None]) -> Callable[[int], None]:
+    """Given an ArchiveRequest and a bar's `update(bytes_done)`, return the callback a backend gives its tool's
+    progress: the tool's own count, or, when the request counts the bytes its source actually served
+    (`bytes_served`, the bitmap method's view), that count, so clean segments the tool skips are not counted."""
+    served = request.bytes_served
+    if served is None:
+        return update
+    return lambda _tool_count: update(served())

@@ -128,6 +128,20 @@ def test_good_config_is_normalized_with_defaults():
         ("state_dir: /var/lib/../../etc/", "state_dir: '/var/lib/../../etc/' is a system directory (/etc)"),
         ("state_dir: /usr", "state_dir: '/usr' is a system directory"),
         ("state_dir: /var/lib", "state_dir: '/var/lib' is a system directory"),
+        # the bitmap method's keys
+        ("method: fast", "method: expected one of auto, snapshot, bitmap, got 'fast'"),
+        ("method: off", "method: expected one of auto, snapshot, bitmap, got 'off'"),
+        ("domains_method: {web: incremental}", "domains_method.web: expected one of auto, snapshot, bitmap"),
+        ("domains_method: [web]", "domains_method: expected a mapping of domain names or globs to methods"),
+        ("segment_size: 100K", "segment_size: expected a multiple of 64KiB from 64KiB to 1GiB, got '100K'"),
+        ("segment_size: 32KiB", "segment_size: expected a multiple of 64KiB from 64KiB to 1GiB"),
+        ("segment_size: 2GiB", "segment_size: expected a multiple of 64KiB from 64KiB to 1GiB, got '2GiB'"),
+        ("segment_size: 0", "segment_size: expected a multiple of 64KiB"),
+        ("segment_size: big", "segment_size: expected a size like 1GiB"),
+        ("scratch_dir: scratch", "scratch_dir: expected an absolute path, got 'scratch'"),
+        ("scratch_dir: /var/tmp/", "scratch_dir: '/var/tmp/' is a system directory (/var/tmp); use a directory of "
+                                   "its own such as /var/lib/kvm-borg/scratch"),
+        ("scratch_min_free: -1", "scratch_min_free: expected a size"),
     ],
 )
 def test_bad_config_names_the_key(text, message):
@@ -135,6 +149,22 @@ def test_bad_config_names_the_key(text, message):
         config.parse_text(text)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_the_bitmap_method_keys_default_and_normalize(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"state_dir: {tmp_path / 'kb'}\n")
+    settings = config.load_config(str(path))[0]
+    assert settings.method == "snapshot" and settings.domains_method == {}
+    assert settings.segment_size == 4 * 2**20 and settings.scratch_min_free == 2**30
+    assert settings.scratch_dir == tmp_path / "kb" / "scratch" and settings.full_read is False
+    path.write_text(f"state_dir: {tmp_path / 'kb'}\nmethod: auto\ndomains_method: {{'db-*': bitmap, web: snapshot}}\n"
+                    f"segment_size: 256KiB\nscratch_dir: {tmp_path / 'scratch'}\nscratch_min_free: 64M\n")
+    settings = config.load_config(str(path))[0]
+    assert settings.method == "auto" and list(settings.domains_method.items()) == [("db-*", "bitmap"), ("web", "snapshot")]
+    assert settings.segment_size == 256 * 1024 and settings.scratch_min_free == 64 * 2**20
+    assert settings.scratch_dir == tmp_path / "scratch"
+    assert config_formats.segment_size(65536, "k") == 65536 and config_formats.segment_size("1GiB", "k") == 2**30
 
 
 def test_embedded_default_without_any_file(tmp_path, monkeypatch):
@@ -411,3 +441,23 @@ def test_a_missing_required_key_is_named_before_the_rules_across_keys():
         config.parse_text("repositories: [{name: a, type: borg}]")
     with pytest.raises(ConfigError, match=r"^repositories\[0\].url: required$"):
         config.parse_text("repositories: [{name: a, type: restic}]")
+
+
+def test_backup_full_sets_settings_full_read_for_this_run_only(monkeypatch, capsys):
+    from kvm_borg import cli_args
+    from kvm_borg.actions import backup
+    from kvm_borg.actions.common import Context
+    from kvm_borg.models import RunSummary
+
+    parser = cli_args.build_parser()
+    assert parser.parse_args(["backup", "--full", "web"]).full is True
+    assert parser.parse_args(["backup", "web"]).full is False
+    seen = []
+    monkeypatch.setattr(backup, "backup_from_names", lambda ctx, *_: seen.append(ctx.settings.full_read) or RunSummary())
+    for argv in (["backup", "--full", "web"], ["backup", "web"]):
+        ctx = Context(config.Settings(**_settings_fields()), None)
+        assert backup.run_from_args(ctx, parser.parse_args(argv)) == 0
+    assert seen == [True, False]
+    backup_parser = parser._subparsers._group_actions[0].choices["backup"]
+    [full] = [action for action in backup_parser._actions if "--full" in action.option_strings]
+    assert full.help == "read every segment this run (bitmap method); a deliberate full re-read"

@@ -34,7 +34,7 @@ def test_archive_files_put_metadata_first_then_images_and_backing_files():
     assert files == ["/s/u-1/meta.json", "/s/u-1/domain.xml", "/s/u-1/domain-live.xml", "/img/a.qcow2", "/img/b.raw"]
     comment = json.loads(metadata.archive_comment(_meta()))
     assert comment == {"kvm_borg": 1, "domain": "web", "uuid": "u-1", "disks": ["vda"], "host": "hv1",
-                       "consistency": "quiesced"}
+                       "consistency": "quiesced", "method": "snapshot"}
 
 
 def test_archive_name_and_timestamp_format():

@@ -40,6 +40,8 @@ def print_summary(summary: RunSummary) -> None:
 
 
 def run_from_args(ctx: Context, args) -> int:
+    """Given the Context and the parsed `kvm-borg backup` arguments, back up and print; return the exit code."""
+    ctx.settings.full_read = args.full  # `--full`: the bitmap method reads every segment this run
     summary = backup_from_names(ctx, args.domains, args.all, args.repo, args.exclude_disk)
     print_json(summary.as_dict()) if args.json else print_summary(summary)
     return summary.exit_code

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from kvm_borg import __version__, journal
 from kvm_borg.actions.common import Context, backend_for
 from kvm_borg.backends.borg import defaults as borg_defaults
 from kvm_borg.engine import lifecycle
-from kvm_borg.engine.versions import binding_version, libvirt_versions
+from kvm_borg.engine.versions import backup_api_problem, binding_version, libvirt_versions
 from kvm_borg.errors import EngineError, KvmBorgError
 from kvm_borg.plugins import describe_plugins
 from kvm_borg.tools import first_line, run_tool
@@ -57,6 +58,37 @@ def security_checks() -> list[tuple[str, str, str]]:
     else:
         rows.append(("selinux", OK, "not enforcing"))
     return rows
+
+
+def import_problem(module: str, package: str) -> str | None:
+    """Given a module's name and what provides it, return why it does not import here, or None."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # an ImportError, or a broken extension module (OSError, ...)
+        return f"{module} does not import ({type(exc).__name__}: {exc}; {package})"
+    return None
+
+
+def bitmap_method_check(settings, problems: list[str]) -> tuple[str, str, str]:
+    """Given Settings and what keeps the bitmap method from running here (empty: nothing), return its
+    (check, status, detail) row: a warning only when the configuration asks for it (method or
+    domains_method other than snapshot)."""
+    if not problems:
+        return "bitmap method", OK, "can run (libnbd, pyfuse3, libvirt backup jobs)"
+    wanted = settings.method != "snapshot" or any(m != "snapshot" for m in settings.domains_method.values())
+    detail = "cannot run: " + "; ".join(problems)
+    return "bitmap method", WARN if wanted else OK, detail if wanted else f"{detail} (not configured: method is snapshot)"
+
+
+def bitmap_method_problems(ctx: Context) -> list[str]:
+    """Given a Context, return what keeps the bitmap method from running on this host (empty: nothing)."""
+    problems = [import_problem("nbd", "install python3-libnbd and run scripts/setup.sh, with a Python 3.11 venv"),
+                import_problem("pyfuse3", "pip install pyfuse3 (borgbackup[pyfuse3])")]
+    try:
+        problems.append(backup_api_problem(ctx.connection.conn))
+    except KvmBorgError as exc:
+        problems.append(f"libvirt: {exc}")
+    return [problem for problem in problems if problem]
 
 
 def collect_checks(ctx: Context) -> list[tuple[str, str, str]]:
@@ -104,6 +136,7 @@ def collect_checks(ctx: Context) -> list[tuple[str, str, str]]:
         rows.append(("journal", WARN, f"unfinished backups of {names}: run `kvm-borg recover`"))
     else:
         rows.append(("journal", OK, "no unfinished backup"))
+    rows.append(bitmap_method_check(settings, bitmap_method_problems(ctx)))
     rows.extend(security_checks())
     return rows
 

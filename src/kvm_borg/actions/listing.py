@@ -58,10 +58,10 @@ def list_from_args(ctx: Context, args) -> int:
     if args.json:
         print_json([asdict(a) for a in archives])
         return 0
-    print(f"{'REPOSITORY':<12} {'ARCHIVE':<48} {'TIME':<26} {'ORIGINAL':>14} {'ADDED':>14}  DISKS")
+    print(f"{'REPOSITORY':<12} {'ARCHIVE':<48} {'TIME':<26} {'ORIGINAL':>14} {'ADDED':>14}  {'METHOD':<8} DISKS")
     for a in archives:
         print(f"{a.repository:<12} {a.name:<48} {a.time:<26} {a.original_size or 0:>14,d} "
-              f"{a.deduplicated_size or 0:>14,d}  {','.join(a.disks)}")
+              f"{a.deduplicated_size or 0:>14,d}  {a.method or '?':<8} {','.join(a.disks)}")
     return 0
 
 

@@ -26,6 +26,16 @@ def backing_chain(path: str, fmt: str | None = None) -> list[dict]:
     return data if isinstance(data, list) else [data]
 
 
+def qcow2_compat(path: str) -> str | None:
+    """Given a qcow2 image path, return its compat level ("1.1" = v3, "0.10" = v2), or None when unreadable."""
+    try:
+        top = backing_chain(path, "qcow2")[0]
+    except Exception:  # unreadable: the caller treats the disk as unable to hold a bitmap
+        return None
+    compat = ((top.get("format-specific") or {}).get("data") or {}).get("compat")
+    return compat if isinstance(compat, str) else None
+
+
 def commit_offline(overlay: str) -> None:
     """Given an overlay no process has open, write its data into its backing file (`qemu-img commit`)."""
     tool_output(qemu_img_argv("commit", "-f", "qcow2", "-d", overlay), what=f"commit {overlay}", timeout=None)

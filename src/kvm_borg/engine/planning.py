@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import libvirt
 
-from kvm_borg import journal
+from kvm_borg import journal, method_choice
 from kvm_borg.config import Settings
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import choose_disks, is_overlay_path, overlay_path
+from kvm_borg.engine.images import qcow2_compat
 from kvm_borg.engine.libvirt_errors import translating
 from kvm_borg.errors import RefusedError
 from kvm_borg.models import DomainPlan
@@ -43,6 +44,14 @@ def overlay_fallback_dir(settings: Settings) -> str:
     return str(settings.state_dir / "overlays")
 
 
+def choose_method(settings: Settings, name: str, running: bool, disks) -> str:
+    """Given the settings, a domain's name, whether it runs and its chosen DiskPlans, return its method:
+    "snapshot" or "bitmap" (kvm_borg.method_choice; qcow2 compat levels are read only for `auto`)."""
+    auto = method_choice.configured_method(settings.method, settings.domains_method, name) == "auto"
+    formats = [(d.driver_type, qcow2_compat(d.source) if auto and d.driver_type == "qcow2" else None) for d in disks]
+    return method_choice.choose_method(settings.method, settings.domains_method, name, running, formats)
+
+
 def _checkpoint_names(dom: libvirt.virDomain) -> list[str]:
     try:
         return [c.getName() for c in dom.listAllCheckpoints(0)]
@@ -69,7 +78,8 @@ def make_plan(handle: DomainHandle, settings: Settings, excluded_targets: list[s
         log.info("domain '%s': skipping disk %s (%s)", name, skip.target, skip.reason)
     if not disks:
         raise RefusedError(f"domain '{name}' has no disk to back up")
-    checkpoints = _checkpoint_names(dom)
+    method = choose_method(settings, name, running, disks)
+    checkpoints = _checkpoint_names(dom) if method == "snapshot" else []
     if checkpoints:
         raise RefusedError(
             f"domain '{name}' has libvirt checkpoints ({', '.join(checkpoints)}): external snapshots are "
@@ -83,7 +93,7 @@ def make_plan(handle: DomainHandle, settings: Settings, excluded_targets: list[s
         if running and dom.blockJobInfo(disk.target, 0):
             raise RefusedError(f"disk {disk.target} of domain '{name}' has an active block job; try again later")
     overlays: dict[str, str] = {}
-    if running:
+    if running and method == "snapshot":
         fallback = overlay_fallback_dir(settings)
         overlay_dir = str(settings.overlay_dir) if settings.overlay_dir else None
         overlays = {d.target: overlay_path(d.source, d.source_type, overlay_dir, fallback, timestamp) for d in disks}
@@ -98,6 +108,8 @@ def make_plan(handle: DomainHandle, settings: Settings, excluded_targets: list[s
         skipped=tuple(skipped),
         overlays=overlays,
         quiesce=settings.quiesce,
+        method=method,
+        full_read=settings.full_read,
     )
 
 

@@ -21,3 +21,20 @@ def libvirt_versions(conn) -> tuple[str, str]:
     """Given a connection, return (libvirtd's version, the hypervisor's (QEMU's) version), dotted."""
     with translated():
         return dotted_version(conn.getLibVersion()), dotted_version(conn.getVersion())
+
+
+# libvirt enables incremental backup (checkpoints + pull-mode backup jobs) by default from 7.6.0 on
+# (NEWS.rst, v7.6.0); before, a domain needed QEMU's incremental-backup capability added by hand.
+BACKUP_MIN_LIBVIRTD = 7_006_000
+
+
+def backup_api_problem(conn) -> str | None:
+    """Given a connection, return why libvirt cannot run the bitmap method's backup jobs (the binding lacks
+    virDomainBackupBegin, or libvirtd predates 7.6.0), or None when it can."""
+    if not hasattr(libvirt.virDomain, "backupBegin"):
+        return f"libvirt-python {binding_version()} has no virDomainBackupBegin"
+    with translated():
+        number = conn.getLibVersion()
+    if number < BACKUP_MIN_LIBVIRTD:
+        return f"libvirtd {dotted_version(number)} predates 7.6.0 (incremental backup not enabled)"
+    return None

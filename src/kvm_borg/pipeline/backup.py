@@ -30,7 +30,8 @@ from kvm_borg.engine.capture import is_active
 from kvm_borg.engine.planning import DomainHandle, handle_for, make_plan
 from kvm_borg.errors import EngineError, Interrupted, KvmBorgError
 from kvm_borg.locks import domain_lock
-from kvm_borg.models import DomainPlan, DomainResult, FrozenSource, ReleaseResult, RunSummary
+from kvm_borg.models import DomainPlan, DomainResult, FreezeResult, FrozenSource, ReleaseResult, RunSummary
+from kvm_borg.sizes import content_size
 from kvm_borg.pipeline import prune, staging
 from kvm_borg.pipeline.store import store_all
 from kvm_borg.plugins import notify
@@ -112,6 +113,37 @@ def release(ctx, source: FrozenSource, plan: DomainPlan, staging_dir, result: Do
     return released
 
 
+def disk_report(freeze: FreezeResult, released: ReleaseResult) -> list[dict]:
+    """Given what the source froze and what releasing it reported, return the per-disk lines of the domain's
+    result: target, bytes_read (what the readers were served where the source counted it, else the size of
+    the files read), segments_dirty, segments_total and full_read_reason (None for the snapshot method)."""
+    stats = {s.target: s for s in freeze.read_stats}
+    report = []
+    for disk in freeze.disks:
+        stat = stats.get(disk.target)
+        if disk.target in released.bytes_read:
+            read = released.bytes_read[disk.target]
+        elif stat is not None:
+            read = stat.bytes_read
+        else:
+            read = sum(_size_or_zero(path) for path in (disk.path, *disk.backing_chain))
+        report.append({
+            "target": disk.target,
+            "bytes_read": read,
+            "segments_dirty": stat.segments_dirty if stat else None,
+            "segments_total": stat.segments_total if stat else None,
+            "full_read_reason": stat.full_read_reason if stat else None,
+        })
+    return report
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return content_size(path)
+    except OSError:
+        return 0
+
+
 def backup_locked(ctx, handle: DomainHandle, backends, excluded: list[str], result: DomainResult,
                   previous_timestamp: str | None = None) -> None:
     """Given a locked domain, [(repo dict, backend)], the disk targets to leave out and its DomainResult,
@@ -126,8 +158,10 @@ def backup_locked(ctx, handle: DomainHandle, backends, excluded: list[str], resu
     archive = metadata.archive_name(name, timestamp)
     notify(ctx.pm, "kvm_borg_before_snapshot", domain=name, disks=list(plan.disks), quiesce=plan.quiesce)
     failure: BaseException | None = None
+    freeze: FreezeResult | None = None
     try:
         freeze = source.freeze()
+        result.method = freeze.method
         result.consistency = freeze.consistency
         result.freeze_seconds = freeze.freeze_seconds
         result.warnings.extend(freeze.warnings)
@@ -145,6 +179,8 @@ def backup_locked(ctx, handle: DomainHandle, backends, excluded: list[str], resu
         raise
     finally:
         released = release(ctx, source, plan, staging_dir, result, failure)
+        if freeze is not None:
+            result.disks = disk_report(freeze, released)
     if released.inconsistent and previous_timestamp is None and is_active(handle):
         result.warnings.append(
             f"archive {archive} of domain '{name}' may be inconsistent (the domain started while its images "

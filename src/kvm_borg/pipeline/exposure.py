@@ -3,6 +3,8 @@
     DIR/<domain>/meta.json, domain.xml, domain-live.xml (+ NVRAM, TPM state, network/pool XML)
     DIR/<domain>/disks/<target>.<format>             read-only bind mount of the frozen image
     DIR/<domain>/disks/<target>.backing<N>.<format>  ... and of each backing file below it
+    DIR/<domain>/disks/<target>/                     read-only bind mount of a segmented disk's
+                                                     directory (the bitmap method's segment view)
 
 A record under state_dir/exposures/<uuid>.json is written before anything is exposed; the marker
 DIR/<domain>/.kvm-borg-freeze lists every path freeze created there, so undoing removes exactly
@@ -35,6 +37,9 @@ def exposure_paths(domain_dir: Path, disks) -> dict[str, str]:
     """Given DIR/<domain> and the FrozenDisks, return {host path: exposed path} for every image and backing file."""
     paths = {}
     for disk in disks:
+        if disk.layout == "segments":
+            paths[disk.path] = str(domain_dir / DISKS_DIR / disk.target)
+            continue
         paths[disk.path] = str(domain_dir / DISKS_DIR / f"{disk.target}.{disk.driver_type}")
         for n, backing in enumerate(disk.backing_chain, start=1):
             paths.setdefault(backing, str(domain_dir / DISKS_DIR / f"{disk.target}.backing{n}"))
@@ -81,9 +86,14 @@ def mount_points() -> set[str]:
 
 
 def bind_read_only(source: str, target: str) -> None:
+    """Given a host file or directory and a path in DIR/<domain>, create the mount point (a file or a
+    directory, like the source) and bind-mount the source there read-only; KvmBorgError if mount fails."""
     Path(target).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o400)
-    os.close(fd)
+    if os.path.isdir(source):
+        os.makedirs(target, mode=0o700, exist_ok=True)
+    else:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o400)
+        os.close(fd)
     proc = subprocess.run(["mount", "--bind", "-o", "ro", source, target], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL)
     if proc.returncode != 0:

@@ -61,5 +61,16 @@ def archive_request(domain: str, archive: str, timestamp: str, meta: dict, freez
         files=tuple(metadata.archive_files(meta, str(directory))),
         block_devices=tuple(d.path for d in freeze.disks if d.is_block_device),
         comment=metadata.archive_comment(meta),
-        total_bytes=sum(d.virtual_size for d in freeze.disks),
+        total_bytes=bytes_to_read(freeze),
+        bytes_served=freeze.bytes_served,
     )
+
+
+def bytes_to_read(freeze: FreezeResult) -> int:
+    """Given the FreezeResult, return the bytes the repositories are expected to read, for progress: when the
+    source counts what it serves (the bitmap method), what it expects to serve (the changed segments of a
+    segmented disk, every other disk whole); else every disk's virtual size."""
+    if freeze.bytes_served is None:
+        return sum(d.virtual_size for d in freeze.disks)
+    expected = {s.target: s.bytes_read for s in freeze.read_stats}
+    return sum(expected.get(d.target, d.virtual_size) for d in freeze.disks)

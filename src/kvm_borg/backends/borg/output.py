@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from kvm_borg.execute import one_line
-from kvm_borg.metadata import parse_archive_comment
+from kvm_borg.metadata import archive_method, parse_archive_comment
 from kvm_borg.models import ArchiveInfo
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ def archive_info_from(entry: Mapping[str, Any], repository: str, domain: str | N
         deduplicated_size=stats.get("deduplicated_size"),
         disks=tuple(d["target"] if isinstance(d, dict) and "target" in d else str(d) for d in disks),
         host=meta.get("host"),
+        method=archive_method(meta),
     )
 
 

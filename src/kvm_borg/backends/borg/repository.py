@@ -48,7 +48,7 @@ from kvm_borg.backends.borg.output import (
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, run_command
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, BackendBase, CheckResult, PruneResult, StoreResult
-from kvm_borg.progress import transfer_progress
+from kvm_borg.progress import progress_of, transfer_progress
 from kvm_borg.redact import redact_url
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class BorgRepository(BackendBase):
                 f"{request.domain} → {self.name}", request.total_bytes, enabled=self.progress
             ) as update:
                 result, log = self._run(
-                    argv, cache_suffix=files_cache_suffix(request.domain), on_progress=update
+                    argv, cache_suffix=files_cache_suffix(request.domain), on_progress=progress_of(request, update)
                 )
         except (BorgError, CommandError) as exc:
             return StoreResult(self.name, ok=False, seconds=time.monotonic() - started, error=str(exc))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from kvm_borg.metadata import parse_archive_comment
+from kvm_borg.metadata import archive_method, parse_archive_comment
 from kvm_borg.models import ArchiveInfo
 
 MARKER_TAG = "kvm-borg"
@@ -175,4 +175,5 @@ def archive_info_from(parts: ArchiveParts, repository: str, domain: str | None =
         deduplicated_size=added,
         disks=tuple(d["target"] if isinstance(d, dict) and "target" in d else str(d) for d in disks),
         host=parts.host or meta.get("host"),
+        method=archive_method(meta),
     )

@@ -38,7 +38,7 @@ from kvm_borg.execute import (
     start_detached,
 )
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
-from kvm_borg.progress import transfer_progress
+from kvm_borg.progress import progress_of, transfer_progress
 from kvm_borg.redact import redact_url
 from kvm_borg.sizes import content_size
 from kvm_borg.sparse import SparseWriter
@@ -166,7 +166,8 @@ class ResticRepository:
             self.name, request.archive_name, len(files), len(devices), total,
         )
         try:
-            with transfer_progress(f"{request.domain} → {self.name}", total, enabled=self.progress) as update:
+            bar_total = request.total_bytes if request.bytes_served is not None else total
+            with transfer_progress(f"{request.domain} → {self.name}", bar_total, enabled=self.progress) as update:
                 done = 0
                 parts = [(device, archives.PART_DEVICE) for device in devices] + [(None, archives.PART_MAIN)]
                 for device, part in parts:
@@ -177,7 +178,7 @@ class ResticRepository:
                     offset = done
                     summary = self._backup_part(
                         request, tags, device=device, paths=files if device is None else (),
-                        on_bytes=lambda n, offset=offset: update(offset + n),
+                        on_bytes=progress_of(request, lambda n, offset=offset: update(offset + n)),
                     )
                     written.append(summary["snapshot_id"])
                     original += int(summary.get("total_bytes_processed", 0))

@@ -1,0 +1,42 @@
+"""Which method backs up a domain: `snapshot` (external snapshot, whole images) or `bitmap` (a
+libvirt pull-mode backup job, changed segments only). Pure."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+
+METHODS = ("auto", "snapshot", "bitmap")
+# qcow2 "compat" 0.10 (version 2) cannot hold persistent bitmaps; 1.1 (version 3) can.
+QCOW2_WITHOUT_BITMAPS = "0.10"
+
+
+def configured_method(configured: str, domains_method: Mapping[str, str], name: str) -> str:
+    """Given the config's `method`, its `domains_method` ({domain name or glob: method}) and a domain's
+    name, return the method configured for that domain: its exact name's entry, else the first glob
+    (in the mapping's order) that matches it, else `method`."""
+    if name in domains_method:
+        return domains_method[name]
+    for pattern, method in domains_method.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return method
+    return configured
+
+
+def holds_bitmaps(fmt: str, qcow2_compat: str | None) -> bool:
+    """Given a disk's format and its qcow2 compat level (None when not qcow2 or unknown), return whether
+    its image can carry a persistent dirty bitmap (qcow2 version 3)."""
+    return fmt == "qcow2" and qcow2_compat is not None and qcow2_compat != QCOW2_WITHOUT_BITMAPS
+
+
+def choose_method(configured: str, domains_method: Mapping[str, str], name: str, running: bool,
+                  disk_formats: Iterable[tuple[str, str | None]]) -> str:
+    """Given the config's `method` and `domains_method`, a domain's name, whether it runs and its chosen
+    disks' [(format, qcow2 compat or None)], return "snapshot" or "bitmap": the configured method,
+    where `auto` means bitmap for a running domain with at least one qcow2 v3 disk, else snapshot."""
+    method = configured_method(configured, domains_method, name)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    if method != "auto":
+        return method
+    return "bitmap" if running and any(holds_bitmaps(fmt, compat) for fmt, compat in disk_formats) else "snapshot"
