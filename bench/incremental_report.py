@@ -30,6 +30,18 @@ def series_median(results, method, backend, case, key="seconds"):
     return _median([r.get(key) for r in _rows(results, method, backend, case)])
 
 
+def sweep_rows(results, case):
+    """The sweep's runs of `case`, plus the series' first-round bitmap runs of it (the sweep leaves the series'
+    segment size out: that round wrote the same blocks after a full backup), sorted by segment size."""
+    rows = [r for r in results.get("sweep", []) if r["case"] == case]
+    sizes = {r["segment_mib"] for r in rows}
+    if rows or results.get("sweep") is not None:
+        rows += [{**r, "segment_mib": results.get("segment_mib")} for r in results.get("series", [])
+                 if r["method"] == "bitmap" and r["case"] == case and r["round"] == 0
+                 and results.get("segment_mib") not in sizes]
+    return sorted(rows, key=lambda r: (r["segment_mib"], r["backend"]))
+
+
 def _s(x):
     return "-" if x is None else f"{x:.2f}"
 
@@ -76,7 +88,7 @@ def targets(results) -> list[dict]:
             figure = (f"{_s(bitmap)} s vs {_s(base)} s = {_r(ratio, pct)}" if ratio is not None else "not measured")
             add(f"{backend}: {CASE_TEXT[case]}", goal, figure, None if ratio is None else ratio <= limit,
                 "" if ratio is not None else (why_missing or ""))
-        for row in [r for r in results.get("sweep", []) if r["backend"] == backend and r["case"] == "blocks-64k"]:
+        for row in [r for r in sweep_rows(results, "blocks-64k") if r["backend"] == backend]:
             snap = series_median(results, "snapshot", backend, "blocks-64k")
             ratio = _ratio(row["seconds"], snap)
             add(f"{backend}: worst case at segment size {row['segment_mib']:g} MiB", "≤ snapshot, same case",
@@ -164,12 +176,12 @@ VM (HMP qemu-io), so they are exactly the bitmap's dirty bytes.
         parts.append("\n".join(mem) + "\n")
     if results.get("sweep"):
         sw = ["## Segment size sweep (bitmap, the worst case: 1 % of 64 KiB blocks at random, the same blocks at "
-              "every size)\n",
+              "every size; the series' segment size is its first round)\n",
               "| segment size | backend | time (s) | read (MiB) | dirty (MiB) | read / dirty | segments dirty / total "
               "| growth (MiB) | borg/restic peak (MiB) | view peak (MiB) | kvm-borg (MiB) | full backup at this size (s) |",
               "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for row in [r for r in results["sweep"] if r["case"] == "blocks-64k"]:
-            full = [r for r in results["sweep"] if r["case"] == "full" and r["segment_mib"] == row["segment_mib"]
+        for row in sweep_rows(results, "blocks-64k"):
+            full = [r for r in sweep_rows(results, "full") if r["segment_mib"] == row["segment_mib"]
                     and r["backend"] == row["backend"]]
             dirty = sum(x.get("segments_dirty") or 0 for x in row.get("disks", []))
             total = sum(x.get("segments_total") or 0 for x in row.get("disks", []))
