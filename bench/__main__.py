@@ -1,10 +1,15 @@
 """`python -m bench`: the whole benchmark suite (bench/suite.py); `python -m bench fixed-cost [...]`: only
-the fixed-cost case (bench/fixed_cost.py)."""
+the fixed-cost case (bench/fixed_cost.py); `python -m bench incremental [...]`: the changed-block case,
+bitmap vs snapshot method (bench/incremental.py)."""
 
 import sys
 
 if sys.argv[1:2] == ["fixed-cost"]:
     from bench.fixed_cost import main
+
+    raise SystemExit(main(sys.argv[2:]))
+if sys.argv[1:2] == ["incremental"]:
+    from bench.incremental import main
 
     raise SystemExit(main(sys.argv[2:]))
 

@@ -64,3 +64,49 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
     left = [d.name() for d in libvirt_conn.listAllDomains() if d.name().startswith(name)]
     assert not left, f"left behind: {left}\n{output}"
     assert not (run_dir / "bench").exists(), output
+
+
+@pytest.mark.timeout(600)
+def test_bench_incremental_runs_every_phase_for_both_methods(libvirt_conn, run_id, run_dir, tmp_path):
+    """`python -m bench incremental` at tiny sizes: every phase, both methods, both backends, once."""
+    out = tmp_path / "performance"
+    name = f"kbtest-{run_id}-incr"
+    argv = [sys.executable, "-m", "bench", "incremental", "--quick", "--data-mib", "8", "--disk-mib", "64",
+            "--segment-mib", "0.25", "--sweep-mib", "0.0625,0.25", "--guest-runs", "1", "--guest-disk-mib", "64",
+            "--no-drop-caches", "--name", name, "--workdir", str(run_dir / "bench-incr"),
+            "--cache-dir", str(run_dir / "bench-cache"), "--out-dir", str(out)]
+    proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    output = proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, output
+
+    results = json.loads((out / "incremental.json").read_text())
+    assert results["errors"] == {}, results["errors"]
+    cases = {(r["variant"], r["case"]) for r in results["series"]}
+    assert cases == {(f"{kind}-{method}", case) for kind in ("borg", "restic") for method in ("snapshot", "bitmap")
+                     for case in ("full", "unchanged", "extents-4m", "blocks-64k")}
+    for row in results["series"]:
+        assert row["reported_method"] == row["method"], row
+        assert row["seconds"] > 0 and row["rss_kib"] > 0 and row["peaks_kib"].get(row["backend"], 0) > 0, row
+        if row["method"] == "bitmap":
+            assert row["peaks_kib"].get("view", 0) > 0 and row["bytes_read"] is not None, row
+    # The changes were written and the bitmap method saw them: its changed runs read more than its unchanged one.
+    bitmap_borg = {r["case"]: r for r in results["series"] if r["variant"] == "borg-bitmap"}
+    assert bitmap_borg["blocks-64k"]["bytes_read"] > bitmap_borg["unchanged"]["bytes_read"]
+    # The sweep leaves out the series' segment size (the series' first round is that size's row).
+    assert {(r["segment_mib"], r["backend"], r["case"]) for r in results["sweep"]} == {
+        (0.0625, kind, case) for kind in ("borg", "restic") for case in ("full", "blocks-64k")}
+    assert len(results["view"]["view"]) == 2 and len(results["view"]["nbdcopy"]) == 2
+    assert {(r["method"], r["run"]) for r in results["guest"]} == {(m, n) for m in ("snapshot", "bitmap") for n in (0, 1)}
+
+    table = (out / "incremental.md").read_text()
+    for heading in ("## Targets", "## Series: borg", "## Series: restic", "## Memory", "## Segment size sweep",
+                    "## Segment view read throughput", "## Guest impact"):
+        assert heading in table, heading
+    targets = [line for line in table.split("## Targets")[1].split("##")[0].splitlines() if line.startswith("| ")]
+    assert targets and not any("not measured" in line for line in targets[1:]), targets
+    assert sum("worst case at segment size" in line for line in targets) == 4, targets  # 2 sizes x 2 backends
+
+    left = [d.name() for d in libvirt_conn.listAllDomains() if d.name().startswith(name)]
+    assert not left, f"left behind: {left}\n{output}"
+    assert not (run_dir / "bench-incr").exists(), output
