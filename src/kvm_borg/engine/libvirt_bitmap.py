@@ -350,6 +350,7 @@ class BitmapSource(SegmentSource):
             warnings=warnings,
             method="bitmap",
             read_stats=[self._read_stats(r) for r in runs],
+            bytes_served=self.view.bytes_served,
         )
 
     def _begin(self, backup: str, checkpoint: str | None, quiesce: bool, warnings: list[str]) -> bool:
@@ -517,7 +518,8 @@ class OfflineBitmapSource(SegmentSource):
                                                    self.plan.uuid)
         self._start_view(runs, mountpoint, stamp)
         return FreezeResult(disks=[self._frozen_disk(r, mountpoint) for r in runs], quiesced=False,
-                            consistency="offline", method="bitmap", read_stats=[self._read_stats(r) for r in runs])
+                            consistency="offline", method="bitmap", read_stats=[self._read_stats(r) for r in runs],
+                            bytes_served=self.view.bytes_served)
 
     def release(self) -> ReleaseResult:
         """Stop the view and the exports, fold the new state unless the domain started meanwhile, remove
