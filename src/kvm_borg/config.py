@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,7 +255,7 @@ def load_config(cli_path: str | None = None, *, progress: bool = False):
         plugins=data["plugins"],
         borg_binary=data["borg_binary"],
         restic_binary=data["restic_binary"],
-        hostname=data["hostname"] or socket.gethostname(),
+        hostname=data["hostname"] or os.uname().nodename,  # = socket.gethostname() on Linux
         repositories=data["repositories"],
         config_path=path if from_file else None,
         embedded_default=embedded,
