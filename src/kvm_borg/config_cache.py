@@ -93,12 +93,17 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(f"{_PARSED_FORMAT}\0{__version__}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def json_exact(value: Any) -> bool:
-    """Given a parsed YAML value, return whether JSON gives it back exactly (same types, same values)."""
-    if isinstance(value, dict):
-        return all(type(k) is str and json_exact(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(json_exact(v) for v in value)
+def json_exact(value: Any, _seen: set[int] | None = None) -> bool:
+    """Given a parsed YAML value, return whether JSON gives it back exactly: same types, same values, and no
+    mapping or list that appears twice (a YAML alias: JSON would give two copies, or loop forever on a cycle)."""
+    if type(value) in (dict, list):
+        seen = set() if _seen is None else _seen
+        if id(value) in seen:
+            return False
+        seen.add(id(value))
+        if type(value) is dict:
+            return all(type(k) is str and json_exact(v, seen) for k, v in value.items())
+        return all(json_exact(v, seen) for v in value)
     return value is None or type(value) in (str, int, float, bool)
 
 
@@ -120,11 +125,14 @@ def parsed_document(text: str, directory: Path = PARSED_DIR) -> tuple[bool, Any]
             os.close(fd)
         header, _, body = raw.decode("utf-8").partition("\n")
         entry = json.loads(body)
-    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON
         log.debug("no parsed config from %s: %s", directory / name, exc)
         return False, None
-    if header != _PARSED_FORMAT or not isinstance(entry, dict) or entry.get("text") != name \
-            or "document" not in entry or not json_exact(entry["document"]):
+    try:
+        if header != _PARSED_FORMAT or type(entry) is not dict or entry.get("text") != name \
+                or "document" not in entry or not json_exact(entry["document"]):
+            return False, None
+    except RecursionError:
         return False, None
     return True, entry["document"]
 
@@ -132,11 +140,14 @@ def parsed_document(text: str, directory: Path = PARSED_DIR) -> tuple[bool, Any]
 def remember_document(text: str, document: Any, directory: Path = PARSED_DIR) -> None:
     """Given a config file's text and the document the YAML parser made of it, remember the document
     (best effort: a document JSON cannot keep exactly is not remembered, a failure is logged at debug)."""
-    if not json_exact(document):
+    try:
+        if not json_exact(document):
+            return
+        name = text_digest(text)
+        data = (_PARSED_FORMAT + "\n" + json.dumps({"text": name, "document": document}, ensure_ascii=False,
+                                                    allow_nan=True)).encode("utf-8", "surrogatepass")
+    except RecursionError:  # nested too deeply for JSON: parsed again every time
         return
-    name = text_digest(text)
-    data = (_PARSED_FORMAT + "\n" + json.dumps({"text": name, "document": document}, ensure_ascii=False,
-                                                allow_nan=True)).encode("utf-8", "surrogatepass")
     temp = directory / f".{name}.{os.getpid()}.tmp"
     try:
         if not (_private(directory.parent, True) and _private(directory, True)):

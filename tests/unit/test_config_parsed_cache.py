@@ -130,10 +130,15 @@ def test_a_cache_directory_open_to_others_or_not_ours_is_neither_read_nor_writte
 
 
 def test_a_document_json_cannot_keep_exactly_is_not_remembered_and_still_parsed_right(cache):
-    for text in ("1: one\n", "when: 2026-12-01\n", "? [a, b]\n: x\n", "true: yes\n"):
+    for text in ("1: one\n", "when: 2026-12-01\n", "? [a, b]\n: x\n", "true: yes\n",
+                 "a: &x {k: v}\nb: *x\n"):  # an alias: one object twice (JSON would make two)
         document = config.parse_config_text(text, "c.yaml", cache)
         assert document == config.load_yaml(text)
         assert not config_cache.json_exact(document)
+    assert not cache.exists() or list(cache.iterdir()) == []
+    for _ in range(2):  # a cycle (JSON would loop forever): parsed, the same way, every time
+        document = config.parse_config_text("a: &x [1, *x]\n", "c.yaml", cache)
+        assert document["a"][0] == 1 and document["a"][1] is document["a"]
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
