@@ -53,7 +53,8 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
     assert (out / "guest-impact.md").read_text().startswith("# Guest impact")
     [fixed] = results["fixed_cost"]["kvm-borg"]
     assert set(fixed["stretches"]) == {"head", "plan", "snapshot", "store", "store_to_commit", "commit", "tail",
-                                       "fixed", "fixed_with_commit"} and fixed["stretches"]["head"] > 0
+                                       "fixed", "fixed_with_commit", "cpu_to_snapshot"} and fixed["stretches"]["head"] > 0
+    assert 0 < fixed["stretches"]["cpu_to_snapshot"] < fixed["stretches"]["head"] + fixed["stretches"]["plan"] + 1
     fixed_table = (out / "fixed-cost.md").read_text()
     assert fixed_table.startswith("# Fixed cost of a backup") and "| **median** |" in fixed_table
     for png in ("full-backup.png", "repeat-runs.png", "restore-and-commit.png"):
