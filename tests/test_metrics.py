@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import time
 
@@ -17,12 +18,16 @@ from kvm_borg.models import DomainResult, RunSummary, StoreResult
 from kvm_borg.run_state import empty_state, record_backup
 
 
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """Given textfile contents, return {(metric name, sorted labels): value} as prometheus_client parses them."""
+def samples(text: str, host: str | None = None) -> dict[tuple[str, tuple], float]:
+    """Given textfile contents (and the host every series must carry, then left out of the keys), return
+    {(metric name, sorted labels): value} as prometheus_client parses them."""
     found = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            labels = dict(sample.labels)
+            if host is not None:
+                assert labels.pop("host", None) == host, sample
+            found[(sample.name, tuple(sorted(labels.items())))] = sample.value
     return found
 
 
@@ -56,7 +61,7 @@ def test_textfile_after_each_run_keeps_other_domains_and_records_checks(domain_f
         assert first.returncode == 2, first.stderr
         assert stat.S_IMODE(textfile.stat().st_mode) == 0o644
         assert [p.name for p in textfile.parent.iterdir()] == ["kvm-borg.prom"]  # no temporary file left
-        found = samples(textfile.read_text())
+        found = samples(textfile.read_text(), socket.gethostname())
         result = {d["domain"]: d for d in json.loads(first.stdout)["domains"]}
         g = {"domain": good.name, "repository": "main"}
         assert value(found, "last_attempt_success", **g) == 1
@@ -74,7 +79,7 @@ def test_textfile_after_each_run_keeps_other_domains_and_records_checks(domain_f
         # A second run of one domain only: the others keep their series.
         second = run_cli("backup", good.name, config=config, env=cli_env())
         assert second.returncode == 0, second.stderr
-        found = samples(textfile.read_text())
+        found = samples(textfile.read_text(), socket.gethostname())
         assert value(found, "last_attempt_success", domain=other.name, repository="main") == 1
         assert value(found, "last_attempt_success", **b) == 0
         assert value(found, "last_run_exit_code") == 0
@@ -82,7 +87,7 @@ def test_textfile_after_each_run_keeps_other_domains_and_records_checks(domain_f
         # A check lands in the metrics too.
         check = run_cli("check", config=config, env=cli_env())
         assert check.returncode == 0, check.stderr
-        found = samples(textfile.read_text())
+        found = samples(textfile.read_text(), socket.gethostname())
         assert value(found, "last_check_success", repository="main") == 1
         assert value(found, "last_check_timestamp_seconds", repository="main") >= started
         assert os.stat(image_dir / "kb" / "state" / "run-state.json").st_mode & 0o077 == 0

@@ -20,12 +20,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from kvm_borg import restore_plan, signals
+from kvm_borg import restore_plan, run_record, run_state, signals
 from kvm_borg.pipeline.backup import prepare_state_dir
 from kvm_borg.actions.common import Context, open_repository, print_json
 from kvm_borg.engine import lifecycle
 from kvm_borg.engine.domain_xml import has_guest_agent_channel
-from kvm_borg.errors import KvmBorgError
+from kvm_borg.errors import KvmBorgError, UsageError
 from kvm_borg.pipeline.restore import RestoreOptions, check_options, run_restore
 from kvm_borg.tools import run_tool
 from kvm_borg.xml_sanitize import isolation_violations
@@ -51,9 +51,11 @@ class VerifyReport:
     rto_seconds: float | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    bad_input: bool = False  # a UsageError: not a drill, not recorded
 
     def as_dict(self) -> dict:
-        rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()
+                   if k != "bad_input"}
         return rounded
 
 
@@ -130,6 +132,7 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
             report.rto_seconds = None
     except KvmBorgError as exc:  # an EngineError too: "libvirt: ..."
         report.errors.append(str(exc))
+        report.bad_input = isinstance(exc, UsageError)
     except OSError as exc:
         report.errors.append(f"{exc.filename or 'scratch directory'}: {exc.strerror or exc}")
     finally:
@@ -146,10 +149,27 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
     return report
 
 
+def record_drill(ctx: Context, report: VerifyReport, repo: str | None) -> None:
+    """Given a drill's VerifyReport and --repo, record it in the run state and the metrics (not bad
+    input; a record that cannot be written becomes a warning of the report)."""
+    names = [r["name"] for r in ctx.settings.repositories]
+    repository = report.repository or repo or (names[0] if names else None)
+    if report.bad_input or repository not in names:
+        return
+    error = report.errors[0] if report.errors else None
+    try:
+        report.warnings += run_record.update_state(ctx.settings, lambda state: run_state.record_verify(
+            state, report.domain, repository, not report.errors, error, report.archive, report.restore_seconds,
+            report.rto_seconds))
+    except OSError as exc:
+        report.warnings.append(f"cannot record the drill in {ctx.settings.state_dir}: {exc.strerror or exc}")
+
+
 def run_from_args(ctx: Context, args) -> int:
     with signals.interruptible():  # a SIGTERM still destroys the copy and removes the scratch directory
         report = run_verify(ctx, args.domain, archive=args.archive, repo=args.repo, host=args.host, boot=args.boot,
                             boot_timeout=args.boot_timeout, alive_seconds=args.alive_seconds)
+    record_drill(ctx, report, args.repo)
     if args.json:
         print_json(report.as_dict())
     else:
