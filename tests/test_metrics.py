@@ -10,7 +10,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import DiskSpec, run_cli
+from harness import DiskSpec, run_cli, start_cli, wait_for
 from support import cli_env, write_config
 
 from kvm_borg import metrics
@@ -94,3 +94,40 @@ def test_textfile_after_each_run_keeps_other_domains_and_records_checks(domain_f
     finally:
         for checkpoint in bad.dom.listAllCheckpoints(0):
             checkpoint.delete(0)
+
+
+def test_a_run_that_dies_on_the_overlay_shows_its_deadline_then_an_orphaned_entry_until_recover(
+        domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 8)], name="metrics orphan")
+    textfile = tmp_path / "collector" / "kvm-borg.prom"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", metrics_file=str(textfile),
+                          store_timeout="2h", commit_timeout="30m")
+    host = socket.gethostname()
+    pause = tmp_path / "at-storing"
+    started = time.time()
+    proc = start_cli("backup", domain.name, config=config, env=cli_env(KVM_BORG_FAILPOINT=f"storing:pause={pause}"))
+    try:
+        wait_for(lambda: pause.exists(), "the backup to reach storing", timeout=120, proc=proc)
+        # Written at the run's start: one run in progress, its deadline one domain's bound away.
+        found = samples(textfile.read_text(), host)
+        assert value(found, "runs_in_progress") == 1 and value(found, "job_bound_seconds") == 9000
+        assert started + 9000 <= value(found, "run_deadline_timestamp_seconds") <= time.time() + 9000
+        # Another command rewrites the file meanwhile: the live run holds its entry, nothing orphaned.
+        assert run_cli("check", config=config, env=cli_env()).returncode == 0
+        found = samples(textfile.read_text(), host)
+        entry = {"domain": domain.name, "stage": "storing"}
+        assert value(found, "journal_entry_orphaned", **entry) == 0
+        assert started <= value(found, "journal_entry_created_timestamp_seconds", **entry) <= time.time()
+        proc.kill()  # the run dies with the guest on its overlay
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+    assert run_cli("check", config=config, env=cli_env()).returncode == 0
+    found = samples(textfile.read_text(), host)
+    assert value(found, "journal_entry_orphaned", **entry) == 1 and value(found, "runs_in_progress") == 0
+    assert not any(name == "kvm_borg_run_deadline_timestamp_seconds" for name, _labels in found)
+    recover = run_cli("recover", "--all", config=config, env=cli_env())
+    assert recover.returncode == 0, recover.stderr
+    assert "journal_entry" not in textfile.read_text()
