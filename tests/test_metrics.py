@@ -11,7 +11,7 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import DiskSpec, run_cli, start_cli, wait_for
-from support import cli_env, write_config
+from support import assert_back_on_own_images, cli_env, write_config
 
 from kvm_borg import metrics
 from kvm_borg.models import DomainResult, RunSummary, StoreResult
@@ -131,3 +131,30 @@ def test_a_run_that_dies_on_the_overlay_shows_its_deadline_then_an_orphaned_entr
     recover = run_cli("recover", "--all", config=config, env=cli_env())
     assert recover.returncode == 0, recover.stderr
     assert "journal_entry" not in textfile.read_text()
+    assert_back_on_own_images(domain, image_dir / "kb" / "state")
+
+
+def test_verify_drills_land_in_the_metrics_and_bad_input_does_not(domain_factory, image_dir, tmp_path):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "raw", 8)], running=False, name="metrics verify")
+    textfile = tmp_path / "collector" / "kvm-borg.prom"
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", metrics_file=str(textfile))
+    host = socket.gethostname()
+    assert run_cli("backup", domain.name, config=config, env=cli_env()).returncode == 0
+    started = time.time()
+    drill = run_cli("verify", domain.name, "--json", config=config, env=cli_env())
+    assert drill.returncode == 0, drill.stderr
+    report = json.loads(drill.stdout)
+    found = samples(textfile.read_text(), host)
+    pair = {"domain": domain.name, "repository": "main"}
+    assert value(found, "last_verify_success", **pair) == 1
+    assert started <= value(found, "last_verify_timestamp_seconds", **pair) <= time.time()
+    assert value(found, "last_verify_restore_seconds", **pair) == report["restore_seconds"]
+    # A drill of a domain the repository has no archive of fails, and says so.
+    missing = run_cli("verify", "metrics-no-such-domain", config=config, env=cli_env())
+    assert missing.returncode == 2
+    found = samples(textfile.read_text(), host)
+    assert value(found, "last_verify_success", domain="metrics-no-such-domain", repository="main") == 0
+    # Bad input is no drill: nothing recorded.
+    before = textfile.read_text()
+    bad = run_cli("verify", domain.name, "--repo", "nope", config=config, env=cli_env())
+    assert bad.returncode == 2 and textfile.read_text() == before
