@@ -10,6 +10,7 @@ image; start failures name their reason; a leftover view is cleaned up.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -65,8 +66,14 @@ def image(tmp_path) -> tuple[Path, bytes]:
 
 
 @pytest.fixture
-def export(tmp_path, image):
-    """`qemu-nbd -r -t -e 4 --bitmap` of the image on a unix socket; yields the socket path."""
+def export(nbd_server):
+    """The socket path of `nbd_server`."""
+    return nbd_server[0]
+
+
+@pytest.fixture
+def nbd_server(tmp_path, image):
+    """`qemu-nbd -r -t -e 4 --bitmap` of the image on a unix socket; yields (socket path, its Popen)."""
     socket = tmp_path / "kbview-nbd.sock"
     server = subprocess.Popen(["qemu-nbd", "-r", "-t", "-e", "4", "--socket", str(socket), "-f", "qcow2",
                                "--bitmap", BITMAP, str(image[0])], stdin=subprocess.DEVNULL)
@@ -75,7 +82,7 @@ def export(tmp_path, image):
         while not socket.exists():
             assert server.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
             time.sleep(0.02)
-        yield str(socket)
+        yield str(socket), server
     finally:
         server.terminate()
         server.wait(timeout=20)
@@ -145,6 +152,34 @@ def test_the_dirty_map_and_the_allocation_are_what_was_written(export):
     assert data == b"\x00\x22\x22"
 
 
+def test_maps_of_a_disk_past_4_gib_are_read_in_pieces_to_its_end(tmp_path):
+    big = tmp_path / "kbview-big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(big), "9G"], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(big), BITMAP], check=True)
+    qemu_io(big, f"write -P 0x55 {8 * 1024 * MiB + 64 * KiB} 64K")  # past any single 4 GiB request
+    socket = tmp_path / "kbview-big.sock"
+    server = subprocess.Popen(["qemu-nbd", "-r", "-t", "--socket", str(socket), "-f", "qcow2", "--bitmap", BITMAP,
+                               str(big)], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not socket.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.02)
+        handle = nbd_client.open_export(str(socket), "", ["base:allocation", f"qemu:dirty-bitmap:{BITMAP}"])
+        size = nbd_client.size(handle)
+        dirty = nbd_client.extents(handle, f"qemu:dirty-bitmap:{BITMAP}", size)
+        allocation = nbd_client.extents(handle, "base:allocation", size)
+        nbd_client.close(handle)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    assert size == 9 * 1024 * MiB
+    written = (8 * 1024 * MiB + 64 * KiB, 64 * KiB)
+    assert [(o, n) for o, n, f in dirty if f & nbd_client.STATE_DIRTY] == [written]
+    assert [(o, n) for o, n, f in allocation if not f & nbd_client.STATE_ZERO] == [written]
+    assert sum(n for _, n, _ in dirty) == sum(n for _, n, _ in allocation) == size
+
+
 def test_a_context_the_server_does_not_offer_is_an_error(export):
     with pytest.raises(nbd_client.NbdError, match="offers no 'qemu:dirty-bitmap:nosuch'"):
         nbd_client.open_export(export, "", ["qemu:dirty-bitmap:nosuch"])
@@ -187,6 +222,32 @@ def test_every_segment_holds_the_images_bytes_and_zero_segments_are_empty(tmp_pa
     assert mountinfo.entry_at(mnt) is None
 
 
+def test_a_read_the_nbd_server_cannot_answer_is_eio_never_zeros(tmp_path, nbd_server, views):
+    socket, server = nbd_server
+    mnt = mountpoint(tmp_path)
+    view = views.start(nbd_view_spec(socket, mnt, [1] * COUNT, set(), now_ns=2))
+    assert len(Path(mnt, "vda", "00000000").read_bytes()) == SEG
+    server.kill()
+    server.wait()
+    with pytest.raises(OSError) as failed:
+        Path(mnt, "vda", "00000002").read_bytes()
+    assert failed.value.errno == errno.EIO
+    assert view.stop().clean
+
+
+def test_two_disks_get_their_own_directories_inodes_and_counts(tmp_path, image, export, views):
+    one = nbd_view_spec(export, mountpoint(tmp_path), [1] * COUNT, set(), now_ns=2)
+    other = dataclasses.replace(one.disks[0], target="vdb", disk_index=1)
+    view = views.start(dataclasses.replace(one, disks=(one.disks[0], other)))
+    mnt = one.mountpoint
+    assert sorted(os.listdir(mnt)) == ["vda", "vdb"]
+    a, b = Path(mnt, "vda", "00000001"), Path(mnt, "vdb", "00000001")
+    assert (a.stat().st_ino, b.stat().st_ino) == (segment_inode(CHAIN, 0, 1), segment_inode(CHAIN, 1, 1))
+    assert a.read_bytes() == b.read_bytes() == image[1][SEG:2 * SEG]
+    assert Path(mnt, "vdb", "00000002").read_bytes() == image[1][2 * SEG:3 * SEG]
+    assert view.stop().bytes_read == {"vda": SEG, "vdb": 2 * SEG}
+
+
 def borg_changes(output: str) -> dict[str, str]:
     """Given borg create --list output, return {file name: status}."""
     found = {}
@@ -197,7 +258,9 @@ def borg_changes(output: str) -> dict[str, str]:
     return found
 
 
-def test_borg_reads_only_the_segment_whose_stamp_changed(tmp_path, export, views, borg_repo):
+def test_borg_reads_only_the_segment_whose_stamp_changed(tmp_path, image, export, views, borg_repo):
+    """...and (sharing the repository, to save a borg run) a files view over `borg mount` of the
+    first archive gives back the image."""
     zero = set(range(COUNT)) - DATA_SEGMENTS
     stamps = [1_000] * COUNT
     mnt = mountpoint(tmp_path)
@@ -221,6 +284,16 @@ def test_borg_reads_only_the_segment_whose_stamp_changed(tmp_path, export, views
     third = run_borg("create", "--list", "--filter=AME", f"{borg_repo.path}::three", disk_dir, env=borg_repo.env)
     assert view.stop().bytes_read == {"vda": 0}
     assert borg_changes(third.stderr) == {"manifest.json": "A"}
+
+    archive_mnt = mountpoint(tmp_path, "kbview-borg-mount")
+    run_borg("mount", f"{borg_repo.path}::one", archive_mnt, env=borg_repo.env)
+    try:
+        stitched = mountpoint(tmp_path, "kbview-stitched")
+        view = views.start(files_spec(Path(archive_mnt, disk_dir.lstrip("/")), stitched), name="stitch")
+        assert Path(stitched, "vda.raw").read_bytes() == image[1]
+        assert view.stop().bytes_read == {"vda": len(DATA_SEGMENTS) * SEG}
+    finally:
+        run_borg("umount", archive_mnt, env=borg_repo.env)
 
 
 def restic_backup(env, repo: Path, path: str, parent: str | None = None) -> dict:
@@ -325,6 +398,16 @@ def test_a_killed_view_is_cleaned_up_by_stop_leftover(tmp_path, export, views):
     assert mountinfo.entry_at(mnt) is None
 
 
+def test_a_view_that_does_not_stop_is_killed_and_unmounted(tmp_path, export, views):
+    mnt = mountpoint(tmp_path)
+    view = views.start(nbd_view_spec(export, mnt, [1] * COUNT, set(), now_ns=2))
+    os.kill(view.pid, signal.SIGSTOP)  # as if stuck in a read the NBD server never answers
+    stats = view.stop(timeout=1)
+    assert view.process.returncode == -signal.SIGKILL
+    assert mountinfo.entry_at(mnt) is None
+    assert not stats.clean
+
+
 START_AND_EXIT = textwrap.dedent("""
     import json, sys
     from array import array
@@ -366,3 +449,21 @@ def test_a_freeze_view_outlives_its_parent_and_a_backup_view_does_not(tmp_path, 
         assert json.loads((tmp_path / "backup" / "stats.json").read_text())["clean"] is True
     finally:
         control.stop_leftover(backup, pid)
+
+
+def read_as_nobody(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", path],
+                          capture_output=True)
+
+
+def test_allow_other_lets_another_user_read_a_files_view(tmp_path, image_dir, image, views):
+    raw = image[1]
+    directory = segment_directory(tmp_path / "kbview-segs", raw)
+    shared = mountpoint(image_dir, "kbview-shared")  # image_dir is traversable by other users (0755)
+    views.start(S.ViewSpec(kind="files", mountpoint=shared, allow_other=True,
+                           disks=(S.FilesDisk("vda", str(directory), SIZE, SEG),)), name="shared")
+    private = mountpoint(image_dir, "kbview-private")
+    views.start(files_spec(directory, private), name="private")
+    assert read_as_nobody(os.path.join(shared, "vda.raw")).stdout == raw
+    refused = read_as_nobody(os.path.join(private, "vda.raw"))
+    assert refused.returncode != 0 and b"Permission denied" in refused.stderr

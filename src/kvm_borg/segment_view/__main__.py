@@ -49,6 +49,19 @@ def _write_progress(path: Path, data: bytes) -> None:
     os.replace(temp, path)
 
 
+def bdi_read_ahead_path(st_dev: int) -> str:
+    """Given the st_dev of a FUSE mount, return its backing device's read_ahead_kb file in sysfs."""
+    return f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb"
+
+
+def _raise_read_ahead(mountpoint: str) -> None:
+    try:
+        with open(bdi_read_ahead_path(os.stat(mountpoint).st_dev), "w") as handle:
+            handle.write(str(READ_AHEAD_KB))
+    except OSError as exc:  # slower, still correct
+        logger.warning("cannot raise the readahead of %s: %s", mountpoint, exc)
+
+
 def _report(spec_path: Path, text: str) -> None:
     atomic.write_atomic(view_spec.status_path(spec_path), (text + "\n").encode(), 0o600)
 
@@ -71,6 +84,10 @@ def _check_mountpoint(path: str) -> None:
 
 
 PROGRESS_SECONDS = 0.5
+#: Readahead of the view's own mount (the kernel default is 128 KiB): a sequential reader (borg,
+#: restic) then has about 1 MiB of requests in flight instead of 128-256 KiB, which halves the time
+#: borg takes through the view on a loaded host (measured: docs in the view's commit).
+READ_AHEAD_KB = 1024
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _early_signals: list[int] = []
 
@@ -96,6 +113,14 @@ async def _serve(pyfuse3, trio, view, spec_path: Path) -> None:
                     written = counts
 
         nursery.start_soon(write_progress)
+
+        async def when_serving():
+            # stat() of our own mount needs the loop that serves it: from a thread, once it runs.
+            await trio.to_thread.run_sync(_raise_read_ahead, view.spec.mountpoint, abandon_on_cancel=True)
+            _report(spec_path, f"ready {os.getpid()}")
+
+        nursery.start_soon(when_serving)
+
         async def watch_signals():
             with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
                 if _early_signals:  # came during start-up, before this receiver existed
@@ -139,7 +164,6 @@ def serve(spec_path: Path) -> int:
         return 2
     clean = False
     try:
-        _report(spec_path, f"ready {os.getpid()}")
         trio.run(_serve, pyfuse3, trio, view, spec_path)
         clean = True
     finally:

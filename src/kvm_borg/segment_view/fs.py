@@ -79,12 +79,14 @@ class InodeIndex:
         ValueError when two are equal."""
         self.starts = array("Q")
         flat = array("Q")
+        if sum(map(len, per_disk)) >= 2**32:
+            raise ValueError("a view holds fewer than 2**32 segments")
         for inodes in per_disk:
             self.starts.append(len(flat))
             flat.extend(inodes)
         order = sorted(range(len(flat)), key=flat.__getitem__)
         self.inodes = array("Q", (flat[i] for i in order))
-        self.positions = array("L", order)
+        self.positions = array("I", order)  # 4 bytes: a view holds fewer than 2**32 segments
         for a, b in zip(self.inodes, self.inodes[1:]):
             if a == b:
                 raise ValueError(f"two segments share inode {a}")
@@ -164,6 +166,9 @@ class NbdView(ReadOnlyView):
         self.index = InodeIndex([array("Q", (segment_inode(disk.chain, disk.disk_index, i) for i in range(disk.count)))
                                  for disk in self.disks])
         self.total = self.index.starts[-1] + self.disks[-1].count if self.disks else 0
+        for own in range(ROOT, 4 + 2 * len(self.disks)):  # root, directories, manifests
+            if self.index.find(own) is not None:
+                raise ValueError(f"a segment has inode {own}, which the view uses itself")
         self.pools = [nbd_client.HandlePool(disk.socket, disk.export, disk.connections) for disk in self.disks]
         self.limiters = [trio.CapacityLimiter(disk.connections) for disk in self.disks]
         self.blocks: OrderedDict[tuple[int, int, int], _Fetch] = OrderedDict()
