@@ -149,12 +149,13 @@ def test_verify_drills_land_in_the_metrics_and_bad_input_does_not(domain_factory
     assert value(found, "last_verify_success", **pair) == 1
     assert started <= value(found, "last_verify_timestamp_seconds", **pair) <= time.time()
     assert abs(value(found, "last_verify_restore_seconds", **pair) - report["restore_seconds"]) < 0.001  # JSON: rounded
-    # A drill of a domain the repository has no archive of fails, and says so.
-    missing = run_cli("verify", "metrics-no-such-domain", config=config, env=cli_env())
+    # A drill of a backed-up domain that finds no such archive fails, and says so.
+    missing = run_cli("verify", domain.name, "--archive", "metrics-gone", config=config, env=cli_env())
     assert missing.returncode == 2
     found = samples(textfile.read_text(), host)
-    assert value(found, "last_verify_success", domain="metrics-no-such-domain", repository="main") == 0
-    # Bad input is no drill: nothing recorded.
+    assert value(found, "last_verify_success", **pair) == 0
+    # Bad input (an unknown --repo) and a domain kvm-borg never backed up are no drill: nothing recorded.
     before = textfile.read_text()
     bad = run_cli("verify", domain.name, "--repo", "nope", config=config, env=cli_env())
-    assert bad.returncode == 2 and textfile.read_text() == before
+    typo = run_cli("verify", "metrics-no-such-domain", config=config, env=cli_env())
+    assert bad.returncode == 2 and typo.returncode == 2 and textfile.read_text() == before
