@@ -27,9 +27,11 @@ import xml.etree.ElementTree as ET
 import libvirt
 
 from kvm_borg.engine.libvirt_errors import engine_error, translated, translating
+from kvm_borg.errors import EngineError
 
 CHECKPOINT_PREFIX = "kvm-borg."
 CHECKPOINT_RE = re.compile(r"^kvm-borg\.\d{8}T\d{6}Z\.[0-9a-f]{8}$")
+ABORT_TIMEOUT = 60.0  # seconds libvirt may take to tear a backup job down after abortJob
 _VALIDATE = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
 
 
@@ -148,9 +150,11 @@ def job_active(dom) -> bool:
             and stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP)
 
 
-def abort(dom) -> bool:
-    """Given a domain, end its backup job if one runs (libvirt deletes the scratch files it created);
-    return whether there was one to end."""
+def abort(dom, timeout: float = ABORT_TIMEOUT) -> bool:
+    """Given a domain, end its backup job if one runs and wait (at most `timeout` s) until libvirt has
+    finished it: abortJob returns before the job is torn down (its scratch files deleted), and until
+    then a checkpoint delete or a new job is refused. Return whether there was a job to end; an
+    EngineError when it could not be ended."""
     if not job_active(dom):
         return False
     try:
@@ -159,6 +163,11 @@ def abort(dom) -> bool:
         if not job_active(dom):  # ended meanwhile (QEMU exited, the guest shut down)
             return True
         raise engine_error(exc) from exc
+    deadline = time.monotonic() + timeout
+    while job_active(dom):
+        if time.monotonic() > deadline:
+            raise EngineError(f"libvirt: the backup job did not end within {timeout:g}s of abortJob")
+        time.sleep(0.05)
     return True
 
 
