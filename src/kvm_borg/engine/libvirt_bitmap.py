@@ -244,12 +244,24 @@ class SegmentSource:
             report.warn(f"stopping the segment view: {exc}")
             return {}
 
+    def _save_pending(self, warnings: list[str]) -> None:
+        """Write the new state as the run's pending state (segment_state.save_pending), so that `thaw` or
+        `recover` can fold it when this process is not the one that ends the run (freeze --expose, a
+        crash); a failure only costs the next run re-reading this run's changes: a warning."""
+        try:
+            segment_state.save_pending(self.settings.state_dir, self.new_state)
+        except OSError as exc:
+            warnings.append(f"domain '{self.plan.name}': could not write the pending bitmap state ({exc}); "
+                            "if this run is not ended by this process, the next run reads its changes again")
+
     def _fold(self, report: RecoveryReport) -> str | None:
-        """Save the new state (fsync'd); return the checkpoint it names, None when there was none to save."""
+        """Save the new state (fsync'd) and drop the pending copy; return the checkpoint it names, None when
+        there was none to save."""
         if self.new_state is None:
             return None
         try:
             segment_state.save(self.settings.state_dir, self.new_state)
+            segment_state.discard_pending(self.settings.state_dir, self.plan.uuid)
         except (OSError, ValueError) as exc:
             report.warn(f"could not save the bitmap state ({exc}); the next run reads since the previous "
                         "checkpoint again")
@@ -339,6 +351,7 @@ class BitmapSource(SegmentSource):
             self._read_maps(run, state.disks.get(run.target) if state else None, stamp)
         self.new_state = segment_state.BitmapState(self.checkpoint, {r.target: r.segments for r in runs},
                                                    self.plan.uuid)
+        self._save_pending(warnings)
         self._start_view(runs, mountpoint, stamp)
         for warning in warnings:
             log.warning(warning)
@@ -661,5 +674,20 @@ def recover_bitmap_entry(entry: journal.Entry, connection: Connection, settings:
     if connection.reconnect_if_dead():
         report.warn("the connection to libvirtd was lost (libvirtd restarted?); reconnected")
     with translated():
-        finish(entry, connection, settings, report)
+        finish(entry, connection, settings, report, fold=lambda: fold_pending(entry, settings, report))
     return report
+
+
+def fold_pending(entry: journal.Entry, settings: Settings, report: RecoveryReport) -> str | None:
+    """Given a bitmap journal entry, fold the pending state its run left (thaw after `freeze --expose`, or
+    recover after a crash: the stamps of a run whose job began are valid whatever the readers did), and
+    return the checkpoint it names; None when there is none (then the run's checkpoint is deleted)."""
+    try:
+        state = segment_state.fold_pending(settings.state_dir, entry.uuid, entry.extra.get("checkpoint"))
+    except (OSError, ValueError) as exc:
+        report.warn(f"could not fold the pending bitmap state ({exc}); the next run reads this run's changes again")
+        return None
+    if state is None:
+        return None
+    report.did(f"folded the bitmap state of checkpoint {state.checkpoint}")
+    return state.checkpoint
