@@ -16,7 +16,6 @@ import pytest
 
 from harness import DiskSpec, run_cli
 from harness.images import read_guest_bytes
-from guest.fixtures import guest_artifacts, guest_factory  # noqa: F401, F811 (fixtures)
 from support import assert_back_on_own_images, cli_env, write_config
 
 from kvm_borg.engine import backup_job
@@ -449,37 +448,3 @@ def test_a_backup_killed_mid_store_is_recovered_and_loses_no_change(domain_facto
     assert proc.returncode == 0, proc.stderr
     assert (third["full_read_reason"], third["segments_dirty"], third["bytes_read"]) == (None, 1, SEGMENT)
     assert len(backup_job.own_checkpoints(domain.dom)) == 1 and backup_job.own_checkpoints(domain.dom) != [kept]
-
-
-@pytest.mark.slow
-def test_a_quiesced_bitmap_backup_of_a_real_guest_freezes_once_and_stores_a_clean_file_system(
-        guest_factory, image_dir, tmp_path):  # noqa: F811 (a fixture)
-    from guest import build
-    from support import archived_meta, extract_archive
-
-    g = guest_factory(fmt="qcow2", size_mib=16)
-    build.wait_for_agent(g.dom, timeout=180)
-    build.wait_for_progress(g.console_log, 3, timeout=180)
-    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", method="bitmap", quiesce="required")
-    proc = run_cli("backup", g.name, "--json", config=config, env=cli_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    [result] = json.loads(proc.stdout)["domains"]
-    assert (result["method"], result["consistency"]) == ("bitmap", "quiesced")
-    hooks = [value for kind, value in ((e.kind, e.value) for e in build.serial_events(g.console_log)) if kind == "hook"]
-    assert hooks == ["freeze", "thaw"]  # fsFreeze before backupBegin, fsThaw right after, once
-    during = build.serial_last_seq(g.console_log)
-    build.wait_for_progress(g.console_log, during + 3, timeout=60)  # the guest writes on after the thaw
-    assert build.serial_errors(g.console_log) == []
-    extracted = extract_archive(tmp_path / "repo", result["stores"][0]["archive"], tmp_path / "x")
-    [disk] = archived_meta(extracted)["disks"]
-    assert disk["layout"] == "segments"
-    directory = extracted / disk["archive_path"]
-    image = tmp_path / "vda.raw"
-    with open(image, "wb") as out:  # segments in order; an empty one reads as zeros
-        for index in range(disk["segments"]["count"]):
-            segment = directory / f"{index:08d}"
-            length = min(disk["segments"]["size"], disk["virtual_size"] - index * disk["segments"]["size"])
-            data = segment.read_bytes()
-            out.write(data if data else bytes(length))
-    fsck = build.fsck_image(image, repair_first=False)  # frozen: clean without a journal replay
-    assert fsck.clean, fsck.output
