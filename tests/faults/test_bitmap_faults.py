@@ -62,6 +62,7 @@ pytestmark = pytest.mark.slow
 # checkpoint deletion still to come).
 BITMAP_STAGES = ["journal-written", "job-begun", "storing", "release"]
 BY_REFERENCE = "n/a: archive = reference"
+BOOT_TIMEOUT = 300  # TCG boot to the agent: ~7 s idle, measured 58 s to > 180 s at load average 15
 
 
 @dataclass
@@ -484,8 +485,8 @@ def guest_case(guest_factory, image_dir, tmp_path, libvirt_conn, short_dirs):
         repo = tmp_path / "repo"
         settings.setdefault("scratch_dir", str(short_dirs()))
         config = write_config(image_dir / "kb", repo_path=repo, plugins=[], **bitmap_settings(**settings))
-        build.wait_for_agent(guest.dom, 90)
-        build.wait_for_progress(guest.console_log, 5, 60)
+        build.wait_for_agent(guest.dom, BOOT_TIMEOUT)
+        build.wait_for_progress(guest.console_log, 5, BOOT_TIMEOUT)
         scratch = Path(settings["scratch_dir"])
         return GuestCase(guest, libvirt_conn, config, image_dir / "kb" / "state", repo, tmp_path, scratch)
 
@@ -502,7 +503,7 @@ def settle_guest(gc: GuestCase, row: dict, *, recovered: bool) -> None:
     dom = gc.dom
     if not dom.isActive():
         dom.create()
-        build.wait_for_agent(dom, 90)
+        build.wait_for_agent(dom, BOOT_TIMEOUT)
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, dom.state()
     build.wait_for_progress(gc.guest.console_log, (build.serial_last_seq(gc.guest.console_log) or 0) + 5, 90)
     assert build.serial_errors(gc.guest.console_log) == []
