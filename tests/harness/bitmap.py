@@ -283,7 +283,8 @@ def leftovers(dom, state_dir: Path, scratch_dir: Path | None = None) -> list[str
     """Given a domain and a config's state_dir (and scratch_dir, default state_dir/scratch), return what a
     finished or recovered bitmap run must not leave: a backup job, a journal entry, scratch files, a
     mounted view, a view process, a paused guest, or a `kvm-borg.*` checkpoint other than the one the
-    state file is relative to. Empty: clean."""
+    state file is relative to (of a shut-off domain: older ones may wait for its next live run, as libvirt
+    deletes none offline). Empty: clean."""
     state_dir = Path(state_dir)
     scratch_dir = Path(scratch_dir) if scratch_dir else state_dir / "scratch"
     problems = []
@@ -296,12 +297,16 @@ def leftovers(dom, state_dir: Path, scratch_dir: Path | None = None) -> list[str
     if dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
         problems.append(f"{dom.name()} is paused: {dom.state()}")
     own = own_checkpoints(dom)
-    if len(own) > 1:
+    state = state_checkpoint(state_dir, dom.UUIDString()) if own else None
+    if not dom.isActive():
+        # libvirt deletes no checkpoint of a shut-off domain (its bitmaps live in the images QEMU has
+        # closed): the older ones may stay until the next live run, the state's own must be among them.
+        if own and state not in own:
+            problems.append(f"kvm-borg checkpoints {own} but the state is relative to {state}")
+    elif len(own) > 1:
         problems.append(f"more than one kvm-borg checkpoint: {own}")
-    elif own:
-        state = state_checkpoint(state_dir, dom.UUIDString())
-        if state != own[0]:
-            problems.append(f"checkpoint {own[0]} is not the one the state is relative to ({state})")
+    elif own and state != own[0]:
+        problems.append(f"checkpoint {own[0]} is not the one the state is relative to ({state})")
     return problems
 
 

@@ -86,3 +86,25 @@ def test_an_offline_bitmap_must_exist_and_be_closed_cleanly():
     assert "not closed cleanly" in lb.offline_bitmap_problem(info, "kvm-borg.b")
     assert lb.offline_bitmap_problem(info, "kvm-borg.c") == "the image has no bitmap of checkpoint kvm-borg.c"
     assert lb.offline_bitmap_problem({}, "kvm-borg.a") == "the image has no bitmap of checkpoint kvm-borg.a"
+
+
+def _run(reason, no_bitmap=None):
+    from kvm_borg.models import DiskPlan
+
+    plan = DiskPlan(target="vda", source="/img/a.qcow2", source_type="file", driver_type="qcow2")
+    return lb.DiskRun(plan, 0, no_bitmap is None, reason, 8 * MiB, None, no_bitmap=no_bitmap)
+
+
+@pytest.mark.parametrize("reason", ["checkpoint kvm-borg.x missing", "bitmap of checkpoint kvm-borg.x unusable (..)",
+                                    "virtual size changed from 1 to 2", "image replaced (/img/a.qcow2 is another file)",
+                                    "checkpoint kvm-borg.x has no bitmap of this disk"])
+def test_a_full_read_caused_by_trouble_is_a_warning_naming_the_disk_and_the_reason(reason):
+    warning = lb.full_read_warning("web", _run(reason))
+    assert warning is not None and "disk vda" in warning and reason in warning
+
+
+@pytest.mark.parametrize("reason", [None, "--full requested", "no earlier bitmap backup",
+                                    "no earlier bitmap backup of this disk"])
+def test_an_expected_full_read_or_an_incremental_one_warns_nothing(reason):
+    assert lb.full_read_warning("web", _run(reason)) is None
+    assert lb.full_read_warning("web", _run("raw disk: no bitmap", no_bitmap="raw disk: no bitmap")) is None

@@ -49,3 +49,26 @@ def test_an_archive_is_foreign_unless_kvm_borg_made_it_for_the_domain():
     assert is_foreign(ours, "web2")
     assert is_foreign({"name": "web-2", "comment": "made by hand"}, "web")
     assert is_foreign({"name": "web-3"}, "web")
+
+
+def test_files_borg_could_not_read_are_kept_apart_from_other_warnings():
+    from kvm_borg.backends.borg.output import BorgLog
+
+    log = BorgLog()
+    for record in (
+        {"type": "log_message", "levelname": "WARNING", "msgid": "BackupOSError",
+         "message": "/var/lib/kvm-borg/view/u/vda/00000040: read: [Errno 5] Input/output error"},
+        {"type": "log_message", "levelname": "WARNING", "msgid": "FileChangedWarning", "message": "/x: file changed"},
+        {"type": "log_message", "levelname": "WARNING", "msgid": "BackupPermissionError", "message": "/y: open"},
+    ):
+        log.feed(json.dumps(record))
+    assert log.unread_files == ["/var/lib/kvm-borg/view/u/vda/00000040: read: [Errno 5] Input/output error",
+                                "/y: open"]
+    assert len(log.warnings) == 3
+
+
+def test_the_delete_command_names_one_archive():
+    from kvm_borg.backends.borg.commands import make_delete_command
+
+    assert make_delete_command("borg", "/r", "web-20261201T120000Z", lock_wait=5) == (
+        "borg", "delete", "--log-json", "--lock-wait", "5", "/r::web-20261201T120000Z")

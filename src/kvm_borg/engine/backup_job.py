@@ -178,15 +178,23 @@ def own_checkpoints(dom) -> list[str]:
     return sorted(c.getName() for c in dom.listAllCheckpoints(0) if is_own_checkpoint(c.getName()))
 
 
-def checkpoint_description(dom, name: str) -> str | None:
-    """Given a domain and a checkpoint name, return the checkpoint's XML, or None when it has none of
-    that name."""
+def lookup_checkpoint(dom, name: str):
+    """Given a domain and a checkpoint name, return libvirt's checkpoint object, or None when the domain has
+    none of that name (any other libvirt error is an EngineError)."""
     try:
-        checkpoint = dom.checkpointLookupByName(name, 0)
+        return dom.checkpointLookupByName(name, 0)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
             return None
         raise engine_error(exc) from exc
+
+
+def checkpoint_description(dom, name: str) -> str | None:
+    """Given a domain and a checkpoint name, return the checkpoint's XML, or None when it has none of
+    that name."""
+    checkpoint = lookup_checkpoint(dom, name)
+    if checkpoint is None:
+        return None
     with translated():
         return checkpoint.getXMLDesc(0)
 
@@ -211,12 +219,9 @@ def delete_checkpoint(dom, name: str) -> str | None:
     "deleted metadata only"), None when there was no such checkpoint. On a shut-off domain nothing is
     deleted ("kept: the domain is not running"): only libvirt's record could go, leaving the bitmap
     in the image; the next run's release deletes it."""
-    try:
-        checkpoint = dom.checkpointLookupByName(name, 0)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
-            return None
-        raise engine_error(exc) from exc
+    checkpoint = lookup_checkpoint(dom, name)
+    if checkpoint is None:
+        return None
     with translated():
         active = dom.isActive()
     if not active:

@@ -23,9 +23,8 @@ from kvm_borg import failpoints, journal, method_choice, segment_state, segments
 from kvm_borg.config import Settings
 from kvm_borg.engine import backup_job, images
 from kvm_borg.engine.connection import Connection
-from kvm_borg.engine.domain_xml import has_guest_agent_channel
 from kvm_borg.engine.libvirt_errors import translated, translating
-from kvm_borg.engine.libvirt_snapshot import guest_agent_answers, record_stage
+from kvm_borg.engine.libvirt_snapshot import quiesce_decision, record_stage
 from kvm_borg.engine.planning import DomainHandle
 from kvm_borg.errors import EngineError, KvmBorgError, RefusedError
 from kvm_borg.models import DiskPlan, DiskReadStats, DomainPlan, FreezeResult, FrozenDisk, RecoveryReport, ReleaseResult
@@ -81,6 +80,22 @@ def full_read_reason(*, no_bitmap: str | None, full_requested: bool, state: segm
                                      image=image)
 
 
+# Full reads that are no trouble: the first run, a deliberate --full. Every other reason (a checkpoint
+# missing or unusable, an image replaced, a disk resized...) is also a warning: the sysadmin learns why a
+# run took long (README: "what a lost bitmap costs").
+EXPECTED_FULL_READS = ("--full requested", "no earlier bitmap backup", "no earlier bitmap backup of this disk",
+                       "image changed since the last backup, and no checkpoint to say where")
+
+
+def full_read_warning(domain: str, run: "DiskRun") -> str | None:
+    """Given a domain name and one disk's DiskRun, return the warning its full read owes (trouble with its
+    bitmap or its image), or None (incremental, clean, or an expected full read: see EXPECTED_FULL_READS,
+    or a disk that can carry no bitmap)."""
+    if run.reason is None or run.reason in EXPECTED_FULL_READS or run.reason == run.no_bitmap:
+        return None
+    return f"domain '{domain}': disk {run.target} is read in full this run: {run.reason}; a new chain starts"
+
+
 @dataclass
 class DiskRun:
     """One disk in this run: its plan, position, what its checkpoint carries and how it is read."""
@@ -95,6 +110,7 @@ class DiskRun:
     dirty_context: str | None = None  # the NBD meta context of its dirty bitmap (None: full read or clean)
     clean: bool = False  # offline, layers unchanged since the last run: no segment changed
     layers: list | None = None  # offline: segment_state.layer_identity of its image layers
+    no_bitmap: str | None = None  # why its image can carry no bitmap (raw, qcow2 v2), None when it can
     segments: segments.DiskSegments | None = None  # after the job began
     dirty: int = 0  # segments read this run
     changed: range | list = ()  # their indices
@@ -275,18 +291,7 @@ class BitmapSource(SegmentSource):
     # -- freeze steps
 
     def _quiesce_decision(self, warnings: list[str]) -> bool:
-        name, dom = self.plan.name, self.handle.dom
-        if self.plan.quiesce == "off":
-            return False
-        has_channel = has_guest_agent_channel(dom.XMLDesc(0))
-        quiesce = has_channel and guest_agent_answers(dom, self.settings.guest_agent_timeout)
-        if not quiesce and self.plan.quiesce == "required":
-            raise RefusedError(f"domain '{name}': quiesce is required but the guest agent does not answer")
-        if not quiesce and has_channel:
-            warnings.append(f"domain '{name}': guest agent not answering, backup is crash-consistent")
-        elif not quiesce:
-            log.info("domain '%s' has no guest agent channel: crash-consistent backup", name)
-        return quiesce
+        return quiesce_decision(self.handle.dom, self.plan, self.settings, warnings, "backup")
 
     def _decide(self, state: segment_state.BitmapState | None) -> list[DiskRun]:
         dom = self.handle.dom
@@ -306,7 +311,7 @@ class BitmapSource(SegmentSource):
                 no_bitmap=no_bitmap, full_requested=self.plan.full_read, state=state, checkpoint_problem=problem,
                 checkpoint_disks=bitmap_disks, previous=previous, target=disk.target, virtual_size=virtual_size,
                 segment_size=self.settings.segment_size, format=disk.driver_type, image=image)
-            runs.append(DiskRun(disk, index, no_bitmap is None, reason, virtual_size, image))
+            runs.append(DiskRun(disk, index, no_bitmap is None, reason, virtual_size, image, no_bitmap=no_bitmap))
         return runs
 
     @translating
@@ -320,6 +325,7 @@ class BitmapSource(SegmentSource):
         run_dir, socket = self._prepare_scratch()
         state = segment_state.load(settings.state_dir, self.plan.uuid)
         runs = self._decide(state)
+        warnings.extend(filter(None, (full_read_warning(name, run) for run in runs)))
         owner = backup_job.qemu_owner(dom)
         mountpoint = view_mountpoint(settings, self.plan.uuid)
         self.checkpoint = backup_job.new_checkpoint_name(time.time()) if any(r.bitmap for r in runs) else None
@@ -474,13 +480,14 @@ class OfflineBitmapSource(SegmentSource):
             geometry = segments.full_read_reason(previous, virtual_size=virtual_size,
                                                  segment_size=self.settings.segment_size, format=disk.driver_type,
                                                  image=image) if previous is not None else None
-            problem = None
+            problem = no_bitmap = None
             if state is not None and state.checkpoint:
-                problem = (no_bitmap_reason(disk.driver_type, images.qcow2_compat(disk.source))
-                           or offline_bitmap_problem(info[0], state.checkpoint))
+                no_bitmap = no_bitmap_reason(disk.driver_type, images.qcow2_compat(disk.source))
+                problem = no_bitmap or offline_bitmap_problem(info[0], state.checkpoint)
             mode, reason = offline_disk_mode(full_requested=self.plan.full_read, state=state, previous=previous,
                                              geometry_reason=geometry, layers=layers, bitmap_problem=problem)
-            run = DiskRun(disk, index, False, reason, virtual_size, image, clean=mode == "clean", layers=layers)
+            run = DiskRun(disk, index, False, reason, virtual_size, image, clean=mode == "clean", layers=layers,
+                          no_bitmap=no_bitmap)
             run.dirty_context = f"qemu:dirty-bitmap:{state.checkpoint}" if mode == "bitmap" else None
             runs.append(run)
         return runs
@@ -500,6 +507,9 @@ class OfflineBitmapSource(SegmentSource):
         run_dir, socket = self._prepare_scratch()
         state = segment_state.load(settings.state_dir, self.plan.uuid)
         runs = self._decide(state)
+        warnings = [w for w in (full_read_warning(name, run) for run in runs) if w]
+        for warning in warnings:
+            log.warning(warning)
         mountpoint = view_mountpoint(settings, self.plan.uuid)
         self.checkpoint = state.checkpoint if state is not None else None
         for run in runs:
@@ -532,6 +542,7 @@ class OfflineBitmapSource(SegmentSource):
         self._start_view(runs, mountpoint, stamp)
         return FreezeResult(disks=[self._frozen_disk(r, mountpoint) for r in runs], quiesced=False,
                             consistency="offline", method="bitmap", read_stats=[self._read_stats(r) for r in runs],
+                            warnings=warnings,
                             bytes_served=self.view.bytes_served)
 
     def release(self) -> ReleaseResult:

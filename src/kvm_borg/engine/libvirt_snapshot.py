@@ -70,6 +70,25 @@ def guest_agent_answers(dom: libvirt.virDomain, timeout: float) -> bool:
         return False
 
 
+def quiesce_decision(dom: libvirt.virDomain, plan, settings, warnings: list[str], what: str) -> bool:
+    """Given a running domain, its DomainPlan (`quiesce`: auto | required | off), the Settings, the list to
+    add warnings to and what is taken ("snapshot", "backup"), return whether to quiesce it through the
+    guest agent: never with `off`; with `auto` when the agent answers (else a warning, or a log line
+    when the domain has no agent channel); with `required` RefusedError unless it answers."""
+    name = plan.name
+    if plan.quiesce == "off":
+        return False
+    has_channel = has_guest_agent_channel(dom.XMLDesc(0))
+    quiesce = has_channel and guest_agent_answers(dom, settings.guest_agent_timeout)
+    if not quiesce and plan.quiesce == "required":
+        raise RefusedError(f"domain '{name}': quiesce is required but the guest agent does not answer")
+    if not quiesce and has_channel:
+        warnings.append(f"domain '{name}': guest agent not answering, {what} is crash-consistent")
+    elif not quiesce:
+        log.info("domain '%s' has no guest agent channel: crash-consistent %s", name, what)
+    return quiesce
+
+
 def frozen_disk(plan_disk, path: str) -> FrozenDisk:
     """Given a DiskPlan and the path to read, return a FrozenDisk with its size and backing chain."""
     block = images.is_block_device(path)
@@ -147,16 +166,8 @@ class SnapshotSource:
         """Write the journal entry, then take one atomic snapshot of all planned disks."""
         name, dom = self.plan.name, self.handle.dom
         warnings: list[str] = []
-        quiesce = False
-        if self.plan.quiesce != "off":  # decided first: a refusal must not even touch the journal
-            has_channel = has_guest_agent_channel(dom.XMLDesc(0))
-            quiesce = has_channel and guest_agent_answers(dom, self.settings.guest_agent_timeout)
-            if not quiesce and self.plan.quiesce == "required":
-                raise RefusedError(f"domain '{name}': quiesce is required but the guest agent does not answer")
-            if not quiesce and has_channel:
-                warnings.append(f"domain '{name}': guest agent not answering, snapshot is crash-consistent")
-            elif not quiesce:
-                log.info("domain '%s' has no guest agent channel: crash-consistent snapshot", name)
+        # decided first: a refusal must not even touch the journal
+        quiesce = quiesce_decision(dom, self.plan, self.settings, warnings, "snapshot")
         journal.write_entry(self.settings.journal_dir, self.entry)  # BEFORE anything changes
         self.journal_written = True
         failpoints.reached("journal-written")

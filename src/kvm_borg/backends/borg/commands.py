@@ -212,6 +212,11 @@ def make_prune_command(
     )
 
 
+def make_delete_command(binary: str, repo: str, archive: str, *, lock_wait: int | None = None) -> tuple[str, ...]:
+    """Given a repository and one archive name, return the `borg delete` argv of that archive only."""
+    return (binary, "delete") + _common_flags(lock_wait) + (archive_location(repo, archive),)
+
+
 def make_compact_command(
     binary: str, repo: str, *, lock_wait: int | None = None
 ) -> tuple[str, ...]:

@@ -128,6 +128,12 @@ def parse_prune_line(line: str) -> tuple[str, str, str | None] | None:
     return "pruned", name, None
 
 
+# msgids of borg 1.4's warnings that a file could not be read into the archive (borg.helpers.errors: a
+# BackupError wrapped in a BackupWarning): the archive lacks that file's data.
+UNREAD_FILE_MSGIDS = frozenset({"BackupError", "BackupOSError", "BackupPermissionError", "BackupIOError",
+                                "BackupFileNotFoundError", "BackupRaceConditionError"})
+
+
 class BorgLog:
     """Given borg's `--log-json` stderr lines one at a time, log them and keep what results need."""
 
@@ -140,6 +146,7 @@ class BorgLog:
         self.other_lines: list[str] = []
         self.refused: list[str] = []  # questions borg asked that our environment answered "no"
         self.list_lines: list[str] = []  # `--list` output (borg.output.list), e.g. of prune
+        self.unread_files: list[str] = []  # warnings that a file could not be read (UNREAD_FILE_MSGIDS)
         self._question = ""
 
     def feed(self, line: str) -> None:
@@ -171,6 +178,8 @@ class BorgLog:
         level = record.get("levelname", "INFO")
         if record.get("msgid"):
             self.msgids.append(record["msgid"])
+            if record["msgid"] in UNREAD_FILE_MSGIDS:
+                self.unread_files.append(one_line(message))
         if record.get("name") == "borg.output.list":
             self.list_lines.append(message)
         if level in ("ERROR", "CRITICAL"):

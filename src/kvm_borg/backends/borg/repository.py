@@ -178,6 +178,13 @@ class BorgRepository(BackendBase):
             error = f"borg create failed: {log.error_message(result.returncode)}"
             return StoreResult(self.name, ok=False, seconds=seconds, error=error)
 
+        if log.unread_files:  # the archive lacks the data of these files: it is no backup of the domain
+            error = (f"borg could not read {len(log.unread_files)} file(s), the first: {log.unread_files[0]}; "
+                     f"the incomplete archive {request.archive_name} was deleted")
+            deleted = self._delete_quietly(request.archive_name)
+            if not deleted:
+                error = error.replace("was deleted", "could not be deleted: delete it with `borg delete`")
+            return StoreResult(self.name, ok=False, seconds=seconds, error=error)
         warnings = []
         if result.returncode == 1:
             warnings = log.warnings or ["borg create finished with warnings (exit code 1)"]
@@ -198,6 +205,16 @@ class BorgRepository(BackendBase):
             seconds=seconds,
             warnings=warnings,
         )
+
+    def _delete_quietly(self, archive: str) -> bool:
+        """Given the name of an archive this run just wrote, delete it (`borg delete`); return whether it went."""
+        try:
+            result, _log = self._run(commands.make_delete_command(self.binary, self.location, archive,
+                                                                  lock_wait=self.lock_wait))
+        except (BorgError, CommandError) as exc:
+            logger.warning("could not delete the incomplete archive %s: %s", archive, exc)
+            return False
+        return not failed(result.returncode)
 
     def list_archives(self, domain: str | None = None) -> list[ArchiveInfo]:
         """Given a domain name (None: all), return kvm-borg's archives in time order, from one `borg info --json`.

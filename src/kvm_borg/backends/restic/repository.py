@@ -265,14 +265,8 @@ class ResticRepository:
 
     def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
         """Given an archive and one stored directory, pass a tar stream of it (and what lies below it) to
-        `write`, in order: `restic dump SNAPSHOT DIR` of the snapshot part that holds the directory (restic
-        0.14 dumps a directory as tar; every blob authenticated as it is read)."""
-        archive_path = self.archive_path(archive_path)
-        snapshot = self._archive(archive).snapshot_holding(archive_path)
-        result, log = self._run(rc.make_dump_command(self.binary, snapshot["id"], archive_path, options=self.options),
-                                on_stdout=write)
-        if result.returncode != 0:
-            raise self._error("dump", log, result)
+        `write`, in order: restic 0.14's `dump` of a directory is a tar, so this is `stream_file` of it."""
+        self.stream_file(archive, archive_path, write)
 
     def mount(self, archive: str, mountpoint: str) -> str:
         """Given an archive and an empty directory, serve the repository there read-only with `restic mount`
