@@ -4,11 +4,13 @@ As tests/test_guest_consistency.py does for the snapshot method: the guest appen
 checksummed, sequence-numbered records and prints each seq on its serial console, and qemu-ga's
 fsfreeze hook prints "KBHOOK freeze"/"KBHOOK thaw" around FIFREEZE/FITHAW. A quiesced bitmap backup
 under that load — the first (full) run and the next (incremental) one — must restore to a file system
-that is clean WITHOUT journal replay and holds exactly the records durable at the freeze.
+that is clean WITHOUT journal replay and holds exactly the records durable at the freeze; and the
+restore drill (`kvm-borg verify --boot`) boots a copy of the incremental run's segmented archive.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import pytest
 from guest import build
 from harness.bitmap import (archive_of, backup, bitmap_settings, disk_stats, leftovers, restore_disk, segment_count,
                             short_scratch_dir)
+from harness import run_cli
 from support import write_config
 
 pytestmark = pytest.mark.slow
@@ -77,6 +80,14 @@ def test_quiesced_bitmap_backups_under_load_restore_clean_fs_and_exact_record_pr
     stats = disk_stats(second)["vda"]
     assert stats["full_read_reason"] is None and 0 < stats["segments_dirty"] < segments, stats
     assert_quiesced_archive_holds_the_frozen_records(config, g, second, tmp_path, printed_before)
+
+    # The restore drill boots an isolated copy from the segmented archive (restored flat, qcow2 again).
+    proc = run_cli("verify", g.name, "--archive", archive_of(second), "--boot", "--json", config=config, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] and report["archive"] == archive_of(second), report
+    assert report["boot"]["sign_of_life"] == "guest agent answered guest-ping", report
+    assert 0 < report["restore_seconds"] < report["rto_seconds"], report
 
     # The guest wrote on through both runs, without an I/O error, and nothing was left behind.
     build.wait_for_progress(g.console_log, build.serial_last_seq(g.console_log) + 10, timeout=60)
