@@ -39,6 +39,7 @@ from harness.bitmap import (
     backup,
     bitmap_settings,
     disk_stats,
+    job_active,
     journal_entries,
     kill_qemu,
     leftovers,
@@ -218,6 +219,24 @@ def test_bitmap_sigkill_at_each_stage_is_completed_by_recover(point, case, repor
     assert len(journal_entries(c.state)) == 1  # the journal knows what was in flight
     recover(c)
     settle_and_verify(c, report_row, recovered=True)
+
+
+def test_bitmap_sigterm_during_the_store_ends_the_job_and_the_next_run_misses_nothing(case, report_row):
+    """SIGTERM while the repository is written: the run stops borg, ends the backup job, folds, exits 130
+    and leaves nothing (no job: the next freeze or snapshot is not refused); the next run reads the writes
+    made before and during the interrupted one."""
+    report_row["fault"] = "bitmap: SIGTERM during the store"
+    c = case()
+    c.backup()
+    c.write("vda", 0x2A, 5 * MiB, 64 * KiB)
+    proc, pause = paused_at(c, "storing")
+    c.write("vda", 0x2B, 21 * MiB, 64 * KiB)  # during the run: not in its view, in the next run's
+    proc.send_signal(signal.SIGTERM)
+    rc, _, err = finish(proc, pause)
+    assert rc == 130, err
+    assert not job_active(c.dom), "the interrupted run left its backup job running"
+    assert journal_entries(c.state) == [], "the interrupted run left its journal entry"
+    settle_and_verify(c, report_row)
 
 
 # --- the domain's bitmaps are lost or broken between runs -----------------------------------------
