@@ -286,7 +286,8 @@ def test_borg_reads_only_the_segment_whose_stamp_changed(tmp_path, image, export
     assert borg_changes(third.stderr) == {"manifest.json": "A"}
 
     archive_mnt = mountpoint(tmp_path, "kbview-borg-mount")
-    run_borg("mount", f"{borg_repo.path}::one", archive_mnt, env=borg_repo.env)
+    # borg_env gives BORG_FUSE_IMPL=none (as kvm-borg's own non-mount borg runs): a mount needs pyfuse3 back
+    run_borg("mount", f"{borg_repo.path}::one", archive_mnt, env={**borg_repo.env, "BORG_FUSE_IMPL": "pyfuse3"})
     try:
         stitched = mountpoint(tmp_path, "kbview-stitched")
         view = views.start(files_spec(Path(archive_mnt, disk_dir.lstrip("/")), stitched), name="stitch")

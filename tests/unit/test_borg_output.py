@@ -60,11 +60,12 @@ def test_files_borg_could_not_read_are_kept_apart_from_other_warnings():
          "message": "/var/lib/kvm-borg/view/u/vda/00000040: read: [Errno 5] Input/output error"},
         {"type": "log_message", "levelname": "WARNING", "msgid": "FileChangedWarning", "message": "/x: file changed"},
         {"type": "log_message", "levelname": "WARNING", "msgid": "BackupPermissionError", "message": "/y: open"},
+        {"type": "log_message", "levelname": "WARNING", "msgid": "BackupFileNotFoundError", "message": "/gone: stat"},
     ):
         log.feed(json.dumps(record))
     assert log.unread_files == ["/var/lib/kvm-borg/view/u/vda/00000040: read: [Errno 5] Input/output error",
                                 "/y: open"]
-    assert len(log.warnings) == 3
+    assert len(log.warnings) == 4
 
 
 def test_the_delete_command_names_one_archive():

@@ -679,20 +679,27 @@ def _tidy_checkpoints(dom, entry: journal.Entry, settings: Settings, report: Rec
 
 def recover_bitmap_entry(entry: journal.Entry, connection: Connection, settings: Settings) -> RecoveryReport:
     """Given a journal entry of this source, complete it after a crash: stop a leftover view, end a
-    leftover job, delete the checkpoint the run created unless the state file names it (then it is the
-    current one and the older ones go), remove the scratch dir, drop the entry. Idempotent."""
+    leftover job, fold the pending state of a run handed over to an outside reader (freeze --expose), else
+    delete the checkpoint the run created unless the state file names it (then it is the current one and
+    the older ones go), remove the scratch dir, drop the entry. Idempotent."""
     report = RecoveryReport(entry.domain)
     if connection.reconnect_if_dead():
         report.warn("the connection to libvirtd was lost (libvirtd restarted?); reconnected")
+    handed_over = entry.owner is not None and entry.stage == "exposed"
     with translated():
-        finish(entry, connection, settings, report, fold=lambda: fold_pending(entry, settings, report))
+        finish(entry, connection, settings, report,
+               fold=(lambda: fold_pending(entry, settings, report)) if handed_over else None)
+    if not handed_over:
+        segment_state.discard_pending(settings.state_dir, entry.uuid)
     return report
 
 
 def fold_pending(entry: journal.Entry, settings: Settings, report: RecoveryReport) -> str | None:
-    """Given a bitmap journal entry, fold the pending state its run left (thaw after `freeze --expose`, or
-    recover after a crash: the stamps of a run whose job began are valid whatever the readers did), and
-    return the checkpoint it names; None when there is none (then the run's checkpoint is deleted)."""
+    """Given the journal entry of a run whose disks were handed over and exposed (`freeze --expose`, ended by
+    `thaw` or by `recover`), fold the pending state it left and return the checkpoint it names; None when
+    there is none (then the run's checkpoint is deleted). A crashed `backup` is not folded: its checkpoint
+    goes and the next run reads its changes again, so `segments_dirty` keeps counting them (folding would
+    be as correct: every repository's files cache or parent then differs on those segments' stamps)."""
     try:
         state = segment_state.fold_pending(settings.state_dir, entry.uuid, entry.extra.get("checkpoint"))
     except (OSError, ValueError) as exc:

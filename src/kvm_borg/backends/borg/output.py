@@ -128,10 +128,12 @@ def parse_prune_line(line: str) -> tuple[str, str, str | None] | None:
     return "pruned", name, None
 
 
-# msgids of borg 1.4's warnings that a file could not be read into the archive (borg.helpers.errors: a
-# BackupError wrapped in a BackupWarning): the archive lacks that file's data.
+# msgids of borg 1.4's warnings that a file's data could not be read into the archive (borg.helpers.errors:
+# a BackupError wrapped in a BackupWarning), e.g. an I/O error in the middle of an image or a segment: the
+# archive holds the file, incomplete. (A file that is gone, BackupFileNotFoundError, is only missing from
+# the archive: a warning, as before.)
 UNREAD_FILE_MSGIDS = frozenset({"BackupError", "BackupOSError", "BackupPermissionError", "BackupIOError",
-                                "BackupFileNotFoundError", "BackupRaceConditionError"})
+                                "BackupRaceConditionError"})
 
 
 class BorgLog:
