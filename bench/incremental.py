@@ -54,6 +54,7 @@ from bench.common import BORG, KVM_BORG, RESTIC, KiB, MiB, evict_cache, machine_
     prepare_workdir, remove_domain, remove_workdir, run, scattered_extents, virt_type, write_extents
 from bench.procmem import run_measured
 from bench.rss_probe import RSS_ENV
+from bench.timing_probe import LOG_ENV as TIMING_ENV
 
 PHASES = ("series", "sweep", "view", "guest")
 CASES = ("full", "unchanged", "extents-4m", "blocks-64k")
@@ -219,7 +220,7 @@ def write_config(bench: Bench, path: Path, method: str, kind: str, repo: Path, s
     entry = {"name": f"{kind}-{method}", "type": kind, "passphrase_file": str(bench.passfile)}
     entry["path" if kind == "borg" else "url"] = str(repo)
     config = {"state_dir": str(bench.state_dir), "quiesce": quiesce, "libvirt_uri": bench.args.uri,
-              "plugins": ["bench.rss_probe"], "repositories": [entry]}
+              "plugins": ["bench.rss_probe", "bench.timing_probe"], "repositories": [entry]}
     if method != "snapshot":  # absent for the snapshot method: its runs work without the new keys
         config.update({"method": method, "segment_size": size_text(segment_mib), "scratch_dir": str(bench.scratch_dir)})
     path.write_text(json.dumps(config, indent=1))
@@ -228,12 +229,15 @@ def write_config(bench: Bench, path: Path, method: str, kind: str, repo: Path, s
 
 def kvm_borg(bench: Bench, config: Path, *args: str, env: dict | None = None) -> dict:
     """Run `kvm-borg --config CONFIG ARGS --json`; return {seconds, rss_kib, peaks_kib, json (parsed stdout)}."""
-    rss_file = bench.workdir / "rss"
+    rss_file, timing_file = bench.workdir / "rss", bench.workdir / "timing.jsonl"
     rss_file.unlink(missing_ok=True)
+    timing_file.unlink(missing_ok=True)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        spawned = time.time()
         measured = run_measured([KVM_BORG, "--config", str(config), "-q", *args, "--json"],
-                                {**bench.env, RSS_ENV: str(rss_file), **(env or {})}, out, err,
-                                marker=str(bench.workdir))
+                                {**bench.env, RSS_ENV: str(rss_file), TIMING_ENV: str(timing_file), **(env or {})},
+                                out, err, marker=str(bench.workdir))
+        exited = time.time()
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
@@ -245,8 +249,26 @@ def kvm_borg(bench: Bench, config: Path, *args: str, env: dict | None = None) ->
         parsed = json.loads(stdout)
     except ValueError:
         raise RuntimeError(f"kvm-borg {' '.join(args)} exited {measured.returncode}: {stderr[-2000:]}") from None
+    marks = [json.loads(line) for line in timing_file.read_text().splitlines()] if timing_file.exists() else []
     return {"seconds": measured.seconds, "rss_kib": own, "peaks_kib": measured.peaks_kib,
+            "stretches": stretches(marks, spawned, exited),
             "json": parsed, "returncode": measured.returncode, "stderr": stderr[-2000:]}
+
+
+def stretches(marks: list[dict], spawned: float, exited: float) -> dict:
+    """Given bench.timing_probe's marks ({"hook", "t"}) of one backup and the spawn and exit times, return
+    seconds per stretch: start (to before_snapshot), freeze (to after_snapshot: snapshot or backup job,
+    bitmap, view), store (to the last after_store), release (to after_commit: merge back, or view stop,
+    job end, fold, checkpoint deletion), end (to the exit); {} without marks."""
+    first = {}
+    for mark in marks:
+        first.setdefault(mark["hook"], mark["t"])
+    last_store = max((m["t"] for m in marks if m["hook"] == "after_store"), default=None)
+    points = [spawned, first.get("before_snapshot"), first.get("after_snapshot"), last_store,
+              first.get("after_commit"), exited]
+    if any(p is None for p in points):
+        return {}
+    return {name: b - a for name, a, b in zip(("start", "freeze", "store", "release", "end"), points, points[1:])}
 
 
 class Variant:
@@ -289,7 +311,8 @@ class Variant:
             read = self.bench.image.stat().st_size  # borg/restic read the whole frozen image file
         return {"variant": self.label, "method": self.method, "backend": self.kind,
                 "reported_method": result.get("method", "snapshot"), "seconds": out["seconds"],
-                "rss_kib": out["rss_kib"], "peaks_kib": out["peaks_kib"], "growth": growth, "bytes_read": read,
+                "rss_kib": out["rss_kib"], "peaks_kib": out["peaks_kib"], "stretches": out["stretches"],
+                "growth": growth, "bytes_read": read,
                 "disks": disks, "image_bytes": self.bench.image.stat().st_size,
                 "segment_size": int(self.segment_mib * MiB) if self.method == "bitmap" else None,
                 "warnings": result.get("warnings", [])}
