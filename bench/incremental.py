@@ -28,8 +28,8 @@ wall time, kvm-borg's own peak RSS (its `ru_maxrss` as bench/rss_probe.py record
 image file), the bytes written since the last run (= the bitmap's dirty bytes: nothing else
 writes to this disk), repository growth (`borg info` unique_csize / `restic stats --mode
 raw-data`). Writes docs/performance/incremental.md and incremental.json; removes the domain, its
-checkpoints, repositories and scratch files, also on failure or SIGTERM. `--render-only JSON`
-redraws the report from saved figures.
+checkpoints, repositories and scratch files, also on failure or SIGTERM (which ends the run after
+writing the report of the runs finished so far). `--render-only JSON` redraws the report from saved figures.
 """
 
 from __future__ import annotations
@@ -609,6 +609,7 @@ def run_all(args, argv) -> dict:
           f"{dataset.disk_bytes / MiB:.0f} MiB disk, {dataset.image_bytes / MiB:.0f} MiB qcow2", flush=True)
     remove_bench_domain(args.uri, args.name)
     workdir = prepare_workdir(args.workdir)
+    stopped = False
     try:
         domain_phases = [p for p in phases if p in ("series", "sweep", "view")]
         if domain_phases:
@@ -624,8 +625,10 @@ def run_all(args, argv) -> dict:
                       "view": lambda: phase_view(bench, results)}[phase]
                 try:
                     fn()
-                except Stop:
-                    raise
+                except Stop as exc:  # keep the figures so far, clean up, write the report
+                    results["errors"][phase] = f"stopped by {exc}: the runs finished before are kept"
+                    stopped = True
+                    break
                 except Exception as exc:  # record, go on with the next phase
                     traceback.print_exc()
                     results["errors"][phase] = f"{type(exc).__name__}: {exc}"[:3000]
@@ -633,11 +636,11 @@ def run_all(args, argv) -> dict:
                     for variant in variants:
                         variant.drop()
             remove_bench_domain(args.uri, args.name)
-        if "guest" in phases:
+        if "guest" in phases and not stopped:
             try:
                 phase_guest(args, results, methods)
-            except Stop:
-                raise
+            except Stop as exc:
+                results["errors"]["guest"] = f"stopped by {exc}: the runs finished before are kept"
             except Exception as exc:
                 traceback.print_exc()
                 results["errors"]["guest"] = f"{type(exc).__name__}: {exc}"[:3000]
