@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guest-runs", type=int, default=3, help="backups of the real guest per method")
     p.add_argument("--guest-interval-ms", type=int, default=2, help="the guest workload's pause between records")
     p.add_argument("--guest-disk-mib", type=int, default=256, help="the guest's data disk")
+    p.add_argument("--guest-boot-timeout", type=float, default=180,
+                   help="seconds the guest may take to boot (TCG on a loaded host is slow)")
     p.add_argument("--guest-quiesce", default="auto", help="quiesce mode of the guest's backups")
     p.add_argument("--phases", default=",".join(PHASES), help=f"phases to run ({','.join(PHASES)})")
     p.add_argument("--no-drop-caches", action="store_true", help="only evict the image, not the whole page cache")
@@ -484,8 +486,8 @@ def phase_guest(args, results: dict, methods: list[str]) -> None:
     try:
         guest = build.start_guest(conn, name, artifacts, workdir, "qcow2", args.guest_disk_mib,
                                   interval_ms=args.guest_interval_ms)
-        build.wait_for_agent(guest.dom, timeout=180)
-        build.wait_for_progress(guest.console_log, 50, timeout=120)
+        build.wait_for_agent(guest.dom, timeout=args.guest_boot_timeout)
+        build.wait_for_progress(guest.console_log, 50, timeout=args.guest_boot_timeout)
         watcher = ConsoleWatcher(guest.console_log)
         watcher.start()
         gbench = argparse.Namespace(uri=args.uri)
