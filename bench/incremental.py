@@ -683,7 +683,11 @@ def main(argv=None) -> int:
     from bench import incremental_report as report  # noqa: PLC0415
 
     if args.render_only:
-        results = merge_results([json.loads(Path(p).read_text()) for p in str(args.render_only).split(",")])
+        sources = str(args.render_only).split(",")
+        results = merge_results([json.loads(Path(p).read_text()) for p in sources])
+        if len(sources) > 1:  # the merged figures are the report's source from now on
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            (args.out_dir / "incremental.json").write_text(json.dumps(results, indent=1) + "\n")
     else:
         if os.geteuid() != 0:
             raise SystemExit("run me as root (libvirt qemu:///system, drop_caches, images QEMU can open)")
