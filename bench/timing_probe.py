@@ -1,7 +1,8 @@
 """A kvm-borg plugin (config `plugins: [bench.timing_probe]`) that timestamps the stages of a backup.
 
 With KVM_BORG_BENCH_TIMING_LOG set, each notification below appends one JSON line
-{"hook": name, "t": time.time()} to that file: before/after the snapshot, after each repository
+{"hook": name, "t": time.time(), "cpu": time.process_time()} to that file (`cpu`: the kvm-borg
+process's own CPU seconds so far, every thread, its children not counted): before/after the snapshot, after each repository
 stored (right after its `borg create` exited and its statistics were read), before/after the merge
 back, and when the run finished. bench/fixed_cost.py puts these beside the process's start and exit
 and libvirt's own log of its first call. It imports nothing heavy, so loading it costs kvm-borg ~1 ms.
@@ -19,11 +20,11 @@ LOG_ENV = "KVM_BORG_BENCH_TIMING_LOG"
 
 
 def _mark(hook: str) -> None:
-    now = time.time()
+    now, cpu = time.time(), time.process_time()
     path = os.environ.get(LOG_ENV)
     if path:
         with open(path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"hook": hook, "t": now}) + "\n")
+            handle.write(json.dumps({"hook": hook, "t": now, "cpu": cpu}) + "\n")
 
 
 @hookimpl

@@ -49,6 +49,7 @@ APT_PACKAGES=(
     fuse3 libfuse3-dev util-linux swtpm swtpm-tools
     python3-libnbd libnbd-bin   # the bitmap method's NBD client (libnbd's Python bindings; nbdinfo)
     systemd   # systemd-analyze, for the test of contrib/systemd (works without systemd as PID 1)
+    prometheus prometheus-node-exporter   # promtool + the monitoring test (services not started: policy-rc.d)
 )
 # The benchmark suite (python -m bench, tests/test_bench_smoke.py) compares kvm-borg with virtnbdbackup.
 if [ "$DEV" = 1 ]; then APT_PACKAGES+=(virtnbdbackup); fi
@@ -85,9 +86,16 @@ install_packages() {
     kb_log "installing Debian packages: $(echo $missing)"
     export DEBIAN_FRONTEND=noninteractive
     # Without systemd, keep package scripts from trying to start services (we
-    # start the daemons ourselves below).
-    if ! kb_have_systemd && [ ! -e "$POLICY_RC" ]; then
-        printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC"
+    # start the daemons ourselves below). With systemd, only Prometheus and its
+    # node exporter stay stopped: the monitoring test starts its own on loopback
+    # and the admin chooses whether this host runs them (policy-rc.d gets the
+    # service or unit name as $1).
+    if [ ! -e "$POLICY_RC" ]; then
+        if kb_have_systemd; then
+            printf '#!/bin/sh\ncase "$1" in prometheus|prometheus.*|prometheus-node-exporter*) exit 101 ;; esac\nexit 0\n' >"$POLICY_RC"
+        else
+            printf '#!/bin/sh\nexit 101\n' >"$POLICY_RC"
+        fi
         chmod 0755 "$POLICY_RC"
         REMOVE_POLICY_RC=1
     fi

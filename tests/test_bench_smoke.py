@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.cli import with_production_path
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,7 +28,7 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
             "--fixed-disk-mib", "32", "--name", name, "--workdir", str(run_dir / "bench"),
             "--out-dir", str(out)]
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env=with_production_path({**os.environ, "PYTHONUNBUFFERED": "1"}))
     output = proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.returncode == 0, output
 
@@ -51,7 +53,8 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
     assert (out / "guest-impact.md").read_text().startswith("# Guest impact")
     [fixed] = results["fixed_cost"]["kvm-borg"]
     assert set(fixed["stretches"]) == {"head", "plan", "snapshot", "store", "store_to_commit", "commit", "tail",
-                                       "fixed", "fixed_with_commit"} and fixed["stretches"]["head"] > 0
+                                       "fixed", "fixed_with_commit", "cpu_to_snapshot"} and fixed["stretches"]["head"] > 0
+    assert 0 < fixed["stretches"]["cpu_to_snapshot"] < fixed["stretches"]["head"] + fixed["stretches"]["plan"] + 1
     fixed_table = (out / "fixed-cost.md").read_text()
     assert fixed_table.startswith("# Fixed cost of a backup") and "| **median** |" in fixed_table
     for png in ("full-backup.png", "repeat-runs.png", "restore-and-commit.png"):

@@ -195,6 +195,17 @@ def test_environment_passes_commands_not_secrets(tmp_path):
     assert env["BORG_FILES_CACHE_SUFFIX"] == "kvm-borg-web"
 
 
+def test_only_borg_mount_loads_a_fuse_library(tmp_path):
+    """Borg imports its FUSE library (pyfuse3, trio) at every start: every run but `borg mount` and the
+    user's own borg commands gets BORG_FUSE_IMPL=none."""
+    config = repository_config(tmp_path, None)
+    assert make_environment(config, {"BORG_FUSE_IMPL": "llfuse"})["BORG_FUSE_IMPL"] == "none"
+    assert make_environment(config, {"BORG_FUSE_IMPL": "llfuse"}, fuse=True)["BORG_FUSE_IMPL"] == "llfuse"
+    assert "BORG_FUSE_IMPL" not in make_environment(config, {}, fuse=True)
+    backend = BorgRepository(config, SimpleNamespace(borg_binary=None, progress=False, hostname="hv1"))
+    assert "BORG_FUSE_IMPL" not in backend.command_environment()["env"]  # `kvm-borg borg mount ...` works
+
+
 def test_files_cache_suffix_is_one_per_domain_and_file_name_safe():
     assert files_cache_suffix("web") == "kvm-borg-web"
     odd = files_cache_suffix("a/b c")

@@ -127,17 +127,19 @@ def _doctor_bitmap_row(tmp_path, name, method, extra_path=None):
     env = cli_env(PYTHONPATH=os.pathsep.join([*([str(extra_path)] if extra_path else []), str(Path(__file__).parent)]))
     proc = run_cli("doctor", "--json", config=config, env=env)
     checks = {c["check"]: c for c in json.loads(proc.stdout)["checks"]}
-    return proc.returncode, checks["bitmap method"]
+    return proc.returncode, checks["bitmap method"], checks
 
 
 def test_doctor_says_whether_the_bitmap_method_can_run(tmp_path):
-    code, row = _doctor_bitmap_row(tmp_path, "real", "bitmap")
+    code, row, checks = _doctor_bitmap_row(tmp_path, "real", "bitmap")
     assert row == {"check": "bitmap method", "status": "ok", "detail": "can run (libnbd, pyfuse3, libvirt backup jobs)"}
+    scratch = tmp_path / "real" / "state" / "scratch"
+    assert checks["scratch_dir"]["detail"].startswith(f"{scratch} (") and "MiB free" in checks["scratch_dir"]["detail"]
     # libnbd's bindings missing: a module named nbd that does not import shadows Debian's
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "nbd.py").write_text("raise ImportError('libnbd is not installed here')\n")
-    code, row = _doctor_bitmap_row(tmp_path, "wanted", "bitmap", shadow)
+    code, row, _ = _doctor_bitmap_row(tmp_path, "wanted", "bitmap", shadow)
     assert row["status"] == "warning" and code >= 1
     assert "cannot run: nbd does not import (ImportError: libnbd is not installed here; install python3-libnbd" \
         in row["detail"]

@@ -60,6 +60,19 @@ def extract_restic_archive(backend, archive: str, destination: Path) -> dict:
     return meta
 
 
+def commands_run(backend) -> list[tuple[str, ...]]:
+    """Record the argv of every restic run of `backend` from now on (the runs still happen); return the record."""
+    ran: list[tuple[str, ...]] = []
+    run = backend._run
+
+    def recording(argv, **kwargs):
+        ran.append(tuple(argv))
+        return run(argv, **kwargs)
+
+    backend._run = recording
+    return ran
+
+
 def restic_snapshots(url: str, cache_dir: Path | None = None) -> list[dict]:
     """Every snapshot of a restic repository, read with the restic CLI directly."""
     proc = subprocess.run([str(RESTIC_BIN), "-r", url, "snapshots", "--json"], capture_output=True, text=True,
@@ -136,6 +149,7 @@ def test_live_two_disk_backup_into_local_restic_equals_snapshot_content(domain_f
     assert snapshot["hostname"] == os.uname().nodename
 
     backend = restic_backend(repo)
+    ran = commands_run(backend)
     meta = extract_restic_archive(backend, store["archive"], tmp_path / "x")
     assert meta["domain"]["name"] == domain.name and [d["target"] for d in meta["disks"]] == ["vda", "vdb"]
     assert_images_match_reference(meta, reference)
@@ -147,6 +161,8 @@ def test_live_two_disk_backup_into_local_restic_equals_snapshot_content(domain_f
     paths = backend.list_paths(store["archive"])
     assert any(p.endswith("/domain.xml") for p in paths) and any(p.endswith("/domain-live.xml") for p in paths)
     assert all(p.startswith("/") for p in paths)
+    # three files read and the paths listed twice: the archive's snapshots were listed once
+    assert len([argv for argv in ran if "snapshots" in argv]) == 1, ran
 
     assert_back_on_own_images(domain, image_dir / "kb" / "state")
     for target in ("vda", "vdb"):

@@ -117,12 +117,15 @@ def test_one_disk_to_a_file_and_to_stdout(domain_factory, image_dir, tmp_path):
     assert stat.S_ISREG(os.stat(streamed).st_mode)
 
 
-SPARSE_WRITES = [(0x11 + i, (i * 580 + 7) * MiB, 100 * MiB) for i in range(7)] + [
-    (0x5A, 4000 * MiB + i * 1024 * 1024 + 8192, 4096) for i in range(8)]  # 4 KiB islands in holes
+# A 1 GiB disk: 7 runs of data at offsets that are no multiple of borg's 4 MiB chunks, holes of ~120 MiB between
+# them, and 4 KiB islands in the last hole (the benchmark restores a 4 GiB image sparse: bench/suite.py).
+SPARSE_MIB = 1024
+SPARSE_WRITES = [(0x11 + i, (i * 140 + 7) * MiB, 16 * MiB) for i in range(7)] + [
+    (0x5A, 1000 * MiB + i * 1024 * 1024 + 8192, 4096) for i in range(8)]  # 4 KiB islands in holes
 
 
 def test_sparse_restore_allocates_only_the_data(domain_factory, image_dir, tmp_path):
-    domain = domain_factory.make(disks=[DiskSpec("vda", "raw", 4096, fill=SPARSE_WRITES)], running=False,
+    domain = domain_factory.make(disks=[DiskSpec("vda", "raw", SPARSE_MIB, fill=SPARSE_WRITES)], running=False,
                                  name="sparse")
     data = sum(length for _p, _o, length in SPARSE_WRITES)
     config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
@@ -132,7 +135,7 @@ def test_sparse_restore_allocates_only_the_data(domain_factory, image_dir, tmp_p
     assert proc.returncode == 0, proc.stderr
     restored = json.loads(proc.stdout)["disks"]["vda"]
     st = os.stat(restored)
-    assert st.st_size == 4096 * MiB
+    assert st.st_size == SPARSE_MIB * MiB
     assert st.st_blocks * 512 <= data * 1.05, (st.st_blocks * 512, data)
     assert domain.verify_fill("vda", restored, "raw")
     # Written atomically, with no temporary file left; a new file is root's 0600 whatever the archive

@@ -73,3 +73,18 @@ def test_exposure_paths_are_stable_and_meta_points_at_them():
     point_meta_at_exposure(meta, exposed)
     assert meta["disks"][0]["archive_path"] == "x/web/disks/vda.qcow2"
     assert meta["disks"][0]["backing_chain"][0]["archive_path"] == "x/web/disks/vda.backing1"
+
+
+def test_fleet_rows_take_each_hosts_newest_archive_per_domain_and_repository():
+    from kvm_borg.actions.status import fleet_rows
+
+    archives = [ArchiveInfo("a-1", "a", "2026-01-01T00:00:00+00:00", "shared", original_size=1, host="hv1"),
+                ArchiveInfo("a-2", "a", "2026-01-02T00:00:00+00:00", "shared", original_size=2, host="hv1"),
+                ArchiveInfo("a-9", "a", "2026-01-01T12:00:00", "shared", host="hv2"),  # naive: UTC
+                ArchiveInfo("b-1", "b", "garbage", "shared", host="hv2")]  # unreadable time: not a backup
+    day2 = 1767312000.0  # 2026-01-02T00:00:00Z
+    rows = fleet_rows(archives, max_age=86400, now=day2 + 60)
+    assert [(r["host"], r["domain"], r["archive"], r["archive_count"], r["age_seconds"], r["stale"]) for r in rows] == [
+        ("hv1", "a", "a-2", 2, 60.0, False), ("hv2", "a", "a-9", 1, 43260.0, False)]
+    assert rows[0]["last_size"] == 2 and verdict(rows) == 0
+    assert verdict(fleet_rows(archives, max_age=3600, now=day2 + 60)) == 2

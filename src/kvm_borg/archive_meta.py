@@ -31,6 +31,16 @@ MAX_VIRTUAL_SIZE = 1 << 62
 MAX_DOMAIN_NAME_BYTES = 200
 MAX_DISKS = 1024
 MAX_FILES = 4096
+#: Disk layouts an archive may name: a stored image file ("image", the default) or a directory of
+#: fixed-size segment files with a manifest ("segments", the bitmap method; see kvm_borg.pipeline.segments_read).
+LAYOUTS = frozenset({"image", "segments"})
+#: Segment sizes accepted from an archive: multiples of 64 KiB from 64 KiB to 1 GiB (the config's range).
+SEGMENT_ALIGN = 64 << 10
+MAX_SEGMENT_SIZE = 1 << 30
+#: Most segments one disk may have (names have 8 digits up to 10**8; more widen the name): 2**32.
+MAX_SEGMENT_COUNT = 1 << 32
+#: The formats a segmented disk is restored in (its content is raw; qcow2 is converted at restore).
+SEGMENT_FORMATS = frozenset({"raw", "qcow2"})
 _TARGET_RE = re.compile(r"^[a-z][a-z0-9]{0,31}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -143,6 +153,38 @@ def check_size(value: object, what: str) -> int:
     return value
 
 
+def check_segments(disk: dict, where: str) -> dict | None:
+    """Given one disk entry of meta.json (target, virtual_size already checked) and where it is ("disks[0]"),
+    return its `segments` object ({"size", "count"}) when its `layout` is "segments", None for an image
+    (`layout` absent or "image"); a layout that is not known, a segment size that is not a multiple of
+    64 KiB within 64 KiB..1 GiB, a count that does not cover the virtual size exactly, or a segmented disk
+    with backing files is a UsageError."""
+    layout = disk.get("layout", "image")
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise UsageError(f"archive meta.json: {where}.layout: expected one of {', '.join(sorted(LAYOUTS))}, "
+                         f"got {layout!r}")
+    if layout == "image":
+        if disk.get("segments") is not None:
+            raise UsageError(f"archive meta.json: {where}.segments: given for a disk whose layout is not segments")
+        return None
+    segments = _type(disk.get("segments"), dict, f"{where}.segments", "an object")
+    size, count = segments.get("size"), segments.get("count")
+    if (isinstance(size, bool) or not isinstance(size, int) or not SEGMENT_ALIGN <= size <= MAX_SEGMENT_SIZE
+            or size % SEGMENT_ALIGN):
+        raise UsageError(f"archive meta.json: {where}.segments.size: expected a multiple of 64 KiB from 64 KiB "
+                         f"to 1 GiB, got {size!r}")
+    expected = -(-disk["virtual_size"] // size)
+    if isinstance(count, bool) or not isinstance(count, int) or count != expected or count > MAX_SEGMENT_COUNT:
+        raise UsageError(f"archive meta.json: {where}.segments.count: expected {expected} segments of {size} bytes "
+                         f"for {disk['virtual_size']} bytes, got {count!r}")
+    if disk.get("backing_chain"):
+        raise UsageError(f"archive meta.json: {where}.backing_chain: a segmented disk has no backing files")
+    if disk.get("format") not in SEGMENT_FORMATS:
+        raise UsageError(f"archive meta.json: {where}.format: a segmented disk is restored as "
+                         f"{' or '.join(sorted(SEGMENT_FORMATS))}, not {disk.get('format')!r}")
+    return segments
+
+
 # --- the whole meta.json -----------------------------------------------------------------------
 
 
@@ -189,6 +231,7 @@ def check_meta(meta: object) -> dict:
         check_format(disk.get("format"), f"image format of disk {target}")
         check_size(disk.get("virtual_size"), f"{where}.virtual_size")
         check_archive_path(disk.get("archive_path"), f"image of disk {target}")
+        check_segments(disk, where)
         check_host_path(disk.get("original_source"), f"original source of disk {target}")
         _type(disk.get("block_device"), bool, f"{where}.block_device", "true or false", optional=True)
         for key in ("source_type", "read_from"):

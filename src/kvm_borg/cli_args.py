@@ -154,6 +154,9 @@ def add_status(subparsers) -> None:
     parser.add_argument("--host", metavar="NAME",
                         help="with --refresh: record the archives made on host NAME, '*' for every host "
                              "(default: this host)")
+    parser.add_argument("--all-hosts", action="store_true",
+                        help="list the repositories: every host's domains and their last backup (a shared "
+                             "restic repository; borg: one repository per host, each in the config)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(run="kvm_borg.actions.status:run_from_args")
 

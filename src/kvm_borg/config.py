@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from ruamel.yaml import YAML
-from ruamel.yaml.constructor import DuplicateKeyError
-from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from kvm_borg import config_cache, config_schema, config_validate
 from kvm_borg.errors import ConfigError
@@ -125,8 +120,11 @@ def validate(data: Any, pm=None) -> dict:
     return config_validate.validate(schema_for(pm or plugin_manager_for(data)), data)
 
 
-def _yaml_error(exc: YAMLError, source: str) -> ConfigError:
+def _yaml_error(exc, source: str) -> ConfigError:
     """Given a ruamel.yaml error, return the one-line ConfigError (a duplicate key is named)."""
+    from ruamel.yaml.constructor import DuplicateKeyError
+    from ruamel.yaml.error import MarkedYAMLError
+
     mark = exc.problem_mark if isinstance(exc, MarkedYAMLError) else None
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
     if isinstance(exc, DuplicateKeyError):
@@ -139,7 +137,12 @@ def _yaml_error(exc: YAMLError, source: str) -> ConfigError:
 
 def load_yaml(text: str, source: str = "config") -> Any:
     """Given YAML text, return the parsed document with YAML 1.2 scalars (`off`, `no` stay strings) and
-    duplicate keys refused; a malformed document is a one-line ConfigError."""
+    duplicate keys refused; a malformed document is a one-line ConfigError.
+
+    ruamel.yaml is imported here, only when a text is parsed (see parse_config_text)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
     loader = YAML(typ="safe", pure=True)
     loader.version = (1, 2)
     loader.allow_duplicate_keys = False
@@ -149,6 +152,20 @@ def load_yaml(text: str, source: str = "config") -> Any:
         raise _yaml_error(exc, source) from None
     except RecursionError:  # deeply nested flow collections
         raise ConfigError(f"{source}: malformed YAML: nested too deeply") from None
+
+
+def parse_config_text(text: str, source: str, cache_dir: Path | None = None) -> Any:
+    """Given a config file's text, its name for messages and the parsed-document cache (None: none), return
+    the parsed document as load_yaml does; a text parsed before comes from the cache (config_cache), so
+    the YAML parser is not even imported, and a newly parsed one is remembered there."""
+    if cache_dir is not None:
+        hit, document = config_cache.parsed_document(text, cache_dir)
+        if hit:
+            return document
+    document = load_yaml(text, source)
+    if cache_dir is not None:
+        config_cache.remember_document(text, document, cache_dir)
+    return document
 
 
 def parse_text(text: str, source: str = "config") -> dict:
@@ -213,7 +230,7 @@ def load_config(cli_path: str | None = None, *, progress: bool = False):
     embedded = not from_file
     document: Any = {}
     if from_file:
-        document = load_yaml(read_config_file(path), str(path))
+        document = parse_config_text(read_config_file(path), str(path), config_cache.PARSED_DIR)
         if document is None:
             raise ConfigError(f"{path}: config file has no settings (only comments)")
     if not isinstance(document, dict):
@@ -238,7 +255,7 @@ def load_config(cli_path: str | None = None, *, progress: bool = False):
         plugins=data["plugins"],
         borg_binary=data["borg_binary"],
         restic_binary=data["restic_binary"],
-        hostname=data["hostname"] or socket.gethostname(),
+        hostname=data["hostname"] or os.uname().nodename,  # = socket.gethostname() on Linux
         repositories=data["repositories"],
         config_path=path if from_file else None,
         embedded_default=embedded,

@@ -1,11 +1,22 @@
 """Remember which configurations already passed the schema, so a run with an unchanged file and
 unchanged plugins skips compiling the validator (fastjsonschema: ~40 ms import + ~90 ms compile of
-the whole schema on this 2-core host) and pays only for the normalization.
+the whole schema on this 2-core host) and pays only for the normalization; and remember what the
+YAML parser made of a config file's text, so such a run imports no YAML parser either (ruamel.yaml:
+~20 ms of CPU).
 
 A validated (schema, document) pair is an empty file named by their digest in a private directory
 of ours on tmpfs (VALIDATED_DIR, cleared at boot). The directory is trusted only when it is a real
 directory owned by us with no access for others; anything else, and any OSError, means "not
 cached": the document is then validated in full. Nothing is ever read from a marker but its name.
+
+A parsed document is a JSON file in PARSED_DIR (same trust rules) named by the digest of the file's
+exact text and kvm-borg's version, so an edited config never finds a stale entry: its text names
+another file. Only documents JSON keeps exactly (string keys; strings, ints, floats, booleans, null,
+lists, mappings) are remembered. An entry is used only when it is a regular file owned by us, not
+writable by group or others, and what it holds names the same text digest; anything else (a corrupt,
+foreign or truncated file, any OSError) means "not cached" and the text is parsed again. Entries are
+0600 in a 0700 directory: no more readable than the config they came from, which may hold secrets
+(a password in a repository URL).
 """
 
 from __future__ import annotations
@@ -23,6 +34,9 @@ from kvm_borg import __version__
 log = logging.getLogger(__name__)
 
 VALIDATED_DIR = Path("/run/kvm-borg/config-validated")
+PARSED_DIR = Path("/run/kvm-borg/config-parsed")
+# The first line of a parsed-document entry: what it is and for which kvm-borg version.
+_PARSED_FORMAT = "kvm-borg parsed config 1"
 
 
 def _canonical(value: Any) -> Any:
@@ -72,3 +86,84 @@ def remember(name: str, directory: Path = VALIDATED_DIR) -> None:
         pass
     except OSError as exc:
         log.debug("cannot remember the validated config in %s: %s", directory, exc)
+
+
+def text_digest(text: str) -> str:
+    """Given a config file's text, return the hex digest that names its parsed document."""
+    return hashlib.sha256(f"{_PARSED_FORMAT}\0{__version__}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def json_exact(value: Any, _seen: set[int] | None = None) -> bool:
+    """Given a parsed YAML value, return whether JSON gives it back exactly: same types, same values, and no
+    mapping or list that appears twice (a YAML alias: JSON would give two copies, or loop forever on a cycle)."""
+    if type(value) in (dict, list):
+        seen = set() if _seen is None else _seen
+        if id(value) in seen:
+            return False
+        seen.add(id(value))
+        if type(value) is dict:
+            return all(type(k) is str and json_exact(v, seen) for k, v in value.items())
+        return all(json_exact(v, seen) for v in value)
+    return value is None or type(value) in (str, int, float, bool)
+
+
+def parsed_document(text: str, directory: Path = PARSED_DIR) -> tuple[bool, Any]:
+    """Given a config file's text, return (True, the document parsed from it before) or (False, None) when
+    no trustworthy entry exists (see the module's docstring)."""
+    name = text_digest(text)
+    try:
+        if not (_private(directory.parent, False) and _private(directory, False)):
+            return False, None
+        fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o077:
+                return False, None
+            with os.fdopen(fd, "rb", closefd=False) as handle:
+                raw = handle.read(info.st_size + 1)
+        finally:
+            os.close(fd)
+        header, _, body = raw.decode("utf-8").partition("\n")
+        entry = json.loads(body)
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON
+        log.debug("no parsed config from %s: %s", directory / name, exc)
+        return False, None
+    try:
+        if header != _PARSED_FORMAT or type(entry) is not dict or entry.get("text") != name \
+                or "document" not in entry or not json_exact(entry["document"]):
+            return False, None
+    except RecursionError:
+        return False, None
+    return True, entry["document"]
+
+
+def remember_document(text: str, document: Any, directory: Path = PARSED_DIR) -> None:
+    """Given a config file's text and the document the YAML parser made of it, remember the document
+    (best effort: a document JSON cannot keep exactly is not remembered, a failure is logged at debug)."""
+    try:
+        if not json_exact(document):
+            return
+        name = text_digest(text)
+        data = (_PARSED_FORMAT + "\n" + json.dumps({"text": name, "document": document}, ensure_ascii=False,
+                                                    allow_nan=True)).encode("utf-8", "surrogatepass")
+    except RecursionError:  # nested too deeply for JSON: parsed again every time
+        return
+    temp = directory / f".{name}.{os.getpid()}.tmp"
+    try:
+        if not (_private(directory.parent, True) and _private(directory, True)):
+            return
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(temp, directory / name)  # tmpfs, cleared at boot: no fsync needed
+    except OSError as exc:
+        log.debug("cannot remember the parsed config in %s: %s", directory, exc)
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass

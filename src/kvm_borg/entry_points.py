@@ -5,12 +5,11 @@ directory on the import path (sys.path order), every `*.dist-info` (and `*.egg-i
 that holds an `entry_points.txt` (the INI file pip writes from a package's
 `[project.entry-points.GROUP]`, see the PyPA entry points specification). Importing importlib.metadata
 costs ~60 ms of a kvm-borg start-up (email, zipfile, csv); this reads only the few small files that
-exist, in a few milliseconds.
+exist, in a few milliseconds; configparser itself is imported only for a file that names the group.
 """
 
 from __future__ import annotations
 
-import configparser
 import importlib
 import os
 import sys
@@ -31,6 +30,10 @@ class EntryPoint:
 def parse(text: str, group: str, source: str) -> list[EntryPoint]:
     """Given the text of an entry_points.txt, a group and the file's path, return the group's entry points
     in file order (an unreadable file declares none)."""
+    if f"[{group}]" not in text:  # configparser reads a section only from a line `[GROUP]`
+        return []
+    import configparser
+
     parser = configparser.ConfigParser(delimiters=("=",), interpolation=None, strict=False)
     parser.optionxform = str  # names are case-sensitive
     try:

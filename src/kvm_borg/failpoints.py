@@ -12,7 +12,9 @@ yet), `snapshot-taken`, `storing` (just before the repositories are written), `r
 (the merge is about to start, signals are shielded), `merge-attempt` (each attempt of the merge,
 before any libvirt call: `error` there makes every retry fail, as a broken storage path would),
 `commit-ready` (a disk's blockcommit is READY, not pivoted), `pivoted` (a disk is back on its
-base, overlay not yet deleted nor the pivot journaled).
+base, overlay not yet deleted nor the pivot journaled). The bitmap method reaches
+`journal-written` (entry on disk, no backup job yet), `job-begun` (the job and its new checkpoint
+exist, the maps are not read), `storing` and `release` (the view is about to stop and the job end).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""The crash journal: one fsync'd JSON file per domain with overlays in flight.
+"""The crash journal: one fsync'd JSON file per domain with overlays (or a backup job) in flight.
 
 An entry is written BEFORE the snapshot names the overlays, updated as each disk is pivoted back,
 and removed only when every overlay is merged and deleted. `kvm-borg recover` reads what is left.
+A source other than the snapshot engine keeps its own fields in `extra` (the bitmap method: the
+checkpoint it creates, its scratch dir, socket and view); entries written before `extra` read as {}.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Entry:
     source: str = "libvirt-snapshot"  # the FrozenSource plugin that knows how to release it
     stage: str = "planned"  # planned -> snapshot -> storing | exposed -> committing
     owner: str | None = None  # who holds the frozen files until released (FrozenSource.hand_over), if anyone
+    extra: dict = field(default_factory=dict)  # source-specific fields (libvirt-bitmap: checkpoint, scratch dir...)
     pid: int = field(default_factory=os.getpid)
     created: float = field(default_factory=time.time)
     version: int = ENTRY_VERSION
@@ -77,6 +80,8 @@ class Entry:
                 raise ValueError(f"field {name!r} is not a string")
         if entry.owner is not None and not isinstance(entry.owner, str):
             raise ValueError("field 'owner' is not a string")
+        if not isinstance(entry.extra, dict):
+            raise ValueError("field 'extra' is not an object")
         if not isinstance(entry.created, (int, float)) or isinstance(entry.created, bool):
             raise ValueError("field 'created' is not a number")
         return entry

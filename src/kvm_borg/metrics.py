@@ -1,7 +1,9 @@
 """Prometheus metrics in the node_exporter textfile-collector format, rendered from the run state.
 
-`render` is pure: the run state (kvm_borg.run_state) in, the text out, so every domain keeps its
-series across runs that did not touch it. `write_textfile` replaces the file atomically (a
+`render` is pure: the run state (kvm_borg.run_state), the host name, the pending journal entries
+and the per-domain job bound in, the text out, so every domain keeps its series across runs that
+did not touch it. Every series carries `host` (the config's `hostname`) so one Prometheus can
+watch a fleet; contrib/prometheus/kvm-borg.rules.yml alerts on them. `write_textfile` replaces the file atomically (a
 temporary name node_exporter ignores, fsync, rename), so the collector never reads half a file.
 """
 
@@ -31,6 +33,12 @@ _DOMAIN_REPOSITORY_GAUGES = (
     ("last_commit_seconds", "Seconds merging the overlays back took in the last attempt.", "last_attempt",
      "commit_seconds"),
 )
+_VERIFY_GAUGES = (
+    ("last_verify_timestamp_seconds", "Time of the last verify drill (Unix time).", "time"),
+    ("last_verify_success", "1 if the last verify drill passed, else 0.", "ok"),
+    ("last_verify_restore_seconds", "Seconds the last verify drill took to restore the archive.", "restore_seconds"),
+    ("last_verify_rto_seconds", "Restore plus first sign of life of the last `verify --boot` drill.", "rto_seconds"),
+)
 _REPOSITORY_GAUGES = (
     ("last_check_timestamp_seconds", "Time of the last repository check (Unix time).", "last_check", "time"),
     ("last_check_success", "1 if the last repository check passed, else 0.", "last_check", "ok"),
@@ -57,9 +65,13 @@ def _number(value) -> str:
     return repr(float(value))
 
 
-def render(state: dict) -> str:
-    """Given the run state, return the metrics text: per domain and repository, per repository, per run."""
+def render(state: dict, host: str = "", entries: list[dict] = (), job_bound: float | None = None) -> str:
+    """Given the run state, the host name (the `host` label; "" leaves it out), the pending journal
+    entries ([{domain, stage, created, orphaned}]) and one domain's job bound in seconds (store_timeout
+    + commit_timeout), return the metrics text: per domain and repository, per repository, per run,
+    per pending journal entry. Nothing recorded and nothing pending: ""."""
     lines: list[str] = []
+    base = {"host": host} if host else {}
     domains = state.get("domains", {})
     for name, help_text, record, key in _DOMAIN_REPOSITORY_GAUGES:
         samples = []
@@ -67,13 +79,23 @@ def render(state: dict) -> str:
             for repository, data in sorted(domains[domain].get("repositories", {}).items()):
                 value = (data.get(record) or {}).get(key)
                 if value is not None:
-                    samples.append(f"{PREFIX}{name}{_labels(domain=domain, repository=repository)} {_number(value)}")
+                    samples.append(f"{PREFIX}{name}{_labels(**base, domain=domain, repository=repository)} "
+                                   f"{_number(value)}")
+        _family(lines, name, help_text, samples)
+    for name, help_text, key in _VERIFY_GAUGES:
+        samples = []
+        for domain in sorted(domains):
+            for repository, data in sorted(domains[domain].get("repositories", {}).items()):
+                value = (data.get("last_verify") or {}).get(key)
+                if value is not None:
+                    samples.append(f"{PREFIX}{name}{_labels(**base, domain=domain, repository=repository)} "
+                                   f"{_number(value)}")
         _family(lines, name, help_text, samples)
     samples = []
     for domain in sorted(domains):
         for repository, data in sorted(domains[domain].get("repositories", {}).items()):
             if data.get("archive_count") is not None:
-                samples.append(f"{PREFIX}archives{_labels(domain=domain, repository=repository)} "
+                samples.append(f"{PREFIX}archives{_labels(**base, domain=domain, repository=repository)} "
                                f"{_number(data['archive_count'])}")
     _family(lines, "archives", "Archives of the domain in the repository, as of the last prune or status --refresh.",
             samples)
@@ -83,14 +105,39 @@ def render(state: dict) -> str:
         for repository in sorted(repositories):
             value = (repositories[repository].get(record) or {}).get(key)
             if value is not None:
-                samples.append(f"{PREFIX}{name}{_labels(repository=repository)} {_number(value)}")
+                samples.append(f"{PREFIX}{name}{_labels(**base, repository=repository)} {_number(value)}")
         _family(lines, name, help_text, samples)
+    host_labels = _labels(**base) if base else ""
     last_run = state.get("last_run")
     if last_run:
         _family(lines, "last_run_timestamp_seconds", "Time the last `kvm-borg backup` run ended (Unix time).",
-                [f"{PREFIX}last_run_timestamp_seconds {_number(last_run['time'])}"])
+                [f"{PREFIX}last_run_timestamp_seconds{host_labels} {_number(last_run['time'])}"])
         _family(lines, "last_run_exit_code", "Exit code of the last `kvm-borg backup` run (0 ok, 1 warnings, 2 error).",
-                [f"{PREFIX}last_run_exit_code {_number(last_run['exit_code'])}"])
+                [f"{PREFIX}last_run_exit_code{host_labels} {_number(last_run['exit_code'])}"])
+    running = state.get("running")
+    if running is not None:
+        _family(lines, "runs_in_progress", "`kvm-borg backup` runs started and not ended, as of this file.",
+                [f"{PREFIX}runs_in_progress{host_labels} {len(running)}"])
+        if running:
+            deadline = min(run["deadline"] for run in running.values())
+            _family(lines, "run_deadline_timestamp_seconds",
+                    "When the oldest run in progress passes its bound: start + domains x (store_timeout + "
+                    "commit_timeout) (Unix time).", [f"{PREFIX}run_deadline_timestamp_seconds{host_labels} "
+                                                     f"{_number(deadline)}"])
+    samples, orphaned = [], []
+    for entry in sorted(entries, key=lambda e: (e["domain"], e["created"])):
+        labels = _labels(**base, domain=entry["domain"], stage=entry["stage"])
+        samples.append(f"{PREFIX}journal_entry_created_timestamp_seconds{labels} {_number(entry['created'])}")
+        orphaned.append(f"{PREFIX}journal_entry_orphaned{labels} {_number(bool(entry['orphaned']))}")
+    _family(lines, "journal_entry_created_timestamp_seconds",
+            "A pending journal entry: the guest runs on its overlay since this time (Unix time) until the "
+            "merge back or `kvm-borg recover`.", samples)
+    _family(lines, "journal_entry_orphaned",
+            "1 if no running kvm-borg holds the pending journal entry (stage exposed: `freeze --expose` by design; "
+            "else the run died: `kvm-borg recover`).", orphaned)
+    if lines and job_bound is not None:
+        _family(lines, "job_bound_seconds", "One domain's bound: store_timeout + commit_timeout (seconds).",
+                [f"{PREFIX}job_bound_seconds{host_labels} {_number(job_bound)}"])
     return "\n".join(lines) + "\n" if lines else ""
 
 

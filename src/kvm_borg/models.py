@@ -289,6 +289,11 @@ class RepositoryBackend(Protocol):
         """Pass one stored file's bytes, as stored and authenticated by the backend, to `write` in order."""
         ...
 
+    def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and a stored DIRECTORY (a segmented disk), pass an uncompressed tar stream of it
+        and everything below it, as stored and authenticated by the backend, to `write` in order."""
+        ...
+
     def mount(self, archive: str, mountpoint: str) -> str:
         """Mount an archive read-only at `mountpoint` (in the background); return the directory of its root."""
         ...
@@ -357,6 +362,10 @@ class BackendBase:
             with open(path, "rb") as handle:
                 while data := handle.read(4 << 20):
                     write(data)
+
+    def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Raise UsageError: this backend cannot read a stored directory as a tar stream (segmented disks)."""
+        raise self._cannot("read segmented disks (a stored directory as a tar stream)")
 
     def mount(self, archive: str, mountpoint: str) -> str:
         """Raise UsageError: this backend cannot mount archives."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import types
 
 import pluggy
 
@@ -17,10 +18,29 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "kvm_borg"
 
 
+# What pluggy can take as a hook implementation (pluggy._manager._static_hook_attr); anything else is skipped.
+_HOOKABLE = (types.FunctionType, staticmethod, classmethod, types.MethodType)
+_ABSENT = object()
+
+
 class PluginManager(pluggy.PluginManager):
     """pluggy's PluginManager that refuses, at registration, a wrapper (wrapper=True or hookwrapper=True)
     on a notification hook: `notify` calls each notifier on its own, isolated, so such a wrapper
-    could never wrap anything, and it must not be skipped silently."""
+    could never wrap anything, and it must not be skipped silently.
+
+    Registering a module plugin asks `parse_hookimpl_opts` about every name in it; pluggy answers each
+    with inspect.getattr_static (~2/3 of the start-up's plugin registration). For a plain module's own
+    value that is no function (a class, a constant, an imported module) the answer is known without it."""
+
+    def parse_hookimpl_opts(self, plugin, name):
+        """Given a plugin and one of its names, return the hookimpl options as pluggy does (None: not a hook)."""
+        if type(plugin) is types.ModuleType and not name.startswith("__"):
+            # getattr_static of a plain module gives its own __dict__ value for every name ModuleType and object
+            # do not define themselves (those are all dunders)
+            value = plugin.__dict__.get(name, _ABSENT)
+            if value is not _ABSENT and not isinstance(value, _HOOKABLE):
+                return None
+        return super().parse_hookimpl_opts(plugin, name)
 
     def register(self, plugin, name=None):
         """Register `plugin` as pluggy does and return its name; ConfigError (and nothing registered) when

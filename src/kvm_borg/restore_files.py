@@ -1,7 +1,10 @@
 """Writing restored files: each stored file streamed from the archive into a temporary name beside its
 destination (kvm_borg.atomic.replace_streamed), sparse where it is an image, with an owner and mode
 chosen on this host, and renamed into place; or written into a block device as it is. Backing chains
-are rebased onto the restored layers (`qemu-img rebase -u`).
+are rebased onto the restored layers (`qemu-img rebase -u`). A segmented disk (layout "segments") is
+read segment by segment (kvm_borg.pipeline.segments_read) into the temporary file, raw and sparse,
+and a qcow2 original is converted there (`qemu-img convert -f raw -O qcow2 -o compat=1.1`, from a
+second, sparse temporary file) before the rename: the restored disk is flat, in its original format.
 
 Missing directories are created 0711 (QEMU must traverse them, nobody may list them).
 """
@@ -11,13 +14,18 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+import tempfile
 from pathlib import Path
 
-from kvm_borg.atomic import replace_streamed, write_all
+from kvm_borg.atomic import replace_streamed, temp_names, write_all
 from kvm_borg.models import RepositoryBackend
+from kvm_borg.pipeline.segments_read import DenseOutput, SparseFileOutput, read_segments
 from kvm_borg.restore_plan import RestoreDisk
 from kvm_borg.sparse import SparseWriter
 from kvm_borg.tools import run_tool
+
+COPY_CHUNK = 4 << 20
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def local_owner(destination: str) -> tuple[int, int, int]:
@@ -61,6 +69,83 @@ def restore_file(backend: RepositoryBackend, archive: str, archive_path: str, de
         return writer.close()
 
     return replace_streamed(destination, fill, mode, owner=(uid, gid))
+
+
+def convert_argv(raw: str, target: str) -> list[str]:
+    """Given a raw image and where its qcow2 copy goes, return the `qemu-img convert` argv (sparse: zero
+    clusters are not allocated; compat=1.1, i.e. qcow2 v3)."""
+    return ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1", raw, target]
+
+
+def restore_segmented(backend: RepositoryBackend, archive: str, disk: RestoreDisk, destination: str) -> int:
+    """Given an archive, a segmented RestoreDisk and its destination file, write the disk's raw content into a
+    temporary file beside the destination (sparse), convert it when the disk's format is qcow2, give it its
+    local owner and mode, fsync it and rename it into place; return the virtual size in bytes.
+
+    A hostile or broken segment directory is a UsageError and leaves nothing at the destination."""
+    make_dirs(posixpath.dirname(destination))
+    uid, gid, mode = local_owner(destination)
+
+    def fill_raw(fd: int) -> int:
+        read_segments(backend, archive, disk, SparseFileOutput(fd, disk.virtual_size))
+        return disk.virtual_size
+
+    def fill_converted(fd: int) -> int:
+        raw = _create_temp(f"{destination}.raw")
+        try:
+            raw_fd = os.open(raw, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                fill_raw(raw_fd)
+            finally:
+                os.close(raw_fd)
+            # qemu-img writes the qcow2 into the very temp file replace_streamed opened (inherited fd)
+            run_tool(convert_argv(raw, f"/dev/fd/{fd}"), what=f"convert disk {disk.target} to qcow2", timeout=None,
+                     pass_fds=(fd,))
+        finally:
+            os.unlink(raw)
+        return disk.virtual_size
+
+    return replace_streamed(destination, fill_converted if disk.format == "qcow2" else fill_raw, mode,
+                            owner=(uid, gid))
+
+
+def _create_temp(near: str) -> str:
+    """Given a path, create an empty 0600 temporary file beside it (O_EXCL|O_NOFOLLOW); return its path."""
+    for _attempt, temp in zip(range(16), temp_names(Path(near))):
+        try:
+            os.close(os.open(temp, _TEMP_FLAGS, 0o600))
+        except FileExistsError:
+            continue
+        return str(temp)
+    raise FileExistsError(f"no free temporary name beside {near}")
+
+
+def write_segmented_into_device(backend: RepositoryBackend, archive: str, disk: RestoreDisk, device: str) -> int:
+    """Given a raw segmented RestoreDisk and a block device, write the disk's raw content into the device from
+    offset 0 (every byte, zeros too) and fsync it; return the bytes written."""
+    fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        read = read_segments(backend, archive, disk, DenseOutput(fd))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return read.bytes_written
+
+
+def stream_segmented(backend: RepositoryBackend, archive: str, disk: RestoreDisk, write, scratch_dir: str) -> int:
+    """Given a segmented RestoreDisk, a `write` callable (stdout) and a private directory, pass the disk's raw
+    content to `write` in order; return the bytes passed.
+
+    The segments come in the archive's order (borg: by inode, i.e. scrambled), so they are first written
+    into an unnamed sparse temporary file in `scratch_dir` (O_TMPFILE: gone with the process), then read
+    out in order (the system's temporary directory when `scratch_dir` does not exist, e.g. on a new host)."""
+    with tempfile.TemporaryFile(dir=scratch_dir if os.path.isdir(scratch_dir) else None) as handle:
+        read_segments(backend, archive, disk, SparseFileOutput(handle.fileno(), disk.virtual_size))
+        passed = 0
+        while data := os.pread(handle.fileno(), COPY_CHUNK, passed):
+            write(data)
+            passed += len(data)
+    return passed
 
 
 def write_text(path: str, text: str) -> None:

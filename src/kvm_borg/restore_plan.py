@@ -22,6 +22,7 @@ from kvm_borg.archive_meta import (
     check_domain_name,
     check_meta,
     check_relative_path,
+    check_segments,
     check_target,
     check_uuid,
 )
@@ -79,13 +80,25 @@ class RestoreFile:
 
 @dataclass(frozen=True)
 class RestoreDisk:
-    """One disk: its image (and backing files, top first below it) and its format."""
+    """One disk: its image (and backing files, top first below it) and its format.
+
+    A disk of layout "segments" is stored as a directory (`image.archive_path`) of `segment_count`
+    segment files of `segment_size` bytes holding the raw guest content; it has no backing files and is
+    restored flat in `format` (kvm_borg.pipeline.segments_read)."""
 
     target: str
     format: str
     image: RestoreFile
     virtual_size: int
     backing: tuple[tuple[RestoreFile, str | None], ...] = ()  # (file, format) of each backing layer, top first
+    layout: str = "image"  # "image" | "segments"
+    segment_size: int = 0
+    segment_count: int = 0
+
+    @property
+    def segmented(self) -> bool:
+        """Whether the disk is stored as segment files (layout "segments")."""
+        return self.layout == "segments"
 
 
 @dataclass(frozen=True)
@@ -174,13 +187,14 @@ def plan_restore(
     stem = safe_file_name(name)
     warnings: list[str] = []
 
-    def present(path: str, what: str) -> str:
+    def present(path: str, what: str, kind: str = "file") -> str:
         checked = check_archive_path(path, what)
         if checked not in archive_paths:
             raise UsageError(f"archive lacks {what} {checked} that its meta.json names")
-        if archive_types is not None and archive_types.get(checked) != "file":
+        if archive_types is not None and archive_types.get(checked) != kind:
+            expected = "a regular file" if kind == "file" else "a directory"
             raise UsageError(f"archive holds {what} {checked} as a {archive_types.get(checked) or 'unknown'}, "
-                             "not a regular file; refused")
+                             f"not {expected}; refused")
         return checked
 
     def directory_for(target: str) -> str:
@@ -213,6 +227,13 @@ def plan_restore(
             destination = local.source
         else:
             destination = posixpath.join(directory_for(target), f"{stem}-{target}.{fmt}")
+        segments = check_segments(entry, f"disk {target}")
+        if segments is not None:
+            image = RestoreFile(present(entry["archive_path"], f"segment directory of disk {target}", "dir"),
+                                destination)
+            restore_disks.append(RestoreDisk(target, fmt, image, entry["virtual_size"], layout="segments",
+                                             segment_size=segments["size"], segment_count=segments["count"]))
+            continue
         image = RestoreFile(present(entry["archive_path"], f"image of disk {target}"), destination)
         backing = []
         for index, layer in enumerate(entry.get("backing_chain") or [], start=1):

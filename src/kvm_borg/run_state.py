@@ -2,8 +2,9 @@
 
 Per domain and repository: the last attempt (when, ok or the error, how long, bytes read and
 added, freeze and commit seconds) and the last success; per domain: the last attempt as a whole;
-per repository: the last check and the last prune. `kvm-borg status` and the Prometheus textfile
-read it, so neither has to open a repository (whose lock a running backup may hold).
+per repository: the last check and the last prune; per domain and repository the last verify drill;
+the backup runs in progress (pid -> start and deadline). `kvm-borg status` and the Prometheus
+textfile read it, so neither has to open a repository (whose lock a running backup may hold).
 
 The `record_*` functions are pure (state dict in, state dict out); `update` reads, changes and
 writes the file under an exclusive lock, atomically (temp file, fsync, rename).
@@ -102,11 +103,30 @@ def targeted_repositories(summary: RunSummary, configured: Iterable[str]) -> lis
     return list(configured)
 
 
-def record_backup(state: dict, summary: RunSummary, configured: Iterable[str], now: float | None = None) -> dict:
-    """Given the state, a backup run's RunSummary and the configured repository names, return the state with its results."""
+def record_run_start(state: dict, pid: int, domains: int, bound_per_domain: float, now: float | None = None) -> dict:
+    """Given the state, the run's pid, how many domains it backs up and one domain's bound in seconds,
+    return the state with the run in progress: its start and its deadline (start + domains x bound)."""
+    now = time.time() if now is None else now
+    state.setdefault("running", {})[str(pid)] = {"started": now, "deadline": now + max(1, domains) * bound_per_domain}
+    return state
+
+
+def drop_dead_runs(state: dict, alive: Callable[[int], bool]) -> dict:
+    """Given the state and a pid -> running? test, return the state without the runs whose process is gone."""
+    running = state.get("running") or {}
+    for pid in [pid for pid in running if not alive(int(pid))]:
+        del running[pid]
+    return state
+
+
+def record_backup(state: dict, summary: RunSummary, configured: Iterable[str], now: float | None = None,
+                  pid: int | None = None) -> dict:
+    """Given the state, a backup run's RunSummary, the configured repository names and the run's pid (its
+    entry in progress is ended), return the state with its results."""
     now = time.time() if now is None else now
     repositories = targeted_repositories(summary, configured)
     state["last_run"] = {"time": now, "exit_code": summary.exit_code}
+    (state.get("running") or {}).pop(str(os.getpid() if pid is None else pid), None)
     for result in summary.domains:
         entry = _domain(state, result.domain)
         entry["last_attempt"] = {
@@ -158,6 +178,19 @@ def record_check(state: dict, result: CheckResult, now: float | None = None) -> 
     now = time.time() if now is None else now
     _repository(state, result.repository)["last_check"] = {
         "time": now, "ok": result.ok, "mode": result.mode, "seconds": result.seconds, "error": result.error,
+    }
+    return state
+
+
+def record_verify(state: dict, domain: str, repository: str, ok: bool, error: str | None = None,
+                  archive: str | None = None, restore_seconds: float | None = None, rto_seconds: float | None = None,
+                  now: float | None = None) -> dict:
+    """Given the state and one verify drill's outcome (domain, repository, ok, error, archive, seconds),
+    return the state with it as the pair's last verify."""
+    now = time.time() if now is None else now
+    _domain(state, domain)["repositories"].setdefault(repository, {})["last_verify"] = {
+        "time": now, "ok": ok, "error": error, "archive": archive,
+        "restore_seconds": restore_seconds, "rto_seconds": rto_seconds,
     }
     return state
 

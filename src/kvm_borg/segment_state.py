@@ -170,7 +170,10 @@ def load(state_dir: str | os.PathLike, uuid: str) -> BitmapState | None:
     """Given the state dir and a domain UUID, return the domain's BitmapState, or None when it has none;
     a file that cannot be read or is not a valid state for this UUID is logged as a warning naming
     it and treated as absent (the next run reads in full)."""
-    path = state_path(state_dir, uuid)
+    return _read(state_path(state_dir, uuid), uuid)
+
+
+def _read(path: Path, uuid: str) -> BitmapState | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -200,6 +203,48 @@ def save(state_dir: str | os.PathLike, state: BitmapState) -> Path:
     path = state_path(state_dir, state.uuid)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return atomic.write_atomic(path, encode(state), 0o600)
+
+
+def pending_path(state_dir: str | os.PathLike, uuid: str) -> Path:
+    """Given the state dir and a domain UUID, return the path of the state a run has not folded yet."""
+    path = state_path(state_dir, uuid)
+    return path.with_name(f"{uuid.lower()}.pending.json")
+
+
+def save_pending(state_dir: str | os.PathLike, state: BitmapState) -> Path:
+    """Given the state dir and the new BitmapState of a run whose backup job (and checkpoint) exists, write
+    it beside the state file as the run's pending state (atomic, fsync'd, 0600), so that whoever ends the
+    run (this process, `kvm-borg thaw`, `kvm-borg recover`) can fold it; return the path."""
+    path = pending_path(state_dir, state.uuid)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return atomic.write_atomic(path, encode(state), 0o600)
+
+
+def fold_pending(state_dir: str | os.PathLike, uuid: str, checkpoint: str | None) -> BitmapState | None:
+    """Given the state dir, a domain UUID and the checkpoint its run created, make the run's pending state
+    the domain's state (one rename, then an fsync of the directory) and return it; a pending state of
+    another checkpoint, or an unusable one, is removed and None returned (the older state stays, which
+    only costs reading again what changed since its checkpoint); None as well when there is none."""
+    path = pending_path(state_dir, uuid)
+    if not os.path.lexists(path):
+        return None
+    state = _read(path, uuid)
+    if state is None or checkpoint is None or state.checkpoint != checkpoint:
+        discard_pending(state_dir, uuid)
+        return None
+    os.replace(path, state_path(state_dir, uuid))
+    atomic.fsync_dir(path.parent)
+    return state
+
+
+def discard_pending(state_dir: str | os.PathLike, uuid: str) -> None:
+    """Given the state dir and a domain UUID, delete the run's pending state if there is one."""
+    path = pending_path(state_dir, uuid)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    atomic.fsync_dir(path.parent)
 
 
 def remove(state_dir: str | os.PathLike, uuid: str) -> None:

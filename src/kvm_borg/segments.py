@@ -23,13 +23,17 @@ MANIFEST_VERSION = 1
 NAME_DIGITS = 8
 NBD_STATE_ZERO = 2  # base:allocation flag: the extent reads as zeros
 CHAIN_LIMIT = 2**32  # a chain is a random 32-bit number
-# Segment inodes live in [SEGMENT_INODE_BASE, SEGMENT_INODE_BASE + 2**52): everything below is the
-# view's own (root, disk directories, manifest.json).
+# Segment inodes live in [SEGMENT_INODE_BASE, 2**62): everything below is the view's own (root, disk
+# directories, manifest.json). Their fields, high to low: 17 bits of the chain, the disk's position,
+# the segment's index, so that a disk's inodes ascend with its segments: borg walks a directory in
+# inode order (borg.helpers.fs.scandir_inorder), so it reads the export and stores the segments in
+# disk order, and a restore writes them in that order.
 SEGMENT_INODE_BASE = 2**61
-_INDEX_BITS = 40  # 2**40 segments of 64 KiB = 64 PiB
-_DISK_BITS = 12  # 4096 disks per domain
-_LOW_MASK = (1 << (_INDEX_BITS + _DISK_BITS)) - 1
-_GOLDEN = 0x9E3779B97F4A7C15  # odd: multiplying by it permutes the numbers modulo any power of two
+_INDEX_BITS = 34  # 2**34 segments of 64 KiB = 1 PiB (of the default 4 MiB: 64 PiB)
+_DISK_BITS = 10  # 1024 disks per domain
+_CHAIN_BITS = 17
+_CHAIN_SHIFT = _INDEX_BITS + _DISK_BITS
+CHAIN_INODE_MASK = (1 << _CHAIN_BITS) - 1  # the bits of a chain that its segments' inodes carry
 
 
 def segment_count(virtual_size: int, size: int) -> int:
@@ -133,19 +137,20 @@ def zero_segments(alloc_extents: Iterable[tuple[int, int, int]], size: int, coun
 
 def segment_inode(chain: int, disk_index: int, index: int) -> int:
     """Given a disk's chain, its position in the domain and a segment's index, return the segment's inode
-    number in the view: unique within a chain across disks and segments, different for the same
-    (disk_index, index) in another chain, and in [SEGMENT_INODE_BASE, 2**62) (so 1 < ino < 2**63)."""
+    number in the view: in [SEGMENT_INODE_BASE, 2**62) (so 1 < ino < 2**63), unique across the disks and
+    segments of a domain whatever their chains, ascending with `index`, and different for the same
+    (disk_index, index) in any chain whose low 17 bits differ (new_chain draws such a one)."""
     if not 0 <= chain < CHAIN_LIMIT or not 0 <= disk_index < 2**_DISK_BITS or not 0 <= index < 2**_INDEX_BITS:
         raise ValueError(f"no inode for chain {chain}, disk {disk_index}, segment {index}")
-    mask = (chain * _GOLDEN) & _LOW_MASK  # distinct for every 32-bit chain; XOR by it is a bijection
-    return SEGMENT_INODE_BASE | (((disk_index << _INDEX_BITS) | index) ^ mask)
+    return SEGMENT_INODE_BASE | (chain & CHAIN_INODE_MASK) << _CHAIN_SHIFT | disk_index << _INDEX_BITS | index
 
 
 def new_chain(previous: int | None = None) -> int:
-    """Given the chain a disk had (or None), return a fresh random 32-bit chain different from it."""
+    """Given the chain a disk had (or None), return a fresh random 32-bit chain that gives every one of
+    its segments another inode than `previous` did."""
     while True:
         chain = secrets.randbits(32)
-        if chain != previous:
+        if previous is None or (chain ^ previous) & CHAIN_INODE_MASK:
             return chain
 
 

@@ -18,12 +18,12 @@ _ZERO_BLOCK = bytes(BLOCK)
 class SparseWriter:
     """Writes a stream into a file descriptor, leaving holes where whole blocks are zero."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, offset: int = 0):
         self.fd = fd
-        self.offset = 0  # file offset where `pending` starts
+        self.offset = offset  # file offset where `pending` starts (the stream starts at `offset` in the file)
         self.pending = b""  # the tail of the stream that does not fill a block yet
         self.written = 0  # bytes of data actually written (not holes)
-        self.handed_back = 0  # the file up to here is written back or on its way
+        self.handed_back = offset  # the file up to here is written back or on its way
 
     def write(self, data: bytes) -> None:
         # Each piece is written as it comes (no 4 MiB buffer to copy and shift): only a tail
@@ -46,11 +46,17 @@ class SparseWriter:
                 pass  # only a hint
             self.handed_back = self.offset
 
-    def close(self) -> int:
-        """Write what is left, set the final size (a trailing hole too); return the size."""
+    def flush(self) -> int:
+        """Write what is left (a piece of a stream written into the middle of a file: the file's size is not
+        touched); return the offset where the stream ends."""
         if self.pending:
             self._emit(self.pending, len(self.pending))
             self.pending = b""
+        return self.offset
+
+    def close(self) -> int:
+        """Write what is left, set the final size (a trailing hole too); return the size."""
+        self.flush()
         os.ftruncate(self.fd, self.offset)
         return self.offset
 

@@ -36,13 +36,15 @@ def first_line(text: str) -> str | None:
 
 
 def run_tool(argv: list[str] | tuple[str, ...], *, what: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-             ok_codes: tuple[int, ...] | None = (0,)) -> subprocess.CompletedProcess:
-    """Given an argv, what the call is for (for the message), a timeout in seconds (None: none) and the exit
-    codes that count as success (None: any), run it without stdin; return the CompletedProcess (text
-    stdout and stderr). A missing tool, a timeout or another exit code is a ToolError."""
+             ok_codes: tuple[int, ...] | None = (0,), pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
+    """Given an argv, what the call is for (for the message), a timeout in seconds (None: none), the exit
+    codes that count as success (None: any) and file descriptors the tool inherits (it names them
+    /dev/fd/N), run it without stdin; return the CompletedProcess (text stdout and stderr). A missing
+    tool, a timeout or another exit code is a ToolError."""
     tool = argv[0]
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+        proc = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout,
+                              pass_fds=pass_fds)
     except FileNotFoundError:
         package = PACKAGES.get(tool)
         raise ToolError(tool, "not found" + (f": install {package}" if package else ""), what) from None

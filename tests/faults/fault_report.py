@@ -30,6 +30,14 @@ while the repository is written: the journal's stage writes fail with ENOSPC, th
 the same, the guest paused by the full overlay is resumed on its own images, exit 1 with those
 warnings. "corrupt journal entry beside a good one": `recover --all` completes the good entry,
 names the bad file, exits 2 and leaves the bad file for the admin.
+
+Rows starting "bitmap:" (tests/faults/test_bitmap_faults.py) are the bitmap method's (issue 15). Most
+use an OS-less domain whose every write goes through the VM and into a raw reference model: their
+"guest records lost" cell says "n/a: archive = reference" because the stronger check applies — the
+next run's archive, restored with `kvm-borg restore`, equals the guest view at its instant byte for
+byte. The rows with the real guest ("guest shut down during the job", "scratch file system full
+during the job") count records as above. Every bitmap row also checks that no backup job, scratch
+file, mounted view, view process or stray `kvm-borg.*` checkpoint is left and the guest is not paused.
 """
 COMMAND = "KVM_BORG_RELIABILITY_REPORT=docs/reliability.md sudo -E bash scripts/test.sh tests/faults"
 COLUMNS = (("fault", "fault"), ("runs", "runs"), ("recovered", "recovered"),

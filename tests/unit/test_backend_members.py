@@ -55,3 +55,12 @@ def test_both_backends_hand_run_command_the_same_keywords():
     assert set(borg.command_environment()) == set(restic.command_environment()) == {"env", "secret", "secret_env"}
     assert restic.command_environment()["env"]["RESTIC_REPOSITORY"] == "sftp:u@h:/srv/restic"
     assert borg.host == restic.host == "hv1"
+
+
+def test_a_third_party_backend_without_stream_tar_says_it_cannot_read_segmented_disks():
+    from kvm_borg.errors import UsageError
+    from kvm_borg.models import BackendBase
+
+    backend = BackendBase({"name": "x", "type": "dirstore"}, SETTINGS)
+    with pytest.raises(UsageError, match="repository 'x' \\(dirstore\\) cannot read segmented disks"):
+        backend.stream_tar("a", "d", lambda data: None)

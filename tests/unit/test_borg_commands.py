@@ -14,6 +14,7 @@ from kvm_borg.backends.borg.commands import (
     escape_placeholders,
     make_check_command,
     make_create_command,
+    make_export_tar_command,
     make_extract_command,
     make_info_command,
     make_init_command,
@@ -174,3 +175,8 @@ def test_mount_command_mounts_one_archive_read_only():
 def test_umount_and_version_commands():
     assert make_umount_command("borg", "/mnt/a") == ("borg", "umount", "--log-json", "/mnt/a")
     assert make_version_command("/venv/bin/borg") == ("/venv/bin/borg", "--version")
+
+
+def test_export_tar_command_streams_one_directory_and_what_lies_below_it_uncompressed():
+    assert make_export_tar_command("borg", "/r", "a", "var/lib/kvm-borg/view/u/vda", lock_wait=5) == (
+        "borg", "export-tar", "--log-json", "--lock-wait", "5", "/r::a", "-", "pp:var/lib/kvm-borg/view/u/vda")

@@ -1,9 +1,10 @@
 """`kvm-borg doctor`'s row for the bitmap method: ok when it can run; when it cannot, a warning only
 if the configuration asks for it."""
 
+import shutil
 from types import SimpleNamespace
 
-from kvm_borg.actions.doctor import bitmap_method_check, import_problem
+from kvm_borg.actions.doctor import bitmap_method_check, bitmap_wanted, import_problem, scratch_check
 
 
 def _settings(method="snapshot", domains_method=None):
@@ -29,3 +30,18 @@ def test_import_problem_names_the_module_and_what_provides_it():
     problem = import_problem("kvm_borg_no_such_module", "install it")
     assert problem.startswith("kvm_borg_no_such_module does not import (ModuleNotFoundError:")
     assert problem.endswith("; install it)")
+
+
+def test_bitmap_wanted_by_method_or_any_domain():
+    assert not bitmap_wanted(_settings()) and not bitmap_wanted(_settings("snapshot", {"web": "snapshot"}))
+    assert bitmap_wanted(_settings("auto")) and bitmap_wanted(_settings("snapshot", {"db": "bitmap"}))
+
+
+def test_scratch_dir_free_space_against_scratch_min_free(tmp_path):
+    free = shutil.disk_usage(tmp_path).free
+    missing = tmp_path / "state" / "scratch"
+    check, status, detail = scratch_check(SimpleNamespace(scratch_dir=missing, scratch_min_free=2**20))
+    assert (check, status) == ("scratch_dir", "ok") and detail.startswith(f"{missing} (")
+    assert "created on first bitmap backup" in detail
+    check, status, detail = scratch_check(SimpleNamespace(scratch_dir=tmp_path, scratch_min_free=free + 2**40))
+    assert status == "warning" and "created" not in detail and "MiB free" in detail

@@ -1,4 +1,5 @@
-"""The harness's small helpers: `tmpfs` (always unmounted again), `wait_for`, `start_cli` and `start_borg`."""
+"""The harness's small helpers: `tmpfs` (always unmounted again), `wait_for`, `start_cli`, `start_borg` and the
+production PYTHONPATH of the programs the tests start."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from harness import start_borg, start_cli, tmpfs, wait_for
+from harness import BORG_BIN, start_borg, start_cli, tmpfs, wait_for
 from kvm_borg import mountinfo
 
 
@@ -67,3 +68,17 @@ def test_start_borg_runs_the_venvs_borg_without_waiting(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "does not exist" in err, (proc.returncode, err)
     assert proc.args[0].endswith("/borg")
+
+
+def test_programs_the_tests_start_cannot_import_pytest_as_in_a_production_venv():
+    from harness import borg_env
+    from harness.cli import _merged_env
+
+    for env in (borg_env(), _merged_env({"PYTHONPATH": "/elsewhere"})):
+        proc = subprocess.run([sys.executable, "-c", "import pytest"], env=env, capture_output=True, text=True)
+        assert proc.returncode == 1 and "pytest is hidden" in proc.stderr, proc.stderr
+        assert env["PYTHONPATH"].split(":")[0].endswith("production_path")
+    assert "/elsewhere" in _merged_env({"PYTHONPATH": "/elsewhere"})["PYTHONPATH"]
+    assert borg_env()["BORG_FUSE_IMPL"] == "none"  # as kvm-borg's own borg runs but `borg mount`
+    proc = subprocess.run([str(BORG_BIN), "--version"], env=borg_env(), capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("borg 1."), proc.stderr

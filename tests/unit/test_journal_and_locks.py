@@ -31,6 +31,22 @@ def test_entry_round_trip_and_removal(tmp_path):
     assert journal.read_entry(tmp_path, "u-1") is None and journal.list_entries(tmp_path) == []
 
 
+def test_source_specific_fields_round_trip_in_extra(tmp_path):
+    entry = journal.Entry(domain="web", uuid="u-2", disks=[], source="libvirt-bitmap",
+                          extra={"checkpoint": "kvm-borg.20261201T000000Z.0123abcd", "scratch_dir": "/s/u-2"})
+    journal.write_entry(tmp_path, entry)
+    assert journal.read_entry(tmp_path, "u-2").extra == entry.extra
+
+
+def test_an_entry_written_before_extra_existed_reads_with_empty_extra(tmp_path):
+    (tmp_path / "u-3.json").write_text('{"domain": "web", "uuid": "u-3", "disks": [], "source": "libvirt-snapshot", '
+                                       '"stage": "snapshot", "owner": null, "pid": 1, "created": 1.0, "version": 1}')
+    assert journal.read_entry(tmp_path, "u-3").extra == {}
+    (tmp_path / "u-4.json").write_text('{"domain": "web", "uuid": "u-4", "disks": [], "extra": [1]}')
+    with pytest.raises(journal.CorruptEntryError):
+        journal.read_entry(tmp_path, "u-4")
+
+
 UUID = "6a0f4b8e-54d6-4c3e-9a55-0c2d1f7f3b11"
 
 

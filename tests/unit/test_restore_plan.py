@@ -415,3 +415,67 @@ def test_restored_files_get_local_owner_and_mode_and_temp_files_never_follow(tmp
     with pytest.raises(RefusedError, match="symlink"):
         refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "uuid" / "cron.d" / "x"))
     refuse_symlinks_below(str(tmp_path / "root"), str(tmp_path / "root" / "other" / "x"))
+
+
+# --- the segments layout (bitmap method) ---------------------------------------------------------
+
+VIEW = "var/lib/kvm-borg/view/1111/vda"
+
+
+def segmented_meta(**disk_changes) -> dict:
+    m = meta()
+    m["disks"][0].update({"archive_path": VIEW, "layout": "segments", "segments": {"size": 4 << 20, "count": 256},
+                          "virtual_size": 1 << 30})
+    m["disks"][0].update(disk_changes)
+    return m
+
+
+def test_a_segmented_disk_is_planned_from_its_directory_flat_in_its_original_format():
+    m = segmented_meta()
+    types = {p: "file" for p in paths_of(m)} | {VIEW: "dir"}
+    plan = restore_plan.plan_restore(m, paths_of(m), target_dir="/restore", archive_types=types)
+    vda, vdb = plan.disks
+    assert vda.segmented and (vda.segment_size, vda.segment_count) == (4 << 20, 256) and vda.backing == ()
+    assert vda.image.archive_path == VIEW and vda.image.destination == "/restore/web-vda.qcow2"
+    assert not vdb.segmented and vdb.layout == "image"
+
+
+def test_a_segmented_disk_stored_as_a_file_or_an_image_stored_as_a_directory_is_refused():
+    m = segmented_meta()
+    with pytest.raises(UsageError, match="as a file, not a directory"):
+        restore_plan.plan_restore(m, paths_of(m), target_dir="/r", archive_types={p: "file" for p in paths_of(m)})
+    plain = meta()
+    types = {p: "file" for p in paths_of(plain)} | {"images/web.qcow2": "dir"}
+    with pytest.raises(UsageError, match="as a dir, not a regular file"):
+        restore_plan.plan_restore(plain, paths_of(plain), target_dir="/r", archive_types=types)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"layout": "chunks"}, "disks\\[0\\].layout: expected one of image, segments"),
+    ({"layout": 1}, "layout: expected one of"),
+    ({"segments": None}, "disks\\[0\\].segments: expected an object"),
+    ({"segments": {"size": 1000, "count": 256}}, "segments.size: expected a multiple of 64 KiB"),
+    ({"segments": {"size": 2 << 30, "count": 1}}, "segments.size"),
+    ({"segments": {"size": True, "count": 256}}, "segments.size"),
+    ({"segments": {"size": 4 << 20, "count": 255}}, "segments.count: expected 256 segments"),
+    ({"segments": {"size": 4 << 20, "count": "256"}}, "segments.count"),
+    ({"backing_chain": [{"path": "/b.qcow2", "archive_path": "b.qcow2", "format": "qcow2"}]}, "no backing files"),
+    ({"format": "vmdk"}, "restored as qcow2 or raw, not 'vmdk'"),
+])
+def test_a_bad_segments_entry_is_one_line_naming_the_key(changes, message):
+    m = segmented_meta(**changes)
+    with pytest.raises(UsageError, match=message):
+        restore_plan.plan_restore(m, paths_of(m), target_dir="/r")
+
+
+def test_segments_on_an_image_disk_are_refused():
+    m = meta()
+    m["disks"][1]["segments"] = {"size": 65536, "count": 16}
+    with pytest.raises(UsageError, match="disks\\[1\\].segments: given for a disk whose layout is not segments"):
+        restore_plan.plan_restore(m, paths_of(m), target_dir="/r")
+
+
+def test_an_explicit_image_layout_is_an_image():
+    m = meta()
+    m["disks"][1]["layout"] = "image"
+    assert not restore_plan.plan_restore(m, paths_of(m), target_dir="/r").disks[1].segmented

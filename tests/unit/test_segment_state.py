@@ -178,3 +178,30 @@ def test_layer_identity_of_files_and_refusal_of_block_devices(tmp_path):
     assert layer_identity(["/dev/null"]) is None
     with pytest.raises(OSError):
         layer_identity([str(tmp_path / "missing")])
+
+
+def test_a_pending_state_is_folded_only_for_its_own_checkpoint(tmp_path):
+    old, new = _state("kvm-borg.20261201T110000Z.00000001"), _state("kvm-borg.20261201T120000Z.00000002")
+    save(tmp_path, old)
+    segment_state.save_pending(tmp_path, new)
+    assert stat.S_IMODE(os.stat(segment_state.pending_path(tmp_path, new.uuid)).st_mode) == 0o600
+    # a run that ends with another checkpoint in its journal entry: the pending state is not its own
+    assert segment_state.fold_pending(tmp_path, new.uuid, "kvm-borg.20261201T130000Z.00000003") is None
+    assert not segment_state.pending_path(tmp_path, new.uuid).exists()
+    assert load(tmp_path, old.uuid).checkpoint == old.checkpoint
+    # its own checkpoint: it becomes the state, in one rename
+    segment_state.save_pending(tmp_path, new)
+    folded = segment_state.fold_pending(tmp_path, new.uuid, new.checkpoint)
+    assert folded.checkpoint == new.checkpoint and load(tmp_path, new.uuid).checkpoint == new.checkpoint
+    assert not segment_state.pending_path(tmp_path, new.uuid).exists()
+    assert segment_state.fold_pending(tmp_path, new.uuid, new.checkpoint) is None  # nothing pending any more
+
+
+def test_an_unusable_pending_state_is_dropped_and_the_old_state_kept(tmp_path, caplog):
+    old = _state("kvm-borg.20261201T110000Z.00000001")
+    save(tmp_path, old)
+    pending = segment_state.pending_path(tmp_path, old.uuid)
+    pending.write_bytes(b"{not json")
+    assert segment_state.fold_pending(tmp_path, old.uuid, "kvm-borg.20261201T120000Z.00000002") is None
+    assert not pending.exists() and load(tmp_path, old.uuid).checkpoint == old.checkpoint
+    assert str(pending) in caplog.text

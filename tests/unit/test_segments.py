@@ -121,19 +121,34 @@ def test_zero_extents_out_of_order_are_refused():
         zero_segments([(65536, 65536, 2), (0, 65536, 2)], 65536, 2, 131072)
 
 
-def test_inodes_are_unique_across_disks_and_segments_and_change_with_the_chain():
-    chains = (0, 1, 0xFFFFFFFF, 0x12345678)
-    for chain in chains:
-        inodes = {segment_inode(chain, disk, index) for disk in range(4) for index in range(2048)}
-        assert len(inodes) == 4 * 2048
-        assert all(1 < ino < 2**63 and ino >= SEGMENT_INODE_BASE for ino in inodes)
-    for disk, index in ((0, 0), (3, 524287), (4095, 2**40 - 1)):
-        assert len({segment_inode(chain, disk, index) for chain in chains}) == len(chains)
+def test_inodes_are_unique_across_disks_and_segments_whatever_their_chains():
+    chains = (0, 1, 0xFFFFFFFF, 0x12345678, 0x00020000)  # the last shares its low 17 bits with 0
+    inodes = [segment_inode(chain, disk, index) for disk, chain in enumerate(chains) for index in range(2048)]
+    assert len(set(inodes)) == len(inodes)
+    assert all(SEGMENT_INODE_BASE <= ino < 2**62 for ino in inodes)
+    assert segment_inode(0xFFFFFFFF, 1023, 2**34 - 1) < 2**62
     assert segment_inode(7, 0, 1) != segment_inode(7, 1, 0)
-    with pytest.raises(ValueError):
-        segment_inode(2**32, 0, 0)
-    with pytest.raises(ValueError):
-        segment_inode(1, 4096, 0)
+    for bad in ((2**32, 0, 0), (1, 1024, 0), (1, 0, 2**34), (-1, 0, 0)):
+        with pytest.raises(ValueError):
+            segment_inode(*bad)
+
+
+def test_inodes_ascend_with_the_segments_so_borg_reads_a_disk_in_order():
+    # borg walks a directory in inode order (borg.helpers.fs.scandir_inorder)
+    for chain in (0, 0x1FFFF, 0xDEADBEEF):
+        inodes = [segment_inode(chain, 3, index) for index in range(5000)]
+        assert inodes == sorted(inodes)
+        assert sorted(range(5000), key=lambda i: segment_inode(chain, 3, i)) == list(range(5000))
+
+
+def test_a_new_chain_gives_every_segment_another_inode():
+    previous = 0x12345678
+    for _ in range(200):
+        chain = segments.new_chain(previous)
+        assert chain != previous and 0 <= chain < 2**32
+        for disk, index in ((0, 0), (3, 524287), (1023, 2**34 - 1)):
+            assert segment_inode(chain, disk, index) != segment_inode(previous, disk, index)
+    assert len({segments.new_chain() for _ in range(100)}) > 95  # random
 
 
 def _first(stamp=T0, *, zero=frozenset(), chain=None, virtual=1 * MiB + 4096, size=256 * KiB):
@@ -234,3 +249,31 @@ def test_a_2_tib_disk_plans_quickly():
     assert time.perf_counter() - started < 2.0
     assert second.stamps[100] == T0 + 1 and second.stamps[101] == T0 and second.zero[100] == 0
     assert segments.segment_inode(second.chain, 0, count - 1) > SEGMENT_INODE_BASE
+
+
+def test_dirty_and_zero_agree_with_a_byte_by_byte_reference_on_random_maps():
+    import random
+
+    rng = random.Random(15)
+    for _ in range(300):
+        size = rng.choice((4, 8, 16))
+        virtual = rng.randrange(0, 12 * size)
+        count = segment_count(virtual, size)
+        extents, offset = [], 0
+        while offset < virtual + rng.choice((0, 0, size)):  # sometimes past the end
+            length = rng.randrange(1, 2 * size)
+            if rng.random() < 0.1:
+                offset += rng.randrange(1, size)  # a gap: bytes not described
+            extents.append((offset, length, rng.choice((0, 1, 2, 3))))
+            offset += length
+        if rng.random() < 0.2:
+            extents = extents[: rng.randrange(0, len(extents) + 1)]  # the map ends early
+        flag_at = {}
+        for start, length, flags in extents:
+            for byte in range(start, start + length):
+                flag_at[byte] = flags
+        expected_zero = {i for i in range(count)
+                         if all(flag_at.get(b, 0) & 2 for b in range(i * size, min((i + 1) * size, virtual)))}
+        expected_dirty = {b // size for b, flags in flag_at.items() if flags & 1 and b < count * size}
+        assert zero_segments(extents, size, count, virtual) == expected_zero, (size, virtual, extents)
+        assert dirty_segments([(o, n, f & 1) for o, n, f in extents], size, count) == expected_dirty

@@ -104,3 +104,32 @@ def test_the_one_verb_parser_parses_like_the_whole_one():
                 parser.parse_args(bad)
             outputs.append((exit_.value.code, err.getvalue()))
         assert outputs[0] == outputs[1] and outputs[0][0] == 2
+
+
+# Modules only the bitmap method needs (engine.backup_job is not among them: the snapshot planning asks it
+# whether a checkpoint is kvm-borg's own).
+BITMAP_ONLY = ("kvm_borg.engine.libvirt_bitmap", "kvm_borg.engine.qemu_nbd", "kvm_borg.segments",
+               "kvm_borg.segment_state", "kvm_borg.nbd_client", "kvm_borg.segment_view", "kvm_borg.pipeline.segments_read",
+               "nbd", "libnbdmod", "pyfuse3", "trio")
+
+
+def test_a_repeat_backup_of_an_unchanged_config_imports_no_yaml_parser_no_validator_and_no_bitmap_module(tmp_path):
+    """A snapshot-method backup (up to its failure on a domain that does not exist, after libvirt answered)
+    run a second time on the same config text: the parsed document and its validation come from
+    /run/kvm-borg, so neither ruamel.yaml nor fastjsonschema is imported; the first run imported them."""
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_text("not-a-secret\n")
+    passphrase.chmod(0o600)
+    path = tmp_path / "config.yaml"
+    path.write_text(f"# a comment makes this text unique to the test: {tmp_path}\nstate_dir: {tmp_path / 'state'}\n"
+                    f"quiesce: off\nrepositories:\n  - {{name: r, type: borg, path: {tmp_path / 'repo'}, "
+                    f"passphrase_file: {passphrase}}}\n")
+    argv = ("-m", "kvm_borg.cli", "--config", str(path), "backup", "kvm-borg-fixedcost-no-such-domain")
+    runs = [imported_modules(*argv) for _ in range(2)]
+    for names, proc in runs:
+        assert proc.returncode == 2 and "domain 'kvm-borg-fixedcost-no-such-domain' does not exist" in proc.stderr
+        assert {"kvm_borg.config", "kvm_borg.engine.connection", "libvirt"} <= names  # it got to libvirt
+        assert {n for n in names if n.split(".")[0] in BITMAP_ONLY or n.startswith(BITMAP_ONLY)} == set()
+    first, again = (heavy_among(names) for names, _ in runs)
+    assert {"ruamel.yaml", "fastjsonschema"} <= first
+    assert {n for n in again if n.startswith(("ruamel", "fastjsonschema", "yaml", "jsonschema"))} == set()

@@ -69,13 +69,32 @@ def import_problem(module: str, package: str) -> str | None:
     return None
 
 
+def bitmap_wanted(settings) -> bool:
+    """Given Settings, return whether the configuration asks for the bitmap method anywhere (a `method`
+    or `domains_method` other than snapshot)."""
+    return settings.method != "snapshot" or any(m != "snapshot" for m in settings.domains_method.values())
+
+
+def scratch_check(settings) -> tuple[str, str, str]:
+    """Given Settings, return the (check, status, detail) row of the bitmap method's scratch_dir: its free
+    space (of the nearest existing directory above it when it does not exist yet) against scratch_min_free."""
+    path = settings.scratch_dir
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    status = OK if free >= settings.scratch_min_free else WARN
+    note = "" if path.exists() else ", created on first bitmap backup"
+    return "scratch_dir", status, f"{path} ({free // 2**20} MiB free{note}; scratch_min_free {settings.scratch_min_free // 2**20} MiB)"
+
+
 def bitmap_method_check(settings, problems: list[str]) -> tuple[str, str, str]:
     """Given Settings and what keeps the bitmap method from running here (empty: nothing), return its
     (check, status, detail) row: a warning only when the configuration asks for it (method or
     domains_method other than snapshot)."""
     if not problems:
         return "bitmap method", OK, "can run (libnbd, pyfuse3, libvirt backup jobs)"
-    wanted = settings.method != "snapshot" or any(m != "snapshot" for m in settings.domains_method.values())
+    wanted = bitmap_wanted(settings)
     detail = "cannot run: " + "; ".join(problems)
     return "bitmap method", WARN if wanted else OK, detail if wanted else f"{detail} (not configured: method is snapshot)"
 
@@ -137,6 +156,8 @@ def collect_checks(ctx: Context) -> list[tuple[str, str, str]]:
     else:
         rows.append(("journal", OK, "no unfinished backup"))
     rows.append(bitmap_method_check(settings, bitmap_method_problems(ctx)))
+    if bitmap_wanted(settings):
+        rows.append(scratch_check(settings))
     rows.extend(security_checks())
     return rows
 

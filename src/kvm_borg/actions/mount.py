@@ -1,8 +1,14 @@
 """`kvm-borg mount` / `kvm-borg umount`: file-level restore from an archive.
 
     MOUNTPOINT/archive/   the archive itself, read-only (borg mount / restic mount)
+    MOUNTPOINT/images/    a flat read-only `<target>.raw` per segmented disk (bitmap method)
     MOUNTPOINT/vda/       a disk's file system when the disk has no partition table
     MOUNTPOINT/vda1/ ...  the file systems of its partitions, read-only
+
+A segmented disk (archive layout "segments") is a directory of segment files in the archive: a
+segment view of kind `files` (kvm_borg.segment_view, its own FUSE process, read-only, no
+allow_other) stitches them into one raw image at MOUNTPOINT/images/<target>.raw, which is then
+exported and mounted like an image (format raw: the segments hold the guest content).
 
 How a disk image inside the archive becomes a block device without the kernel's nbd module
 (this host's kernel has none, and no partition-table parsers either): qemu-storage-daemon
@@ -52,6 +58,7 @@ from kvm_borg.tools import first_line, run_tool, tool_output
 log = logging.getLogger(__name__)
 
 ARCHIVE_DIR = "archive"
+IMAGES_DIR = "images"  # the segment view of the segmented disks
 SECTOR = 512
 # File systems mounted; anything else (swap, LVM, LUKS, an extended partition) is listed as skipped.
 MOUNTABLE = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "exfat", "ntfs", "ntfs3", "iso9660"})
@@ -282,6 +289,11 @@ def _undo(ctx: Context, step: dict) -> None:
         if step.get("pid"):
             _stop_process(step["pid"], step["path"])
         _rmdir(step["path"])
+    elif kind == "view":
+        from kvm_borg.segment_view import control as view_control  # only where an archive has segmented disks
+
+        view_control.stop_leftover(step["path"], step.get("pid"))
+        _rmdir(step["path"])
     elif kind == "dir":
         _rmdir(step["path"])
     step["undone"] = True
@@ -323,6 +335,8 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
     meta, entries = archive_reading.read_archive(backend, archive, domain)
     plan = restore_plan.plan_restore(meta, frozenset(entries), target_dir="/", disks=disks or (), with_xml=False)
     for disk in plan.disks:  # before anything is mounted: a refused format changes nothing
+        if disk.segmented:
+            continue  # read as raw guest content through the segment view
         check_mount_format(disk.format, f"disk {disk.target}")
         for layer, layer_format in disk.backing:
             check_mount_format(layer_format, f"backing file {layer.archive_path} of disk {disk.target}")
@@ -343,13 +357,17 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
         record.data["steps"][-1]["pid"] = _find_process(archive_dir, " mount ")
         record.save()
         _restrict_mount(archive_dir)
+        flat = _segment_view(record, mountpoint, workdir, root, [d for d in plan.disks if d.segmented])
         for disk in plan.disks:
-            image = _archive_image(root, disk.image.archive_path, disk.format, f"disk {disk.target}")
+            if disk.segmented:
+                image, fmt, backing = flat[disk.target], "raw", []
+            else:
+                image, fmt = _archive_image(root, disk.image.archive_path, disk.format, f"disk {disk.target}"), disk.format
+                backing = [(_archive_image(root, layer.archive_path, layer_format,
+                                           f"backing file {layer.archive_path} of disk {disk.target}"), layer_format)
+                           for layer, layer_format in disk.backing]
             result["images"][disk.target] = image
-            backing = [(_archive_image(root, layer.archive_path, layer_format,
-                                       f"backing file {layer.archive_path} of disk {disk.target}"), layer_format)
-                       for layer, layer_format in disk.backing]
-            export = _export_disk(record, workdir, disk.target, image, disk.format, backing)
+            export = _export_disk(record, workdir, disk.target, image, fmt, backing)
             for name, fs_path, fs_type, reason in _mount_filesystems(record, mountpoint, disk.target, export):
                 if fs_path:
                     result["filesystems"][name] = {"path": fs_path, "type": fs_type}
@@ -391,6 +409,39 @@ def _archive_image(root: str, archive_path: str, fmt: str, what: str) -> str:
         if problem:
             raise KvmBorgError(f"{what}: {archive_path} {problem}")
     return path
+
+
+def _segment_view(record: MountRecord, mountpoint: str, workdir: str, root: str, disks: list) -> dict[str, str]:
+    """Given the archive's root in its FUSE mount and its segmented RestoreDisks, serve them as flat read-only
+    images at MOUNTPOINT/images/<target>.raw (one `files` segment view for all of them); return {target: image}.
+    Each segment directory must be a real directory inside the archive (no symlink on the way); the view
+    itself checks every segment file before it mounts (KvmBorgError naming the first that does not fit)."""
+    if not disks:
+        return {}
+    from kvm_borg.segment_view import control as view_control  # only where an archive has segmented disks
+    from kvm_borg.segment_view.spec import FilesDisk, ViewSpec
+
+    files = []
+    for disk in disks:
+        directory = os.path.join(root, disk.image.archive_path)
+        try:
+            st = os.lstat(directory)
+        except OSError:
+            raise KvmBorgError(f"disk {disk.target}: {disk.image.archive_path} is not in the mounted archive") from None
+        if not stat.S_ISDIR(st.st_mode) or os.path.realpath(directory) != os.path.normpath(directory):
+            raise KvmBorgError(f"disk {disk.target}: {disk.image.archive_path} is not a directory in the archive "
+                               "(refused)")
+        files.append(FilesDisk(disk.target, directory, disk.virtual_size, disk.segment_size))
+    images_dir = os.path.join(mountpoint, IMAGES_DIR)
+    os.mkdir(images_dir, 0o700)
+    record.add(kind="view", path=images_dir, pid=None)
+    view_dir = os.path.join(workdir, "view")
+    os.makedirs(view_dir, mode=0o700, exist_ok=True)
+    process = view_control.start_view(ViewSpec("files", images_dir, tuple(files)), os.path.join(view_dir, "spec.json"),
+                                      outlive_parent=True)
+    record.data["steps"][-1]["pid"] = process.pid
+    record.save()
+    return {disk.target: os.path.join(images_dir, f"{disk.target}.raw") for disk in disks}
 
 
 def _export_disk(record: MountRecord, workdir: str, target: str, image: str, fmt: str,

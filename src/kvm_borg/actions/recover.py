@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from kvm_borg import journal
+from kvm_borg import journal, run_record, run_state
 from kvm_borg.actions.common import Context, print_json
 from kvm_borg.errors import KvmBorgError, LockedError, UsageError, exit_code
 from kvm_borg.locks import domain_lock
@@ -65,6 +65,8 @@ def run_recover(ctx: Context, names: list[str]) -> list[dict]:
 
 def run_from_args(ctx: Context, args) -> int:
     outcomes = run_recover(ctx, [] if args.all else args.domains)
+    if outcomes:  # the journal changed: the metrics' pending entries follow (a failure is logged)
+        run_record.write_metrics(ctx.settings, run_state.load(ctx.settings.state_dir))
     if args.json:
         print_json(outcomes)
     else:

@@ -6,6 +6,8 @@ answers at once even while a backup holds a repository's lock: usable as a Nagio
 (0 OK, 1 WARNING: the last attempt failed but a recent backup exists, 2 CRITICAL: stale or never
 backed up). `--refresh` first lists the repositories and records what they hold: only the archives
 of this host (or `--host NAME`), and an archive dated in the future never counts as the last backup.
+`--all-hosts` lists the repositories instead and reports every host's domains found in them (a
+fleet writing into one restic repository; borg: one repository per host, each in the config).
 """
 
 from __future__ import annotations
@@ -66,6 +68,29 @@ def domain_rows(state: dict, domains: list[str], repositories: list[str], max_ag
     return rows
 
 
+def fleet_rows(archives: list, max_age: float, now: float) -> list[dict]:
+    """Given ArchiveInfos of any hosts and repositories (none dated in the future) and max_age, return one
+    row per (host, domain, repository) with its newest archive, sorted; stale when older than max_age."""
+    newest: dict[tuple, list] = {}
+    for archive in archives:
+        when = archive_choice.archive_time(archive)
+        if when is None:
+            continue
+        key = (archive.host or "", archive.domain, archive.repository)
+        newest.setdefault(key, []).append((when.timestamp(), archive))
+    rows = []
+    for (host, domain, repository), found in sorted(newest.items()):
+        when, archive = max(found, key=lambda pair: pair[0])
+        age = now - when
+        rows.append({
+            "host": host, "domain": domain, "repository": repository, "last_success": when,
+            "age_seconds": age, "archive": archive.name, "archive_count": len(found),
+            "last_size": archive.original_size, "last_added": archive.deduplicated_size,
+            "last_attempt": None, "last_attempt_ok": None, "last_error": None, "stale": age > max_age,
+        })
+    return rows
+
+
 def verdict(rows: list[dict]) -> int:
     """Given status rows, return the exit code: 2 if any is stale, 1 if any last attempt failed, else 0."""
     if any(row["stale"] for row in rows):
@@ -103,6 +128,23 @@ def refresh(ctx: Context, repo_names: list[str] | None, host: str | None = None)
     run_record.update_state(ctx.settings, change)
 
 
+def all_hosts(ctx: Context, names: list[str], repo_names: list[str] | None, max_age: float) -> list[dict]:
+    """Given domain names (empty: every domain found), --repo names and max_age, list those repositories
+    and return the fleet rows of every host's archives (archives dated in the future left out, warned)."""
+    archives = []
+    for repo, backend in usable_repositories(ctx, repo_names):
+        host_for(backend, ctx.settings, archive_choice.ANY_HOST, any_allowed=True)
+        found, warnings = archive_choice.split_future(backend.list_archives(None), datetime.now(timezone.utc))
+        for warning in warnings:
+            log.warning("%s", warning)
+        archives += [a for a in found if not names or a.domain in names]
+    rows = fleet_rows(archives, max_age, time.time())
+    missing = [name for name in names if name not in {row["domain"] for row in rows}]
+    return rows + [{"host": None, "domain": name, "repository": None, "last_success": None, "age_seconds": None,
+                    "archive": None, "archive_count": 0, "last_size": None, "last_added": None, "last_attempt": None,
+                    "last_attempt_ok": None, "last_error": None, "stale": True} for name in missing]
+
+
 def run_status(ctx: Context, names: list[str], repo_names: list[str] | None, max_age: float,
                refresh_first: bool, host: str | None = None) -> list[dict]:
     """Given domain names (empty: those `--all` selects), --repo names, max_age, --refresh and its --host,
@@ -122,10 +164,18 @@ def run_from_args(ctx: Context, args) -> int:
         max_age = parse_duration(args.max_age, "--max-age") if args.max_age else ctx.settings.max_age
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    rows = run_status(ctx, args.domains, args.repo, max_age, args.refresh, args.host)
-    code = verdict(rows)
+    if args.all_hosts:
+        if args.refresh or args.host is not None:
+            raise UsageError("--all-hosts lists the repositories itself: it takes no --refresh or --host")
+        rows = all_hosts(ctx, list(dict.fromkeys(args.domains)), args.repo, max_age)
+    else:
+        rows = run_status(ctx, args.domains, args.repo, max_age, args.refresh, args.host)
+    code = verdict(rows) if rows or not args.all_hosts else 2  # a fleet with no archive at all is not OK
     if args.json:
         print_json({"exit_code": code, "max_age_seconds": max_age, "domains": rows})
+        return code
+    if args.all_hosts:
+        print_fleet(rows, max_age, code)
         return code
     stale = [row for row in rows if row["stale"]]
     failed = [row for row in rows if row["last_attempt_ok"] is False]
@@ -144,3 +194,21 @@ def run_from_args(ctx: Context, args) -> int:
         print(f"{row['domain']:<24} {row['repository']:<12} {format_age(row['age_seconds']):>8} {count:>8} "
               f"{size:>14}  {row['archive'] or '-'}{note}")
     return code
+
+
+def print_fleet(rows: list[dict], max_age: float, code: int) -> None:
+    """Given the fleet rows, max_age and the exit code, print the verdict line and one line per row."""
+    if not rows:
+        print("CRITICAL: no archive of any host in the repositories")
+    elif code == 2:
+        print(f"CRITICAL: no backup within {format_age(max_age)}: " + ", ".join(
+            f"{r['domain']} of {r['host'] or 'no host'} in {r['repository'] or 'no repository'} "
+            f"({format_age(r['age_seconds'])})" for r in rows if r["stale"]))
+    else:
+        print(f"OK: {len({r['host'] for r in rows})} hosts, {len({(r['host'], r['domain']) for r in rows})} "
+              f"domains backed up within {format_age(max_age)}")
+    print(f"{'HOST':<16} {'DOMAIN':<24} {'REPOSITORY':<12} {'AGE':>8} {'ARCHIVES':>8} {'LAST SIZE':>14}  LAST ARCHIVE")
+    for row in rows:
+        size = "-" if row["last_size"] is None else f"{row['last_size']:,d}"
+        print(f"{row['host'] or '-':<16} {row['domain']:<24} {row['repository'] or '-':<12} "
+              f"{format_age(row['age_seconds']):>8} {row['archive_count']:>8} {size:>14}  {row['archive'] or '-'}")

@@ -20,12 +20,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from kvm_borg import restore_plan, signals
+from kvm_borg import restore_plan, run_record, run_state, signals
 from kvm_borg.pipeline.backup import prepare_state_dir
 from kvm_borg.actions.common import Context, open_repository, print_json
 from kvm_borg.engine import lifecycle
 from kvm_borg.engine.domain_xml import has_guest_agent_channel
-from kvm_borg.errors import KvmBorgError
+from kvm_borg.errors import KvmBorgError, UsageError
 from kvm_borg.pipeline.restore import RestoreOptions, check_options, run_restore
 from kvm_borg.tools import run_tool
 from kvm_borg.xml_sanitize import isolation_violations
@@ -51,9 +51,11 @@ class VerifyReport:
     rto_seconds: float | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    bad_input: bool = False  # a UsageError before the repository was opened: not a drill, not recorded
 
     def as_dict(self) -> dict:
-        rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        rounded = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.__dict__.items()
+                   if k != "bad_input"}
         return rounded
 
 
@@ -95,12 +97,14 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
     os.chmod(scratch, 0o711)
     temp_name = f"kvm-borg-verify-{restore_plan.safe_file_name(domain)[:40]}-{secrets.token_hex(3)}"
     tpm_dir = nvram = None
+    opened = False
     try:
         started = time.monotonic()
         options = RestoreOptions(domain=domain, archive=archive, repo=repo, target_dir=scratch, name=temp_name,
                                  define=boot, isolate=True, host=host)
         check_options(options)
         repository, backend = open_repository(ctx, repo)
+        opened = True  # from here on a UsageError is the archive's fault (refused, hostile): a failed drill
         result = run_restore(ctx.settings, ctx.connection.conn, repository, backend, options)
         report.restore_seconds = time.monotonic() - started
         report.archive, report.repository, tpm_dir = result.archive, result.repository, result.tpm
@@ -130,6 +134,7 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
             report.rto_seconds = None
     except KvmBorgError as exc:  # an EngineError too: "libvirt: ..."
         report.errors.append(str(exc))
+        report.bad_input = isinstance(exc, UsageError) and not opened
     except OSError as exc:
         report.errors.append(f"{exc.filename or 'scratch directory'}: {exc.strerror or exc}")
     finally:
@@ -146,10 +151,30 @@ def run_verify(ctx: Context, domain: str, *, archive: str | None = None, repo: s
     return report
 
 
+def record_drill(ctx: Context, report: VerifyReport, repo: str | None) -> None:
+    """Given a drill's VerifyReport and --repo, record it in the run state and the metrics; not bad input
+    (a UsageError before the repository opened) nor a drill that found no archive of a domain the run
+    state does not know. A record that cannot be written becomes a warning of the report."""
+    names = [r["name"] for r in ctx.settings.repositories]
+    repository = report.repository or repo or (names[0] if names else None)
+    if report.bad_input or repository not in names:
+        return
+    error = report.errors[0] if report.errors else None
+    try:
+        if report.archive is None and report.domain not in run_state.load(ctx.settings.state_dir)["domains"]:
+            return  # no archive of a domain kvm-borg never recorded (a typo?): not a series that alerts forever
+        report.warnings += run_record.update_state(ctx.settings, lambda state: run_state.record_verify(
+            state, report.domain, repository, not report.errors, error, report.archive, report.restore_seconds,
+            report.rto_seconds))
+    except OSError as exc:
+        report.warnings.append(f"cannot record the drill in {ctx.settings.state_dir}: {exc.strerror or exc}")
+
+
 def run_from_args(ctx: Context, args) -> int:
     with signals.interruptible():  # a SIGTERM still destroys the copy and removes the scratch directory
         report = run_verify(ctx, args.domain, archive=args.archive, repo=args.repo, host=args.host, boot=args.boot,
                             boot_timeout=args.boot_timeout, alive_seconds=args.alive_seconds)
+    record_drill(ctx, report, args.repo)
     if args.json:
         print_json(report.as_dict())
     else:

@@ -2,6 +2,7 @@
 third-party ones (kvm_borg.plugins). None of them imports a verb (kvm_borg.actions)."""
 
 DEFAULT_PLUGINS = (
+    "kvm_borg.default_plugins.libvirt_bitmap",  # asked first (tryfirst): only plans with method "bitmap"
     "kvm_borg.default_plugins.libvirt_snapshot",
     "kvm_borg.backends.borg",
     "kvm_borg.backends.restic",

@@ -11,6 +11,7 @@ import libvirt
 
 from kvm_borg import journal, method_choice
 from kvm_borg.config import Settings
+from kvm_borg.engine.backup_job import is_own_checkpoint
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import choose_disks, is_overlay_path, overlay_path
 from kvm_borg.engine.images import qcow2_compat
@@ -53,8 +54,10 @@ def choose_method(settings: Settings, name: str, running: bool, disks) -> str:
 
 
 def _checkpoint_names(dom: libvirt.virDomain) -> list[str]:
+    """Return the names of the domain's checkpoints that are not kvm-borg's own: the bitmap method's
+    checkpoints survive an external snapshot and its blockcommit (measured on libvirt 9.0)."""
     try:
-        return [c.getName() for c in dom.listAllCheckpoints(0)]
+        return [c.getName() for c in dom.listAllCheckpoints(0) if not is_own_checkpoint(c.getName())]
     except (libvirt.libvirtError, AttributeError):
         return []
 
@@ -64,7 +67,7 @@ def make_plan(handle: DomainHandle, settings: Settings, excluded_targets: list[s
     """Given a domain, the settings, disk targets to leave out and the run's timestamp, return its DomainPlan.
 
     Raises RefusedError, with nothing changed, when a backup would be unsafe: a pending journal
-    entry or a disk already on a kvm-borg overlay (run `kvm-borg recover`), libvirt checkpoints,
+    entry or a disk already on a kvm-borg overlay (run `kvm-borg recover`), libvirt checkpoints (not kvm-borg's),
     an active block job, an overlay that already exists, or too little room for overlays. A libvirt
     failure is an EngineError."""
     name, dom = handle.name, handle.dom

@@ -275,6 +275,10 @@ def run_backup(ctx, domains: list[str], backends, cli_excluded: list[str]) -> Ru
     every domain, then run the explicit steps; return the RunSummary. An interrupt stops the run after
     the current domain's merge and propagates once the steps ran."""
     summary = RunSummary()
+    try:  # the run in progress, for the metrics' run deadline; what cannot be written warns again at the end
+        run_record.start_run(ctx.settings, len(domains))
+    except OSError as exc:
+        log.warning("cannot record the run's start in %s: %s", ctx.settings.state_dir, exc.strerror or exc)
     with signals.interruptible():
         try:
             for name in domains:

@@ -28,7 +28,16 @@ from kvm_borg.engine.host_state import interface_networks
 from kvm_borg.errors import EngineError, KvmBorgError, RefusedError, UsageError
 from kvm_borg.models import RepositoryBackend
 from kvm_borg.pipeline import archive as archive_reading
-from kvm_borg.restore_files import block_device_size, rebase_chain, restore_file, write_into_device, write_text
+from kvm_borg.restore_files import (
+    block_device_size,
+    rebase_chain,
+    restore_file,
+    restore_segmented,
+    stream_segmented,
+    write_into_device,
+    write_segmented_into_device,
+    write_text,
+)
 from kvm_borg.restore_plan import RestoreFile, RestorePlan
 from kvm_borg.restore_refusals import (
     check_refusals,
@@ -142,7 +151,8 @@ def _run_restore(settings, conn, repo: dict, backend: RepositoryBackend, options
     paths = frozenset(entries)
 
     if options.to is not None:
-        result = _restore_one_disk(conn, backend, repo, archive, meta, entries, options, started_at)
+        result = _restore_one_disk(conn, backend, repo, archive, meta, entries, options, started_at,
+                                   scratch_dir=str(settings.state_dir))
         result.warnings[:0] = chosen.warnings
         return result
 
@@ -190,8 +200,21 @@ def _write_files(backend: RepositoryBackend, archive: str, plan: RestorePlan, xm
             created.append(entry.destination)
         return size
 
+    def write_segmented(disk) -> int:
+        existed = os.path.lexists(disk.image.destination)
+        size = restore_segmented(backend, archive, disk, disk.image.destination)
+        if not existed:
+            created.append(disk.image.destination)
+        return size
+
     try:
         for disk in plan.disks:
+            if disk.segmented:  # flat: no backing files
+                log.info("restoring %s from %s (segments) to %s", disk.target, archive, disk.image.destination)
+                result.bytes_written += write_segmented(disk)
+                result.disks[disk.target] = disk.image.destination
+                result.formats[disk.target] = disk.format
+                continue
             for entry in [disk.image] + [f for f, _fmt in disk.backing]:
                 log.info("restoring %s from %s to %s", disk.target, archive, entry.destination)
                 result.bytes_written += write(entry)
@@ -320,9 +343,10 @@ def _network_warnings(conn, meta: dict, domain_xml: str | None) -> list[str]:
 
 
 def _restore_one_disk(conn, backend: RepositoryBackend, repo: dict, archive: str, meta: dict, entries: dict[str, str],
-                      options: RestoreOptions, started_at: float) -> RestoreResult:
+                      options: RestoreOptions, started_at: float, *, scratch_dir: str) -> RestoreResult:
     """--disk TARGET --to FILE|DEVICE|-: one disk's image as stored, to a file (sparse), into a block device
-    (with --overwrite), or to stdout."""
+    (with --overwrite), or to stdout. A segmented disk goes to a file in its original format (qcow2
+    converted), into a device or to stdout as raw content (a device only for a raw disk)."""
     plan = restore_plan.plan_restore(meta, frozenset(entries), target_dir="/", disks=options.disks, with_xml=False,
                                      archive_types=entries, backing_formats_required=False)
     [disk] = plan.disks
@@ -330,13 +354,19 @@ def _restore_one_disk(conn, backend: RepositoryBackend, repo: dict, archive: str
     if options.to == "-":
         out = sys.stdout.buffer
         sys.stdout.flush()
-        backend.stream_file(archive, disk.image.archive_path, out.write)
+        if disk.segmented:
+            stream_segmented(backend, archive, disk, out.write, scratch_dir)
+        else:
+            backend.stream_file(archive, disk.image.archive_path, out.write)
         out.flush()
         result.disks[disk.target] = "-"
     else:
         destination = os.path.abspath(options.to)
         kind = destination_kind(destination)
         if kind == "device":
+            if disk.segmented and disk.format != "raw":
+                raise UsageError(f"disk {disk.target} is a segmented {disk.format} disk: restore it into a file "
+                                 f"(--to FILE); a block device takes segmented raw disks only")
             device = os.path.realpath(destination)
             if not options.overwrite:
                 raise RefusedError(f"{destination} is a block device; give --overwrite to write the image into it")
@@ -347,10 +377,16 @@ def _restore_one_disk(conn, backend: RepositoryBackend, repo: dict, archive: str
             if size < disk.virtual_size:
                 raise RefusedError(f"{destination} holds {size} bytes, less than the {disk.virtual_size} bytes of "
                                    f"disk {disk.target}")
-            result.bytes_written = write_into_device(backend, archive, disk.image.archive_path, device)
+            if disk.segmented:
+                result.bytes_written = write_segmented_into_device(backend, archive, disk, device)
+            else:
+                result.bytes_written = write_into_device(backend, archive, disk.image.archive_path, device)
         elif kind in ("file", "missing"):
             check_refusals(conn, plan, [destination], define=False, overwrite=options.overwrite)
-            result.bytes_written = restore_file(backend, archive, disk.image.archive_path, destination)
+            if disk.segmented:
+                result.bytes_written = restore_segmented(backend, archive, disk, destination)
+            else:
+                result.bytes_written = restore_file(backend, archive, disk.image.archive_path, destination)
         else:
             raise UsageError(f"--to {destination} is a {kind}: give a regular file, a block device or -")
         result.disks[disk.target] = destination

@@ -157,6 +157,19 @@ def make_extract_command(
     )
 
 
+def make_export_tar_command(
+    binary: str, repo: str, archive: str, path: str, *, lock_wait: int | None = None
+) -> tuple[str, ...]:
+    """Given an archive and a stored directory, return the `borg export-tar ARCHIVE - pp:PATH` argv: an
+    uncompressed tar (no filter for "-") of that directory and everything below it on stdout (members named by their full
+    archive paths). The `pp:` pattern names that path and what lies below it, never a sibling like PATH2."""
+    return (
+        (binary, "export-tar")
+        + _common_flags(lock_wait)
+        + (archive_location(repo, archive), "-", f"pp:{path}")
+    )
+
+
 def make_check_command(
     binary: str,
     repo: str,

@@ -41,6 +41,9 @@ DROPPED_ENVIRONMENT = frozenset(
 )
 # The variable that names the fd of the inherited pipe the passphrase_file's bytes come through.
 PASSPHRASE_FD_VARIABLE = "BORG_PASSPHRASE_FD"
+# Which FUSE library borg loads. It imports it at every start (pyfuse3 and trio: ~0.1 s of CPU), though
+# only `borg mount` uses it; every other run gets "none".
+FUSE_IMPL_VARIABLE = "BORG_FUSE_IMPL"
 
 
 def find_borg_binary(configured: str | None) -> str:
@@ -68,9 +71,11 @@ def files_cache_suffix(domain: str) -> str:
 
 
 def make_environment(
-    repository: Mapping[str, Any], inherited: Mapping[str, str], *, cache_suffix: str | None = None
+    repository: Mapping[str, Any], inherited: Mapping[str, str], *, cache_suffix: str | None = None,
+    fuse: bool = False,
 ) -> dict[str, str]:
-    """Given a repository config and the inherited environment, return borg's environment.
+    """Given a repository config, the inherited environment and whether the run mounts (`fuse`: `borg
+    mount`, or a user's own borg command), return borg's environment (without `fuse`, BORG_FUSE_IMPL=none).
 
     It never holds a passphrase: a `passphrase_file` goes through BORG_PASSPHRASE_FD at run
     time; a `passphrase_command` is a command, so it goes into BORG_PASSCOMMAND. BORG_RSH is the
@@ -84,4 +89,6 @@ def make_environment(
         env["BORG_PASSCOMMAND"] = repository["passphrase_command"]
     if cache_suffix:
         env["BORG_FILES_CACHE_SUFFIX"] = cache_suffix
+    if not fuse:
+        env[FUSE_IMPL_VARIABLE] = "none"
     return env

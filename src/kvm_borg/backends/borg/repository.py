@@ -270,11 +270,23 @@ class BorgRepository(BackendBase):
         if any("never matched" in w for w in log.warnings):
             raise BorgError(f"repository {self.name!r}: {archive_path} is not in {archive}")
 
+    def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and one stored directory, pass an uncompressed tar stream of it (and what lies
+        below it) to `write`, in order (`borg export-tar ... -`: every chunk authenticated as it is read).
+        A path the archive does not hold is a BorgError."""
+        argv = commands.make_export_tar_command(self.binary, self.location, archive, archive_path,
+                                                lock_wait=self.lock_wait)
+        result, log = self._run(argv, on_stdout=write)
+        if failed(result.returncode):
+            raise self._error("export-tar", log, result)
+        if any("never matched" in w for w in log.warnings):
+            raise BorgError(f"repository {self.name!r}: {archive_path} is not in {archive}")
+
     def mount(self, archive: str, mountpoint: str) -> str:
         """Given an archive and an empty directory, mount the archive there read-only (FUSE, in the
         background); return the directory that holds the archive's root."""
         result, log = self._run(commands.make_mount_command(self.binary, self.location, archive, mountpoint,
-                                                            lock_wait=self.lock_wait))
+                                                            lock_wait=self.lock_wait), fuse=True)
         if failed(result.returncode):
             raise self._error("mount", log, result)
         return mountpoint
@@ -378,7 +390,7 @@ class BorgRepository(BackendBase):
         """Return what a borg run of this repository gets besides its argv, as run_command's keywords:
         {env, secret, secret_env} (for `kvm-borg key export` and `kvm-borg borg`)."""
         secret = self._passphrase()
-        return {"env": make_environment(self.repository, os.environ), "secret": secret,
+        return {"env": make_environment(self.repository, os.environ, fuse=True), "secret": secret,
                 "secret_env": PASSPHRASE_FD_VARIABLE if secret is not None else None}
 
     def _run(
@@ -389,14 +401,16 @@ class BorgRepository(BackendBase):
         on_progress: Callable[[int], None] | None = None,
         cwd: str | None = None,
         on_stdout: Callable[[bytes], None] | None = None,
+        fuse: bool = False,
     ) -> tuple[CommandResult, BorgLog]:
-        """Given a borg argv, run it with our environment and passphrase; return the result and its BorgLog."""
+        """Given a borg argv (`fuse`: it is `borg mount`), run it with our environment and passphrase; return the
+        result and its BorgLog."""
         secret = self._passphrase()
         log = BorgLog(on_progress)
         try:
             result = run_command(
                 argv,
-                env=make_environment(self.repository, os.environ, cache_suffix=cache_suffix),
+                env=make_environment(self.repository, os.environ, cache_suffix=cache_suffix, fuse=fuse),
                 secret=secret,
                 secret_env=PASSPHRASE_FD_VARIABLE if secret is not None else None,
                 on_stderr_line=log.feed,

@@ -99,6 +99,9 @@ class ResticRepository:
         self.sftp_command = rc.sftp_command(
             self.url, with_default_options(repository.get("ssh_command") or DEFAULT_SSH_COMMAND))
         self.options: tuple[str, ...] = (f"sftp.command={self.sftp_command}",) if self.sftp_command else ()
+        # {(archive, listed hosts): its parts}: one `restic snapshots` per archive read, however many of its
+        # files are read (forgotten whenever this instance writes or forgets snapshots)
+        self._parts: dict[tuple[str, tuple[str, ...] | None], ArchiveParts] = {}
 
     def __repr__(self) -> str:
         return f"ResticRepository({self.name!r}, {redact_url(self.url)!r})"
@@ -150,6 +153,7 @@ class ResticRepository:
         had written are forgotten again (best effort: an append-only server keeps them, unlisted).
         An interrupt stops restic (SIGINT, so it releases its lock) and propagates."""
         started = time.monotonic()
+        self._parts.clear()
         devices = [path for path in request.files if path in request.block_devices]
         files = [path for path in request.files if path not in request.block_devices]
         written: list[str] = []
@@ -259,6 +263,17 @@ class ResticRepository:
         if result.returncode != 0:
             raise self._error("dump", log, result)
 
+    def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
+        """Given an archive and one stored directory, pass a tar stream of it (and what lies below it) to
+        `write`, in order: `restic dump SNAPSHOT DIR` of the snapshot part that holds the directory (restic
+        0.14 dumps a directory as tar; every blob authenticated as it is read)."""
+        archive_path = self.archive_path(archive_path)
+        snapshot = self._archive(archive).snapshot_holding(archive_path)
+        result, log = self._run(rc.make_dump_command(self.binary, snapshot["id"], archive_path, options=self.options),
+                                on_stdout=write)
+        if result.returncode != 0:
+            raise self._error("dump", log, result)
+
     def mount(self, archive: str, mountpoint: str) -> str:
         """Given an archive and an empty directory, serve the repository there read-only with `restic mount`
         (a FUSE process left running in the background); return the directory of the archive's main snapshot.
@@ -338,6 +353,7 @@ class ResticRepository:
         """Given snapshot ids of a failed store, forget them; return warnings if that fails too."""
         if not snapshot_ids:
             return []
+        self._parts.clear()
         try:
             self._run_checked(rc.make_forget_command(self.binary, snapshot_ids, options=self.options), "forget")
             return []
@@ -359,7 +375,16 @@ class ResticRepository:
         return group_archives(data)
 
     def _archive(self, archive: str) -> ArchiveParts:
-        """Given an archive name, return its complete ArchiveParts among the listed hosts (ResticError if none or ambiguous)."""
+        """Given an archive name, return its complete ArchiveParts among the listed hosts (ResticError if none or
+        ambiguous); asked of the repository once per archive and host filter (see `_parts`)."""
+        key = (archive, None if self.list_hosts is None else tuple(self.list_hosts))
+        if key not in self._parts:
+            self._parts[key] = self._find_archive(archive)
+        return self._parts[key]
+
+    def _find_archive(self, archive: str) -> ArchiveParts:
+        """Given an archive name, list its snapshots and return its complete ArchiveParts among the listed hosts
+        (ResticError if none or ambiguous)."""
         argv = rc.make_snapshots_command(
             self.binary, tags=[archives.MARKER_TAG, archives.tag("archive", archive)], hosts=self.list_hosts,
             options=self.options,
@@ -443,6 +468,7 @@ class ResticRepository:
                     result.pruned.append(name)
                     forget.extend(str(snapshot["id"]) for snapshot in parts.snapshots)
         if forget and not dry_run:
+            self._parts.clear()
             try:
                 self._run_checked(rc.make_forget_command(self.binary, forget, options=self.options), "forget")
             except ResticError as exc:
@@ -453,6 +479,7 @@ class ResticRepository:
 
     def compact(self) -> None:
         """Free the space of forgotten snapshots (`restic prune`); a failure is a ResticError."""
+        self._parts.clear()
         self._run_checked(rc.make_prune_command(self.binary, options=self.options), "prune")
 
     def check(self, verify_data: bool = False, read_data_subset: str | None = None) -> CheckResult:
