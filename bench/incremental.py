@@ -28,8 +28,8 @@ wall time, kvm-borg's own peak RSS (its `ru_maxrss` as bench/rss_probe.py record
 image file), the bytes written since the last run (= the bitmap's dirty bytes: nothing else
 writes to this disk), repository growth (`borg info` unique_csize / `restic stats --mode
 raw-data`). Writes docs/performance/incremental.md and incremental.json; removes the domain, its
-checkpoints, repositories and scratch files, also on failure or SIGTERM. `--render-only JSON`
-redraws the report from saved figures.
+checkpoints, repositories and scratch files, also on failure or SIGTERM (which ends the run after
+writing the report of the runs finished so far). `--render-only JSON` redraws the report from saved figures.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from bench.common import BORG, KVM_BORG, RESTIC, KiB, MiB, evict_cache, machine_
     prepare_workdir, remove_domain, remove_workdir, run, scattered_extents, virt_type, write_extents
 from bench.procmem import run_measured
 from bench.rss_probe import RSS_ENV
+from bench.timing_probe import LOG_ENV as TIMING_ENV
 
 PHASES = ("series", "sweep", "view", "guest")
 CASES = ("full", "unchanged", "extents-4m", "blocks-64k")
@@ -80,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guest-runs", type=int, default=3, help="backups of the real guest per method")
     p.add_argument("--guest-interval-ms", type=int, default=2, help="the guest workload's pause between records")
     p.add_argument("--guest-disk-mib", type=int, default=256, help="the guest's data disk")
+    p.add_argument("--guest-boot-timeout", type=float, default=180,
+                   help="seconds the guest may take to boot (TCG on a loaded host is slow)")
     p.add_argument("--guest-quiesce", default="auto", help="quiesce mode of the guest's backups")
     p.add_argument("--phases", default=",".join(PHASES), help=f"phases to run ({','.join(PHASES)})")
     p.add_argument("--no-drop-caches", action="store_true", help="only evict the image, not the whole page cache")
@@ -219,7 +222,7 @@ def write_config(bench: Bench, path: Path, method: str, kind: str, repo: Path, s
     entry = {"name": f"{kind}-{method}", "type": kind, "passphrase_file": str(bench.passfile)}
     entry["path" if kind == "borg" else "url"] = str(repo)
     config = {"state_dir": str(bench.state_dir), "quiesce": quiesce, "libvirt_uri": bench.args.uri,
-              "plugins": ["bench.rss_probe"], "repositories": [entry]}
+              "plugins": ["bench.rss_probe", "bench.timing_probe"], "repositories": [entry]}
     if method != "snapshot":  # absent for the snapshot method: its runs work without the new keys
         config.update({"method": method, "segment_size": size_text(segment_mib), "scratch_dir": str(bench.scratch_dir)})
     path.write_text(json.dumps(config, indent=1))
@@ -228,12 +231,15 @@ def write_config(bench: Bench, path: Path, method: str, kind: str, repo: Path, s
 
 def kvm_borg(bench: Bench, config: Path, *args: str, env: dict | None = None) -> dict:
     """Run `kvm-borg --config CONFIG ARGS --json`; return {seconds, rss_kib, peaks_kib, json (parsed stdout)}."""
-    rss_file = bench.workdir / "rss"
+    rss_file, timing_file = bench.workdir / "rss", bench.workdir / "timing.jsonl"
     rss_file.unlink(missing_ok=True)
+    timing_file.unlink(missing_ok=True)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        spawned = time.time()
         measured = run_measured([KVM_BORG, "--config", str(config), "-q", *args, "--json"],
-                                {**bench.env, RSS_ENV: str(rss_file), **(env or {})}, out, err,
-                                marker=str(bench.workdir))
+                                {**bench.env, RSS_ENV: str(rss_file), TIMING_ENV: str(timing_file), **(env or {})},
+                                out, err, marker=str(bench.workdir))
+        exited = time.time()
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
@@ -245,8 +251,26 @@ def kvm_borg(bench: Bench, config: Path, *args: str, env: dict | None = None) ->
         parsed = json.loads(stdout)
     except ValueError:
         raise RuntimeError(f"kvm-borg {' '.join(args)} exited {measured.returncode}: {stderr[-2000:]}") from None
+    marks = [json.loads(line) for line in timing_file.read_text().splitlines()] if timing_file.exists() else []
     return {"seconds": measured.seconds, "rss_kib": own, "peaks_kib": measured.peaks_kib,
+            "stretches": stretches(marks, spawned, exited),
             "json": parsed, "returncode": measured.returncode, "stderr": stderr[-2000:]}
+
+
+def stretches(marks: list[dict], spawned: float, exited: float) -> dict:
+    """Given bench.timing_probe's marks ({"hook", "t"}) of one backup and the spawn and exit times, return
+    seconds per stretch: start (to before_snapshot), freeze (to after_snapshot: snapshot or backup job,
+    bitmap, view), store (to the last after_store), release (to after_commit: merge back, or view stop,
+    job end, fold, checkpoint deletion), end (to the exit); {} without marks."""
+    first = {}
+    for mark in marks:
+        first.setdefault(mark["hook"], mark["t"])
+    last_store = max((m["t"] for m in marks if m["hook"] == "after_store"), default=None)
+    points = [spawned, first.get("before_snapshot"), first.get("after_snapshot"), last_store,
+              first.get("after_commit"), exited]
+    if any(p is None for p in points):
+        return {}
+    return {name: b - a for name, a, b in zip(("start", "freeze", "store", "release", "end"), points, points[1:])}
 
 
 class Variant:
@@ -289,7 +313,8 @@ class Variant:
             read = self.bench.image.stat().st_size  # borg/restic read the whole frozen image file
         return {"variant": self.label, "method": self.method, "backend": self.kind,
                 "reported_method": result.get("method", "snapshot"), "seconds": out["seconds"],
-                "rss_kib": out["rss_kib"], "peaks_kib": out["peaks_kib"], "growth": growth, "bytes_read": read,
+                "rss_kib": out["rss_kib"], "peaks_kib": out["peaks_kib"], "stretches": out["stretches"],
+                "growth": growth, "bytes_read": read,
                 "disks": disks, "image_bytes": self.bench.image.stat().st_size,
                 "segment_size": int(self.segment_mib * MiB) if self.method == "bitmap" else None,
                 "warnings": result.get("warnings", [])}
@@ -461,8 +486,8 @@ def phase_guest(args, results: dict, methods: list[str]) -> None:
     try:
         guest = build.start_guest(conn, name, artifacts, workdir, "qcow2", args.guest_disk_mib,
                                   interval_ms=args.guest_interval_ms)
-        build.wait_for_agent(guest.dom, timeout=180)
-        build.wait_for_progress(guest.console_log, 50, timeout=120)
+        build.wait_for_agent(guest.dom, timeout=args.guest_boot_timeout)
+        build.wait_for_progress(guest.console_log, 50, timeout=args.guest_boot_timeout)
         watcher = ConsoleWatcher(guest.console_log)
         watcher.start()
         gbench = argparse.Namespace(uri=args.uri)
@@ -586,6 +611,7 @@ def run_all(args, argv) -> dict:
           f"{dataset.disk_bytes / MiB:.0f} MiB disk, {dataset.image_bytes / MiB:.0f} MiB qcow2", flush=True)
     remove_bench_domain(args.uri, args.name)
     workdir = prepare_workdir(args.workdir)
+    stopped = False
     try:
         domain_phases = [p for p in phases if p in ("series", "sweep", "view")]
         if domain_phases:
@@ -601,8 +627,10 @@ def run_all(args, argv) -> dict:
                       "view": lambda: phase_view(bench, results)}[phase]
                 try:
                     fn()
-                except Stop:
-                    raise
+                except Stop as exc:  # keep the figures so far, clean up, write the report
+                    results["errors"][phase] = f"stopped by {exc}: the runs finished before are kept"
+                    stopped = True
+                    break
                 except Exception as exc:  # record, go on with the next phase
                     traceback.print_exc()
                     results["errors"][phase] = f"{type(exc).__name__}: {exc}"[:3000]
@@ -610,11 +638,11 @@ def run_all(args, argv) -> dict:
                     for variant in variants:
                         variant.drop()
             remove_bench_domain(args.uri, args.name)
-        if "guest" in phases:
+        if "guest" in phases and not stopped:
             try:
                 phase_guest(args, results, methods)
-            except Stop:
-                raise
+            except Stop as exc:
+                results["errors"]["guest"] = f"stopped by {exc}: the runs finished before are kept"
             except Exception as exc:
                 traceback.print_exc()
                 results["errors"]["guest"] = f"{type(exc).__name__}: {exc}"[:3000]
@@ -655,7 +683,11 @@ def main(argv=None) -> int:
     from bench import incremental_report as report  # noqa: PLC0415
 
     if args.render_only:
-        results = merge_results([json.loads(Path(p).read_text()) for p in str(args.render_only).split(",")])
+        sources = str(args.render_only).split(",")
+        results = merge_results([json.loads(Path(p).read_text()) for p in sources])
+        if len(sources) > 1:  # the merged figures are the report's source from now on
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            (args.out_dir / "incremental.json").write_text(json.dumps(results, indent=1) + "\n")
     else:
         if os.geteuid() != 0:
             raise SystemExit("run me as root (libvirt qemu:///system, drop_caches, images QEMU can open)")

@@ -166,6 +166,22 @@ VM (HMP qemu-io), so they are exactly the bitmap's dirty bytes.
                          f"| {_mib(series_median(results, 'snapshot', backend, case, 'growth'))} "
                          f"| {_mib(series_median(results, 'bitmap', backend, case, 'growth'))} |")
         parts.append("\n".join(lines) + "\n")
+    if any(r.get("stretches") for r in results.get("series", [])):
+        st = ["## Where the time goes (median seconds per stretch of one backup)\n",
+              "start = spawn to the freeze; freeze = snapshot, or backup job + bitmap + view start; store = borg/restic; "
+              "release = merge back, or view stop + job end + fold + old checkpoint deleted; end = to the exit.\n",
+              "| backend | case | method | start | freeze | store | release | end | total |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for backend in results.get("backends", []):
+            for case in CASES:
+                for method in ("snapshot", "bitmap"):
+                    rows = [r for r in _rows(results, method, backend, case) if r.get("stretches")]
+                    if rows:
+                        cells = [_s(_median([r["stretches"][k] for r in rows]))
+                                 for k in ("start", "freeze", "store", "release", "end")]
+                        st.append(f"| {backend} | {case} | {method} | {' | '.join(cells)} "
+                                  f"| {_s(_median([r['seconds'] for r in rows]))} |")
+        parts.append("\n".join(st) + "\n")
     mem = ["## Memory (peak resident set, max over every run of the series)\n",
            "| variant | kvm-borg (MiB) | segment view (MiB) | borg (MiB) | restic (MiB) |", "|---|---:|---:|---:|---:|"]
     for label in sorted({r["variant"] for r in results.get("series", [])}):

@@ -116,6 +116,10 @@ def run_measured(argv: list[str], env: dict, stdout, stderr, marker: str = "", i
     sampler.start()
     try:
         _pid, status = os.waitpid(proc.pid, 0)
+    except BaseException:  # our SIGTERM: pass it on and let the command unwind (it ends its own work)
+        proc.terminate()
+        proc.wait(timeout=300)
+        raise
     finally:
         sampler.stop.set()
         sampler.join()

@@ -86,3 +86,13 @@ def test_merged_results_keep_every_run_and_say_they_were_not_paired():
     merged = merge_results([a, b])
     assert len(merged["series"]) == len(_results()["series"]) and len(merged["merged_from"]) == 2
     assert "not** paired" in render(merged)
+
+
+def test_stretches_split_one_backup_at_the_probe_marks():
+    from bench.incremental import stretches
+
+    marks = [{"hook": "before_snapshot", "t": 10.5}, {"hook": "after_snapshot", "t": 11.0},
+             {"hook": "after_store", "t": 15.0}, {"hook": "after_store", "t": 17.0},
+             {"hook": "before_commit", "t": 17.1}, {"hook": "after_commit", "t": 18.0}]
+    assert stretches(marks, 10.0, 18.25) == {"start": 0.5, "freeze": 0.5, "store": 6.0, "release": 1.0, "end": 0.25}
+    assert stretches(marks[:2], 10.0, 12.0) == {}  # a run that failed before storing has no full split
