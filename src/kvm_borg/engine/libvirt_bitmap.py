@@ -24,7 +24,7 @@ from kvm_borg.config import Settings
 from kvm_borg.engine import backup_job, images
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.libvirt_errors import translated, translating
-from kvm_borg.engine.libvirt_snapshot import quiesce_decision, record_stage
+from kvm_borg.engine.libvirt_snapshot import quiesce_decision, record_stage, resume_if_paused_by_io_error
 from kvm_borg.engine.planning import DomainHandle
 from kvm_borg.errors import EngineError, KvmBorgError, RefusedError
 from kvm_borg.models import DiskPlan, DiskReadStats, DomainPlan, FreezeResult, FrozenDisk, RecoveryReport, ReleaseResult
@@ -613,7 +613,11 @@ def finish(entry: journal.Entry, connection: Connection, settings: Settings, rep
                         f"`{recovery_command(entry.domain)}`")
             return
         try:
-            resume_if_paused_by_write_error(dom, report)
+            # Measured on QEMU 7.2: while the job runs, a guest write whose old data cannot be copied to a
+            # full scratch_dir fails with ENOSPC (copy-before-write), pausing a guest with the default error
+            # policy; once the job is over the retried write succeeds.
+            resume_if_paused_by_io_error(dom, report, "scratch_dir full?); resumed it now that the backup job "
+                                                      "is over")
         except libvirt.libvirtError as exc:
             report.warn(f"could not resume the guest paused by a write error: {exc.get_error_message()}")
     folded = fold() if fold is not None else None  # after the job ended, before any checkpoint goes
@@ -638,20 +642,6 @@ def finish(entry: journal.Entry, connection: Connection, settings: Settings, rep
         journal.remove_entry(settings.journal_dir, entry.uuid)
     except OSError as exc:
         report.warn(f"could not remove the journal entry ({exc}): run `{recovery_command(entry.domain)}`")
-
-
-def resume_if_paused_by_write_error(dom, report: RecoveryReport) -> None:
-    """Resume a guest QEMU paused on a write error once the job is over. Measured on QEMU 7.2: while the
-    job runs, a guest write whose old data cannot be copied to a full scratch_dir fails with ENOSPC
-    (copy-before-write breaks the guest write), which pauses a guest with the default error policy;
-    without the job the retried write succeeds. A guest paused by anyone else stays paused."""
-    if not dom.isActive():
-        return
-    state, reason = dom.state()
-    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
-        dom.resume()
-        report.warn("the guest had been paused by a write error (scratch_dir full?); resumed it now that the "
-                    "backup job is over")
 
 
 def _tidy_checkpoints(dom, entry: journal.Entry, settings: Settings, report: RecoveryReport, folded: str | None) -> None:

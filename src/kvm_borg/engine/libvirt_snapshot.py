@@ -428,16 +428,18 @@ def fix_persistent_definition(connection: Connection, dom, entry, report: Recove
         report.did("pointed the persistent definition back at the base images")
 
 
-def resume_if_paused_by_io_error(dom, report: RecoveryReport) -> None:
-    """Resume a guest QEMU paused on a write error (an overlay's file system ran full): now that it
-    runs on its base again, the failed write is retried. A guest paused by anyone else stays paused."""
+def resume_if_paused_by_io_error(dom, report: RecoveryReport,
+                                 why: str = "overlay file system full?); resumed it on its own images") -> None:
+    """Resume a guest QEMU paused on a write error, now that the cause is gone and the failed write is
+    retried: by default an overlay's full file system (the guest runs on its base again); the bitmap
+    method passes its own `why` (the rest of the warning) for a full scratch_dir. A guest paused by anyone
+    else stays paused."""
     if dom is None or not dom.isActive():
         return
     state, reason = dom.state()
     if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
         dom.resume()
-        report.warn("the guest had been paused by a write error (overlay file system full?); resumed it "
-                    "on its own images")
+        report.warn(f"the guest had been paused by a write error ({why}")
 
 
 def bring_back_to_base(entry: journal.Entry, connection: Connection, settings: Settings) -> RecoveryReport:
