@@ -200,9 +200,20 @@ def _read(path: Path, uuid: str) -> BitmapState | None:
 def save(state_dir: str | os.PathLike, state: BitmapState) -> Path:
     """Given the state dir and a BitmapState (its uuid set), write its state file atomically and durably
     (fsync of the file and of its directory), mode 0600; return the path."""
-    path = state_path(state_dir, state.uuid)
+    return _write(state_path(state_dir, state.uuid), state)
+
+
+def _write(path: Path, state: BitmapState) -> Path:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return atomic.write_atomic(path, encode(state), 0o600)
+
+
+def _unlink_durably(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    atomic.fsync_dir(path.parent)
 
 
 def pending_path(state_dir: str | os.PathLike, uuid: str) -> Path:
@@ -215,9 +226,7 @@ def save_pending(state_dir: str | os.PathLike, state: BitmapState) -> Path:
     """Given the state dir and the new BitmapState of a run whose backup job (and checkpoint) exists, write
     it beside the state file as the run's pending state (atomic, fsync'd, 0600), so that whoever ends the
     run (this process, `kvm-borg thaw`, `kvm-borg recover`) can fold it; return the path."""
-    path = pending_path(state_dir, state.uuid)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return atomic.write_atomic(path, encode(state), 0o600)
+    return _write(pending_path(state_dir, state.uuid), state)
 
 
 def fold_pending(state_dir: str | os.PathLike, uuid: str, checkpoint: str | None) -> BitmapState | None:
@@ -239,22 +248,12 @@ def fold_pending(state_dir: str | os.PathLike, uuid: str, checkpoint: str | None
 
 def discard_pending(state_dir: str | os.PathLike, uuid: str) -> None:
     """Given the state dir and a domain UUID, delete the run's pending state if there is one."""
-    path = pending_path(state_dir, uuid)
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return
-    atomic.fsync_dir(path.parent)
+    _unlink_durably(pending_path(state_dir, uuid))
 
 
 def remove(state_dir: str | os.PathLike, uuid: str) -> None:
     """Given the state dir and a domain UUID, delete its state file if there is one (durably)."""
-    path = state_path(state_dir, uuid)
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return
-    atomic.fsync_dir(path.parent)
+    _unlink_durably(state_path(state_dir, uuid))
 
 
 def layer_identity(paths: list[str]) -> list[list[int]] | None:
