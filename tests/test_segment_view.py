@@ -222,6 +222,28 @@ def test_every_segment_holds_the_images_bytes_and_zero_segments_are_empty(tmp_pa
     assert mountinfo.entry_at(mnt) is None
 
 
+def test_the_next_segments_changed_in_this_run_are_fetched_ahead_once_and_no_others(tmp_path, image, export, views):
+    """A reader of a changed segment gets the next changed data segments fetched meanwhile (borg and restic
+    read them next); segments of earlier runs (the reader skips them) and zero segments are never fetched
+    ahead, and nothing is fetched twice."""
+    raw = image[1]
+    zero = set(range(COUNT)) - DATA_SEGMENTS
+    changed = {16, 20, 24, 25}  # 20 reads as zeros
+    stamps = [3_000 if i in changed else 1_000 for i in range(COUNT)]
+    mnt = mountpoint(tmp_path)
+    spec = nbd_view_spec(export, mnt, stamps, zero, now_ns=4_000)
+    view = views.start(S.ViewSpec(kind="nbd", mountpoint=mnt, disks=spec.disks, now_ns=4_000, run_stamp=3_000))
+    disk_dir = Path(mnt, "vda")
+    assert (disk_dir / "00000016").read_bytes() == raw[16 * SEG:17 * SEG]
+    deadline = time.monotonic() + 10  # 24 and 25 come in the background (the live count is 0.5 s behind)
+    while view.bytes_served() < 3 * SEG and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert view.bytes_served() == 3 * SEG
+    for i in (24, 25, 0):  # 24 and 25 from what was fetched ahead; 0 (an earlier run's) on demand
+        assert (disk_dir / segment_name(i, COUNT)).read_bytes() == raw[i * SEG:(i + 1) * SEG], f"segment {i}"
+    assert view.stop().bytes_read == {"vda": 4 * SEG}
+
+
 def test_a_read_the_nbd_server_cannot_answer_is_eio_never_zeros(tmp_path, nbd_server, views):
     socket, server = nbd_server
     mnt = mountpoint(tmp_path)

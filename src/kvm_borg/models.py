@@ -141,6 +141,7 @@ class ArchiveRequest:
     comment: str  # one-line JSON that identifies the archive as kvm-borg's
     total_bytes: int  # bytes to read, for progress
     bytes_served: Callable[[], int] | None = None  # when set, progress counts these bytes actually read instead of the tool's
+    plain_files: bool = False  # every file is kvm-borg's own (segment view, staging): no flags, ACLs or xattrs to read
 
 
 @dataclass

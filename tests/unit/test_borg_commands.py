@@ -180,3 +180,11 @@ def test_umount_and_version_commands():
 def test_export_tar_command_streams_one_directory_and_what_lies_below_it_uncompressed():
     assert make_export_tar_command("borg", "/r", "a", "var/lib/kvm-borg/view/u/vda", lock_wait=5) == (
         "borg", "export-tar", "--log-json", "--lock-wait", "5", "/r::a", "-", "pp:var/lib/kvm-borg/view/u/vda")
+
+
+def test_create_reads_no_flags_acls_or_xattrs_of_plain_files_only():
+    plain = make_create_command("borg", "/r", "a", ["/view/vda"], **{**CREATE_DEFAULTS, "plain_files": True})
+    images = make_create_command("borg", "/r", "a", ["/x"], **CREATE_DEFAULTS)
+    assert {"--noflags", "--noacls", "--noxattrs"} <= set(plain)
+    assert not {"--noflags", "--noacls", "--noxattrs"} & set(images)
+    assert plain[-1] == "/view/vda"  # options stay before the archive and the paths

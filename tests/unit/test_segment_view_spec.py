@@ -34,7 +34,8 @@ def round_trip(spec: S.ViewSpec) -> S.ViewSpec:
 
 def test_an_nbd_spec_survives_its_json_form():
     disk = nbd_disk(size=10 * MiB + 5, segment=4 * MiB, stamps=[1, 7, 2**63], zero=[0, 1, 0])
-    spec = S.ViewSpec(kind="nbd", mountpoint="/m", disks=(disk,), now_ns=2**63, allow_other=True, owner=(107, 115))
+    spec = S.ViewSpec(kind="nbd", mountpoint="/m", disks=(disk,), now_ns=2**63, run_stamp=7, allow_other=True,
+                      owner=(107, 115))
     back = round_trip(spec)
     assert back.disks[0].stamps == array("Q", [1, 7, 2**63])
     assert back.disks[0].zero == bytes([0, 1, 0])
@@ -61,6 +62,8 @@ def test_a_large_disk_with_one_stamp_packs_small():
     (lambda d: d.update(disks=[]), "'disks' is out of range"),
     (lambda d: d.update(kvm_borg_view=2), "'kvm_borg_view' must be 1"),
     (lambda d: d.update(owner=[0]), "'owner' must be [uid, gid]"),
+    (lambda d: d.update(run_stamp=11), "'run_stamp' must be null or an int in [0, now_ns]"),
+    (lambda d: d.update(run_stamp="5"), "'run_stamp' must be null or an int in [0, now_ns]"),
     (lambda d: d["disks"][0].update(target="../vda"), "'target' is not a plain name"),
     (lambda d: d["disks"][0].update(virtual_size=0), "'virtual_size' is out of range"),
     (lambda d: d["disks"][0].update(segment_size=True), "'segment_size' must be int"),

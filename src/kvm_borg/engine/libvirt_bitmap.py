@@ -228,7 +228,8 @@ class SegmentSource:
             segment_size=r.segments.segment_size, chain=r.segments.chain, disk_index=r.index,
             stamps=r.segments.stamps, zero=bytes(r.segments.zero), manifest=segments.manifest(r.segments),
             connections=NBD_CONNECTIONS) for r in runs)
-        view_spec = spec.ViewSpec(kind="nbd", mountpoint=str(mountpoint), disks=disks, now_ns=stamp + 1)
+        view_spec = spec.ViewSpec(kind="nbd", mountpoint=str(mountpoint), disks=disks, now_ns=stamp + 1,
+                                   run_stamp=stamp)
         spec_dir = self.run_dir / "view"
         spec_dir.mkdir(mode=0o700)
         self.view = control.start_view(view_spec, spec_dir / "spec.json", outlive_parent=self.owner is not None)

@@ -63,6 +63,7 @@ def archive_request(domain: str, archive: str, timestamp: str, meta: dict, freez
         comment=metadata.archive_comment(meta),
         total_bytes=bytes_to_read(freeze),
         bytes_served=freeze.bytes_served,
+        plain_files=any(d.layout == "segments" for d in freeze.disks),
     )
 
 

@@ -85,9 +85,10 @@ def _check_mountpoint(path: str) -> None:
 
 PROGRESS_SECONDS = 0.5
 #: Readahead of the view's own mount (the kernel default is 128 KiB): a sequential reader (borg,
-#: restic) then has about 1 MiB of requests in flight instead of 128-256 KiB, which halves the time
-#: borg takes through the view on a loaded host (measured: docs in the view's commit).
-READ_AHEAD_KB = 1024
+#: restic) then has a whole 4 MiB segment of requests in flight (1 MiB each) instead of 128-256 KiB.
+#: Measured: 1 MiB halved borg's time through the view on a loaded host (the view's commit); 4 MiB
+#: took an idle `borg create` of 4.4 GiB of 4 MiB segments from 47 s to 44 s (16 MiB: 43 s).
+READ_AHEAD_KB = 4096
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _early_signals: list[int] = []
 

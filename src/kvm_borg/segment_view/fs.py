@@ -36,14 +36,20 @@ ROOT = pyfuse3.ROOT_INODE
 TIMEOUT = 24 * 3600.0  # entry/attr timeout: nothing in a view ever changes while it is mounted
 MANIFEST = "manifest.json"
 #: NBD reads are made in blocks of this size (within one segment) whatever size FUSE asks for, and
-#: the next block of the segment is fetched while the current one is served: a reader's 128-256 KiB
-#: requests then cost one memory copy, not one NBD round trip each.
+#: the next blocks are fetched while the current one is served: a reader's 128 KiB-1 MiB requests
+#: then cost one memory copy, not one NBD round trip each.
 BLOCK = 1 << 20
-#: How many of the segment's next blocks are fetched while one is served.
-AHEAD = 3
+#: How many blocks past the one being served are fetched meanwhile: the segment's next ones, and at
+#: its end the first ones of the next segments changed in this run (`ViewSpec.run_stamp`, not zero),
+#: which borg and restic are sure to read next (they read a directory's files in inode/name order,
+#: the index order); a segment not changed in this run is never fetched ahead (the reader skips it).
+AHEAD = 4
 #: Blocks kept per view (fetched or in flight); a block is dropped once each of its bytes was served
 #: (the kernel's readahead may ask for a block's pieces out of order), else the oldest beyond this.
 CACHED_BLOCKS = 32
+#: Blocks remembered as wholly served (never fetched ahead again: a late request for an earlier piece
+#: must not fetch a block the reader is already past a second time).
+SERVED_BLOCKS = 4 * CACHED_BLOCKS
 #: Page cache on (readahead sends 256 KiB requests, several at once) rather than FOPEN_DIRECT_IO.
 DIRECT_IO = False
 OPEN_FILES = 64  # files kind: segment files kept open at once
@@ -172,6 +178,10 @@ class NbdView(ReadOnlyView):
         self.pools = [nbd_client.HandlePool(disk.socket, disk.export, disk.connections) for disk in self.disks]
         self.limiters = [trio.CapacityLimiter(disk.connections) for disk in self.disks]
         self.blocks: OrderedDict[tuple[int, int, int], _Fetch] = OrderedDict()
+        self.served: OrderedDict[tuple[int, int, int], None] = OrderedDict()
+        # per disk, the indexes of its segments changed in this run that hold data, ascending
+        self.changed = [array("I", (i for i in range(disk.count) if disk.stamps[i] == spec.run_stamp and not disk.zero[i]))
+                        if spec.run_stamp is not None else array("I") for disk in self.disks]
         self.nursery = None  # the serving loop's nursery (set by __main__) runs the block fetches
 
     # inodes: 2 + 2n is disk n's directory, 3 + 2n its manifest.json
@@ -282,26 +292,50 @@ class NbdView(ReadOnlyView):
                 entry.served += take
                 if entry.served >= len(data):  # every byte served (in any order): a reader is past it
                     del self.blocks[(n, index, block)]
+                    self.served[(n, index, block)] = None
+                    while len(self.served) > SERVED_BLOCKS:
+                        self.served.popitem(last=False)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _block(self, n: int, index: int, block: int, length: int) -> bytes:
         """Return block `block` of segment `index` of disk `n` (its bytes, up to BLOCK), from the cache or
-        fetched now; the segment's next AHEAD blocks are started in the background."""
+        fetched now; the next AHEAD blocks (see AHEAD) are started in the background."""
         entry = self._start(n, index, block, length)
-        for ahead in range(block + 1, min(block + 1 + AHEAD, -(-length // BLOCK))):
-            self._start(n, index, ahead, length)
+        self._start_ahead(n, index, block, length)
         await entry.done.wait()
         if entry.error is not None:
             self.blocks.pop((n, index, block), None)
             raise _eio(f"{self.disks[n].target} segment {index}", entry.error)
         return entry.data
 
-    def _start(self, n: int, index: int, block: int, length: int) -> "_Fetch":
+    def _start_ahead(self, n: int, index: int, block: int, length: int) -> None:
+        """Start fetching the AHEAD blocks after `block` of segment `index`: the segment's own, then the
+        first blocks of the next segments of disk `n` changed in this run."""
+        wanted = AHEAD
+        for ahead in range(block + 1, min(block + 1 + AHEAD, -(-length // BLOCK))):
+            self._start(n, index, ahead, length, ahead=True)
+            wanted -= 1
+        changed = self.changed[n]
+        position = bisect.bisect_right(changed, index)
+        disk = self.disks[n]
+        while wanted > 0 and position < len(changed):
+            following = changed[position]
+            following_length = segment_length(following, disk.virtual_size, disk.segment_size)
+            for ahead in range(min(wanted, -(-following_length // BLOCK))):
+                self._start(n, following, ahead, following_length, ahead=True)
+                wanted -= 1
+            position += 1
+
+    def _start(self, n: int, index: int, block: int, length: int, ahead: bool = False) -> "_Fetch | None":
+        """Return the fetch of block `block` of segment `index` (`length` bytes) of disk `n`, started now
+        unless cached or in flight; `ahead`: only if no reader was served all of it yet (then None)."""
         key = (n, index, block)
         entry = self.blocks.get(key)
         if entry is not None:
             self.blocks.move_to_end(key)
             return entry
+        if ahead and key in self.served:
+            return None
         entry = self.blocks[key] = _Fetch()
         while len(self.blocks) > CACHED_BLOCKS:
             self.blocks.popitem(last=False)

@@ -7,7 +7,9 @@ PURE: dataclasses, their JSON form, and its validation. Two kinds:
   spec: inode `segments.segment_inode(chain, disk_index, index)`, mtime = ctime = its stamp (ns),
   size 0 when its zero flag is set, else its length. Directories and manifest.json carry `now_ns`,
   the newest time in the view (>= every stamp; borg forgets a file memorized with a time >= the
-  newest one of its run, so the parent gives `now_ns` > the run's stamp).
+  newest one of its run, so the parent gives `now_ns` > the run's stamp). `run_stamp`, when set, is
+  the stamp of the segments changed in this run: the view fetches the next of them ahead of the
+  reader (the others the reader skips).
 - `files` (mount, live restore): per disk a directory of segment files (e.g. inside a borg or
   restic mount) shown as ONE flat image `<target>.raw` of `virtual_size` bytes; a 0-byte segment
   reads as zeros.
@@ -80,6 +82,7 @@ class ViewSpec:
     mountpoint: str
     disks: tuple = ()  # NbdDisk... or FilesDisk...
     now_ns: int = 0  # nbd: ctime/mtime of directories and manifest.json
+    run_stamp: int | None = None  # nbd: the stamp of the segments changed in this run (fetched ahead)
     allow_other: bool = False  # let other users (QEMU's) read the view
     owner: tuple[int, int] = (0, 0)  # (uid, gid) of every file and directory
     workers: int = 4  # files kind: reader threads
@@ -148,7 +151,7 @@ def _unpack(text, key: str) -> bytes:
 def to_json(spec: ViewSpec) -> dict:
     """Given a ViewSpec, return its JSON form (what `python -m kvm_borg.segment_view` reads)."""
     data = {"kvm_borg_view": SPEC_FORMAT, "kind": spec.kind, "mountpoint": spec.mountpoint,
-            "now_ns": spec.now_ns, "allow_other": spec.allow_other, "owner": list(spec.owner),
+            "now_ns": spec.now_ns, "run_stamp": spec.run_stamp, "allow_other": spec.allow_other, "owner": list(spec.owner),
             "workers": spec.workers, "disks": []}
     for disk in spec.disks:
         if isinstance(disk, NbdDisk):
@@ -201,6 +204,10 @@ def parse(data) -> ViewSpec:
         raise SpecError(f"spec: 'kind' must be one of {', '.join(KINDS)}, not {kind!r}")
     mountpoint = _get(data, "mountpoint", str, check=lambda p: p.startswith("/"))
     now_ns = _get(data, "now_ns", int, default=0, check=lambda v: 0 <= v < 2**64)
+    run_stamp = data.get("run_stamp")
+    if run_stamp is not None and (not isinstance(run_stamp, int) or isinstance(run_stamp, bool)
+                                  or not 0 <= run_stamp <= now_ns):
+        raise SpecError("spec: 'run_stamp' must be null or an int in [0, now_ns]")
     owner = _get(data, "owner", list, default=[0, 0])
     if len(owner) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in owner):
         raise SpecError("spec: 'owner' must be [uid, gid]")
@@ -237,6 +244,6 @@ def parse(data) -> ViewSpec:
     targets = [disk.target for disk in disks]
     if len(set(targets)) != len(targets):
         raise SpecError("spec: two disks have the same target")
-    return ViewSpec(kind=kind, mountpoint=mountpoint, disks=tuple(disks), now_ns=now_ns,
+    return ViewSpec(kind=kind, mountpoint=mountpoint, disks=tuple(disks), now_ns=now_ns, run_stamp=run_stamp,
                     allow_other=_get(data, "allow_other", bool, default=False), owner=(owner[0], owner[1]),
                     workers=_get(data, "workers", int, default=4, check=lambda v: 1 <= v <= 64))

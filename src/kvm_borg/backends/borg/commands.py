@@ -61,6 +61,7 @@ def make_create_command(
     chunker_params: str,
     read_special: bool,
     sparse: bool,
+    plain_files: bool = False,
     comment: str | None,
     progress: bool,
     lock_wait: int | None,
@@ -68,7 +69,9 @@ def make_create_command(
     """Given a repository, a new archive's name and the absolute paths to store, return the `borg create --json` argv.
 
     `--sparse` is kept only with a fixed chunker (borg refuses it otherwise), `--read-special`
-    only when asked (block devices among the paths); the files cache keeps borg's default mode."""
+    only when asked (block devices among the paths), `--noflags --noacls --noxattrs` for `plain_files`
+    (a segment view's files carry none: borg then spends no system calls and FUSE requests per file on
+    them); the files cache keeps borg's default mode."""
     fixed_chunker = chunker_params.split(",", 1)[0] == "fixed"
     return (
         (binary, "create", "--json")
@@ -78,6 +81,7 @@ def make_create_command(
         + ("--chunker-params", chunker_params)
         + (("--sparse",) if sparse and fixed_chunker else ())
         + (("--read-special",) if read_special else ())
+        + (("--noflags", "--noacls", "--noxattrs") if plain_files else ())
         + (("--comment", escape_placeholders(comment)) if comment else ())
         + (archive_location(repo, archive),)
         + tuple(paths)

@@ -156,6 +156,7 @@ class BorgRepository(BackendBase):
             # shifts every later chunk and the rest of the image is stored again. Without it the
             # chunks stay at fixed offsets; all-zero chunks are still never stored.
             sparse=False,
+            plain_files=request.plain_files,
             comment=request.comment,
             progress=self.progress,
             lock_wait=self.lock_wait,
