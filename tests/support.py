@@ -27,7 +27,8 @@ def write_config(directory: Path, repositories: list[dict] | None = None, *, rep
     """Write a config YAML into `directory` (state_dir below it) and return its path.
 
     Without `repositories`, one encrypted borg repository at `repo_path` (default directory/repo).
-    With `init`, `kvm-borg init` creates the repositories."""
+    With `init`, `kvm-borg init` creates the repositories. `method` is `snapshot` unless given: these
+    tests were written for that method (the default is `auto`; tests/harness/bitmap.py gives `bitmap`)."""
     directory.mkdir(parents=True, exist_ok=True)
     if repositories is None:
         repositories = [{
@@ -35,7 +36,7 @@ def write_config(directory: Path, repositories: list[dict] | None = None, *, rep
             "passphrase_file": str(write_passphrase(directory / "passphrase")),
         }]
     data = {"state_dir": str(directory / "state"), "plugins": list(plugins), "repositories": repositories,
-            "quiesce": "auto", **settings}
+            "quiesce": "auto", "method": "snapshot", **settings}
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True))
     if init:

@@ -47,6 +47,9 @@ def test_zero_config_backs_up_into_an_encrypted_local_repository(domain_factory,
     assert second.returncode == 0 and "Export the key with" not in second.stderr
     listed = json.loads(run_cli("list", "--json", env=env).stdout)
     assert [a["domain"] for a in listed] == [domain.name, domain.name]
+    # the default method is auto: a running domain on a qcow2 v3 disk gets the bitmap method, with the
+    # default scratch_dir (state_dir/scratch); the second run reads only what changed (nothing)
+    assert [a["method"] for a in listed] == ["bitmap", "bitmap"]
     assert passphrase.read_text().strip() not in first.stderr + first.stdout + second.stderr
     assert_back_on_own_images(domain, pristine_default_state_dir)
 

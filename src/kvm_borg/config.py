@@ -50,7 +50,7 @@ class Settings:
     max_age: float = 26 * 3600.0  # `kvm-borg status` exits 2 past this age
     metrics_file: str | None = None  # node_exporter textfile written after every run
     store_timeout: float = 12 * 3600.0  # bound on one domain's repository writes; then merged back
-    method: str = "snapshot"  # auto | snapshot | bitmap (method_choice.choose_method decides per domain)
+    method: str = "auto"  # auto | snapshot | bitmap (method_choice.choose_method decides per domain)
     domains_method: dict = field(default_factory=dict)  # {domain name or glob: method}
     segment_size: int = 4 * 1024**2  # bitmap method: bytes per segment file
     scratch_dir_setting: Path | None = None  # `scratch_dir` as configured; None: state_dir/scratch

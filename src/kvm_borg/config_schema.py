@@ -111,7 +111,8 @@ CORE_KEYS: dict[str, dict] = {
     "method": key(one_of("auto", "snapshot", "bitmap"),
                   "how a domain is backed up: `snapshot` (external snapshot, every image read whole), `bitmap` "
                   "(a libvirt backup job: only the segments changed since the last run are read), `auto` "
-                  "(bitmap for a running domain with a qcow2 v3 disk, else snapshot)", default="snapshot"),
+                  "(bitmap for a running domain with a qcow2 v3 disk where the bitmap method can run, else snapshot)",
+                  default="auto"),
     "domains_method": key(named_mapping(one_of("auto", "snapshot", "bitmap"),
                                         "a mapping of domain names or globs to methods"),
                           "per domain name or glob, the `method` (the exact name first, else the first glob "

@@ -4,11 +4,15 @@ libvirt pull-mode backup job, changed segments only). Pure."""
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+import importlib.util
+from collections.abc import Callable, Iterable, Mapping
 
 METHODS = ("auto", "snapshot", "bitmap")
 # qcow2 "compat" 0.10 (version 2) cannot hold persistent bitmaps; 1.1 (version 3) can.
 QCOW2_WITHOUT_BITMAPS = "0.10"
+#: What the bitmap method needs in kvm-borg's own Python, and where it comes from.
+BITMAP_MODULES = {"nbd": "python3-libnbd, linked into kvm-borg's venv by scripts/setup.sh",
+                  "pyfuse3": "pip install pyfuse3 (borgbackup[pyfuse3])"}
 
 
 def configured_method(configured: str, domains_method: Mapping[str, str], name: str) -> str:
@@ -40,3 +44,9 @@ def choose_method(configured: str, domains_method: Mapping[str, str], name: str,
     if method != "auto":
         return method
     return "bitmap" if running and any(holds_bitmaps(fmt, compat) for fmt, compat in disk_formats) else "snapshot"
+
+
+def missing_bitmap_modules(find_spec: Callable[[str], object] = importlib.util.find_spec) -> list[str]:
+    """Return, per module of BITMAP_MODULES that `find_spec` does not find (nothing is imported), one line
+    saying so and where it comes from; empty when all are there."""
+    return [f"no module {name} ({source})" for name, source in BITMAP_MODULES.items() if find_spec(name) is None]

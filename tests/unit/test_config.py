@@ -155,13 +155,13 @@ def test_the_bitmap_method_keys_default_and_normalize(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(f"state_dir: {tmp_path / 'kb'}\n")
     settings = config.load_config(str(path))[0]
-    assert settings.method == "snapshot" and settings.domains_method == {}
+    assert settings.method == "auto" and settings.domains_method == {}
     assert settings.segment_size == 4 * 2**20 and settings.scratch_min_free == 2**30
     assert settings.scratch_dir == tmp_path / "kb" / "scratch" and settings.full_read is False
-    path.write_text(f"state_dir: {tmp_path / 'kb'}\nmethod: auto\ndomains_method: {{'db-*': bitmap, web: snapshot}}\n"
+    path.write_text(f"state_dir: {tmp_path / 'kb'}\nmethod: snapshot\ndomains_method: {{'db-*': bitmap, web: snapshot}}\n"
                     f"segment_size: 256KiB\nscratch_dir: {tmp_path / 'scratch'}\nscratch_min_free: 64M\n")
     settings = config.load_config(str(path))[0]
-    assert settings.method == "auto" and list(settings.domains_method.items()) == [("db-*", "bitmap"), ("web", "snapshot")]
+    assert settings.method == "snapshot" and list(settings.domains_method.items()) == [("db-*", "bitmap"), ("web", "snapshot")]
     assert settings.segment_size == 256 * 1024 and settings.scratch_min_free == 64 * 2**20
     assert settings.scratch_dir == tmp_path / "scratch"
     assert config_formats.segment_size(65536, "k") == 65536 and config_formats.segment_size("1GiB", "k") == 2**30

@@ -1,5 +1,5 @@
 """`kvm-borg doctor`'s row for the bitmap method: ok when it can run; when it cannot, a warning only
-if the configuration asks for it."""
+if the configuration insists on it (`auto` falls back to snapshot)."""
 
 import shutil
 from types import SimpleNamespace
@@ -18,11 +18,14 @@ def test_a_method_that_can_run_is_ok():
 
 def test_a_method_that_cannot_run_warns_only_when_configured():
     problems = ["nbd does not import (...)", "libvirtd 7.0.0 predates 7.6.0 (incremental backup not enabled)"]
-    for settings in (_settings("bitmap"), _settings("auto"), _settings("snapshot", {"db-*": "bitmap"})):
+    for settings in (_settings("bitmap"), _settings("snapshot", {"db-*": "bitmap"})):
         check, status, detail = bitmap_method_check(settings, problems)
         assert status == "warning" and detail == "cannot run: " + "; ".join(problems)
     check, status, detail = bitmap_method_check(_settings("snapshot", {"web": "snapshot"}), problems)
     assert status == "ok" and detail.endswith("(not configured: method is snapshot)")
+    for settings in (_settings("auto"), _settings("snapshot", {"web": "auto"})):
+        check, status, detail = bitmap_method_check(settings, problems)
+        assert status == "ok" and detail.endswith("(method auto backs up with snapshot instead)")
 
 
 def test_import_problem_names_the_module_and_what_provides_it():
@@ -34,7 +37,8 @@ def test_import_problem_names_the_module_and_what_provides_it():
 
 def test_bitmap_wanted_by_method_or_any_domain():
     assert not bitmap_wanted(_settings()) and not bitmap_wanted(_settings("snapshot", {"web": "snapshot"}))
-    assert bitmap_wanted(_settings("auto")) and bitmap_wanted(_settings("snapshot", {"db": "bitmap"}))
+    assert bitmap_wanted(_settings("bitmap")) and bitmap_wanted(_settings("snapshot", {"db": "bitmap"}))
+    assert not bitmap_wanted(_settings("auto"))
 
 
 def test_scratch_dir_free_space_against_scratch_min_free(tmp_path):

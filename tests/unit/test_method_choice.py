@@ -42,3 +42,10 @@ def test_domains_method_by_exact_name_then_first_matching_glob():
 def test_an_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method 'fast'"):
         choose_method("fast", {}, "web", True, [QCOW2_V3])
+
+
+def test_missing_bitmap_modules_names_each_module_and_its_source():
+    from kvm_borg.method_choice import BITMAP_MODULES, missing_bitmap_modules
+    assert missing_bitmap_modules(lambda name: object()) == []
+    missing = missing_bitmap_modules(lambda name: None if name == "nbd" else object())
+    assert missing == [f"no module nbd ({BITMAP_MODULES['nbd']})"]

@@ -70,9 +70,9 @@ def import_problem(module: str, package: str) -> str | None:
 
 
 def bitmap_wanted(settings) -> bool:
-    """Given Settings, return whether the configuration asks for the bitmap method anywhere (a `method`
-    or `domains_method` other than snapshot)."""
-    return settings.method != "snapshot" or any(m != "snapshot" for m in settings.domains_method.values())
+    """Given Settings, return whether the configuration insists on the bitmap method anywhere (a `method`
+    or `domains_method` of bitmap; `auto` falls back to snapshot where bitmap cannot run)."""
+    return settings.method == "bitmap" or "bitmap" in settings.domains_method.values()
 
 
 def scratch_check(settings) -> tuple[str, str, str]:
@@ -96,7 +96,9 @@ def bitmap_method_check(settings, problems: list[str]) -> tuple[str, str, str]:
         return "bitmap method", OK, "can run (libnbd, pyfuse3, libvirt backup jobs)"
     wanted = bitmap_wanted(settings)
     detail = "cannot run: " + "; ".join(problems)
-    return "bitmap method", WARN if wanted else OK, detail if wanted else f"{detail} (not configured: method is snapshot)"
+    fallback = "method auto backs up with snapshot instead" if "auto" in (settings.method, *settings.domains_method.values()) \
+        else "not configured: method is snapshot"
+    return "bitmap method", WARN if wanted else OK, detail if wanted else f"{detail} ({fallback})"
 
 
 def bitmap_method_problems(ctx: Context) -> list[str]:

@@ -16,7 +16,8 @@ from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import choose_disks, is_overlay_path, overlay_path
 from kvm_borg.engine.images import qcow2_compat
 from kvm_borg.engine.libvirt_errors import translating
-from kvm_borg.errors import RefusedError
+from kvm_borg.engine.versions import backup_api_problem
+from kvm_borg.errors import KvmBorgError, RefusedError
 from kvm_borg.models import DomainPlan
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,35 @@ def overlay_fallback_dir(settings: Settings) -> str:
     return str(settings.state_dir / "overlays")
 
 
-def choose_method(settings: Settings, name: str, running: bool, disks) -> str:
-    """Given the settings, a domain's name, whether it runs and its chosen DiskPlans, return its method:
-    "snapshot" or "bitmap" (kvm_borg.method_choice; qcow2 compat levels are read only for `auto`)."""
+_BITMAP_PROBLEMS: dict[str, str | None] = {}  # per libvirt URI, asked once per process
+
+
+def bitmap_problem(connection: Connection) -> str | None:
+    """Given a connection, return why the bitmap method cannot run on this host (a module missing in
+    kvm-borg's Python, libvirt without backup jobs), or None when it can; asked once per URI."""
+    if connection.uri not in _BITMAP_PROBLEMS:
+        problems = method_choice.missing_bitmap_modules()
+        try:
+            problems.append(backup_api_problem(connection.conn))
+        except KvmBorgError as exc:
+            problems.append(f"libvirt: {exc}")
+        _BITMAP_PROBLEMS[connection.uri] = "; ".join(p for p in problems if p) or None
+    return _BITMAP_PROBLEMS[connection.uri]
+
+
+def choose_method(settings: Settings, name: str, running: bool, disks, connection: Connection | None = None) -> str:
+    """Given the settings, a domain's name, whether it runs, its chosen DiskPlans and the connection, return
+    its method: "snapshot" or "bitmap" (kvm_borg.method_choice; qcow2 compat levels are read only for
+    `auto`). `auto` falls back to snapshot, with an info line, where the bitmap method cannot run here."""
     auto = method_choice.configured_method(settings.method, settings.domains_method, name) == "auto"
     formats = [(d.driver_type, qcow2_compat(d.source) if auto and d.driver_type == "qcow2" else None) for d in disks]
-    return method_choice.choose_method(settings.method, settings.domains_method, name, running, formats)
+    method = method_choice.choose_method(settings.method, settings.domains_method, name, running, formats)
+    if auto and method == "bitmap" and connection is not None:
+        problem = bitmap_problem(connection)
+        if problem:
+            log.info("domain '%s': method auto chose snapshot: the bitmap method cannot run here (%s)", name, problem)
+            return "snapshot"
+    return method
 
 
 def _checkpoint_names(dom: libvirt.virDomain) -> list[str]:
@@ -81,7 +105,7 @@ def make_plan(handle: DomainHandle, settings: Settings, excluded_targets: list[s
         log.info("domain '%s': skipping disk %s (%s)", name, skip.target, skip.reason)
     if not disks:
         raise RefusedError(f"domain '{name}' has no disk to back up")
-    method = choose_method(settings, name, running, disks)
+    method = choose_method(settings, name, running, disks, handle.connection)
     checkpoints = _checkpoint_names(dom) if method == "snapshot" else []
     if checkpoints:
         raise RefusedError(
