@@ -223,8 +223,9 @@ def write_config(bench: Bench, path: Path, method: str, kind: str, repo: Path, s
     entry["path" if kind == "borg" else "url"] = str(repo)
     config = {"state_dir": str(bench.state_dir), "quiesce": quiesce, "libvirt_uri": bench.args.uri,
               "plugins": ["bench.rss_probe", "bench.timing_probe"], "repositories": [entry]}
-    if method != "snapshot":  # absent for the snapshot method: its runs work without the new keys
-        config.update({"method": method, "segment_size": size_text(segment_mib), "scratch_dir": str(bench.scratch_dir)})
+    config["method"] = method
+    if method != "snapshot":
+        config.update({"segment_size": size_text(segment_mib), "scratch_dir": str(bench.scratch_dir)})
     path.write_text(json.dumps(config, indent=1))
     return path
 
@@ -506,8 +507,9 @@ def phase_guest(args, results: dict, methods: list[str]) -> None:
             config = {"state_dir": str(state), "quiesce": args.guest_quiesce, "libvirt_uri": gbench.uri, "plugins": [],
                       "repositories": [{"name": method, "type": "borg", "path": str(repo),
                                         "passphrase_file": str(passfile)}]}
+            config["method"] = method
             if method != "snapshot":
-                config.update({"method": method, "segment_size": size_text(args.segment_mib),
+                config.update({"segment_size": size_text(args.segment_mib),
                                "scratch_dir": str(scratch)})
             configs[method] = workdir / f"config-{method}.json"
             configs[method].write_text(json.dumps(config))

@@ -85,7 +85,7 @@ def kvm_borg_config(bench: Bench, repo: Path, kind: str, *, chunker: str | None 
     else:
         entry["url"] = str(repo)
     config = repo.with_name(repo.name + ".config.yaml")
-    config.write_text(json.dumps({"state_dir": str(bench.workdir / "state"), "quiesce": "off",
+    config.write_text(json.dumps({"state_dir": str(bench.workdir / "state"), "quiesce": "off", "method": "snapshot",
                                   "libvirt_uri": bench.uri, "plugins": list(plugins),
                                   "repositories": [entry]}))
     return config
