@@ -25,6 +25,8 @@ REQUEST = ArchiveRequest(domain="d", archive_name="d-20260101T000000Z", timestam
 class SleepingBackend:
     """A backend whose store runs `sleep SECONDS` as a child process (so it can be stopped)."""
 
+    exclusive_writes = False
+
     def __init__(self, name, location, seconds=1.0, fail=None, stop_signal=signal.SIGTERM):
         self.name, self.location, self.seconds, self.fail = name, location, seconds, fail
         self.stop_signal = stop_signal

@@ -74,6 +74,8 @@ def add_backup(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar even on a TTY")
     parser.add_argument("--full", action="store_true",
                         help="read every segment this run (bitmap method); a deliberate full re-read")
+    parser.add_argument("--jobs", metavar="N",
+                        help="back up N domains at once (1 to 64; default: the config's `jobs`, 1)")
     parser.set_defaults(run="kvm_borg.actions.backup:run_from_args")
 
 

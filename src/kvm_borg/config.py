@@ -56,6 +56,7 @@ class Settings:
     scratch_dir_setting: Path | None = None  # `scratch_dir` as configured; None: state_dir/scratch
     scratch_min_free: int = 1024**3  # bitmap method: refuse to start with less free space in scratch_dir
     full_read: bool = False  # `backup --full`: read every segment this run (CLI only)
+    jobs: int = 1  # domains backed up at once (`backup --jobs N` overrides it)
 
     @property
     def journal_dir(self) -> Path:
@@ -272,6 +273,7 @@ def load_config(cli_path: str | None = None, *, progress: bool = False):
         segment_size=data["segment_size"],
         scratch_dir_setting=Path(data["scratch_dir"]) if data["scratch_dir"] else None,
         scratch_min_free=data["scratch_min_free"],
+        jobs=data["jobs"],
     )
     return settings, pm
 

@@ -139,6 +139,8 @@ CORE_KEYS: dict[str, dict] = {
                           "bound on the whole merge back, retries included (past it the journal entry stays and "
                           "the message names the `kvm-borg recover` command)", default="1h"),
     "commit_retries": key(whole_number(1, 100), "attempts to merge back", default=5),
+    "jobs": key(whole_number(1, 64), "domains `backup` works on at once (`--jobs` overrides it); writes into "
+                                     "one borg repository still go one domain at a time", default=1),
     "domains": key(mapping({
         "include": key(STRING_LIST, "globs of the domains `--all` takes", default=["*"]),
         "exclude": key(STRING_LIST, "globs of the domains `--all` leaves out", default=[]),

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -403,13 +404,28 @@ class ChildScope:
     A worker thread runs its function with `scope.call(fn, ...)`; every `run_command` it makes
     meanwhile is registered here. `stop()` sends each running child its stop signal and makes
     any later `run_command` of these threads fail at once; `kill()` SIGKILLs the process groups
-    still alive. Each worker's `run_command` still reaps its own child."""
+    still alive. Each worker's `run_command` still reaps its own child.
+
+    A scope made in a thread that works inside another scope (a domain's store inside a parallel
+    run's scope) is that scope's inner scope: stopping or killing the outer one does the same to it,
+    and one made once the outer one stopped starts stopped."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._children: dict[subprocess.Popen, int] = {}
         self._stopped_groups: set[int] = set()  # process groups `stop` signalled: `kill` takes their helpers too
+        self._inner: weakref.WeakSet = weakref.WeakSet()
         self.stopped = False
+        outer = getattr(_thread_scope, "scope", None)
+        if outer is not None:
+            outer._add_inner(self)
+
+    def _add_inner(self, inner: "ChildScope") -> None:
+        with self._lock:
+            self._inner.add(inner)
+            stopped = self.stopped
+        if stopped:
+            inner.stop()
 
     def call(self, fn: Callable, *args, **kwargs):
         """Given a function and its arguments, run it in this thread with this scope active; return its result."""
@@ -437,6 +453,9 @@ class ChildScope:
         with self._lock:
             self.stopped = True
             children = list(self._children.items())
+            inner = list(self._inner)
+        for scope in inner:
+            scope.stop()
         for process, stop_signal in children:
             if process.poll() is None:
                 logger.warning("stopping %s (pid %d)", command_name(process), process.pid)
@@ -453,6 +472,9 @@ class ChildScope:
         with self._lock:
             groups = {process.pid for process in self._children if process.poll() is None}
             groups |= self._stopped_groups
+            inner = list(self._inner)
+        for scope in inner:
+            scope.kill()
         for group in groups:
             try:
                 os.killpg(group, signal.SIGKILL)

@@ -248,6 +248,7 @@ class RepositoryBackend(Protocol):
     repository: dict  # the repository's config entry, as validated
     settings: Any  # the Settings it was made with
     location: str  # where it lives (path or URL); repositories at one location are written one at a time
+    exclusive_writes: bool  # True: one writer at a time (borg's lock): a parallel run's domains take turns
     host: str | None  # the host name its archives of this host carry, None: the config's `hostname`
     list_hosts: list[str] | None  # whose archives list_archives returns (None: every host's); settable
 
@@ -332,6 +333,7 @@ class BackendBase:
 
     host: str | None = None
     list_hosts: list[str] | None = None
+    exclusive_writes: bool = True  # the safe default: a parallel run writes it for one domain at a time
 
     def __init__(self, repository: dict, settings: Any):
         self.repository = dict(repository)

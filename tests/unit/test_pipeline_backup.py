@@ -9,6 +9,10 @@ shut-off domain started while its images were read is backed up once more, live.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 import uuid as uuid_module
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +20,7 @@ from types import SimpleNamespace
 import libvirt
 import pytest
 
-from kvm_borg import config, run_state
+from kvm_borg import config, run_state, signals
 from kvm_borg.errors import Interrupted, KvmBorgError
 from kvm_borg.hookspecs import hookimpl
 from kvm_borg.models import FreezeResult, FrozenDisk, PruneResult, ReleaseResult, StoreResult
@@ -143,6 +147,8 @@ class FinishedProbe:
 
 
 class FakeBackend:
+    exclusive_writes = True
+
     def __init__(self, name: str, events: list, fail: Exception | None = None, prune_error: str | None = None):
         self.name, self.location, self.events, self.fail, self.prune_error = name, f"/repos/{name}", events, fail, \
             prune_error
@@ -366,3 +372,74 @@ def test_a_shut_off_domain_started_while_read_is_backed_up_again_live(world):
     assert any("may be inconsistent" in w and "taking a live backup now" in w for w in result.warnings)
     assert [s.archive for s in result.stores] == [backend.requests[1].archive_name]  # the live one counts
     assert summary.exit_code == 1
+
+
+# --- several domains at once (`jobs`) --------------------------------------------------------------
+
+
+class TimedBackend(FakeBackend):
+    """A FakeBackend whose store takes `seconds[domain]` and records how many stores ran at once."""
+
+    def __init__(self, name, events, seconds: dict, exclusive: bool, interrupt_on: str | None = None):
+        super().__init__(name, events)
+        self.exclusive_writes = exclusive
+        self.seconds, self.interrupt_on = seconds, interrupt_on
+        self.guard, self.now, self.most = threading.Lock(), 0, 0
+        self.stored: list[str] = []
+
+    def store(self, request):
+        with self.guard:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        try:
+            if request.domain == self.interrupt_on:
+                os.kill(os.getpid(), signal.SIGTERM)  # reaches the main thread, as a real SIGTERM does
+            time.sleep(self.seconds.get(request.domain, 0.05))
+            with self.guard:
+                self.stored.append(request.domain)
+            return super().store(request)
+        finally:
+            with self.guard:
+                self.now -= 1
+
+
+def parallel_world(world, names, backends, jobs):
+    doms = [FakeDom(name, world.image, running=True) for name in names]
+    ctx = context(world, doms[0], backends, jobs=jobs)
+    ctx.connection.doms.update({d.name(): d for d in doms})
+    return ctx
+
+
+def test_jobs_2_backs_two_domains_up_at_once_and_lists_them_in_the_run_order(world):
+    names = ["slow", "quick", "third"]
+    backend = TimedBackend("restic-like", world.events, {"slow": 0.6}, exclusive=False)
+    finished = []
+    ctx = parallel_world(world, names, [backend], jobs=2)
+    summary = run_backup(ctx, names, repos(backend), [], on_finished=lambda done, total, r: finished.append(r.domain))
+    assert [d.domain for d in summary.domains] == names and all(d.ok for d in summary.domains)
+    assert finished[0] == "quick" and finished[-1] == "slow"  # they finished in another order
+    assert backend.most == 2
+    assert world.events.count(("release", True)) == world.events.count(("freeze", True)) == 3
+
+
+def test_a_repository_with_exclusive_writes_takes_one_domain_at_a_time_the_others_in_parallel(world):
+    names = ["a1", "a2", "a3", "a4"]
+    borg = TimedBackend("borg-like", world.events, {n: 0.2 for n in names}, exclusive=True)
+    restic = TimedBackend("restic-like", world.events, {n: 0.2 for n in names}, exclusive=False)
+    ctx = parallel_world(world, names, [borg, restic], jobs=3)
+    summary = run_backup(ctx, names, repos(borg, restic), [])
+    assert summary.exit_code == 0 and [d.domain for d in summary.domains] == names
+    assert borg.most == 1 and restic.most >= 2 and sorted(borg.stored) == names
+
+
+def test_an_interrupt_during_a_parallel_run_merges_every_frozen_domain_and_starts_no_other(world):
+    names = ["first", "second", "third", "fourth"]
+    backend = TimedBackend("a", world.events, {"first": 0.5, "second": 0.5}, exclusive=False, interrupt_on="second")
+    ctx = parallel_world(world, names, [backend], jobs=2)
+    with signals.interruptible(), pytest.raises(Interrupted):
+        run_backup(ctx, names, repos(backend), [])
+    freezes = world.events.count(("freeze", True))
+    assert freezes == 2 and world.events.count(("release", True)) == 2  # third and fourth never started
+    [summary] = world.probe.summaries  # the steps ran and the notifiers were told
+    assert all(d.domain in ("first", "second") for d in summary.domains)
+    assert signals.stop_requested() is None  # a later run in this process starts clean

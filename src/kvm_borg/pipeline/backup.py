@@ -25,14 +25,14 @@ import os
 import shutil
 import time
 
-from kvm_borg import failpoints, metadata, run_record, run_state, signals
+from kvm_borg import failpoints, metadata, parallel_plan, run_record, run_state, signals
 from kvm_borg.engine.capture import is_active
 from kvm_borg.engine.planning import DomainHandle, handle_for, make_plan
 from kvm_borg.errors import EngineError, Interrupted, KvmBorgError
 from kvm_borg.locks import domain_lock
 from kvm_borg.models import DomainPlan, DomainResult, FreezeResult, FrozenSource, ReleaseResult, RunSummary
 from kvm_borg.sizes import content_size
-from kvm_borg.pipeline import prune, staging
+from kvm_borg.pipeline import parallel, prune, staging
 from kvm_borg.pipeline.store import store_all
 from kvm_borg.plugins import notify
 
@@ -151,6 +151,7 @@ def backup_locked(ctx, handle: DomainHandle, backends, excluded: list[str], resu
     that started while its images were read is backed up once more, live (`previous_timestamp`: the
     first attempt's)."""
     settings, name = ctx.settings, handle.name
+    signals.check_stop()  # a parallel run being interrupted starts nothing more
     timestamp = fresh_timestamp(previous_timestamp)
     plan = make_plan(handle, settings, excluded, timestamp)
     source = choose_source(ctx, handle, plan)
@@ -167,13 +168,17 @@ def backup_locked(ctx, handle: DomainHandle, backends, excluded: list[str], resu
         result.warnings.extend(freeze.warnings)
         notify(ctx.pm, "kvm_borg_after_snapshot", domain=name, disks=freeze.disks, quiesced=freeze.quiesced,
                seconds=freeze.freeze_seconds)
+        signals.check_stop()
         staged = staging.capture_and_stage(handle, plan, freeze, settings, staging_dir, archive=archive,
                                            timestamp=timestamp)
         result.warnings.extend(f"domain '{name}': not in the archive: {piece}" for piece in staged.missing)
         request = staging.archive_request(name, archive, timestamp, staged.meta, freeze, staging_dir)
         result.warnings.extend(filter(None, [source.mark_stage("storing")]))
         failpoints.reached("storing")
+        signals.check_stop()
         result.stores = store_all(ctx, name, backends, request)
+        if not all(store.ok for store in result.stores):
+            signals.check_stop()  # stopped by the interrupt: this domain ends as a sequential run's would
     except BaseException as exc:  # remembered so a failing merge cannot replace an interrupt
         failure = exc
         raise
@@ -182,6 +187,7 @@ def backup_locked(ctx, handle: DomainHandle, backends, excluded: list[str], resu
         if freeze is not None:
             result.disks = disk_report(freeze, released)
     if released.inconsistent and previous_timestamp is None and is_active(handle):
+        signals.check_stop()
         result.warnings.append(
             f"archive {archive} of domain '{name}' may be inconsistent (the domain started while its images "
             "were read); taking a live backup now"
@@ -270,10 +276,37 @@ def finish_run(ctx, summary: RunSummary, backends, interrupted: bool) -> None:
     notify(ctx.pm, "kvm_borg_backup_finished", summary=summary)
 
 
-def run_backup(ctx, domains: list[str], backends, cli_excluded: list[str]) -> RunSummary:
+def backup_domains(ctx, domains: list[str], backends, cli_excluded: list[str], summary: RunSummary,
+                   on_finished=None) -> None:
+    """Given the domain names, [(repo dict, backend)], the --exclude-disk targets and the run's RunSummary,
+    back every domain up, filling `summary.domains` in the order of `domains`: one after the other with
+    `jobs: 1`, else `jobs` at a time (kvm_borg.pipeline.parallel; `on_finished(done, total, result)` is
+    called as each ends). An interrupt propagates once the domains started have been merged back; the
+    summary then holds those that finished."""
+    jobs = ctx.settings.jobs
+    if jobs <= 1 or len(domains) <= 1:
+        for name in domains:
+            summary.domains.append(backup_domain(ctx, name, backends, cli_excluded))
+        return
+    finished: dict[int, DomainResult] = {}
+
+    def done(index: int, result: DomainResult) -> None:
+        finished[index] = result
+        if on_finished is not None:
+            on_finished(len(finished), len(domains), result)
+
+    try:
+        parallel.backup_in_parallel(domains, jobs, lambda name: backup_domain(ctx, name, backends, cli_excluded),
+                                    done)
+    finally:
+        summary.domains.extend(parallel_plan.in_run_order(domains, finished))
+
+
+def run_backup(ctx, domains: list[str], backends, cli_excluded: list[str], on_finished=None) -> RunSummary:
     """Given the domain names, the opened [(repo dict, backend)] and the --exclude-disk targets, back up
-    every domain, then run the explicit steps; return the RunSummary. An interrupt stops the run after
-    the current domain's merge and propagates once the steps ran."""
+    every domain (`jobs` at a time, see `backup_domains`; `on_finished(done, total, result)` with
+    jobs > 1), then run the explicit steps; return the RunSummary. An interrupt stops the run after
+    the merges of the domains under way and propagates once the steps ran."""
     summary = RunSummary()
     try:  # the run in progress, for the metrics' run deadline; what cannot be written warns again at the end
         run_record.start_run(ctx.settings, len(domains))
@@ -281,8 +314,7 @@ def run_backup(ctx, domains: list[str], backends, cli_excluded: list[str]) -> Ru
         log.warning("cannot record the run's start in %s: %s", ctx.settings.state_dir, exc.strerror or exc)
     with signals.interruptible():
         try:
-            for name in domains:
-                summary.domains.append(backup_domain(ctx, name, backends, cli_excluded))
+            backup_domains(ctx, domains, backends, cli_excluded, summary, on_finished)
         except Interrupted:
             finish_run(ctx, summary, backends, interrupted=True)
             raise

@@ -81,6 +81,8 @@ class BorgRepository(BackendBase):
     carry in their comment), `list_hosts`, and for `kvm-borg borg` / `key export`: `binary`,
     `lock_wait`."""
 
+    exclusive_writes = True  # borg's create holds the repository's exclusive lock: one domain at a time
+
     def __init__(self, repository: Mapping[str, Any], settings: Any):
         self.repository = dict(repository)
         self.settings = settings

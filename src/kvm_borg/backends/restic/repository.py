@@ -84,6 +84,8 @@ class ResticRepository:
     `list_hosts` (whose snapshots listings see, None: every host's; callers may narrow it), and
     for `kvm-borg restic`: `binary`, `options` (the extended options, e.g. `sftp.command`)."""
 
+    exclusive_writes = False  # restic's backup takes a shared lock: several domains may write at once
+
     def __init__(self, repository: Mapping[str, Any], settings: Any):
         self.repository = dict(repository)
         self.settings = settings
