@@ -11,10 +11,11 @@ import json
 import signal
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from harness import KVM_BORG_BIN, DiskSpec, run_cli
+from harness import KVM_BORG_BIN, DiskSpec, DomainFactory, make_dir, run_cli
 from harness.cli import _merged_env
 from silent_server import SilentServer
 from support import (archived_meta, assert_back_on_own_images, borg_archives, cli_env, extract_archive,
@@ -23,17 +24,7 @@ from test_restic_backend import restic_repository, restic_snapshots
 from test_store_timeout import SSH_COMMAND, assert_gone, ssh_processes_to, wait_for
 
 MiB = 1 << 20
-DISK = [DiskSpec("vda", "raw", 16)]
-
-
-def make_domains(domain_factory, count: int) -> list:
-    """`count` small running domains, each with its own pattern (0xB1, 0xB2, ...) at 1 MiB of vda."""
-    domains = []
-    for n in range(count):
-        domain = domain_factory.make(disks=DISK, name=f"jobs {n}")
-        domain.hmp_write("vda", 0xB1 + n, MiB, MiB)
-        domains.append(domain)
-    return domains
+DISK = [DiskSpec("vda", "raw", 8)]
 
 
 def borg_repository(directory: Path, name: str = "borg") -> dict:
@@ -42,12 +33,30 @@ def borg_repository(directory: Path, name: str = "borg") -> dict:
             "passphrase_file": str(write_passphrase(directory / f"{name}.pass"))}
 
 
-def test_three_domains_with_jobs_2_into_borg_and_restic_at_once(domain_factory, image_dir, tmp_path):
-    domains = make_domains(domain_factory, 3)
-    names = [d.name for d in domains]
-    borg, restic = borg_repository(tmp_path), restic_repository(tmp_path)
-    config = write_config(image_dir / "kb", [borg, restic], domains={"include": names})
-    proc = run_cli("backup", "--all", "--jobs", "2", "--json", config=config, env=cli_env())
+@pytest.fixture(scope="module")
+def world(libvirt_conn, run_dir, run_id, tmp_path_factory):
+    """Three small running domains, each with its own pattern (0xB1, 0xB2, 0xB3) at 1 MiB of vda, and a
+    config with a borg and a restic repository (initialised) that takes them with --all; shared by the
+    tests of this module."""
+    factory = DomainFactory(libvirt_conn, make_dir(run_dir / "parallel-domains"), run_id, label="jobs")
+    domains = []
+    for n in range(3):
+        domain = factory.make(disks=DISK, name=f"jobs {n}")
+        domain.hmp_write("vda", 0xB1 + n, MiB, MiB)
+        domains.append(domain)
+    repos = tmp_path_factory.mktemp("jobs-repos")
+    borg, restic = borg_repository(repos), restic_repository(repos)
+    kb = make_dir(run_dir / "parallel-domains" / "kb")
+    config = write_config(kb, [borg, restic], domains={"include": [d.name for d in domains]})
+    yield SimpleNamespace(domains=domains, names=[d.name for d in domains], borg=borg, restic=restic,
+                          config=config, state=kb / "state", dir=run_dir / "parallel-domains")
+    errors = factory.cleanup()
+    assert not errors, errors
+
+
+def test_three_domains_with_jobs_2_into_borg_and_restic_at_once(world, tmp_path):
+    domains, names, borg, restic = world.domains, world.names, world.borg, world.restic
+    proc = run_cli("backup", "--all", "--jobs", "2", "--json", config=world.config, env=cli_env())
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)["domains"]
     assert [r["domain"] for r in results] == sorted(names)  # the order of the sequential run (--all: by name)
@@ -67,7 +76,7 @@ def test_three_domains_with_jobs_2_into_borg_and_restic_at_once(domain_factory, 
     assert second.has_pattern("vda", 0xB2, MiB, MiB, path=image, fmt="raw")
     assert not second.has_pattern("vda", 0xB1, MiB, MiB, path=image, fmt="raw")
     for domain in domains:
-        assert_back_on_own_images(domain, image_dir / "kb" / "state")
+        assert_back_on_own_images(domain, world.state)
 
 
 @pytest.fixture
@@ -78,15 +87,13 @@ def silent_server():
 
 
 def test_sigterm_during_a_parallel_run_merges_every_domain_back_and_the_next_run_works(
-        domain_factory, image_dir, tmp_path, silent_server):
-    domains = make_domains(domain_factory, 3)
-    names = [d.name for d in domains]
-    state = image_dir / "kb" / "state"
+        world, tmp_path, silent_server):
+    domains, names = world.domains, world.names
+    state = world.dir / "kb-sigterm" / "state"
     silent = {"name": "silent", "type": "restic", "url": f"sftp://nobody@127.0.0.1:{silent_server.port}//srv/r",
               "passphrase_file": str(write_passphrase(tmp_path / "silent.pass")), "ssh_command": SSH_COMMAND}
-    good = borg_repository(tmp_path, "good")
-    config = write_config(image_dir / "kb", [good, silent], init=False)
-    assert run_cli("init", "--repo", "good", config=config, env=cli_env()).returncode == 0
+    good = {**world.borg, "name": "good"}  # the first test's borg repository, already initialised
+    config = write_config(make_dir(world.dir / "kb-sigterm"), [good, silent], init=False)
     proc = subprocess.Popen([str(KVM_BORG_BIN), "--config", str(config), "backup", *names, "--jobs", "2", "--json"],
                             env=_merged_env(cli_env()), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -107,8 +114,8 @@ def test_sigterm_during_a_parallel_run_merges_every_domain_back_and_the_next_run
     for domain in domains:
         assert_back_on_own_images(domain, state)
     assert journal_entries(state) == []
-    again = run_cli("backup", *names, "--jobs", "2", "--repo", "good", "--json", config=config, env=cli_env())
+    again = run_cli("backup", *names[:2], "--jobs", "2", "--repo", "good", "--json", config=config, env=cli_env())
     assert again.returncode == 0, again.stderr
-    assert [r["domain"] for r in json.loads(again.stdout)["domains"]] == names
+    assert [r["domain"] for r in json.loads(again.stdout)["domains"]] == names[:2]
     for domain in domains:
         assert_back_on_own_images(domain, state)

@@ -24,7 +24,6 @@ import signal
 import subprocess
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -414,7 +413,7 @@ class ChildScope:
         self._lock = threading.Lock()
         self._children: dict[subprocess.Popen, int] = {}
         self._stopped_groups: set[int] = set()  # process groups `stop` signalled: `kill` takes their helpers too
-        self._inner: weakref.WeakSet = weakref.WeakSet()
+        self._inner: list[ChildScope] = []  # kept after they end: `kill` still takes the helpers they stopped
         self.stopped = False
         outer = getattr(_thread_scope, "scope", None)
         if outer is not None:
@@ -422,7 +421,7 @@ class ChildScope:
 
     def _add_inner(self, inner: "ChildScope") -> None:
         with self._lock:
-            self._inner.add(inner)
+            self._inner.append(inner)
             stopped = self.stopped
         if stopped:
             inner.stop()

@@ -97,7 +97,8 @@ def backup_in_parallel(domains: Sequence[str], jobs: int, backup_one: Callable[[
 
 def _wait_for_workers(receive: Callable[[float], None], running: Callable[[], bool], scope: ChildScope) -> None:
     """Wait until every worker has ended (their merges included, however long they take); SIGKILL the
-    children still running TERMINATE_GRACE_SECONDS after they were stopped. Further signals are ignored."""
+    process groups of the stopped children (their ssh helpers) once the workers ended or
+    TERMINATE_GRACE_SECONDS passed, as a sequential run does. Further signals are ignored."""
     killed = False
     stopped_at = time.monotonic()
     while running():
@@ -110,3 +111,5 @@ def _wait_for_workers(receive: Callable[[float], None], running: Callable[[], bo
             continue
         except Interrupted:  # a second signal: the merges still have to end
             continue
+    if not killed:
+        scope.kill()
