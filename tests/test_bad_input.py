@@ -41,6 +41,7 @@ CONFIG_CASES = {
     "duration that overflows": ("commit_timeout: 1e999\nrepositories: [REPO_OK]", "commit_timeout: inf is too long"),
     "size that overflows": ("overlay_min_free: " + "9" * 400 + "TiB\nrepositories: [REPO_OK]",
                             "overlay_min_free: '999"),
+    "too many jobs": ("jobs: 65\nrepositories: [REPO_OK]", "jobs: 65 is too large (at most 64)"),
     "absurd retry count": ("commit_retries: 10000000000000000000000\nrepositories: [REPO_OK]",
                            "commit_retries: 10000000000000000000000 is too large (at most 100)"),
     "unbalanced quotes in ssh_command": (
@@ -124,6 +125,13 @@ def test_unknown_repository_name(running_domain, good_config):
     config, state, repo = good_config
     proc = run_cli("backup", running_domain.name, "--repo", "offsite", config=config, env=cli_env())
     _one_line_exit_2(proc, "--repo offsite: no such repository")
+    _assert_nothing_changed(running_domain, state, repo)
+
+
+def test_jobs_outside_1_to_64(running_domain, good_config):
+    config, state, repo = good_config
+    proc = run_cli("backup", running_domain.name, "--jobs", "0", config=config, env=cli_env())
+    _one_line_exit_2(proc, "--jobs 0: expected a whole number from 1 to 64")
     _assert_nothing_changed(running_domain, state, repo)
 
 
