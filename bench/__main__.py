@@ -1,11 +1,16 @@
 """`python -m bench`: the whole benchmark suite (bench/suite.py); `python -m bench fixed-cost [...]`: only
 the fixed-cost case (bench/fixed_cost.py); `python -m bench incremental [...]`: the changed-block case,
-bitmap vs snapshot method (bench/incremental.py)."""
+bitmap vs snapshot method (bench/incremental.py); `python -m bench jobs [...]`: parallel domains, --jobs 2 vs
+--jobs 1 (bench/jobs.py)."""
 
 import sys
 
 if sys.argv[1:2] == ["fixed-cost"]:
     from bench.fixed_cost import main
+
+    raise SystemExit(main(sys.argv[2:]))
+if sys.argv[1:2] == ["jobs"]:
+    from bench.jobs import main
 
     raise SystemExit(main(sys.argv[2:]))
 if sys.argv[1:2] == ["incremental"]:
