@@ -132,6 +132,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, help="write the report there instead of printing it")
     parser.add_argument("--uri", default="qemu:///system")
     args = parser.parse_args(argv)
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # "domain not found" while cleaning up is expected
     conn = libvirt.open(args.uri)
     workdir = prepare_workdir(args.workdir)
     try:
