@@ -29,6 +29,7 @@ from kvm_borg.backends.restic import commands as rc
 from kvm_borg.backends.restic.archives import ArchiveParts, archive_info_from, group_archives
 from kvm_borg.backends.restic.output import NO_REPOSITORY, WRONG_PASSWORD, BackupOutput, ResticLog, parse_ls_nodes
 from kvm_borg.backends.ssh_options import DEFAULT_SSH_COMMAND, with_default_options
+from kvm_borg.config_formats import rate_kib_per_second
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import (
     CommandError,
@@ -96,6 +97,8 @@ class ResticRepository:
         self.compression: str | None = repository.get("compression")  # checked by the schema (restic/schema.py)
         self.binary = find_restic_binary(getattr(settings, "restic_binary", None))
         self.progress = bool(getattr(settings, "progress", False))
+        rate = repository.get("upload_ratelimit")  # bytes per second, checked by the schema
+        self.limit_upload_kib: int | None = rate_kib_per_second(rate) if rate else None
         self.sftp_command = rc.sftp_command(
             self.url, with_default_options(repository.get("ssh_command") or DEFAULT_SSH_COMMAND))
         self.options: tuple[str, ...] = (f"sftp.command={self.sftp_command}",) if self.sftp_command else ()
@@ -317,6 +320,7 @@ class ResticRepository:
         argv = rc.make_backup_command(
             self.binary, paths, host=self.host, tags=tags, time=rc.restic_time(request.timestamp),
             compression=self.compression, options=self.options, stdin_filename=device,
+            limit_upload_kib=self.limit_upload_kib,
         )
         output = BackupOutput(on_bytes)
         what = f"restic backup of {device}" if device else "restic backup"
@@ -474,7 +478,8 @@ class ResticRepository:
     def compact(self) -> None:
         """Free the space of forgotten snapshots (`restic prune`); a failure is a ResticError."""
         self._parts.clear()
-        self._run_checked(rc.make_prune_command(self.binary, options=self.options), "prune")
+        self._run_checked(rc.make_prune_command(self.binary, options=self.options,
+                                                limit_upload_kib=self.limit_upload_kib), "prune")
 
     def check(self, verify_data: bool = False, read_data_subset: str | None = None) -> CheckResult:
         """Run `restic check` (`--read-data` with verify_data, else `--read-data-subset` if given); failures are ok=False."""
