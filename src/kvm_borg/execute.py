@@ -339,7 +339,7 @@ def with_child_priority(argv: Sequence[str], priority: ChildPriority | None = No
         return tuple(argv)
     if (priority.nice is not None and not NICE) or (priority.ionice_class is not None and not IONICE):
         return tuple(argv)
-    return priority_prefix(priority, NICE or "nice", IONICE or "ionice") + tuple(argv)
+    return priority_prefix(priority, os.getpriority(os.PRIO_PROCESS, 0), NICE or "nice", IONICE or "ionice") + tuple(argv)
 
 
 _WRAPPERS = {path for path in (SETPRIV, NICE, IONICE) if path}

@@ -61,13 +61,17 @@ def child_priority(nice: int | None, ionice: str | None) -> ChildPriority:
     return ChildPriority(nice=nice, ionice_class=ionice_class, ionice_level=level)
 
 
-def priority_prefix(priority: ChildPriority, nice_binary: str = "nice",
+def priority_prefix(priority: ChildPriority, current_nice: int = 0, nice_binary: str = "nice",
                     ionice_binary: str = "ionice") -> tuple[str, ...]:
-    """Given a ChildPriority and the paths of `nice` and `ionice`, return the argv prefix that applies it to
-    the command put after it (empty when nothing is set); each part ends with `--`."""
+    """Given a ChildPriority, the niceness the child would inherit (the spawning thread's) and the paths of
+    `nice` and `ionice`, return the argv prefix that applies it to the command put after it (empty when
+    nothing changes); each part ends with `--`.
+
+    `nice -n` adds to the inherited niceness, so it gets the difference: `nice: 10` under a systemd
+    unit with `Nice=5` is `nice -n 5` (a negative step needs CAP_SYS_NICE, which root has)."""
     prefix: tuple[str, ...] = ()
-    if priority.nice is not None:
-        prefix += (nice_binary, "-n", str(priority.nice), "--")
+    if priority.nice is not None and priority.nice != current_nice:
+        prefix += (nice_binary, "-n", str(priority.nice - current_nice), "--")
     if priority.ionice_class is not None:
         prefix += (ionice_binary, "-c", str(IONICE_CLASSES[priority.ionice_class]))
         if priority.ionice_level is not None:

@@ -4,6 +4,7 @@ and argv (the real processes are observed in tests/test_gentle.py)."""
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -36,10 +37,17 @@ def test_bad_ionice_values_are_refused(text):
 def test_the_prefix_applies_nice_then_ionice_and_is_empty_when_nothing_is_set():
     assert priority.priority_prefix(priority.INHERIT) == ()
     both = priority.child_priority(10, "best-effort:6")
-    assert priority.priority_prefix(both, "/n", "/i") == ("/n", "-n", "10", "--", "/i", "-c", "2", "-n", "6", "--")
-    assert priority.priority_prefix(priority.child_priority(None, "idle"), "/n", "/i") == ("/i", "-c", "3", "--")
-    assert priority.priority_prefix(priority.child_priority(0, None), "/n", "/i") == ("/n", "-n", "0", "--")
+    assert priority.priority_prefix(both, 0, "/n", "/i") == ("/n", "-n", "10", "--", "/i", "-c", "2", "-n", "6", "--")
+    assert priority.priority_prefix(priority.child_priority(None, "idle"), 0, "/n", "/i") == ("/i", "-c", "3", "--")
+    assert priority.priority_prefix(priority.child_priority(0, None), 0, "/n", "/i") == ()
     assert priority.describe(both) == "nice 10, ionice best-effort:6" and priority.describe(priority.INHERIT) == "inherited"
+
+
+def test_nice_is_absolute_whatever_niceness_kvm_borg_runs_at():
+    """`nice -n` is relative: under a unit's Nice=10, `nice: 13` is a step of 3, `nice: 0` one of -10."""
+    assert priority.priority_prefix(priority.child_priority(13, None), 10, "/n") == ("/n", "-n", "3", "--")
+    assert priority.priority_prefix(priority.child_priority(0, None), 10, "/n") == ("/n", "-n", "-10", "--")
+    assert priority.priority_prefix(priority.child_priority(10, None), 10, "/n") == ()
 
 
 def test_a_child_is_wrapped_only_when_a_priority_is_set_and_its_binary_exists():
@@ -48,7 +56,8 @@ def test_a_child_is_wrapped_only_when_a_priority_is_set_and_its_binary_exists():
     assert execute.with_child_priority((true,), priority.INHERIT) == (true,)
     assert execute.with_child_priority(("kvm-borg-no-such-binary",), gentle) == ("kvm-borg-no-such-binary",)
     wrapped = execute.with_child_priority((true, "x"), gentle)
-    assert wrapped == (execute.NICE, "-n", "19", "--", execute.IONICE, "-c", "3", "--", true, "x")
+    step = str(19 - os.getpriority(os.PRIO_PROCESS, 0))
+    assert wrapped == (execute.NICE, "-n", step, "--", execute.IONICE, "-c", "3", "--", true, "x")
 
 
 def test_the_wrapped_child_really_runs_at_that_priority_and_keeps_its_name():
@@ -59,6 +68,17 @@ def test_the_wrapped_child_really_runs_at_that_priority_and_keeps_its_name():
     out, _ = process.communicate(timeout=30)
     assert out.split("\n")[:2] == ["7", "best-effort: prio 5"]
     assert execute.command_name(process) == "sh"
+
+
+def test_a_child_of_a_niced_kvm_borg_gets_the_configured_niceness_not_the_sum():
+    """kvm-borg itself at niceness 5 more (a unit's Nice=), `nice: 12`: the child runs at 12, not 12 + 5."""
+    child = (sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))")
+    code = ("import os, subprocess, sys; from kvm_borg import execute, priority; os.nice(5); "
+            f"argv = execute.with_child_priority({child!r}, priority.child_priority(12, None)); "
+            "print(os.getpriority(os.PRIO_PROCESS, 0), subprocess.run(argv, capture_output=True, text=True).stdout)")
+    parent, child_nice = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        check=True).stdout.split()
+    assert int(parent) >= 5 and child_nice == "12"
 
 
 def test_run_command_and_run_tool_give_children_the_set_priority(monkeypatch):
