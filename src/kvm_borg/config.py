@@ -56,6 +56,15 @@ class Settings:
     scratch_dir_setting: Path | None = None  # `scratch_dir` as configured; None: state_dir/scratch
     scratch_min_free: int = 1024**3  # bitmap method: refuse to start with less free space in scratch_dir
     full_read: bool = False  # `backup --full`: read every segment this run (CLI only)
+    nice: int | None = None  # niceness of every child (None: kvm-borg's own)
+    ionice: str | None = None  # I/O class of every child: idle | best-effort[:N] | realtime[:N] (None: inherit)
+
+    @property
+    def child_priority(self):
+        """The kvm_borg.priority.ChildPriority of `nice` and `ionice`."""
+        from kvm_borg.priority import child_priority
+
+        return child_priority(self.nice, self.ionice)
 
     @property
     def journal_dir(self) -> Path:
@@ -272,6 +281,8 @@ def load_config(cli_path: str | None = None, *, progress: bool = False):
         segment_size=data["segment_size"],
         scratch_dir_setting=Path(data["scratch_dir"]) if data["scratch_dir"] else None,
         scratch_min_free=data["scratch_min_free"],
+        nice=data["nice"],
+        ionice=data["ionice"],
     )
     return settings, pm
 
