@@ -127,9 +127,18 @@ def measure(conn: libvirt.virConnect, workdir: Path, name: str, runs: int, data_
         pairs = paired_runs(bench, runs, lambda repo: probed_backup(bench, repo))
         return {"runs": runs, "data": domain.data_bytes, "disk": domain.disk_bytes,
                 "image": domain.disk.stat().st_size, "plain": pairs["plain"], "kvm-borg": pairs["kvm-borg"],
-                "load": [load_at_start, os.getloadavg()[0]]}
+                "load": [load_at_start, os.getloadavg()[0]], "install": install_kind()}
     finally:
         remove_domain(conn, name)
+
+
+def install_kind() -> str:
+    """Return how the kvm-borg this benchmark runs is installed: "installed" (a package in site-packages, as
+    scripts/setup.sh makes without --dev) or "editable" (imported from a source checkout: an editable
+    install's import finder costs every start-up tens of ms a packaged install does not pay)."""
+    import kvm_borg  # noqa: PLC0415
+
+    return "installed" if "site-packages" in Path(kvm_borg.__file__).parts else "editable"
 
 
 def summary(figures: dict) -> dict:
@@ -181,7 +190,8 @@ def render(figures: dict, command: str, machine: str) -> str:
 Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `{command}`.
 
 Machine: {machine}; 1-minute load average {figures['load'][0]:.1f} at the start, {figures['load'][1]:.1f} at the end
-(on a busy machine every stretch grows: compare runs made at the same load).
+(on a busy machine every stretch grows: compare runs made at the same load). kvm-borg: {figures.get('install', 'editable')}
+(a packaged install, as scripts/setup.sh makes without `--dev`, does not pay an editable install's import finder).
 
 A small running domain: one qcow2 disk ({figures['disk'] / 2**20:.0f} MiB virtual, {figures['image'] / 2**20:.0f} MiB
 image file) holding an ext4 with {figures['data'] / 2**20:.0f} MiB of real files. {figures['runs']} rounds; in each,

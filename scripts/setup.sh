@@ -50,6 +50,7 @@ APT_PACKAGES=(
     python3-libnbd libnbd-bin   # the bitmap method's NBD client (libnbd's Python bindings; nbdinfo)
     systemd   # systemd-analyze, for the test of contrib/systemd (works without systemd as PID 1)
     prometheus prometheus-node-exporter   # promtool + the monitoring test (services not started: policy-rc.d)
+    rclone   # `rclone serve restic --append-only`: a fleet's shared REST repository (docs/repositories.md) and its test
 )
 # The benchmark suite (python -m bench, tests/test_bench_smoke.py) compares kvm-borg with virtnbdbackup.
 if [ "$DEV" = 1 ]; then APT_PACKAGES+=(virtnbdbackup); fi

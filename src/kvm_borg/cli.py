@@ -67,11 +67,13 @@ def _run(args) -> int:
         return run(None, args)
     from kvm_borg.actions.common import Context
     from kvm_borg.config import load_config
+    from kvm_borg.execute import set_child_priority
     from kvm_borg.plugins import bind_settings
 
     progress = sys.stderr.isatty() and not getattr(args, "no_progress", False) and not getattr(args, "json", False)
     ctx = Context(*load_config(args.config, progress=progress))
     bind_settings(ctx.pm, ctx.settings)
+    set_child_priority(ctx.settings.child_priority)
     _start_up_done()
     try:
         return run(ctx, args)

@@ -57,6 +57,15 @@ class Settings:
     scratch_min_free: int = 1024**3  # bitmap method: refuse to start with less free space in scratch_dir
     full_read: bool = False  # `backup --full`: read every segment this run (CLI only)
     jobs: int = 1  # domains backed up at once (`backup --jobs N` overrides it)
+    nice: int | None = None  # niceness of every child (None: kvm-borg's own)
+    ionice: str | None = None  # I/O class of every child: idle | best-effort[:N] | realtime[:N] (None: inherit)
+
+    @property
+    def child_priority(self):
+        """The kvm_borg.priority.ChildPriority of `nice` and `ionice`."""
+        from kvm_borg.priority import child_priority
+
+        return child_priority(self.nice, self.ionice)
 
     @property
     def journal_dir(self) -> Path:
@@ -274,6 +283,8 @@ def load_config(cli_path: str | None = None, *, progress: bool = False):
         scratch_dir_setting=Path(data["scratch_dir"]) if data["scratch_dir"] else None,
         scratch_min_free=data["scratch_min_free"],
         jobs=data["jobs"],
+        nice=data["nice"],
+        ionice=data["ionice"],
     )
     return settings, pm
 

@@ -14,6 +14,7 @@ import re
 import shlex
 from typing import Any, Callable
 
+from kvm_borg import priority
 from kvm_borg.backends.borg import specs as borg_specs
 from kvm_borg.errors import ConfigError
 
@@ -160,6 +161,35 @@ def retention_rules(value: Any, key: str) -> dict:
     return retention.check_rules(value, key)
 
 
+def upload_ratelimit(value: Any, key: str) -> int:
+    """Given a repository's upload rate (a size per second: `50MiB`, `50MiB/s`, `800k`, or bytes), return it in
+    bytes per second; a rate that rounds to 0 KiB/s (borg and restic take whole KiB/s, 0 meaning
+    unlimited) is a ConfigError."""
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and text.lower().endswith("/s"):
+        text = text[:-2]
+    rate = parse_size(text, key)
+    if rate_kib_per_second(rate) < 1:
+        raise ConfigError(f"{key}: {value!r} rounds to 0 KiB/s, which borg and restic read as unlimited; "
+                          "give at least 1KiB (or leave the key out for no limit)")
+    return rate
+
+
+def rate_kib_per_second(rate: int) -> int:
+    """Given a rate in bytes per second, return it in whole KiB per second (rounded), as borg's
+    `--upload-ratelimit` and restic's `--limit-upload` take it."""
+    return int(rate / 1024 + 0.5)
+
+
+def ionice(value: Any, key: str) -> str:
+    """Given an `ionice:` value, return it when it is `idle`, `best-effort[:LEVEL]` or `realtime[:LEVEL]` (LEVEL 0-7)."""
+    try:
+        priority.parse_ionice(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}{quote_hint(value)}") from None
+    return str(value).strip()
+
+
 FORMATS: dict[str, Callable[[Any, str], Any]] = {
     "size": parse_size,
     "segment-size": segment_size,
@@ -174,4 +204,6 @@ FORMATS: dict[str, Callable[[Any, str], Any]] = {
     "borg-compression": _spec(borg_specs.check_compression),
     "borg-chunker-params": _spec(borg_specs.check_chunker_params),
     "retention-rules": retention_rules,
+    "upload-ratelimit": upload_ratelimit,
+    "ionice": ionice,
 }

@@ -56,6 +56,11 @@ STRING_LIST = {"type": "array", "items": {**STRING, "x-expected": "a string"}, "
 DURATION = {"type": ["string", "number"], "format": "duration"}
 POSITIVE_DURATION = {"type": ["string", "number"], "format": "positive-duration"}
 SIZE = {"type": ["string", "integer"], "format": "size"}
+# A repository's upload rate: a size per second (50MiB, 50MiB/s), normalized to bytes per second.
+UPLOAD_RATELIMIT = key(optional({"type": ["string", "integer"], "format": "upload-ratelimit"}),
+                       "upload rate limit, a size per second (`50MiB`); borg's `--upload-ratelimit` (ssh "
+                       "repositories only), restic's `--limit-upload`", examples=["50MiB"],
+                       **{"x-default-text": "unset: no limit"})
 
 
 def named_mapping(values: dict, expected: str = "a mapping") -> dict:
@@ -171,6 +176,14 @@ CORE_KEYS: dict[str, dict] = {
                               default=False),
     "max_age": key(POSITIVE_DURATION, "`kvm-borg status` fails for a domain whose newest backup is older",
                    default="26h"),
+    "nice": key(optional(whole_number(0, 19)),
+                "CPU priority (niceness) of every child that reads disks or writes repositories (borg, restic, "
+                "qemu-img, qemu-nbd, the segment view)", examples=[10],
+                **{"x-default-text": "unset: kvm-borg's own"}),
+    "ionice": key(optional({**STRING, "format": "ionice"}),
+                  "I/O class of the same children: `idle`, `best-effort[:LEVEL]`, `realtime[:LEVEL]` (LEVEL 0-7, "
+                  "0 highest); the BFQ and mq-deadline I/O schedulers honour it", examples=["idle"],
+                  **{"x-default-text": "unset: kvm-borg's own"}),
     "metrics_file": key(optional(ABSOLUTE_PATH), "node_exporter textfile-collector file written after every run",
                         examples=["/var/lib/prometheus/node-exporter/kvm-borg.prom"]),
 }

@@ -29,6 +29,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from kvm_borg.priority import INHERIT, ChildPriority, priority_prefix
 from kvm_borg.redact import redact_text
 
 logger = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _spawn(argv: tuple[str, ...], child_env: dict, secret: bytes | None, secret_
     signal; None: none) and return (process, the secret pipe's write end or None); the child's read end
     is closed here. A command that cannot start is a CommandError and leaves no fd open."""
     read_fd, write_fd = _secret_pipe(child_env, secret, secret_env)
-    command = argv if stop_signal is None else with_parent_death_signal(argv, stop_signal)
+    command = with_child_priority(argv if stop_signal is None else with_parent_death_signal(argv, stop_signal))
     try:
         process = subprocess.Popen(command, env=child_env,
                                    pass_fds=() if read_fd is None else (read_fd,), **popen_args)
@@ -311,10 +312,43 @@ def with_parent_death_signal(argv: Sequence[str], stop_signal: int = signal.SIGT
     return (SETPRIV, "--pdeathsig", signal.Signals(stop_signal).name.removeprefix("SIG"), "--", *argv)
 
 
+NICE = shutil.which("nice")
+IONICE = shutil.which("ionice")
+_child_priority: ChildPriority = INHERIT
+
+
+def set_child_priority(priority: ChildPriority) -> None:
+    """Given the config's ChildPriority, make it the one every child started from now on gets (the CLI calls
+    this once, after loading the config; the default is INHERIT: children get kvm-borg's own)."""
+    global _child_priority
+    _child_priority = priority
+
+
+def child_priority() -> ChildPriority:
+    """Return the ChildPriority children get now (see set_child_priority)."""
+    return _child_priority
+
+
+def with_child_priority(argv: Sequence[str], priority: ChildPriority | None = None) -> tuple[str, ...]:
+    """Given a command (and a ChildPriority; None: the one set_child_priority set), return it prefixed with
+    `nice`/`ionice` so the child and everything it starts run at that CPU and I/O priority (see
+    kvm_borg.priority for why a wrapper). Unchanged when nothing is set, or when the command or a
+    wrapper is not found (a missing binary must still fail as OSError)."""
+    priority = _child_priority if priority is None else priority
+    if priority.inherited or not shutil.which(argv[0]):
+        return tuple(argv)
+    if (priority.nice is not None and not NICE) or (priority.ionice_class is not None and not IONICE):
+        return tuple(argv)
+    return priority_prefix(priority, os.getpriority(os.PRIO_PROCESS, 0), NICE or "nice", IONICE or "ionice") + tuple(argv)
+
+
+_WRAPPERS = {path for path in (SETPRIV, NICE, IONICE) if path}
+
+
 def command_name(process: subprocess.Popen) -> str:
-    """Given a started child, return the base name of the command it runs (not our setpriv wrapper)."""
+    """Given a started child, return the base name of the command it runs (not our setpriv/nice/ionice wrappers)."""
     args = list(process.args)
-    if SETPRIV and args and args[0] == SETPRIV and "--" in args:
+    while args and args[0] in _WRAPPERS and "--" in args:
         args = args[args.index("--") + 1:]
     return os.path.basename(str(args[0])) if args else "?"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import subprocess
 
 from kvm_borg.errors import KvmBorgError
+from kvm_borg.execute import with_child_priority
 
 DEFAULT_TIMEOUT = 120.0
 # Installation hints for a missing tool, by its name.
@@ -39,11 +40,11 @@ def run_tool(argv: list[str] | tuple[str, ...], *, what: str | None = None, time
              ok_codes: tuple[int, ...] | None = (0,), pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess:
     """Given an argv, what the call is for (for the message), a timeout in seconds (None: none), the exit
     codes that count as success (None: any) and file descriptors the tool inherits (it names them
-    /dev/fd/N), run it without stdin; return the CompletedProcess (text stdout and stderr). A missing
+    /dev/fd/N), run it without stdin at the children's priority (config `nice:`/`ionice:`); return the CompletedProcess (text stdout and stderr). A missing
     tool, a timeout or another exit code is a ToolError."""
     tool = argv[0]
     try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout,
+        proc = subprocess.run(list(with_child_priority(argv)), capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout,
                               pass_fds=pass_fds)
     except FileNotFoundError:
         package = PACKAGES.get(tool)

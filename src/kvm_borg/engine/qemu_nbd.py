@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from kvm_borg.errors import KvmBorgError
-from kvm_borg.execute import one_line, with_parent_death_signal
+from kvm_borg.execute import one_line, with_child_priority, with_parent_death_signal
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -61,7 +61,7 @@ def start(argv: list[str], socket: str, log_path: Path, timeout: float = START_T
     with qemu-nbd's reason otherwise."""
     with open(log_path, "ab") as log:
         try:
-            process = subprocess.Popen(argv if outlive_parent else with_parent_death_signal(argv),
+            process = subprocess.Popen(with_child_priority(argv if outlive_parent else with_parent_death_signal(argv)),
                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
                                        start_new_session=outlive_parent)
         except OSError as exc:

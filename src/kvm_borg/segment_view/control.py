@@ -23,7 +23,7 @@ from pathlib import Path
 
 from kvm_borg import atomic, mountinfo
 from kvm_borg.errors import KvmBorgError
-from kvm_borg.execute import one_line, with_parent_death_signal
+from kvm_borg.execute import one_line, with_child_priority, with_parent_death_signal
 from kvm_borg.segment_view import spec as view_spec
 from kvm_borg.segment_view.spec import stats_path, status_path
 from kvm_borg.tools import run_tool
@@ -46,9 +46,10 @@ class ViewStats:
 
 
 def view_argv(spec_path: Path, *, outlive_parent: bool) -> tuple[str, ...]:
-    """Given the spec's path and whether the view outlives kvm-borg, return its argv (this interpreter)."""
+    """Given the spec's path and whether the view outlives kvm-borg, return its argv (this interpreter), at the
+    children's priority (config `nice:`/`ionice:`)."""
     argv = (sys.executable, "-m", MODULE, str(spec_path))
-    return argv if outlive_parent else with_parent_death_signal(argv)
+    return with_child_priority(argv if outlive_parent else with_parent_death_signal(argv))
 
 
 def read_stats(spec_path: Path) -> ViewStats:

@@ -65,18 +65,21 @@ def make_create_command(
     comment: str | None,
     progress: bool,
     lock_wait: int | None,
+    upload_ratelimit_kib: int | None = None,
 ) -> tuple[str, ...]:
     """Given a repository, a new archive's name and the absolute paths to store, return the `borg create --json` argv.
 
     `--sparse` is kept only with a fixed chunker (borg refuses it otherwise), `--read-special`
     only when asked (block devices among the paths), `--noflags --noacls --noxattrs` for `plain_files`
     (a segment view's files carry none: borg then spends no system calls and FUSE requests per file on
-    them); the files cache keeps borg's default mode."""
+    them); the files cache keeps borg's default mode. `upload_ratelimit_kib` (KiB/s, None: no limit) becomes
+    `--upload-ratelimit` (borg applies it to ssh repositories only)."""
     fixed_chunker = chunker_params.split(",", 1)[0] == "fixed"
     return (
         (binary, "create", "--json")
         + _common_flags(lock_wait)
         + (("--progress",) if progress else ())
+        + (("--upload-ratelimit", str(upload_ratelimit_kib)) if upload_ratelimit_kib else ())
         + ("--compression", compression)
         + ("--chunker-params", chunker_params)
         + (("--sparse",) if sparse and fixed_chunker else ())

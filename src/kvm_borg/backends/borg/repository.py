@@ -45,6 +45,7 @@ from kvm_borg.backends.borg.output import (
     parse_prune_line,
     parse_version,
 )
+from kvm_borg.config_formats import rate_kib_per_second
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import CommandError, CommandResult, run_command
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, BackendBase, CheckResult, PruneResult, StoreResult
@@ -99,6 +100,8 @@ class BorgRepository(BackendBase):
         self.lock_wait: int = DEFAULT_LOCK_WAIT if lock_wait is None else int(lock_wait)
         self.binary = find_borg_binary(getattr(settings, "borg_binary", None))
         self.progress = bool(getattr(settings, "progress", False))
+        rate = repository.get("upload_ratelimit")  # bytes per second, checked by the schema
+        self.upload_ratelimit_kib: int | None = rate_kib_per_second(rate) if rate else None
 
     def __repr__(self) -> str:
         return f"BorgRepository({self.name!r}, {redact_url(self.location)!r})"
@@ -160,6 +163,7 @@ class BorgRepository(BackendBase):
             sparse=False,
             plain_files=request.plain_files,
             comment=request.comment,
+            upload_ratelimit_kib=self.upload_ratelimit_kib,
             progress=self.progress,
             lock_wait=self.lock_wait,
         )

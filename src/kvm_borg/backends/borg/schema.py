@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvm_borg.config_schema import (
-    PASSPHRASE_KEYS, PASSPHRASE_NOT_BOTH, SSH_COMMAND, STRING, any_of_keys, key, one_of, optional, whole_number,
+    PASSPHRASE_KEYS, PASSPHRASE_NOT_BOTH, SSH_COMMAND, STRING, UPLOAD_RATELIMIT, any_of_keys, key, one_of, optional, whole_number,
 )
 from kvm_borg.backends.borg.defaults import (
     DEFAULT_CHUNKER_PARAMS, DEFAULT_COMPRESSION, DEFAULT_ENCRYPTION, DEFAULT_LOCK_WAIT, ENCRYPTION_MODES, MAX_LOCK_WAIT,
@@ -26,6 +26,7 @@ BORG_REPOSITORY = {
                          default=DEFAULT_LOCK_WAIT),
         "ssh_command": key(optional(SSH_COMMAND), "the ssh borg runs (default `ssh -o BatchMode=yes`, keepalives added)"),
         "remote_path": key(optional(STRING), "borg on the server (`--remote-path`)"),
+        "upload_ratelimit": UPLOAD_RATELIMIT,
     },
     "required": ["path"],
     "allOf": [

@@ -110,13 +110,17 @@ def escape_pattern(path: str) -> str:
 # --- argv builders ----------------------------------------------------------------------------
 
 
-def global_flags(options: Sequence[str] = (), compression: str | None = None) -> tuple[str, ...]:
-    """Given extended options (`sftp.command=...`) and a compression mode, return restic's global flags for them."""
+def global_flags(options: Sequence[str] = (), compression: str | None = None,
+                 limit_upload_kib: int | None = None) -> tuple[str, ...]:
+    """Given extended options (`sftp.command=...`), a compression mode and an upload limit in KiB/s (None: none),
+    return restic's global flags for them."""
     flags: tuple[str, ...] = ()
     for option in options:
         flags += ("--option", option)
     if compression:
         flags += ("--compression", compression)
+    if limit_upload_kib:
+        flags += ("--limit-upload", str(limit_upload_kib))
     return flags
 
 
@@ -145,10 +149,12 @@ def make_backup_command(
     compression: str | None = None,
     options: Sequence[str] = (),
     stdin_filename: str | None = None,
+    limit_upload_kib: int | None = None,
 ) -> tuple[str, ...]:
     """Given the paths (or, with `stdin_filename`, the name of the stream on stdin), return the `restic backup --json` argv.
 
-    Tags are passed one `--tag` each (values must be escaped: restic splits them on ",")."""
+    Tags are passed one `--tag` each (values must be escaped: restic splits them on ",");
+    `limit_upload_kib` (KiB/s, None: no limit) becomes `--limit-upload`."""
     if stdin_filename is not None and paths:
         raise ValueError("a stdin backup takes no paths")
     tag_flags: tuple[str, ...] = ()
@@ -156,7 +162,7 @@ def make_backup_command(
         tag_flags += ("--tag", item)
     return (
         (binary, "backup", "--json")
-        + global_flags(options, compression)
+        + global_flags(options, compression, limit_upload_kib)
         + ("--host", host)
         + tag_flags
         + (("--time", time) if time else ())
@@ -246,9 +252,11 @@ def make_environment(
     return env
 
 
-def make_prune_command(binary: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
-    """Return the `restic prune` argv: removes the data no snapshot refers to any more."""
-    return (binary, "prune") + global_flags(options)
+def make_prune_command(binary: str, *, options: Sequence[str] = (), limit_upload_kib: int | None = None
+                       ) -> tuple[str, ...]:
+    """Return the `restic prune` argv: removes the data no snapshot refers to any more (repacking uploads what
+    it keeps, hence `limit_upload_kib`, KiB/s, None: no limit)."""
+    return (binary, "prune") + global_flags(options, limit_upload_kib=limit_upload_kib)
 
 
 def make_check_command(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -59,6 +60,22 @@ class BackupOutput:
             self.errors.append(json_error(record))
         else:
             logger.debug("restic: %s", record)
+
+
+# restic's notice when the server refuses to delete a file and restic means to retry (an append-only
+# server: rest-server --append-only, `rclone serve restic --append-only`), e.g. "Remove(<snapshot/07928e9958>)
+# returned error, retrying after 552.33ms: blob not removed, server response: 403 Forbidden (403)".
+# restic 0.14 retries it ten times, ~45 s, before it fails.
+_REFUSED_REMOVE = re.compile(r"^Remove\(<(\w+)/[0-9a-f]*>\) returned error\b.*\b403 Forbidden\b")
+APPEND_ONLY_REFUSAL = ("the server refused to delete ({kind}: 403 Forbidden): the repository is append-only; "
+                       "forget and prune on the server (see docs/repositories.md)")
+
+
+def refused_delete(line: str) -> str | None:
+    """Given one restic stderr line, return the kind of file ("snapshot", "data", ...) whose deletion the
+    server refused with 403 Forbidden, or None if the line says nothing of the kind."""
+    match = _REFUSED_REMOVE.match(line.strip())
+    return match.group(1) if match else None
 
 
 def json_error(record: Mapping[str, Any]) -> str:

@@ -27,8 +27,11 @@ from kvm_borg import retention
 from kvm_borg.backends.restic import archives
 from kvm_borg.backends.restic import commands as rc
 from kvm_borg.backends.restic.archives import ArchiveParts, archive_info_from, group_archives
-from kvm_borg.backends.restic.output import NO_REPOSITORY, WRONG_PASSWORD, BackupOutput, ResticLog, parse_ls_nodes
+from kvm_borg.backends.restic.output import (
+    APPEND_ONLY_REFUSAL, NO_REPOSITORY, WRONG_PASSWORD, BackupOutput, ResticLog, parse_ls_nodes, refused_delete,
+)
 from kvm_borg.backends.ssh_options import DEFAULT_SSH_COMMAND, with_default_options
+from kvm_borg.config_formats import rate_kib_per_second
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.execute import (
     CommandError,
@@ -53,6 +56,10 @@ MOUNT_TIMEOUT = 60  # seconds for `restic mount` to show the snapshot
 
 class ResticError(KvmBorgError):
     """A restic command of a repository failed; the message is one line naming the repository."""
+
+
+class _DeleteRefused(Exception):
+    """Raised from restic's stderr reader when the server refused a delete (stops restic; see ResticRepository._run)."""
 
 
 def find_restic_binary(configured: str | None) -> str:
@@ -98,6 +105,8 @@ class ResticRepository:
         self.compression: str | None = repository.get("compression")  # checked by the schema (restic/schema.py)
         self.binary = find_restic_binary(getattr(settings, "restic_binary", None))
         self.progress = bool(getattr(settings, "progress", False))
+        rate = repository.get("upload_ratelimit")  # bytes per second, checked by the schema
+        self.limit_upload_kib: int | None = rate_kib_per_second(rate) if rate else None
         self.sftp_command = rc.sftp_command(
             self.url, with_default_options(repository.get("ssh_command") or DEFAULT_SSH_COMMAND))
         self.options: tuple[str, ...] = (f"sftp.command={self.sftp_command}",) if self.sftp_command else ()
@@ -319,6 +328,7 @@ class ResticRepository:
         argv = rc.make_backup_command(
             self.binary, paths, host=self.host, tags=tags, time=rc.restic_time(request.timestamp),
             compression=self.compression, options=self.options, stdin_filename=device,
+            limit_upload_kib=self.limit_upload_kib,
         )
         output = BackupOutput(on_bytes)
         what = f"restic backup of {device}" if device else "restic backup"
@@ -351,7 +361,8 @@ class ResticRepository:
             return []
         self._parts.clear()
         try:
-            self._run_checked(rc.make_forget_command(self.binary, snapshot_ids, options=self.options), "forget")
+            self._run_checked(rc.make_forget_command(self.binary, snapshot_ids, options=self.options), "forget",
+                              deletes=True)
             return []
         except ResticError as exc:
             return [f"parts of the failed archive stay in the repository (snapshots {', '.join(snapshot_ids)}): {exc}"]
@@ -466,7 +477,8 @@ class ResticRepository:
         if forget and not dry_run:
             self._parts.clear()
             try:
-                self._run_checked(rc.make_forget_command(self.binary, forget, options=self.options), "forget")
+                self._run_checked(rc.make_forget_command(self.binary, forget, options=self.options), "forget",
+                                  deletes=True)
             except ResticError as exc:
                 result.error = str(exc)
                 return result
@@ -476,7 +488,8 @@ class ResticRepository:
     def compact(self) -> None:
         """Free the space of forgotten snapshots (`restic prune`); a failure is a ResticError."""
         self._parts.clear()
-        self._run_checked(rc.make_prune_command(self.binary, options=self.options), "prune")
+        self._run_checked(rc.make_prune_command(self.binary, options=self.options,
+                                                limit_upload_kib=self.limit_upload_kib), "prune", deletes=True)
 
     def check(self, verify_data: bool = False, read_data_subset: str | None = None) -> CheckResult:
         """Run `restic check` (`--read-data` with verify_data, else `--read-data-subset` if given); failures are ok=False."""
@@ -513,20 +526,32 @@ class ResticRepository:
         )
 
     def _run(self, argv: Sequence[str], *, stdin=None, on_stdout: Callable[[bytes], None] | None = None,
-             ) -> tuple[CommandResult, ResticLog]:
+             deletes: bool = False) -> tuple[CommandResult, ResticLog]:
         """Given a restic argv, run it with this repository's environment; return the result and its ResticLog.
 
-        restic releases its repository lock on SIGINT only, so that is how it is stopped."""
+        restic releases its repository lock on SIGINT only, so that is how it is stopped. With
+        `deletes` (forget, prune), the server's first refusal to delete a file (an append-only
+        server) stops restic at once, instead of its ~45 s of retries, and is a ResticError saying so."""
         log = ResticLog()
+        on_line = log.feed
+        if deletes:
+            def on_line(line: str) -> None:
+                log.feed(line)
+                kind = refused_delete(line)
+                if kind:
+                    raise _DeleteRefused(kind)
         try:
-            result = run_command(argv, env=self._environment(), on_stderr_line=log.feed, stdin=stdin,
+            result = run_command(argv, env=self._environment(), on_stderr_line=on_line, stdin=stdin,
                                  on_stdout=on_stdout, stop_signal=signal.SIGINT)
         except CommandError as exc:
             raise ResticError(f"repository {self.name!r}: {exc.message}") from None
+        except _DeleteRefused as exc:
+            raise ResticError(f"repository {self.name!r}: restic {argv[1]} stopped: "
+                              + APPEND_ONLY_REFUSAL.format(kind=exc.args[0])) from None
         return result, log
 
-    def _run_checked(self, argv: Sequence[str], subcommand: str) -> CommandResult:
-        result, log = self._run(argv)
+    def _run_checked(self, argv: Sequence[str], subcommand: str, *, deletes: bool = False) -> CommandResult:
+        result, log = self._run(argv, deletes=deletes)
         if result.returncode != 0:
             raise self._error(subcommand, log, result)
         return result

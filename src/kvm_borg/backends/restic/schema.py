@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvm_borg.config_schema import (
-    PASSPHRASE_KEYS, PASSPHRASE_NOT_BOTH, SSH_COMMAND, STRING, STRING_LIST, any_of_keys, key, one_of, optional,
+    PASSPHRASE_KEYS, PASSPHRASE_NOT_BOTH, SSH_COMMAND, STRING, UPLOAD_RATELIMIT, STRING_LIST, any_of_keys, key, one_of, optional,
 )
 from kvm_borg.backends.restic.commands import COMPRESSION_MODES
 from kvm_borg.hookspecs import hookimpl
@@ -16,6 +16,7 @@ RESTIC_REPOSITORY = {
         "ssh_command": key(optional(SSH_COMMAND), "the ssh an sftp repository runs"),
         "host": key(optional(STRING), "`--host` of new snapshots (default: hostname)"),
         "hosts": key(optional(STRING_LIST), "whose snapshots list/restore see (default: [host]; \"*\": all)"),
+        "upload_ratelimit": UPLOAD_RATELIMIT,
     },
     "required": ["url"],
     "allOf": [
