@@ -46,6 +46,7 @@ from kvm_borg.pipeline.restore import (
     write_files,
 )
 from kvm_borg.progress import transfer_progress
+from kvm_borg.restore_files import make_dirs
 from kvm_borg.restore_refusals import check_refusals, unfinished_journal_entry
 from kvm_borg.tools import tool_output
 
@@ -176,6 +177,7 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
             write_files(backend, archive, files, xml_text, written)
             result.nvram, result.tpm = written.nvram, written.tpm
             for disk in live_plan.disks:
+                make_dirs(os.path.dirname(disk.image.destination))
                 tool_output(overlay_argv(disk.image.destination, backings[disk.target], formats[disk.target],
                                          disk.virtual_size), what=f"create the local image of {disk.target}")
                 os.chmod(disk.image.destination, 0o600)
