@@ -104,3 +104,35 @@ def test_a_shared_exposure_lets_qemu_read_and_the_default_stays_private():
     assert restic_mount("restic", "/m") == ("restic", "mount", "--", "/m")
     shared = restic_mount("restic", "/m", shared=True)
     assert shared[-4:] == ("--allow-other", "--no-default-permissions", "--", "/m")
+
+
+class _NoPruneBackend:
+    """A backend that fails the test if prune or compact is asked for."""
+
+    name = "local"
+
+    def list_archives(self, _domain):
+        return []
+
+    def prune(self, *_a, **_k):
+        raise AssertionError("prune ran during a live restore")
+
+    def compact(self):
+        raise AssertionError("compact ran during a live restore")
+
+
+def test_prune_refuses_a_repository_an_unfinished_live_restore_reads(tmp_path):
+    from kvm_borg import journal
+    from kvm_borg.pipeline.prune import failures, prune_repository
+
+    settings = SimpleNamespace(journal_dir=tmp_path / "journal", retention={}, domains_retention={})
+    entry = journal.Entry(domain="web-copy", uuid="8f2d1c3e-0000-4000-8000-000000000001", disks=[],
+                          source=lrp.SOURCE_NAME, extra={"repository": "local", "archive": "web-2026"})
+    journal.write_entry(settings.journal_dir, entry)
+    outcome = prune_repository(settings, {"name": "local"}, _NoPruneBackend(), ["web"], dry_run=False)
+    assert "live restore of domain 'web-copy'" in outcome["error"] and "web-2026" in outcome["error"]
+    assert failures([outcome]) and not outcome["compacted"]
+    # Another repository, and the same one once the entry is gone, are pruned as usual.
+    assert prune_repository(settings, {"name": "offsite"}, _NoPruneBackend(), [], dry_run=False)["error"] is None
+    journal.remove_entry(settings.journal_dir, entry.uuid)
+    assert prune_repository(settings, {"name": "local"}, _NoPruneBackend(), [], dry_run=False)["error"] is None

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kvm_borg import journal, live_restore_plan, restore_plan
+from kvm_borg import journal, live_restore_plan, restore_plan, signals
 from kvm_borg.engine import lifecycle, live_pull
 from kvm_borg.errors import EngineError, KvmBorgError, RefusedError, UsageError
 from kvm_borg.journal import Entry, JournalDisk
@@ -187,7 +187,8 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
             dom = lifecycle.define(conn, live_domain_xml(xml_text, {t: (backings[t], formats[t]) for t in backings}))
             lifecycle.start(dom)
         except BaseException:
-            _abandon(settings, conn, entry, backend, defined=dom is not None)
+            with signals.shielded():  # a second signal must not cut the cleanup short
+                _abandon(settings, conn, entry, backend, defined=dom is not None)
             raise
         entry.stage = "pulling"
         journal.write_entry(settings.journal_dir, entry)
