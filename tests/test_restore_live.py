@@ -39,12 +39,14 @@ def live_mounts(config: Path) -> list[str]:
 
 
 def processes_naming(path: str) -> list[int]:
-    """The pids of processes whose command line names `path` (borg/restic mount, a segment view)."""
+    """The pids of processes whose command line names `path` (borg/restic mount, a segment view); QEMU's own
+    command line keeps naming the backing files it was started with, so it is left out."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if path.encode() in (entry / "cmdline").read_bytes():
+                cmdline = (entry / "cmdline").read_bytes()
+                if path.encode() in cmdline and b"qemu-system" not in cmdline.split(b"\0")[0]:
                     pids.append(int(entry.name))
             except OSError:
                 continue
@@ -106,7 +108,7 @@ def test_live_restore_runs_the_copy_before_the_pull_ends_and_leaves_plain_local_
     target_dir = image_dir / "copy"
 
     proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", target_dir,
-                     "--pull-bandwidth", "2", "--json", config=config, env=cli_env())
+                     "--pull-bandwidth", "4", "--json", config=config, env=cli_env())
     dom = wait_running_from_archive(libvirt_conn, copy, proc)
     # Running while the data still comes from the archive: backing files in the live XML, the exposure mounted.
     assert proc.poll() is None
@@ -119,7 +121,7 @@ def test_live_restore_runs_the_copy_before_the_pull_ends_and_leaves_plain_local_
     result = json.loads(out)
     assert result["archive"] == archive and result["domain"] == copy
     assert 0 < result["running_after_seconds"] < result["seconds"]
-    assert result["seconds"] - result["running_after_seconds"] > 2  # 8 MiB per disk at 2 MiB/s
+    assert result["seconds"] - result["running_after_seconds"] > 2  # 2 disks of 8 MiB, one after the other, at 4 MiB/s
     assert set(result["disks"]) == {"vda", "vdb"}
     assert all(os.path.dirname(p) == str(target_dir) for p in result["disks"].values())
     assert dom.isActive() and dom.UUIDString() != domain.dom.UUIDString()
@@ -144,7 +146,7 @@ def test_live_restore_from_restic(domain_factory, image_dir, tmp_path, libvirt_c
     copy = domain_factory.domain_name("live restic copy")
 
     proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
-                     "--pull-bandwidth", "2", "--json", config=config, env=cli_env())
+                     "--pull-bandwidth", "4", "--json", config=config, env=cli_env())
     dom = wait_running_from_archive(libvirt_conn, copy, proc)
     assert proc.poll() is None and targets_with_backing(dom.XMLDesc(0)) == {"vda", "vdb"}
     out, err = proc.communicate(timeout=120)

@@ -86,3 +86,15 @@ def restart_process(dom) -> None:
     with translated():
         dom.managedSave(0)
         dom.create()
+
+
+def flush_disks(dom) -> bool:
+    """Given a domain whose pull just completed, make QEMU write the pulled data's metadata to the images
+    (QEMU flushes every disk when it stops the guest: a pause of milliseconds, then it runs on); return
+    whether it was done (False for a domain not running, which the pause would not flush now)."""
+    with translated():
+        if dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+            return False
+        dom.suspend()
+        dom.resume()
+    return True

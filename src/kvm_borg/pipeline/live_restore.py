@@ -7,7 +7,7 @@ copy or a domain not defined here, never over local images) and refuse before an
 backend's mount, a `files` segment view for segmented disks, in a directory only root and QEMU's
 group may enter) → write NVRAM, TPM state and the XML file like a restore → create each disk's
 local qcow2 image, backed by the exposed archived image → define and start the domain, its disks'
-read and write errors pausing the guest → pull every disk's data into its local image (libvirt
+read and write errors pausing the guest → pull every disk's data into its local image, one after the other (libvirt
 blockPull, kvm_borg.engine.live_pull) → the disks have no backing file: withdraw the exposure and
 drop the entry.
 
@@ -198,9 +198,7 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
         if on_started is not None:
             on_started(result)
         try:
-            for target in sorted(backings):
-                live_pull.start_pull(dom, target, bandwidth)
-            wait_for_pull(dom, set(backings), progress=settings.progress)
+            pull_in(dom, set(backings), bandwidth=bandwidth, progress=settings.progress)
         except BaseException as exc:
             reason = str(exc) or type(exc).__name__
             raise KvmBorgError(f"domain {plan.domain!r}: the pull did not finish ({reason}); the domain keeps running "
@@ -250,38 +248,50 @@ def expose(backend: RepositoryBackend, repository: str, archive: str, plan, path
         raise
 
 
-def wait_for_pull(dom, targets: set[str], *, progress: bool = False, poll: float = POLL_SECONDS) -> None:
-    """Given a running domain whose `targets` are being pulled, wait until none has a backing file left (a
-    progress bar on a terminal when `progress`); a KvmBorgError when a pull ends before it is done, the
-    guest is paused on a disk error or the domain stops."""
-    pending = set(targets)
-    seen: dict[str, tuple[int, int]] = {}
+def pull_in(dom, targets: set[str], *, bandwidth: int = 0, progress: bool = False, poll: float = POLL_SECONDS) -> None:
+    """Given a running domain and disk targets, pull each one's backing data into its image, one disk after
+    the other (QEMU 7.2 crashed when two pulls of one domain completed together), a job already running
+    on a disk kept (its bandwidth lifted when `bandwidth` is 0), at most `bandwidth` bytes/s (0:
+    unlimited), with a progress bar on a terminal when `progress`; return when no target has a backing file
+    left. A KvmBorgError when a pull ends before it is done, the guest is paused on a disk error or the
+    domain stops."""
+    finished = 0
     with transfer_progress("pulling", None, enabled=progress) as update:
-        while pending:
-            for target in sorted(pending):
+        for target in sorted(targets):
+            if target not in live_pull.backed_targets(dom):
+                continue
+            state = live_pull.pull_progress(dom, target)
+            if state is None:
+                live_pull.start_pull(dom, target, bandwidth)
+            elif not bandwidth:
+                live_pull.set_pull_speed(dom, target, 0)
+            size = 0
+            while True:
                 state = live_pull.pull_progress(dom, target)
-                if state is not None:
-                    seen[target] = state
-                    continue
-                if target in live_pull.backed_targets(dom):
-                    raise KvmBorgError(f"the pull of disk {target} ended before it was done")
-                pending.discard(target)
-                done = seen.get(target, (0, 0))[1]
-                seen[target] = (done, done)
-            update(sum(cur for cur, _end in seen.values()))
-            if not pending:
-                break
-            if not live_pull.is_active(dom):
-                raise KvmBorgError("the domain stopped")
-            if live_pull.paused_by_io_error(dom):
-                raise KvmBorgError("the guest is paused: a read from the archive failed")
-            time.sleep(poll)
+                if state is None:
+                    if target in live_pull.backed_targets(dom):
+                        raise KvmBorgError(f"the pull of disk {target} ended before it was done")
+                    break
+                size = state[1]
+                update(finished + state[0])
+                if not live_pull.is_active(dom):
+                    raise KvmBorgError("the domain stopped")
+                if live_pull.paused_by_io_error(dom):
+                    raise KvmBorgError("the guest is paused: a read from the archive failed")
+                time.sleep(poll)
+            finished += size
+            update(finished)
 
 
 def finish(settings, conn, dom, entry: Entry, backend: RepositoryBackend) -> list[str]:
     """Given a domain whose pull is done, make sure its persistent definition has no backing file left,
     withdraw the exposure and drop the journal entry; return the problems (the entry then stays)."""
     targets = {disk.target for disk in entry.disks}
+    # The image headers say "no backing file" now, but the pulled clusters' qcow2 metadata may still be in
+    # QEMU's cache: flush it before the archive goes away.
+    if live_pull.is_active(dom) and not live_pull.flush_disks(dom):
+        log.warning("domain '%s' is not running: its pulled data reach the images with QEMU's next flush",
+                    entry.domain)
     inactive = lifecycle.inactive_xml(conn, entry.domain)
     if inactive is not None and live_restore_plan.targets_with_backing(inactive) & targets:
         lifecycle.define(conn, live_restore_plan.without_backing(inactive, targets))
@@ -411,12 +421,7 @@ def recover_live_restore(entry: Entry, connection, settings) -> RecoveryReport:
                 live_pull.resume(dom)
                 report.did("resumed the guest paused on a read error")
             targets = live_pull.backed_targets(dom) & {d.target for d in entry.disks}
-            for target in sorted(targets):
-                if live_pull.pull_progress(dom, target) is None:
-                    live_pull.start_pull(dom, target)
-                else:
-                    live_pull.set_pull_speed(dom, target, 0)
-            wait_for_pull(dom, targets)
+            pull_in(dom, targets)
             if targets:
                 report.did(f"pulled {', '.join(sorted(targets))} in")
         problems = finish(settings, conn, dom, entry, backend)
