@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from harness import DiskSpec, run_cli, start_cli, wait_for
+from harness import DiskSpec, DomainFactory, make_dir, run_cli, start_cli, wait_for
 from harness.bitmap import bitmap_settings, short_scratch_dir
 from kvm_borg import mountinfo
 from kvm_borg.live_restore_plan import targets_with_backing
@@ -58,6 +59,25 @@ def journal_entries(config: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in directory.glob("*.json")] if directory.is_dir() else []
 
 
+@pytest.fixture(scope="module")
+def borg_archive(libvirt_conn, run_dir, run_id):
+    """One running 2-disk domain backed up once into a borg repository, shared by the borg tests:
+    (its TestDomain, the config)."""
+    directory = make_dir(run_dir / "live-restore-borg")
+    factory = DomainFactory(libvirt_conn, directory, run_id, label="live-borg")
+    try:
+        domain = factory.make(disks=TWO_DISKS, name="live borg")
+        config = write_config(directory / "kb", repo_path=directory / "repo")
+        backup(domain, config)
+        yield domain, config
+    finally:
+        for path in reversed(live_mounts(directory / "kb" / "config.yaml")):
+            subprocess.run(["umount", "-l", path], capture_output=True)
+        errors = factory.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
+        assert not errors, errors
+
+
 @pytest.fixture
 def leftovers(request):
     """Registers configs whose live exposures are lazily unmounted after the test, whatever happened."""
@@ -99,11 +119,9 @@ def assert_nothing_left(config: Path):
 
 
 def test_live_restore_runs_the_copy_before_the_pull_ends_and_leaves_plain_local_images(
-        domain_factory, image_dir, tmp_path, libvirt_conn, leftovers):
-    domain = domain_factory.make(disks=TWO_DISKS, name="live borg")
-    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+        borg_archive, domain_factory, image_dir, libvirt_conn, leftovers):
+    domain, config = borg_archive
     leftovers.append(config)
-    archive = backup(domain, config)
     copy = domain_factory.domain_name("live borg copy")
     target_dir = image_dir / "copy"
 
@@ -119,7 +137,8 @@ def test_live_restore_runs_the_copy_before_the_pull_ends_and_leaves_plain_local_
     assert proc.returncode == 0, err
     assert f"{copy}: running after" in err
     result = json.loads(out)
-    assert result["archive"] == archive and result["domain"] == copy
+    print(f"live restore: running after {result['running_after_seconds']}s, pulled after {result['seconds']}s")
+    assert result["archive"].startswith(domain.name + "-") and result["domain"] == copy
     assert 0 < result["running_after_seconds"] < result["seconds"]
     assert result["seconds"] - result["running_after_seconds"] > 2  # 2 disks of 8 MiB, one after the other, at 4 MiB/s
     assert set(result["disks"]) == {"vda", "vdb"}
@@ -152,6 +171,7 @@ def test_live_restore_from_restic(domain_factory, image_dir, tmp_path, libvirt_c
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     result = json.loads(out)
+    print(f"live restore: running after {result['running_after_seconds']}s, pulled after {result['seconds']}s")
     assert 0 < result["running_after_seconds"] < result["seconds"]
     assert_flat_and_equal(domain, dom, result["disks"], libvirt_conn)
     assert_nothing_left(config)
@@ -176,11 +196,9 @@ def test_live_restore_of_a_segmented_archive(domain_factory, image_dir, run_dir,
 
 
 def test_kvm_borg_killed_mid_pull_prune_refused_then_recover_completes_it(
-        domain_factory, image_dir, tmp_path, libvirt_conn, leftovers):
-    domain = domain_factory.make(disks=TWO_DISKS, name="live killed")
-    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+        borg_archive, domain_factory, image_dir, libvirt_conn, leftovers):
+    domain, config = borg_archive
     leftovers.append(config)
-    backup(domain, config)
     copy = domain_factory.domain_name("live killed copy")
 
     proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
@@ -206,11 +224,9 @@ def test_kvm_borg_killed_mid_pull_prune_refused_then_recover_completes_it(
 
 
 def test_mount_killed_mid_pull_recover_exposes_again_and_finishes(
-        domain_factory, image_dir, tmp_path, libvirt_conn, leftovers):
-    domain = domain_factory.make(disks=TWO_DISKS, name="live mount killed")
-    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+        borg_archive, domain_factory, image_dir, libvirt_conn, leftovers):
+    domain, config = borg_archive
     leftovers.append(config)
-    backup(domain, config)
     copy = domain_factory.domain_name("live mount killed copy")
 
     proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
