@@ -5,7 +5,7 @@ copy or a domain not defined here, never over local images) and refuse before an
 (kvm_borg.restore_refusals, kvm_borg.live_restore_plan.check_live_disk) → journal entry (source
 "live-restore") → expose the archive read-only to QEMU (kvm_borg.pipeline.archive_mount: the
 backend's mount, a `files` segment view for segmented disks, in a directory only root and QEMU's
-group may enter) → write NVRAM, TPM state and the XML file like a restore → create each disk's
+user may enter) → write NVRAM, TPM state and the XML file like a restore → create each disk's
 local qcow2 image, backed by the exposed archived image → define and start the domain, its disks'
 read and write errors pausing the guest → pull every disk's data into its local image, one after the other (libvirt
 blockPull, kvm_borg.engine.live_pull) → the disks have no backing file: withdraw the exposure and
@@ -80,7 +80,7 @@ class LiveRestoreResult:
 
 @dataclass(frozen=True)
 class ExposurePaths:
-    """Where one live restore exposes its archive: `directory` (root and QEMU's group only) holds the
+    """Where one live restore exposes its archive: `directory` (root and QEMU's user only) holds the
     backend's mount (`archive`) and the segment view (`images`); `record` is its MountRecord, `work` the
     view's spec directory."""
 
@@ -164,7 +164,7 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
                         overlay=d.image.destination) for d in live_plan.disks],
             extra={"repository": repo["name"], "archive": archive, "original": plan.original_name, "record": paths.record,
                    "directory": paths.directory, "created": live_plan.destinations(),
-                   "qemu_gid": qemu[1] if qemu else None})
+                   "qemu_uid": qemu[0] if qemu else None})
         journal.write_entry(settings.journal_dir, entry)
         dom = None
         try:
@@ -220,14 +220,14 @@ class _Written:
 def expose(backend: RepositoryBackend, repository: str, archive: str, plan, paths: ExposurePaths,
            qemu: tuple[int, int] | None) -> dict[str, str]:
     """Given a backend, the archive, the plan and where to expose it, mount the archive (and a segment view of
-    its segmented disks) readable by QEMU's group only; return {target: the archived image's path}. On a
+    its segmented disks) readable by QEMU's user only; return {target: the archived image's path}. On a
     failure what was mounted is torn down again."""
     os.makedirs(os.path.dirname(paths.directory), mode=0o711, exist_ok=True)
     os.chmod(os.path.dirname(paths.directory), 0o711)
     os.mkdir(paths.directory, 0o700)
-    if qemu is not None:
-        os.chown(paths.directory, 0, qemu[1])
-        os.chmod(paths.directory, 0o750)
+    if qemu is not None:  # QEMU's user only (root passes anyway): not its group, which may hold people
+        os.chown(paths.directory, qemu[0], 0)
+        os.chmod(paths.directory, 0o500)
     os.makedirs(paths.work, mode=0o700, exist_ok=True)
     record = MountRecord.create(Path(paths.record), paths.directory, paths.work)
     record.add(kind="dir", path=paths.directory)
