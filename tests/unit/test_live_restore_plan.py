@@ -136,3 +136,28 @@ def test_prune_refuses_a_repository_an_unfinished_live_restore_reads(tmp_path):
     assert prune_repository(settings, {"name": "offsite"}, _NoPruneBackend(), [], dry_run=False)["error"] is None
     journal.remove_entry(settings.journal_dir, entry.uuid)
     assert prune_repository(settings, {"name": "local"}, _NoPruneBackend(), [], dry_run=False)["error"] is None
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(disks=["vda"]), "no --disk or --to"),
+    (dict(disks=["vda"], to="/tmp/x"), "no --disk or --to"),
+    (dict(overwrite=True), "no --overwrite"),
+])
+def test_a_live_restore_refuses_the_options_it_does_not_take(options, message):
+    from kvm_borg.pipeline.live_restore import check_live_options
+    from kvm_borg.pipeline.restore import RestoreOptions
+
+    with pytest.raises(UsageError, match=message):
+        check_live_options(RestoreOptions(domain="web", **options))
+    check_live_options(RestoreOptions(domain="web", name="web-copy", target_dir="/srv/r"))
+
+
+def test_the_exposure_lives_under_state_dir_live_by_uuid():
+    from pathlib import Path
+
+    from kvm_borg.pipeline.live_restore import exposure_paths
+
+    paths = exposure_paths(Path("/var/lib/kvm-borg"), "8f2d1c3e-0000-4000-8000-000000000001")
+    assert paths.directory == "/var/lib/kvm-borg/live/8f2d1c3e-0000-4000-8000-000000000001"
+    assert paths.record == paths.directory + ".json" and paths.work == paths.directory + ".work"
+    assert paths.archive == paths.directory + "/archive" and paths.images == paths.directory + "/images"
