@@ -16,6 +16,7 @@ import libvirt
 import pytest
 
 from harness import DiskSpec, DomainFactory, make_dir, run_cli, start_cli, wait_for
+from guest.fixtures import guest_artifacts, guest_factory  # noqa: F401 (fixtures)
 from harness.bitmap import bitmap_settings, short_scratch_dir
 from kvm_borg import mountinfo
 from kvm_borg.live_restore_plan import targets_with_backing
@@ -260,4 +261,43 @@ def test_mount_killed_mid_pull_recover_exposes_again_and_finishes(
     dom = libvirt_conn.lookupByName(copy)
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     assert_flat_and_equal(domain, dom, disks, libvirt_conn)
+    assert_nothing_left(config)
+
+
+def test_real_guest_answers_before_the_pull_ends_pauses_on_a_dead_mount_and_recover_resumes_it(
+        guest_factory, domain_factory, image_dir, tmp_path, libvirt_conn, leftovers):  # noqa: F811
+    from guest import build
+
+    # The data disk vda (ext4, a writing workload), raw: all of it is pulled, 64 s at 1 MiB/s.
+    guest = guest_factory(fmt="raw", size_mib=64)
+    build.wait_for_agent(guest.dom, timeout=120)
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    leftovers.append(config)
+    backup(guest, config)
+    guest.dom.destroy()  # the copy shares its kernel and console file
+    copy = domain_factory.domain_name("live guest copy")
+
+    proc = start_cli("restore", guest.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
+                     "--pull-bandwidth", "1", config=config, env=cli_env())
+    dom = wait_running_from_archive(libvirt_conn, copy, proc)
+    print(f"agent of the copy answered after {build.wait_for_agent(dom, timeout=120):.1f}s")
+    assert proc.poll() is None and targets_with_backing(dom.XMLDesc(0)) == {"vda"}  # before the pull ended
+    [entry] = journal_entries(config)
+    record = json.loads(Path(entry["extra"]["record"]).read_text())
+    [mount_pid] = [s["pid"] for s in record["steps"] if s["kind"] == "archive"]
+    os.kill(mount_pid, signal.SIGKILL)
+    # The workload's next write into a cluster not pulled yet reads the dead archive: the guest pauses.
+    wait_for(lambda: dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR],
+             "the guest paused on the read error", timeout=60)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+
+    recovered = run_cli("recover", copy, "--json", config=config, env=cli_env())
+    assert recovered.returncode == 0, recovered.stderr
+    [outcome] = json.loads(recovered.stdout)
+    assert any("resumed" in a for a in outcome["actions"]), outcome
+    dom = libvirt_conn.lookupByName(copy)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    build.wait_for_agent(dom, timeout=60)
+    assert targets_with_backing(dom.XMLDesc(0)) == set()
     assert_nothing_left(config)
