@@ -197,6 +197,11 @@ def add_restore(subparsers) -> None:
                                                      "(with --overwrite), or - for stdout")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace existing files and an existing shut-off domain")
+    parser.add_argument("--live", action="store_true",
+                        help="define and start the domain at once on local images backed by the archive, then pull "
+                             "the data in; returns when the pull is done")
+    parser.add_argument("--pull-bandwidth", metavar="MIB", type=int, default=0,
+                        help="with --live: pull each disk at most MIB MiB/s (default: unlimited)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run="kvm_borg.actions.restore:run_from_args")
 

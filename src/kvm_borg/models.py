@@ -296,8 +296,9 @@ class RepositoryBackend(Protocol):
         and everything below it, as stored and authenticated by the backend, to `write` in order."""
         ...
 
-    def mount(self, archive: str, mountpoint: str) -> str:
-        """Mount an archive read-only at `mountpoint` (in the background); return the directory of its root."""
+    def mount(self, archive: str, mountpoint: str, *, shared: bool = False) -> str:
+        """Mount an archive read-only at `mountpoint` (in the background; `shared`: every file readable by other
+        users, such as QEMU's, the caller closing the parent directory to the rest); return the directory of its root."""
         ...
 
     def unmount(self, mountpoint: str) -> None:
@@ -370,7 +371,7 @@ class BackendBase:
         """Raise UsageError: this backend cannot read a stored directory as a tar stream (segmented disks)."""
         raise self._cannot("read segmented disks (a stored directory as a tar stream)")
 
-    def mount(self, archive: str, mountpoint: str) -> str:
+    def mount(self, archive: str, mountpoint: str, *, shared: bool = False) -> str:
         """Raise UsageError: this backend cannot mount archives."""
         raise self._cannot("mount archives")
 

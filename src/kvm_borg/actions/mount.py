@@ -41,19 +41,17 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import signal
 import stat
-import time
 from pathlib import Path
 
-from kvm_borg import archive_meta, mountinfo, restore_plan, signals
+from kvm_borg import archive_meta, restore_plan, signals
 from kvm_borg.pipeline.backup import prepare_state_dir
 from kvm_borg.actions.common import Context, open_repository, print_json
-from kvm_borg.atomic import write_atomic
 from kvm_borg.errors import KvmBorgError, RefusedError, UsageError
 from kvm_borg.pipeline import archive as archive_reading
-from kvm_borg.tools import first_line, run_tool, tool_output
+from kvm_borg.pipeline import archive_mount
+from kvm_borg.pipeline.archive_mount import SAFE_FLAGS, MountRecord, qcow2_header_problem  # noqa: F401 (tests)
+from kvm_borg.tools import run_tool, tool_output
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +60,8 @@ IMAGES_DIR = "images"  # the segment view of the segmented disks
 SECTOR = 512
 # File systems mounted; anything else (swap, LVM, LUKS, an extended partition) is listed as skipped.
 MOUNTABLE = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "vfat", "exfat", "ntfs", "ntfs3", "iso9660"})
-# Flags of every mount kvm-borg makes (file systems and the archive's FUSE mount).
-SAFE_FLAGS = ("ro", "nosuid", "nodev", "noexec")
 # Image formats mount opens: both are opened with every child node named, nothing from the header.
 MOUNT_FORMATS = frozenset({"raw", "qcow2"})
-QCOW2_MAGIC = b"QFI\xfb"
-QCOW2_EXTERNAL_DATA_FILE = 1 << 2  # incompatible feature bit 2
-PROCESS_EXIT_SECONDS = 10.0
 
 
 # --- pure helpers ------------------------------------------------------------------------------
@@ -97,22 +90,6 @@ def check_mount_format(fmt: str, what: str) -> str:
         raise UsageError(f"{what} is a {fmt} image: kvm-borg mount opens only "
                          f"{' and '.join(sorted(MOUNT_FORMATS))} images (use kvm-borg restore)")
     return fmt
-
-
-def qcow2_header_problem(header: bytes) -> str | None:
-    """Given the first 80 bytes of an image read as qcow2, return why it must not be opened, or None.
-
-    Refused: not a qcow2 header at all, and version 3 headers with the external data file bit
-    (the data file's path comes from the image and would be opened on the host)."""
-    if len(header) < 72 or header[:4] != QCOW2_MAGIC:
-        return "is not a qcow2 image"
-    version = int.from_bytes(header[4:8], "big")
-    if version >= 3:
-        if len(header) < 80:
-            return "has a truncated qcow2 header"
-        if int.from_bytes(header[72:80], "big") & QCOW2_EXTERNAL_DATA_FILE:
-            return "asks for an external data file (refused: its path comes from the image)"
-    return None
 
 
 def check_mount_point(mountpoint: str, *, uid: int, exists: bool, mode: int = 0, owner: int = 0,
@@ -154,158 +131,6 @@ def state_file(state_dir: Path, mountpoint: str) -> Path:
     """Given the state dir and a mount point, return the file that records what is mounted there."""
     digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
     return state_dir / "mounts" / f"{digest}.json"
-
-
-# --- running tools -----------------------------------------------------------------------------
-
-
-def mounted_paths() -> set[str]:
-    """Return every mount point of this mount namespace (escapes decoded, see kvm_borg.mountinfo)."""
-    return mountinfo.mount_points()
-
-
-def _pid_alive(pid: int, needle: str) -> bool:
-    """Given a pid and a string its command line must contain, return whether that process still runs."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return False
-    return needle in cmdline
-
-
-def _find_process(needle: str, program: str) -> int | None:
-    """Return the pid of a process whose command line mentions `program` and contains `needle`."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _pid_alive(int(entry.name), needle) and _pid_alive(int(entry.name), program):
-            return int(entry.name)
-    return None
-
-
-def _stop_process(pid: int, needle: str) -> None:
-    """SIGTERM a process of ours (identified by `needle` in its command line), SIGKILL if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not _pid_alive(pid, needle):
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + PROCESS_EXIT_SECONDS
-        while time.monotonic() < deadline and _pid_alive(pid, needle):
-            time.sleep(0.1)
-    if _pid_alive(pid, needle):
-        raise KvmBorgError(f"process {pid} does not exit")
-
-
-def _umount(path: str, *, lazy_fallback: bool = False) -> None:
-    if path not in mounted_paths():
-        return
-    proc = run_tool(["umount", path], what=f"unmount {path}", ok_codes=None)
-    if proc.returncode != 0 and lazy_fallback:
-        proc = run_tool(["umount", "-l", path], what=f"unmount {path}", ok_codes=None)
-    if proc.returncode != 0 and path in mounted_paths():
-        raise KvmBorgError(f"cannot unmount {path}: {first_line(proc.stderr) or 'umount failed'}")
-
-
-def _loop_backing(device: str) -> str | None:
-    try:
-        return Path(f"/sys/block/{os.path.basename(device)}/loop/backing_file").read_text().strip()
-    except OSError:
-        return None
-
-
-# --- the record of what is mounted ------------------------------------------------------------
-
-
-class MountRecord:
-    """The state file of one mount point: every step appended and saved before the next starts."""
-
-    def __init__(self, path: Path, data: dict):
-        self.path = path
-        self.data = data
-
-    @classmethod
-    def create(cls, path: Path, mountpoint: str, workdir: str) -> "MountRecord":
-        record = cls(path, {"mountpoint": mountpoint, "workdir": workdir, "steps": [], "complete": False})
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        record.save()
-        return record
-
-    @classmethod
-    def load(cls, path: Path) -> "MountRecord | None":
-        try:
-            return cls(path, json.loads(path.read_text()))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            raise KvmBorgError(f"mount state file {path} is unreadable") from None
-
-    def add(self, **step) -> None:
-        self.data["steps"].append(step)
-        self.save()
-
-    def save(self) -> None:
-        write_atomic(self.path, json.dumps(self.data, indent=2, ensure_ascii=False).encode("utf-8"), 0o600)
-
-
-def teardown(ctx: Context, record: MountRecord) -> list[str]:
-    """Given a MountRecord, undo its steps in reverse order; return the problems left (empty: all gone)."""
-    problems = []
-    for step in reversed(record.data["steps"]):
-        try:
-            _undo(ctx, step)
-        except KvmBorgError as exc:
-            problems.append(str(exc))
-    if not problems:
-        shutil.rmtree(record.data["workdir"], ignore_errors=True)
-        record.path.unlink(missing_ok=True)
-    else:
-        record.data["steps"] = [s for s in record.data["steps"] if not s.get("undone")]
-        record.save()
-    return problems
-
-
-def _undo(ctx: Context, step: dict) -> None:
-    kind = step["kind"]
-    if kind == "fs":
-        _umount(step["path"])
-        _rmdir(step["path"])
-    elif kind == "loop":
-        if _loop_backing(step["device"]) == step["file"]:
-            tool_output(["losetup", "-d", step["device"]], what=f"detach {step['device']}")
-    elif kind == "qsd":
-        pid = step.get("pid")
-        if pid:
-            _stop_process(pid, step["export"])
-        _umount(step["export"], lazy_fallback=True)  # left behind if the daemon died
-    elif kind == "archive":
-        if step["path"] in mounted_paths():
-            try:
-                _repo, backend = open_repository(ctx, step["repository"])
-                backend.unmount(step["path"])
-            except KvmBorgError as exc:
-                log.warning("%s; unmounting lazily", exc)
-        _umount(step["path"], lazy_fallback=True)
-        if step.get("pid"):
-            _stop_process(step["pid"], step["path"])
-        _rmdir(step["path"])
-    elif kind == "view":
-        from kvm_borg.segment_view import control as view_control  # only where an archive has segmented disks
-
-        view_control.stop_leftover(step["path"], step.get("pid"))
-        _rmdir(step["path"])
-    elif kind == "dir":
-        _rmdir(step["path"])
-    step["undone"] = True
-
-
-def _rmdir(path: str) -> None:
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise KvmBorgError(f"cannot remove {path}: {exc.strerror}") from None
 
 
 # --- mount -------------------------------------------------------------------------------------
@@ -350,20 +175,16 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
         if st is None:  # created here, so removed by umount
             os.mkdir(mountpoint, 0o700)
             record.add(kind="dir", path=mountpoint)
-        archive_dir = os.path.join(mountpoint, ARCHIVE_DIR)
-        os.mkdir(archive_dir, 0o700)
-        record.add(kind="archive", path=archive_dir, repository=repository["name"], pid=None)
-        root = backend.mount(archive, archive_dir)
-        record.data["steps"][-1]["pid"] = _find_process(archive_dir, " mount ")
-        record.save()
-        _restrict_mount(archive_dir)
-        flat = _segment_view(record, mountpoint, workdir, root, [d for d in plan.disks if d.segmented])
+        root = archive_mount.mount_archive(record, backend, repository["name"], archive,
+                                           os.path.join(mountpoint, ARCHIVE_DIR))
+        flat = archive_mount.segment_view(record, os.path.join(mountpoint, IMAGES_DIR), workdir, root,
+                                          [d for d in plan.disks if d.segmented])
         for disk in plan.disks:
             if disk.segmented:
                 image, fmt, backing = flat[disk.target], "raw", []
             else:
-                image, fmt = _archive_image(root, disk.image.archive_path, disk.format, f"disk {disk.target}"), disk.format
-                backing = [(_archive_image(root, layer.archive_path, layer_format,
+                image, fmt = archive_mount.archive_image(root, disk.image.archive_path, disk.format, f"disk {disk.target}"), disk.format
+                backing = [(archive_mount.archive_image(root, layer.archive_path, layer_format,
                                            f"backing file {layer.archive_path} of disk {disk.target}"), layer_format)
                            for layer, layer_format in disk.backing]
             result["images"][disk.target] = image
@@ -381,67 +202,6 @@ def run_mount(ctx: Context, domain: str, mountpoint: str, *, archive: str | None
             log.error("cleanup after the failed mount: %s (run `kvm-borg umount %s`)", problem, mountpoint)
         raise
     return result
-
-
-def _restrict_mount(path: str) -> None:
-    """Given the archive's FUSE mount point, make it read-only, nosuid, nodev, noexec (a bind remount:
-    only the mount's flags change, whatever options the backend's FUSE process used)."""
-    tool_output(["mount", "-o", "remount,bind," + ",".join(SAFE_FLAGS), path], what=f"restrict the mount at {path}")
-    entry = mountinfo.entry_at(path)
-    if entry is None or not set(SAFE_FLAGS) <= entry.options:
-        raise KvmBorgError(f"the archive mount at {path} is not {','.join(SAFE_FLAGS)} after the remount")
-
-
-def _archive_image(root: str, archive_path: str, fmt: str, what: str) -> str:
-    """Given the archive's root in its FUSE mount, a validated archive path and format, return the host path of
-    that image if it is a regular file inside the archive (no symlink anywhere) whose header may be opened;
-    otherwise a KvmBorgError."""
-    path = os.path.join(root, archive_path)
-    try:
-        st = os.lstat(path)
-    except OSError:
-        raise KvmBorgError(f"{what}: {archive_path} is not in the mounted archive") from None
-    if not stat.S_ISREG(st.st_mode) or os.path.realpath(path) != os.path.normpath(path):
-        raise KvmBorgError(f"{what}: {archive_path} is not a regular file in the archive (refused)")
-    if fmt == "qcow2":
-        with open(path, "rb") as handle:
-            problem = qcow2_header_problem(handle.read(80))
-        if problem:
-            raise KvmBorgError(f"{what}: {archive_path} {problem}")
-    return path
-
-
-def _segment_view(record: MountRecord, mountpoint: str, workdir: str, root: str, disks: list) -> dict[str, str]:
-    """Given the archive's root in its FUSE mount and its segmented RestoreDisks, serve them as flat read-only
-    images at MOUNTPOINT/images/<target>.raw (one `files` segment view for all of them); return {target: image}.
-    Each segment directory must be a real directory inside the archive (no symlink on the way); the view
-    itself checks every segment file before it mounts (KvmBorgError naming the first that does not fit)."""
-    if not disks:
-        return {}
-    from kvm_borg.segment_view import control as view_control  # only where an archive has segmented disks
-    from kvm_borg.segment_view.spec import FilesDisk, ViewSpec
-
-    files = []
-    for disk in disks:
-        directory = os.path.join(root, disk.image.archive_path)
-        try:
-            st = os.lstat(directory)
-        except OSError:
-            raise KvmBorgError(f"disk {disk.target}: {disk.image.archive_path} is not in the mounted archive") from None
-        if not stat.S_ISDIR(st.st_mode) or os.path.realpath(directory) != os.path.normpath(directory):
-            raise KvmBorgError(f"disk {disk.target}: {disk.image.archive_path} is not a directory in the archive "
-                               "(refused)")
-        files.append(FilesDisk(disk.target, directory, disk.virtual_size, disk.segment_size))
-    images_dir = os.path.join(mountpoint, IMAGES_DIR)
-    os.mkdir(images_dir, 0o700)
-    record.add(kind="view", path=images_dir, pid=None)
-    view_dir = os.path.join(workdir, "view")
-    os.makedirs(view_dir, mode=0o700, exist_ok=True)
-    process = view_control.start_view(ViewSpec("files", images_dir, tuple(files)), os.path.join(view_dir, "spec.json"),
-                                      outlive_parent=True)
-    record.data["steps"][-1]["pid"] = process.pid
-    record.save()
-    return {disk.target: os.path.join(images_dir, f"{disk.target}.raw") for disk in disks}
 
 
 def _export_disk(record: MountRecord, workdir: str, target: str, image: str, fmt: str,
@@ -500,6 +260,11 @@ def _mount_filesystems(record: MountRecord, mountpoint: str, target: str, export
         record.data["steps"][-1] = {"kind": "fs", "path": path}
         record.save()
         yield name, path, fs_type, None
+
+
+def teardown(ctx: Context, record: MountRecord) -> list[str]:
+    """Given a MountRecord, undo its steps in reverse order; return the problems left (empty: all gone)."""
+    return archive_mount.teardown(record, lambda repository, path: open_repository(ctx, repository)[1].unmount(path))
 
 
 def run_umount(ctx: Context, mountpoint: str) -> list[str]:

@@ -9,4 +9,5 @@ DEFAULT_PLUGINS = (
     "kvm_borg.backends.borg.schema",
     "kvm_borg.backends.restic.schema",
     "kvm_borg.default_plugins.freeze_exposure",
+    "kvm_borg.default_plugins.live_restore",
 )

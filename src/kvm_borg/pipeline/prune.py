@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from kvm_borg import retention, run_record, run_state
+from kvm_borg import journal, live_restore_plan, retention, run_record, run_state
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.models import PruneResult, RunSummary
 
@@ -20,6 +20,14 @@ def prune_repository(settings, repo: dict, backend, domains: list[str] | None, d
     archives in it), prune each domain with its policy and compact once; return
     {repository, results (PruneResults), error, compacted}."""
     outcome = {"repository": repo["name"], "results": [], "error": None, "compacted": False}
+    readers = live_restore_plan.readers_of(journal.list_entries(settings.journal_dir), repo["name"])
+    if readers and not dry_run:  # its archive is being read: prune and compact wait until the pull is done
+        reader = readers[0]
+        outcome["error"] = (f"refused: the live restore of domain '{reader.domain}' reads archive "
+                            f"{reader.extra.get('archive')} from this repository until its pull is done "
+                            f"(an interrupted one: 'kvm-borg recover {reader.domain}')")
+        log.error("repository %s: %s", repo["name"], outcome["error"])
+        return outcome
     try:
         if domains is None:
             domains = sorted({a.domain for a in backend.list_archives(None)})

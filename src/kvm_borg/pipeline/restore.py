@@ -163,7 +163,7 @@ def _run_restore(settings, conn, repo: dict, backend: RepositoryBackend, options
                                      archive_types=entries)
     xml_text = archived_xml = None
     if plan.xml_path:
-        archived_xml, xml_text = _restored_xml(backend, archive, meta, entries, plan, options)
+        archived_xml, xml_text = restored_xml(backend, archive, meta, entries, plan, options)
     define = options.define or options.start
     if plan.in_place or options.overwrite:
         uuids = [plan.original_uuid] + [d.uuid for d in [lifecycle.facts(conn, plan.original_name)] if d is not None]
@@ -181,7 +181,7 @@ def _run_restore(settings, conn, repo: dict, backend: RepositoryBackend, options
                            meta=meta, archived_xml=archived_xml)
     result.warnings[:0] = chosen.warnings
     result.warnings += sanitize_warnings
-    _write_files(backend, archive, plan, xml_text, result)
+    write_files(backend, archive, plan, xml_text, result)
     if define:
         _define_and_start(conn, plan, xml_text, options, result)
     result.warnings += _network_warnings(conn, meta, xml_text)
@@ -189,7 +189,7 @@ def _run_restore(settings, conn, repo: dict, backend: RepositoryBackend, options
     return result
 
 
-def _write_files(backend: RepositoryBackend, archive: str, plan: RestorePlan, xml_text: str | None, result: RestoreResult) -> None:
+def write_files(backend: RepositoryBackend, archive: str, plan: RestorePlan, xml_text: str | None, result: RestoreResult) -> None:
     """Write every file of the plan into `result`; on any failure remove the files this restore created."""
     created: list[str] = []
 
@@ -278,7 +278,7 @@ def _undefine_quietly(conn, name: str) -> str:
     return "it is not left defined; "
 
 
-def _restored_xml(backend: RepositoryBackend, archive: str, meta: dict, entries: dict[str, str], plan: RestorePlan,
+def restored_xml(backend: RepositoryBackend, archive: str, meta: dict, entries: dict[str, str], plan: RestorePlan,
                   options: RestoreOptions) -> tuple[str, str]:
     """Given the plan, return (the archived persistent XML, that XML rewritten for the restored domain)."""
     xml_archive_path, archived_xml = archive_reading.read_domain_xml(backend, archive, meta, entries)

@@ -232,12 +232,14 @@ def make_compact_command(
 
 
 def make_mount_command(
-    binary: str, repo: str, archive: str, mountpoint: str, *, lock_wait: int | None = None
+    binary: str, repo: str, archive: str, mountpoint: str, *, lock_wait: int | None = None, shared: bool = False
 ) -> tuple[str, ...]:
     """Given an archive and an empty directory, return the `borg mount -o ro` argv (borg's FUSE process
-    goes into the background once the archive is mounted)."""
-    return (binary, "mount") + _common_flags(lock_wait) + ("-o", "ro", archive_location(repo, archive),
-                                                                     mountpoint)
+    goes into the background once the archive is mounted). `shared`: other users (QEMU's) may read every
+    file (allow_other, ignore_permissions); the caller keeps the mount point's parent closed to others."""
+    options = "ro,allow_other,ignore_permissions" if shared else "ro"
+    return (binary, "mount") + _common_flags(lock_wait) + ("-o", options, archive_location(repo, archive),
+                                                                       mountpoint)
 
 
 def make_umount_command(binary: str, mountpoint: str) -> tuple[str, ...]:

@@ -306,11 +306,11 @@ class BorgRepository(BackendBase):
         if any("never matched" in w for w in log.warnings):
             raise BorgError(f"repository {self.name!r}: {archive_path} is not in {archive}")
 
-    def mount(self, archive: str, mountpoint: str) -> str:
+    def mount(self, archive: str, mountpoint: str, *, shared: bool = False) -> str:
         """Given an archive and an empty directory, mount the archive there read-only (FUSE, in the
-        background); return the directory that holds the archive's root."""
+        background; `shared`: readable by other users too); return the directory that holds the archive's root."""
         result, log = self._run(commands.make_mount_command(self.binary, self.location, archive, mountpoint,
-                                                            lock_wait=self.lock_wait), fuse=True)
+                                                            lock_wait=self.lock_wait, shared=shared), fuse=True)
         if failed(result.returncode):
             raise self._error("mount", log, result)
         return mountpoint

@@ -193,9 +193,13 @@ def make_dump_command(binary: str, snapshot_id: str, path: str, *, options: Sequ
     return (binary, "dump") + global_flags(options) + ("--", snapshot_id, path)
 
 
-def make_mount_command(binary: str, mountpoint: str, *, options: Sequence[str] = ()) -> tuple[str, ...]:
-    """Given an empty directory, return the `restic mount` argv (runs in the foreground until unmounted)."""
-    return (binary, "mount") + global_flags(options) + ("--", mountpoint)
+def make_mount_command(binary: str, mountpoint: str, *, options: Sequence[str] = (),
+                       shared: bool = False) -> tuple[str, ...]:
+    """Given an empty directory, return the `restic mount` argv (runs in the foreground until unmounted).
+    `shared`: other users (QEMU's) may read every file (--allow-other --no-default-permissions); the caller
+    keeps the mount point's parent closed to others."""
+    share = ("--allow-other", "--no-default-permissions") if shared else ()
+    return (binary, "mount") + global_flags(options) + share + ("--", mountpoint)
 
 
 def make_restore_command(

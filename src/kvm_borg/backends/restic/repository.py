@@ -279,16 +279,17 @@ class ResticRepository:
         `write`, in order: restic 0.14's `dump` of a directory is a tar, so this is `stream_file` of it."""
         self.stream_file(archive, archive_path, write)
 
-    def mount(self, archive: str, mountpoint: str) -> str:
+    def mount(self, archive: str, mountpoint: str, *, shared: bool = False) -> str:
         """Given an archive and an empty directory, serve the repository there read-only with `restic mount`
-        (a FUSE process left running in the background); return the directory of the archive's main snapshot.
+        (a FUSE process left running in the background; `shared`: readable by other users too); return the
+        directory of the archive's main snapshot.
 
         The password reaches restic through the environment only. Device parts (block-device disks
         streamed at backup) are separate snapshots: they appear under `ids/` beside the main one."""
         parts = self._archive(archive)
         snapshot_dir = os.path.join(mountpoint, "ids", parts.main["id"][:8])
         log_path = os.path.join(os.path.dirname(mountpoint), f".{os.path.basename(mountpoint)}.restic-mount.log")
-        argv = rc.make_mount_command(self.binary, mountpoint, options=self.options)
+        argv = rc.make_mount_command(self.binary, mountpoint, options=self.options, shared=shared)
         with open(log_path, "wb") as log_file:
             try:
                 process = start_detached(argv, env=self._environment(), output=log_file)

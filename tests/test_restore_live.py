@@ -1,0 +1,306 @@
+"""`kvm-borg restore --live` against real libvirtd + QEMU + borg/restic + FUSE: the README's live restore
+promises, one test each. The pulls are throttled (--pull-bandwidth) so the copy is seen running from the
+archive before the pull ends; disks are a few MiB so each test takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from harness import DiskSpec, DomainFactory, make_dir, run_cli, start_cli, wait_for
+from guest.fixtures import guest_artifacts, guest_factory  # noqa: F401 (fixtures)
+from harness.bitmap import bitmap_settings, short_scratch_dir
+from kvm_borg import mountinfo
+from kvm_borg.live_restore_plan import targets_with_backing
+from support import cli_env, write_config, write_passphrase
+
+TWO_DISKS = [DiskSpec("vda", "qcow2", 8), DiskSpec("vdb", "raw", 8)]
+
+
+def backup(domain, config) -> str:
+    proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["domains"][0]["stores"][0]["archive"]
+
+
+def state_dir(config: Path) -> Path:
+    return config.parent / "state"
+
+
+def live_mounts(config: Path) -> list[str]:
+    """Every mount point below the config's state_dir/live (the exposure of an archive)."""
+    root = str(state_dir(config) / "live")
+    return sorted(p for p in mountinfo.mount_points() if p == root or p.startswith(root + "/"))
+
+
+def processes_naming(path: str) -> list[int]:
+    """The pids of processes whose command line names `path` (borg/restic mount, a segment view); QEMU's own
+    command line keeps naming the backing files it was started with, so it is left out."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                if path.encode() in cmdline and b"qemu-system" not in cmdline.split(b"\0")[0]:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def journal_entries(config: Path) -> list[dict]:
+    directory = state_dir(config) / "journal"
+    return [json.loads(p.read_text()) for p in directory.glob("*.json")] if directory.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def borg_archive(libvirt_conn, run_dir, run_id):
+    """One running 2-disk domain backed up once into a borg repository, shared by the borg tests:
+    (its TestDomain, the config)."""
+    directory = make_dir(run_dir / "live-restore-borg")
+    factory = DomainFactory(libvirt_conn, directory, run_id, label="live-borg")
+    try:
+        domain = factory.make(disks=TWO_DISKS, name="live borg")
+        config = write_config(directory / "kb", repo_path=directory / "repo")
+        backup(domain, config)
+        yield domain, config
+    finally:
+        for path in reversed(live_mounts(directory / "kb" / "config.yaml")):
+            subprocess.run(["umount", "-l", path], capture_output=True)
+        errors = factory.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
+        assert not errors, errors
+
+
+@pytest.fixture
+def leftovers(request):
+    """Registers configs whose live exposures are lazily unmounted after the test, whatever happened."""
+    configs: list[Path] = []
+    yield configs
+    for config in configs:
+        for path in reversed(live_mounts(config)):
+            subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def wait_running_from_archive(libvirt_conn, name: str, proc) -> libvirt.virDomain:
+    """Wait until the live-restored domain runs; return it."""
+    def running():
+        try:
+            return libvirt_conn.lookupByName(name).isActive()
+        except libvirt.libvirtError:
+            return False
+    wait_for(running, f"domain {name} running", timeout=60, proc=proc)
+    return libvirt_conn.lookupByName(name)
+
+
+def assert_flat_and_equal(domain, copy_dom, result_disks: dict[str, str], libvirt_conn):
+    """The copy's disks hold the archived content, have no backing file (image header, live and persistent
+    XML) and are the local images the result names."""
+    for target, path in result_disks.items():
+        info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", path], capture_output=True,
+                                         text=True, check=True).stdout)
+        assert info["format"] == "qcow2" and "backing-filename" not in info, info
+        assert domain.verify_fill(target, path, "qcow2"), f"{target}: {path} differs from the archived content"
+    assert targets_with_backing(copy_dom.XMLDesc(0)) == set()
+    assert targets_with_backing(copy_dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == set()
+
+
+def assert_nothing_left(config: Path):
+    assert live_mounts(config) == []
+    live = str(state_dir(config) / "live")
+    # borg's mount process exits by itself once unmounted (it closes the repository first): allow it a moment.
+    deadline = time.monotonic() + 10
+    while processes_naming(live) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = processes_naming(live)
+    commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:300] for pid in left
+                if Path(f"/proc/{pid}").exists()}
+    assert not commands, commands
+    assert journal_entries(config) == []
+    assert not any((state_dir(config) / "live").iterdir())
+
+
+def test_live_restore_runs_the_copy_before_the_pull_ends_and_leaves_plain_local_images(
+        borg_archive, domain_factory, image_dir, libvirt_conn, leftovers):
+    domain, config = borg_archive
+    leftovers.append(config)
+    copy = domain_factory.domain_name("live borg copy")
+    target_dir = image_dir / "copy"
+
+    proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", target_dir,
+                     "--pull-bandwidth", "4", "--json", config=config, env=cli_env())
+    dom = wait_running_from_archive(libvirt_conn, copy, proc)
+    # Running while the data still comes from the archive: backing files in the live XML, the exposure mounted.
+    assert proc.poll() is None
+    assert targets_with_backing(dom.XMLDesc(0)) == {"vda", "vdb"}
+    assert live_mounts(config)
+    assert [e["source"] for e in journal_entries(config)] == ["live-restore"]
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert f"{copy}: running after" in err
+    result = json.loads(out)
+    print(f"live restore: running after {result['running_after_seconds']}s, pulled after {result['seconds']}s")
+    assert result["archive"].startswith(domain.name + "-") and result["domain"] == copy
+    assert 0 < result["running_after_seconds"] < result["seconds"]
+    assert result["seconds"] - result["running_after_seconds"] > 2  # 2 disks of 8 MiB, one after the other, at 4 MiB/s
+    assert set(result["disks"]) == {"vda", "vdb"}
+    assert all(os.path.dirname(p) == str(target_dir) for p in result["disks"].values())
+    assert dom.isActive() and dom.UUIDString() != domain.dom.UUIDString()
+    assert_flat_and_equal(domain, dom, result["disks"], libvirt_conn)
+    assert_nothing_left(config)
+    # A refused live restore changes nothing: the name is taken now.
+    before = sorted(target_dir.iterdir())
+    again = run_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "other",
+                    config=config, env=cli_env())
+    assert again.returncode == 2 and f"domain {copy!r} exists" in again.stderr
+    assert not (image_dir / "other").exists() and sorted(target_dir.iterdir()) == before
+    assert_nothing_left(config)
+
+
+def test_live_restore_from_restic(domain_factory, image_dir, tmp_path, libvirt_conn, leftovers):
+    domain = domain_factory.make(disks=TWO_DISKS, name="live restic")
+    repo = {"name": "restic", "type": "restic", "url": str(tmp_path / "restic-repo"),
+            "passphrase_file": str(write_passphrase(tmp_path / "restic.pass"))}
+    config = write_config(image_dir / "kb", [repo])
+    leftovers.append(config)
+    backup(domain, config)
+    copy = domain_factory.domain_name("live restic copy")
+
+    proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
+                     "--pull-bandwidth", "4", "--json", config=config, env=cli_env())
+    dom = wait_running_from_archive(libvirt_conn, copy, proc)
+    assert proc.poll() is None and targets_with_backing(dom.XMLDesc(0)) == {"vda", "vdb"}
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    print(f"live restore: running after {result['running_after_seconds']}s, pulled after {result['seconds']}s")
+    assert 0 < result["running_after_seconds"] < result["seconds"]
+    assert_flat_and_equal(domain, dom, result["disks"], libvirt_conn)
+    assert_nothing_left(config)
+
+
+def test_live_restore_of_a_segmented_archive(domain_factory, image_dir, run_dir, tmp_path, libvirt_conn, leftovers):
+    domain = domain_factory.make(disks=[DiskSpec("vda", "qcow2", 8), DiskSpec("vdb", "qcow2", 4)], name="live seg")
+    scratch = domain_factory.track_path(short_scratch_dir(run_dir))
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo", **bitmap_settings(scratch_dir=str(scratch)))
+    leftovers.append(config)
+    proc = run_cli("backup", domain.name, "--json", config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["domains"][0]["method"] == "bitmap"
+    copy = domain_factory.domain_name("live seg copy")
+
+    proc = run_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy", "--json",
+                   config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert_flat_and_equal(domain, libvirt_conn.lookupByName(copy), result["disks"], libvirt_conn)
+    assert_nothing_left(config)
+
+
+def test_kvm_borg_killed_mid_pull_prune_refused_then_recover_completes_it(
+        borg_archive, domain_factory, image_dir, libvirt_conn, leftovers):
+    domain, config = borg_archive
+    leftovers.append(config)
+    copy = domain_factory.domain_name("live killed copy")
+
+    proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
+                     "--pull-bandwidth", "1", config=config, env=cli_env())
+    dom = wait_running_from_archive(libvirt_conn, copy, proc)
+    wait_for(lambda: journal_entries(config) and journal_entries(config)[0]["stage"] == "pulling", "the pull",
+             timeout=30, proc=proc)
+    disks = {d["target"]: d["overlay"] for d in journal_entries(config)[0]["disks"]}
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert dom.isActive() and targets_with_backing(dom.XMLDesc(0))
+    # The archive in use is protected: prune refuses while the live restore is unfinished.
+    pruned = run_cli("prune", config=config, env=cli_env())
+    assert pruned.returncode == 2 and "live restore of domain" in pruned.stderr + pruned.stdout
+
+    recovered = run_cli("recover", "--all", "--json", config=config, env=cli_env())
+    assert recovered.returncode == 0, recovered.stderr
+    [outcome] = json.loads(recovered.stdout)
+    assert outcome["domain"] == copy and outcome["ok"]
+    assert_flat_and_equal(domain, dom, disks, libvirt_conn)
+    assert_nothing_left(config)
+    assert run_cli("prune", config=config, env=cli_env()).returncode == 0
+
+
+def test_mount_killed_mid_pull_recover_exposes_again_and_finishes(
+        borg_archive, domain_factory, image_dir, libvirt_conn, leftovers):
+    domain, config = borg_archive
+    leftovers.append(config)
+    copy = domain_factory.domain_name("live mount killed copy")
+
+    proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
+                     "--pull-bandwidth", "1", config=config, env=cli_env())
+    dom = wait_running_from_archive(libvirt_conn, copy, proc)
+    wait_for(lambda: journal_entries(config) and journal_entries(config)[0]["stage"] == "pulling", "the pull",
+             timeout=30, proc=proc)
+    [entry] = journal_entries(config)
+    disks = {d["target"]: d["overlay"] for d in entry["disks"]}
+    record = json.loads(Path(entry["extra"]["record"]).read_text())
+    [mount_pid] = [s["pid"] for s in record["steps"] if s["kind"] == "archive"]
+    assert mount_pid
+    os.kill(mount_pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "kvm-borg recover" in err
+    assert dom.isActive() and targets_with_backing(dom.XMLDesc(0))
+
+    recovered = run_cli("recover", copy, "--json", config=config, env=cli_env())
+    assert recovered.returncode == 0, recovered.stderr
+    [outcome] = json.loads(recovered.stdout)
+    assert outcome["ok"] and any("exposed archive" in a for a in outcome["actions"]), outcome
+    dom = libvirt_conn.lookupByName(copy)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert_flat_and_equal(domain, dom, disks, libvirt_conn)
+    assert_nothing_left(config)
+
+
+def test_real_guest_answers_before_the_pull_ends_pauses_on_a_dead_mount_and_recover_resumes_it(
+        guest_factory, domain_factory, image_dir, tmp_path, libvirt_conn, leftovers):  # noqa: F811
+    from guest import build
+
+    # The data disk vda (ext4, a writing workload), raw: all of it is pulled, 64 s at 1 MiB/s.
+    guest = guest_factory(fmt="raw", size_mib=64)
+    build.wait_for_agent(guest.dom, timeout=120)
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    leftovers.append(config)
+    backup(guest, config)
+    guest.dom.destroy()  # the copy shares its kernel and console file
+    copy = domain_factory.domain_name("live guest copy")
+
+    proc = start_cli("restore", guest.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
+                     "--pull-bandwidth", "1", config=config, env=cli_env())
+    dom = wait_running_from_archive(libvirt_conn, copy, proc)
+    print(f"agent of the copy answered after {build.wait_for_agent(dom, timeout=120):.1f}s")
+    assert proc.poll() is None and targets_with_backing(dom.XMLDesc(0)) == {"vda"}  # before the pull ended
+    [entry] = journal_entries(config)
+    record = json.loads(Path(entry["extra"]["record"]).read_text())
+    [mount_pid] = [s["pid"] for s in record["steps"] if s["kind"] == "archive"]
+    os.kill(mount_pid, signal.SIGKILL)
+    # The guest reads the disk's last MiB, not pulled yet (the pull goes from the start at 1 MiB/s): that read
+    # goes to the dead archive, and the guest pauses instead of seeing an error.
+    build.agent_command(dom, "guest-exec", {"path": "/bin/sh", "arg": [
+        "-c", "dd if=/dev/vda of=/dev/null bs=65536 skip=1008 count=16"]})
+    wait_for(lambda: dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR],
+             "the guest paused on the read error", timeout=30)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+
+    recovered = run_cli("recover", copy, "--json", config=config, env=cli_env())
+    assert recovered.returncode == 0, recovered.stderr
+    [outcome] = json.loads(recovered.stdout)
+    assert any("resumed" in a for a in outcome["actions"]), outcome
+    dom = libvirt_conn.lookupByName(copy)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    build.wait_for_agent(dom, timeout=60)
+    assert targets_with_backing(dom.XMLDesc(0)) == set()
+    assert_nothing_left(config)
