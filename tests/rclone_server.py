@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness.sshd import stop_process
+
 RCLONE = shutil.which("rclone")
 _SERVING = re.compile(r"Serving restic REST API on http://127\.0\.0\.1:(\d+)/")
 
@@ -59,10 +61,5 @@ class RcloneRestServer:
 
     def stop(self) -> None:
         """End the server (SIGTERM, SIGKILL after 10 s) and wait for it."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)

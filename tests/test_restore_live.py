@@ -205,17 +205,24 @@ def test_live_restore_of_a_segmented_archive(domain_factory, image_dir, run_dir,
     assert_nothing_left(config)
 
 
+def start_slow_live_restore(domain, copy: str, image_dir: Path, config: Path, libvirt_conn):
+    """Start `restore --live` of `domain` as `copy` pulling at 1 MiB/s; wait until the copy runs and the
+    journal says it pulls; return (the kvm-borg process, the copy's domain)."""
+    proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
+                     "--pull-bandwidth", "1", config=config, env=cli_env())
+    dom = wait_running_from_archive(libvirt_conn, copy, proc)
+    wait_for(lambda: journal_entries(config) and journal_entries(config)[0]["stage"] == "pulling", "the pull",
+             timeout=30, proc=proc)
+    return proc, dom
+
+
 def test_kvm_borg_killed_mid_pull_prune_refused_then_recover_completes_it(
         borg_archive, domain_factory, image_dir, libvirt_conn, leftovers):
     domain, config = borg_archive
     leftovers.append(config)
     copy = domain_factory.domain_name("live killed copy")
 
-    proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
-                     "--pull-bandwidth", "1", config=config, env=cli_env())
-    dom = wait_running_from_archive(libvirt_conn, copy, proc)
-    wait_for(lambda: journal_entries(config) and journal_entries(config)[0]["stage"] == "pulling", "the pull",
-             timeout=30, proc=proc)
+    proc, dom = start_slow_live_restore(domain, copy, image_dir, config, libvirt_conn)
     disks = {d["target"]: d["overlay"] for d in journal_entries(config)[0]["disks"]}
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
@@ -239,11 +246,7 @@ def test_mount_killed_mid_pull_recover_exposes_again_and_finishes(
     leftovers.append(config)
     copy = domain_factory.domain_name("live mount killed copy")
 
-    proc = start_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy",
-                     "--pull-bandwidth", "1", config=config, env=cli_env())
-    dom = wait_running_from_archive(libvirt_conn, copy, proc)
-    wait_for(lambda: journal_entries(config) and journal_entries(config)[0]["stage"] == "pulling", "the pull",
-             timeout=30, proc=proc)
+    proc, dom = start_slow_live_restore(domain, copy, image_dir, config, libvirt_conn)
     [entry] = journal_entries(config)
     disks = {d["target"]: d["overlay"] for d in entry["disks"]}
     record = json.loads(Path(entry["extra"]["record"]).read_text())

@@ -65,6 +65,17 @@ def generate_key(path: Path, comment: str = "kbtest") -> Path:
     return path
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
+    """Given a server's Popen, end it (SIGTERM, SIGKILL after `timeout` s) and wait for it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:
@@ -132,13 +143,7 @@ class SshServer:
             return ""
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 SSHD_CONFIG = """\
