@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvm_borg.engine.qemu_nbd import stop as stop_process  # SIGTERM, SIGKILL if it lingers, reaped
+
 from .runs import TEST_ROOT, make_dir
 
 SSHD_BIN = Path("/usr/sbin/sshd")
@@ -63,17 +65,6 @@ def generate_key(path: Path, comment: str = "kbtest") -> Path:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
                    check=True, capture_output=True, stdin=subprocess.DEVNULL)
     return path
-
-
-def stop_process(process: subprocess.Popen, timeout: float = 10) -> None:
-    """Given a server's Popen, end it (SIGTERM, SIGKILL after `timeout` s) and wait for it."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def free_port() -> int:
