@@ -11,7 +11,7 @@ METHODS = ("auto", "snapshot", "bitmap")
 # qcow2 "compat" 0.10 (version 2) cannot hold persistent bitmaps; 1.1 (version 3) can.
 QCOW2_WITHOUT_BITMAPS = "0.10"
 #: What the bitmap method needs in kvm-borg's own Python, and where it comes from.
-BITMAP_MODULES = {"nbd": "python3-libnbd, linked into kvm-borg's venv by scripts/setup.sh",
+BITMAP_MODULES = {"nbd": "install python3-libnbd and run scripts/setup.sh, with a Python 3.11 venv",
                   "pyfuse3": "pip install pyfuse3 (borgbackup[pyfuse3])"}
 
 

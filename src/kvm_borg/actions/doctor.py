@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from kvm_borg import __version__, journal
+from kvm_borg import __version__, journal, method_choice
 from kvm_borg.actions.common import Context, backend_for
 from kvm_borg.backends.borg import defaults as borg_defaults
 from kvm_borg.engine import lifecycle
@@ -103,11 +103,10 @@ def bitmap_method_check(settings, problems: list[str]) -> tuple[str, str, str]:
 
 def bitmap_method_problems(ctx: Context) -> list[str]:
     """Given a Context, return what keeps the bitmap method from running on this host (empty: nothing)."""
-    problems = [import_problem("nbd", "install python3-libnbd and run scripts/setup.sh, with a Python 3.11 venv"),
-                import_problem("pyfuse3", "pip install pyfuse3 (borgbackup[pyfuse3])")]
+    problems = [import_problem(module, source) for module, source in method_choice.BITMAP_MODULES.items()]
     try:
         problems.append(backup_api_problem(ctx.connection.conn))
-    except KvmBorgError as exc:
+    except KvmBorgError as exc:  # no connection at all (libvirtd down)
         problems.append(f"libvirt: {exc}")
     return [problem for problem in problems if problem]
 

@@ -17,7 +17,7 @@ from kvm_borg.engine.domain_xml import choose_disks, is_overlay_path, overlay_pa
 from kvm_borg.engine.images import qcow2_compat
 from kvm_borg.engine.libvirt_errors import translating
 from kvm_borg.engine.versions import backup_api_problem
-from kvm_borg.errors import KvmBorgError, RefusedError
+from kvm_borg.errors import RefusedError
 from kvm_borg.models import DomainPlan
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,7 @@ def bitmap_problem(connection: Connection) -> str | None:
     """Given a connection, return why the bitmap method cannot run on this host (a module missing in
     kvm-borg's Python, libvirt without backup jobs), or None when it can; asked once per URI."""
     if connection.uri not in _BITMAP_PROBLEMS:
-        problems = method_choice.missing_bitmap_modules()
-        try:
-            problems.append(backup_api_problem(connection.conn))
-        except KvmBorgError as exc:
-            problems.append(f"libvirt: {exc}")
+        problems = [*method_choice.missing_bitmap_modules(), backup_api_problem(connection.conn)]
         _BITMAP_PROBLEMS[connection.uri] = "; ".join(p for p in problems if p) or None
     return _BITMAP_PROBLEMS[connection.uri]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import libvirt
 
 from kvm_borg.engine.libvirt_errors import translated
+from kvm_borg.errors import KvmBorgError
 
 
 def dotted_version(number: int) -> str:
@@ -30,11 +31,15 @@ BACKUP_MIN_LIBVIRTD = 7_006_000
 
 def backup_api_problem(conn) -> str | None:
     """Given a connection, return why libvirt cannot run the bitmap method's backup jobs (the binding lacks
-    virDomainBackupBegin, or libvirtd predates 7.6.0), or None when it can."""
+    virDomainBackupBegin, libvirtd predates 7.6.0, or libvirt did not answer: "libvirt: ..."), or None
+    when it can."""
     if not hasattr(libvirt.virDomain, "backupBegin"):
         return f"libvirt-python {binding_version()} has no virDomainBackupBegin"
-    with translated():
-        number = conn.getLibVersion()
+    try:
+        with translated():
+            number = conn.getLibVersion()
+    except KvmBorgError as exc:
+        return f"libvirt: {exc}"
     if number < BACKUP_MIN_LIBVIRTD:
         return f"libvirtd {dotted_version(number)} predates 7.6.0 (incremental backup not enabled)"
     return None
