@@ -324,11 +324,6 @@ def set_child_priority(priority: ChildPriority) -> None:
     _child_priority = priority
 
 
-def child_priority() -> ChildPriority:
-    """Return the ChildPriority children get now (see set_child_priority)."""
-    return _child_priority
-
-
 def with_child_priority(argv: Sequence[str], priority: ChildPriority | None = None) -> tuple[str, ...]:
     """Given a command (and a ChildPriority; None: the one set_child_priority set), return it prefixed with
     `nice`/`ionice` so the child and everything it starts run at that CPU and I/O priority (see
