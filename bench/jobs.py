@@ -61,20 +61,35 @@ def write_config(bench: v.Bench, directory: Path, names: list[str]) -> Path:
     return config
 
 
-def timed_run(bench: v.Bench, config: Path, jobs: int) -> float:
-    """Given a Bench, a config and `jobs`, run `kvm-borg backup --all --jobs N`; return its wall time
-    (RuntimeError if a domain failed)."""
+def cpu_jiffies() -> tuple[int, int]:
+    """Return the host's (busy, total) CPU jiffies from /proc/stat's first line (busy: all but idle and iowait)."""
+    with open("/proc/stat") as handle:
+        fields = [int(x) for x in handle.readline().split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return total - fields[3] - fields[4], total
+
+
+def busy_fraction(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Given two cpu_jiffies() readings, return the share of the host's CPU time that was busy between them."""
+    return (after[0] - before[0]) / max(1, after[1] - before[1])
+
+
+def timed_run(bench: v.Bench, config: Path, jobs: int) -> tuple[float, float]:
+    """Given a Bench, a config and `jobs`, run `kvm-borg backup --all --jobs N`; return (its wall time, the
+    share of the host's CPU that was busy meanwhile) (RuntimeError if a domain failed)."""
+    cpu_before = cpu_jiffies()
     started = time.perf_counter()
     proc = subprocess.run([KVM_BORG, "--config", str(config), "-q", "backup", "--all", "--jobs", str(jobs), "--json"],
                           env=bench.env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     seconds = time.perf_counter() - started
+    busy = busy_fraction(cpu_before, cpu_jiffies())
     try:
         domains = json.loads(proc.stdout)["domains"]
     except (ValueError, KeyError):
         raise RuntimeError(f"kvm-borg backup exited {proc.returncode}: {proc.stderr[-2000:]}") from None
     if proc.returncode != 0 or not all(d["ok"] for d in domains):
         raise RuntimeError(f"kvm-borg backup exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return seconds
+    return seconds, busy
 
 
 def measure(conn: libvirt.virConnect, workdir: Path, rounds: int, disk_mib: int) -> dict:
@@ -92,10 +107,11 @@ def measure(conn: libvirt.virConnect, workdir: Path, rounds: int, disk_mib: int)
             seconds = {}
             for jobs in order:
                 config = write_config(bench, workdir / f"round{round_}-jobs{jobs}", names)
-                seconds[f"jobs{jobs}"] = timed_run(bench, config, jobs)
+                seconds[f"jobs{jobs}"], seconds[f"busy{jobs}"] = timed_run(bench, config, jobs)
             results.append(seconds)
             print(f"round {round_ + 1}: jobs 1 {seconds['jobs1']:.2f} s, jobs 2 {seconds['jobs2']:.2f} s, "
-                  f"ratio {seconds['jobs2'] / seconds['jobs1']:.3f}", file=sys.stderr)
+                  f"ratio {seconds['jobs2'] / seconds['jobs1']:.3f}, host CPU busy {seconds['busy1']:.0%} / "
+                  f"{seconds['busy2']:.0%}", file=sys.stderr)
     finally:
         for name in names:
             remove_domain(conn, name)
@@ -105,9 +121,10 @@ def measure(conn: libvirt.virConnect, workdir: Path, rounds: int, disk_mib: int)
 def render(figures: dict, command: str, machine: str) -> str:
     """Given measure()'s figures, the command and the machine's description, return the Markdown report."""
     ratios = [r["jobs2"] / r["jobs1"] for r in figures["rounds"]]
-    rows = ["| round | --jobs 1 (s) | --jobs 2 (s) | ratio |", "|---:|---:|---:|---:|"]
-    rows += [f"| {n + 1} | {r['jobs1']:.2f} | {r['jobs2']:.2f} | {r['jobs2'] / r['jobs1']:.3f} |"
-             for n, r in enumerate(figures["rounds"])]
+    rows = ["| round | --jobs 1 (s) | --jobs 2 (s) | ratio | host CPU busy, --jobs 1 | host CPU busy, --jobs 2 |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    rows += [f"| {n + 1} | {r['jobs1']:.2f} | {r['jobs2']:.2f} | {r['jobs2'] / r['jobs1']:.3f} | "
+             f"{r['busy1']:.0%} | {r['busy2']:.0%} |" for n, r in enumerate(figures["rounds"])]
     ratio = median(ratios)
     return f"""# Parallel domains: `--jobs 2` vs `--jobs 1`
 
@@ -117,6 +134,8 @@ Machine: {machine}; 1-minute load average {figures['load'][0]:.1f} at the start,
 
 {DOMAINS} running domains, one raw disk of {figures['disk_mib']} MiB random data each, `backup --all` into a restic and
 two borg repositories (fresh for every run), `--jobs 1` and `--jobs 2` alternating which goes first.
+"Host CPU busy" is the share of all cores' time that was not idle during the run (/proc/stat): near 100 %,
+the stores already use every core and a second domain at once can only contend.
 
 {chr(10).join(rows)}
 
