@@ -99,4 +99,12 @@ def test_an_unreachable_webhook_does_not_fail_the_backup(domain_factory, image_d
                           webhook={"url": "http://127.0.0.1:9/nothing-listens-here", "timeout": "2s"})
     proc = run_cli("backup", domain.name, config=config, env=cli_env())
     assert proc.returncode == 0, proc.stderr
-    assert "webhook http://127.0.0.1:9/nothing-listens-here failed" in proc.stderr
+    assert "webhook http://127.0.0.1:9/… failed" in proc.stderr
+    assert "nothing-listens-here" not in proc.stderr  # a webhook's path is its secret: never logged
+
+
+def test_log_lines_show_only_the_endpoints_scheme_host_and_port():
+    assert webhook.endpoint_label("https://hc-ping.com/5d3f-uuid") == "https://hc-ping.com/…"
+    assert webhook.endpoint_label("https://user:pw@hooks.example.org:8443/T0/B1/sekrit?x=1") == (
+        "https://hooks.example.org:8443/…")
+    assert webhook.endpoint_label("http://[::1]:9/x") == "http://[::1]:9/…"

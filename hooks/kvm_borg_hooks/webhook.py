@@ -23,10 +23,12 @@ import logging
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from kvm_borg.config_schema import HTTP_URL, POSITIVE_DURATION, any_of_keys, key, mapping, named_mapping, optional
 from kvm_borg.hookspecs import hookimpl
+from kvm_borg.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,16 @@ def payload(summary, host: str) -> dict:
             **summary.as_dict()}
 
 
+def endpoint_label(url: str) -> str:
+    """Given an endpoint URL, return what a log line may show of it: scheme, host and port. The path and
+    query of a webhook (a healthchecks UUID, a chat service's token) are its secret, as is any userinfo."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}/…"
+
+
 def post(url: str, body: bytes | None, webhook: dict) -> None:
     """POST `body` (JSON) to `url` with the configured headers and timeout; retried once; errors are logged."""
     headers = {"Content-Type": "application/json", "User-Agent": "kvm-borg-webhook", **webhook.get("headers", {})}
@@ -86,7 +98,8 @@ def post(url: str, body: bytes | None, webhook: dict) -> None:
             return
         except (urllib.error.URLError, OSError, ValueError) as exc:
             if attempt == ATTEMPTS:
-                log.warning("webhook %s failed: %s", url, getattr(exc, "reason", None) or exc)
+                reason = str(getattr(exc, "reason", None) or exc).replace(url, endpoint_label(url))
+                log.warning("webhook %s failed: %s", endpoint_label(url), reason)
             else:
                 time.sleep(1)
 
@@ -110,7 +123,7 @@ def kvm_borg_backup_finished(summary, settings):
     if not webhook:
         return
     document = payload(summary, getattr(settings, "hostname", None) or socket.gethostname())
-    body = json.dumps(document, default=str).encode()
+    body = redact_text(json.dumps(document, default=str)).encode()  # no repository password leaves the host
     urls = endpoints(webhook)
     if urls["url"]:
         post(urls["url"], body, webhook)

@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print("kvm-borg: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a libvirt error or a bug: one line, exit 2; the traceback on request
-        if args.debug or args.verbose:
-            traceback.print_exc(file=sys.stderr)
+        if args.debug or args.verbose:  # a traceback quotes messages and locals' reprs: redacted like a log line
+            print(redact_text(traceback.format_exc()), end="", file=sys.stderr)
         print(redact_text(error_line(exc)), file=sys.stderr)
         return 2
     finally:

@@ -96,3 +96,14 @@ def test_the_kvm_borg_process_exits_with_mains_code_and_its_one_line():
     proc = subprocess.run([sys.executable, "-c", code, "config", "generate"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("# kvm-borg configuration")
+
+
+def test_the_debug_traceback_is_redacted_like_every_other_line(monkeypatch, capsys):
+    def failing_run(_args):
+        raise RuntimeError("cannot open rest:https://fleet:s3cret@backup.example.org/repo")
+
+    monkeypatch.setattr(cli, "_run", failing_run)
+    assert cli.main(["--debug", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "fleet:***@backup.example.org" in err
+    assert "s3cret" not in err
