@@ -17,6 +17,9 @@ writable by group or others, and what it holds names the same text digest; anyth
 foreign or truncated file, any OSError) means "not cached" and the text is parsed again. Entries are
 0600 in a 0700 directory: no more readable than the config they came from, which may hold secrets
 (a password in a repository URL).
+
+Each directory keeps at most KEEP entries: whenever a new one is written, the oldest beyond KEEP go (an
+entry pruned while its config is still in use only costs that config one full parse and validation).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ VALIDATED_DIR = Path("/run/kvm-borg/config-validated")
 PARSED_DIR = Path("/run/kvm-borg/config-parsed")
 # The first line of a parsed-document entry: what it is and for which kvm-borg version.
 _PARSED_FORMAT = "kvm-borg parsed config 1"
+KEEP = 32  # entries per directory: a host runs a handful of configs, each edit makes a new entry
 
 
 def _canonical(value: Any) -> Any:
@@ -67,6 +71,26 @@ def _private(path: Path, create: bool) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & 0o077
 
 
+def oldest_beyond(entries: list[tuple[float, str]], keep: int) -> list[str]:
+    """Given (mtime, name) of a directory's entries and how many to keep, return the names to remove:
+    all but the `keep` newest."""
+    return [name for _mtime, name in sorted(entries, reverse=True)[keep:]]
+
+
+def prune(directory: Path, keep: int | None = None) -> None:
+    """Remove the oldest entries of a cache directory of ours beyond `keep` (default KEEP; regular files
+    only; best effort: a failure is logged at debug)."""
+    keep = KEEP if keep is None else keep
+    try:
+        with os.scandir(directory) as listing:
+            entries = [(entry.stat(follow_symlinks=False).st_mtime, entry.name) for entry in listing
+                       if entry.is_file(follow_symlinks=False) and not entry.name.startswith(".")]
+        for name in oldest_beyond(entries, keep):
+            os.unlink(directory / name)
+    except OSError as exc:
+        log.debug("cannot prune %s: %s", directory, exc)
+
+
 def is_validated(name: str, directory: Path = VALIDATED_DIR) -> bool:
     """Given a digest, return whether a validation with that digest succeeded before."""
     try:
@@ -82,6 +106,7 @@ def remember(name: str, directory: Path = VALIDATED_DIR) -> None:
         if not (_private(directory.parent, True) and _private(directory, True)):
             return
         os.close(os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        prune(directory)
     except FileExistsError:
         pass
     except OSError as exc:
@@ -161,6 +186,7 @@ def remember_document(text: str, document: Any, directory: Path = PARSED_DIR) ->
         finally:
             os.close(fd)
         os.replace(temp, directory / name)  # tmpfs, cleared at boot: no fsync needed
+        prune(directory)
     except OSError as exc:
         log.debug("cannot remember the parsed config in %s: %s", directory, exc)
         try:

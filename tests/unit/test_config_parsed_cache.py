@@ -155,3 +155,28 @@ def test_a_cached_document_is_validated_like_a_parsed_one(cache, monkeypatch):
     no_parser(monkeypatch)
     with pytest.raises(ConfigError, match=r"^repositories\[0\].path: required$"):
         config.validate(config.parse_config_text(bad, "c.yaml", cache))
+
+
+def test_the_oldest_entries_beyond_keep_are_removed_when_a_new_one_is_written(cache, monkeypatch):
+    monkeypatch.setattr(config_cache, "KEEP", 3)
+    texts = [TEXT + f"# edit {n}\n" for n in range(5)]
+    for n, text in enumerate(texts):
+        config_cache.remember_document(text, {"n": n}, cache)
+        os.utime(entry_path(cache, text), (1000 + n, 1000 + n))  # a clear order, whatever the clock's resolution
+    config_cache.remember_document(TEXT, {"n": "new"}, cache)
+    kept = sorted(path.name for path in cache.iterdir())
+    assert kept == sorted([config_cache.text_digest(TEXT), config_cache.text_digest(texts[4]),
+                           config_cache.text_digest(texts[3])])
+    assert config_cache.parsed_document(texts[4], cache) == (True, {"n": 4})
+    assert config_cache.parsed_document(texts[0], cache) == (False, None)  # pruned: parsed again next time
+
+
+def test_validation_markers_are_pruned_the_same_way(tmp_path):
+    (tmp_path / "run").mkdir(mode=0o700)
+    directory = tmp_path / "run" / "validated"
+    for n in range(6):
+        config_cache.remember(f"{n:064x}", directory)
+        os.utime(directory / f"{n:064x}", (1000 + n, 1000 + n))
+    config_cache.prune(directory, keep=2)
+    assert sorted(p.name for p in directory.iterdir()) == [f"{4:064x}", f"{5:064x}"]
+    assert config_cache.oldest_beyond([(3.0, "c"), (1.0, "a"), (2.0, "b")], 1) == ["b", "a"]
