@@ -119,24 +119,32 @@ class Connection:
             ) from None
         self.uri = uri
         self.block_jobs = BlockJobEvents(self.conn)
+        self._reconnecting = threading.Lock()
 
     def reconnect_if_dead(self) -> bool:
-        """Reopen the connection when libvirtd went away (restart); return True if it did.
+        """Reopen the connection when libvirtd went away (restart); return True if it was reopened, by
+        this call or by another thread's meanwhile (with `jobs > 1` several domains' threads notice the
+        same restart: one reconnects, the others use its connection rather than closing it again).
 
         Raises libvirt.libvirtError while libvirtd is still down (callers retry)."""
+        seen = self.conn
         try:
-            if self.conn.isAlive():
-                self.conn.getLibVersion()  # a cheap round trip: isAlive() can lag behind a closed socket
+            if seen.isAlive():
+                seen.getLibVersion()  # a cheap round trip: isAlive() can lag behind a closed socket
                 return False
         except libvirt.libvirtError:
             pass
-        log.warning("connection to libvirtd at %s lost; reconnecting", self.uri)
-        try:
-            self.conn.close()
-        except libvirt.libvirtError:
-            pass
-        self.conn = libvirt.open(self.uri)
-        self.block_jobs = BlockJobEvents(self.conn)
+        with self._reconnecting:
+            if self.conn is not seen:  # another thread reconnected since we looked
+                return True
+            log.warning("connection to libvirtd at %s lost; reconnecting", self.uri)
+            try:
+                seen.close()
+            except libvirt.libvirtError:
+                pass
+            conn = libvirt.open(self.uri)
+            self.block_jobs = BlockJobEvents(conn)
+            self.conn = conn
         return True
 
     def lookup(self, name: str) -> libvirt.virDomain:
