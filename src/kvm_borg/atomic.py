@@ -10,7 +10,6 @@ does not follow it) and the directory fsync'd, so a crash leaves the old file or
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -24,8 +23,8 @@ def temp_names(path: Path):
     """Given the target path, yield candidate temp paths in its directory: first the predictable
     `.<name>.<pid>.tmp`, then random ones (when a name is taken, by a crash leftover or a plant)."""
     yield path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    while True:
-        yield path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    while True:  # os.urandom(n).hex() is secrets.token_hex(n), without importing secrets (hashlib, random)
+        yield path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
 
 
 def fsync_dir(directory: Path) -> None:
