@@ -123,11 +123,12 @@ def one_round(bench: v.Bench, number: int, names: list[str], disks: dict[str, Pa
 
 
 def measure(conn: libvirt.virConnect, workdir: Path, domains: int, rounds: int, disk_mib: int,
-            uri: str = "qemu:///system") -> dict:
-    """Given a connection, a scratch directory, how many domains, rounds and the disk size, build the domains,
-    run the paired rounds and remove the domains; return {"domains", "disk_mib", "rounds": [one_round],
-    "load": [start, end]}."""
-    names = [f"kbbench-fleet-{os.getpid()}-{n:02d}" for n in range(domains)]
+            uri: str = "qemu:///system", prefix: str | None = None) -> dict:
+    """Given a connection, a scratch directory, how many domains, rounds, the disk size and the domains' name
+    prefix (default kbbench-fleet-PID), build the domains (PREFIX-00, PREFIX-01, ...), run the paired rounds and
+    remove the domains; return {"domains", "disk_mib", "rounds": [one_round], "load": [start, end]}."""
+    prefix = prefix or f"kbbench-fleet-{os.getpid()}"
+    names = [f"{prefix}-{n:02d}" for n in range(domains)]
     load_at_start = os.getloadavg()[0]
     bench = v.Bench(None, workdir, uri=uri)
     disks = {name: workdir / f"dom{n:02d}" / "vda.raw" for n, name in enumerate(names)}
@@ -190,13 +191,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/kvm-borg-bench-fleet"))
     parser.add_argument("--output", type=Path, help="write the report there (and the figures as .json beside it)")
     parser.add_argument("--uri", default="qemu:///system")
+    parser.add_argument("--name", help="the domains' name prefix (default kbbench-fleet-PID)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the goal is missed")
     args = parser.parse_args(argv)
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # "domain not found" while cleaning up is expected
     conn = libvirt.open(args.uri)
     workdir = prepare_workdir(args.workdir)
     try:
-        figures = measure(conn, workdir, args.domains, args.rounds, args.disk_mib, args.uri)
+        figures = measure(conn, workdir, args.domains, args.rounds, args.disk_mib, args.uri, args.name)
         report = render(figures, shlex.join(["python", "-m", "bench", "fleet", *argv]), machine_description(conn))
     finally:
         remove_workdir(workdir)
