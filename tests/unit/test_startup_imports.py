@@ -144,14 +144,15 @@ def test_a_repeat_backup_of_an_unchanged_config_imports_no_yaml_parser_no_valida
     assert {n for n in again if n.startswith(("ruamel", "fastjsonschema", "yaml", "jsonschema"))} == set()
 
 
-# What only restore, verify, mount or the repositories' own tools need, and the standard modules nothing on a
-# backup's path needs (each costs a backup's start-up milliseconds: uuid imports platform, hashlib and
-# secrets load OpenSSL, tempfile and secrets import random).
+# What only restore, verify, mount, the repositories' own tools or a restic repository (the test's is borg)
+# need, and the standard modules nothing on a backup's path needs (each costs a backup's start-up
+# milliseconds: uuid imports platform, hashlib and secrets load OpenSSL, tempfile and secrets import random).
 NOT_ON_THE_BACKUP_PATH = (
     "kvm_borg.restore_plan", "kvm_borg.live_restore_plan", "kvm_borg.archive_meta", "kvm_borg.restore_refusals",
     "kvm_borg.restore_files", "kvm_borg.xml_sanitize", "kvm_borg.mountinfo", "kvm_borg.pipeline.restore",
     "kvm_borg.pipeline.live_restore", "kvm_borg.pipeline.archive", "kvm_borg.pipeline.archive_mount",
-    "kvm_borg.backends.tool_commands", "kvm_borg.engine.live_pull", "libvirt_qemu", "libvirtmod_qemu",
+    "kvm_borg.backends.tool_commands", "kvm_borg.backends.restic.commands", "kvm_borg.engine.live_pull",
+    "libvirt_qemu", "libvirtmod_qemu",
     "uuid", "platform", "secrets", "hashlib", "_hashlib", "tempfile", "random",
 )
 
