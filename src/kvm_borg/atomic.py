@@ -10,7 +10,6 @@ does not follow it) and the directory fsync'd, so a crash leaves the old file or
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -24,8 +23,8 @@ def temp_names(path: Path):
     """Given the target path, yield candidate temp paths in its directory: first the predictable
     `.<name>.<pid>.tmp`, then random ones (when a name is taken, by a crash leftover or a plant)."""
     yield path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    while True:
-        yield path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    while True:  # os.urandom(n).hex() is secrets.token_hex(n), without importing secrets (hashlib, random)
+        yield path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -38,13 +37,15 @@ def fsync_dir(directory: Path) -> None:
 
 
 def replace_streamed(path: str | os.PathLike, fill: Callable[[int], T], mode: int = 0o600,
-                     owner: tuple[int, int] | None = None) -> T:
+                     owner: tuple[int, int] | None = None, *, durable: bool = True) -> T:
     """Given a path, a function that writes the new content into an open fd (and returns anything), the final
     mode and (uid, gid) owner (None: the caller's), replace the file atomically and durably; return what
     `fill` returned.
 
     The temp file beside `path` is created O_EXCL|O_NOFOLLOW and 0600, filled, given its owner and mode,
-    fsync'd and renamed over `path` (the directory fsync'd too); on any error it is removed."""
+    fsync'd and renamed over `path` (the directory fsync'd too); on any error it is removed. With
+    `durable=False` neither fsync is made (still atomic for every reader, but a crash may lose it): for files
+    nothing reads after a crash, such as a backup's staging files."""
     path = Path(path)
     for _attempt, temp in zip(range(_ATTEMPTS), temp_names(path)):
         try:
@@ -60,7 +61,8 @@ def replace_streamed(path: str | os.PathLike, fill: Callable[[int], T], mode: in
             if owner is not None:
                 os.fchown(fd, *owner)
             os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, path)
@@ -70,7 +72,8 @@ def replace_streamed(path: str | os.PathLike, fill: Callable[[int], T], mode: in
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
     return result
 
 
@@ -81,10 +84,10 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> Path:
-    """Given a path, the bytes and the final mode, replace the file atomically and durably (replace_streamed);
-    return the path."""
-    replace_streamed(path, lambda fd: write_all(fd, data), mode)
+def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600, *, durable: bool = True) -> Path:
+    """Given a path, the bytes and the final mode, replace the file atomically and (unless `durable=False`)
+    durably (replace_streamed); return the path."""
+    replace_streamed(path, lambda fd: write_all(fd, data), mode, durable=durable)
     return Path(path)
 
 

@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import os
 import stat
-import uuid as uuid_module
 from pathlib import Path
 
 from kvm_borg.errors import KvmBorgError, LockedError
@@ -19,11 +18,24 @@ from kvm_borg.errors import KvmBorgError, LockedError
 LOCK_DIR = Path("/run/kvm-borg/locks")
 
 
+def canonical_uuid(text: str) -> str:
+    """Given a UUID's text, return it as `str(uuid.UUID(text))` does (lower-case, hyphenated), raising what
+    uuid.UUID raises for anything else; parsed as uuid.UUID parses it, without importing uuid (which
+    imports platform: ~4 ms of every start-up)."""
+    if text is None:
+        raise TypeError("one of the hex, bytes, bytes_le, fields, or int arguments must be given")
+    digits = text.replace("urn:", "").replace("uuid:", "").strip("{}").replace("-", "")
+    if len(digits) != 32:
+        raise ValueError("badly formed hexadecimal UUID string")
+    value = f"{int(digits, 16):032x}"
+    return f"{value[:8]}-{value[8:12]}-{value[12:16]}-{value[16:20]}-{value[20:]}"
+
+
 def lock_name(uuid: str) -> str:
     """Given a domain UUID, return its lock file's name (`<uuid>.lock`); anything that is not a UUID
     is a KvmBorgError (the UUID becomes part of a path)."""
     try:
-        canonical = str(uuid_module.UUID(uuid))
+        canonical = canonical_uuid(uuid)
     except (ValueError, TypeError, AttributeError):
         raise KvmBorgError(f"cannot lock domain: {uuid!r} is not a UUID") from None
     return f"{canonical}.lock"

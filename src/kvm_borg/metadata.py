@@ -183,19 +183,22 @@ def staged_host_state(meta: dict) -> list[str]:
 
 
 def _write_private(path: Path, text: str) -> None:
-    write_atomic(path, text.encode("utf-8"), 0o600)
+    write_atomic(path, text.encode("utf-8"), 0o600, durable=False)
 
 
 def write_staging(staging_dir: Path, meta: dict, persistent_xml: str, live_xml: str | None,
                   host_files: dict[str, bytes] | None = None) -> None:
     """Write meta.json, the domain XMLs and the captured host files ({name in staging: bytes}) into a
-    fresh root-only staging directory."""
+    fresh root-only staging directory.
+
+    Not fsync'd (two fsyncs a file, ~9 ms on a busy disk, per domain): the files are read while the domain is
+    frozen and removed after it; a crash ends the freeze (`kvm-borg recover`), and the next run stages afresh."""
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True, mode=0o700)
     for name, data in (host_files or {}).items():
         path = staging_dir / name
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(path, data, 0o600)
+        write_atomic(path, data, 0o600, durable=False)
     _write_private(staging_dir / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     _write_private(staging_dir / PERSISTENT_XML_NAME, persistent_xml)
     if live_xml is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,6 +359,8 @@ class BackendBase:
     def stream_file(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
         """Given an archive and a stored path, extract the file into a private temporary directory and
         pass its bytes to `write` in order."""
+        import tempfile  # only restores read this way: not imported on every start-up
+
         with tempfile.TemporaryDirectory(prefix="kvm-borg-read-") as workdir:
             path = Path(workdir, "file")
             self.extract_file(archive, archive_path, path)

@@ -94,3 +94,20 @@ def test_state_writers_do_not_follow_planted_temp_symlinks(tmp_path, victim):
     exposure.write_record(_Settings, {"uuid": "u"})
     assert victim.read_text() == "precious\n"
     assert run_state.state_path(state).is_file() and (records / "u.json").is_file()
+
+
+def test_durable_writes_fsync_the_file_and_its_directory_and_staging_writes_neither(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    target = tmp_path / "state.json"
+    atomic.write_atomic(target, b"1", 0o640)
+    assert len(synced) == 2 and synced[1] == str(tmp_path) and target.read_bytes() == b"1"
+    synced.clear()
+    atomic.write_atomic(target, b"2", 0o600, durable=False)  # still atomic: the temp file renamed over it
+    assert synced == [] and target.read_bytes() == b"2" and stat.S_IMODE(os.stat(target).st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    metadata.write_staging(tmp_path / "staging", {"a": 1}, "<domain/>", "<domain id='1'/>", {"nvram/x.fd": b"v"})
+    assert synced == []
+    assert (tmp_path / "staging" / metadata.LIVE_XML_NAME).read_text() == "<domain id='1'/>"
+    assert (tmp_path / "staging" / "nvram" / "x.fd").read_bytes() == b"v"

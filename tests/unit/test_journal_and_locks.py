@@ -9,7 +9,7 @@ import pytest
 
 from kvm_borg import atomic, config, journal
 from kvm_borg.errors import KvmBorgError, LockedError
-from kvm_borg.locks import LOCK_DIR, domain_lock, lock_name
+from kvm_borg.locks import LOCK_DIR, canonical_uuid, domain_lock, lock_name
 
 
 def _entry():
@@ -138,6 +138,24 @@ def test_symlinked_lock_dir_is_refused_and_not_followed(tmp_path):
 def test_a_lock_name_is_only_ever_a_uuid(bad):
     with pytest.raises(KvmBorgError, match="is not a UUID"):
         lock_name(bad)
+
+
+SPELLINGS = ["6A0F4B8E-54D6-4F5B-9C3E-2D1A0B9C8D7E", "{6a0f4b8e54d64f5b9c3e2d1a0b9c8d7e}", "urn:uuid:6a0f4b8e-54d6-4f5b-9c3e-"
+             "2d1a0b9c8d7e", "6a0f4b8e-54d6-4f5b-9c3e-2d1a0b9c8d7", "../../etc/cron.d/x", "", "g" * 32, "0x" + "a" * 30,
+             " " + "a" * 31, "_".join("abcd" * 2 for _ in range(4)), None, 7]
+
+
+@pytest.mark.parametrize("text", SPELLINGS)
+def test_a_lock_names_uuid_is_what_uuid_uuid_makes_of_it_or_refused_alike(text):
+    import uuid
+
+    try:
+        expected = str(uuid.UUID(text))
+    except (ValueError, TypeError, AttributeError) as exc:
+        with pytest.raises(type(exc)):
+            canonical_uuid(text)
+        return
+    assert canonical_uuid(text) == expected and lock_name(text) == expected + ".lock"
 
 
 def _settings(state_dir):

@@ -113,10 +113,11 @@ BITMAP_ONLY = ("kvm_borg.engine.libvirt_bitmap", "kvm_borg.engine.qemu_nbd", "kv
                "nbd", "libnbdmod", "pyfuse3", "trio")
 
 
-def test_a_repeat_backup_of_an_unchanged_config_imports_no_yaml_parser_no_validator_and_no_bitmap_module(tmp_path):
+@pytest.fixture(scope="module")
+def repeat_backup_runs(tmp_path_factory) -> list[tuple[set[str], subprocess.CompletedProcess]]:
     """A snapshot-method backup (up to its failure on a domain that does not exist, after libvirt answered)
-    run a second time on the same config text: the parsed document and its validation come from
-    /run/kvm-borg, so neither ruamel.yaml nor fastjsonschema is imported; the first run imported them."""
+    run twice on the same config text: [(modules imported, process)] of both runs."""
+    tmp_path = tmp_path_factory.mktemp("repeat-backup")
     passphrase = tmp_path / "passphrase"
     passphrase.write_text("not-a-secret\n")
     passphrase.chmod(0o600)
@@ -129,7 +130,39 @@ def test_a_repeat_backup_of_an_unchanged_config_imports_no_yaml_parser_no_valida
     for names, proc in runs:
         assert proc.returncode == 2 and "domain 'kvm-borg-fixedcost-no-such-domain' does not exist" in proc.stderr
         assert {"kvm_borg.config", "kvm_borg.engine.connection", "libvirt"} <= names  # it got to libvirt
+    return runs
+
+
+def test_a_repeat_backup_of_an_unchanged_config_imports_no_yaml_parser_no_validator_and_no_bitmap_module(
+        repeat_backup_runs):
+    """The second run's parsed document and its validation come from /run/kvm-borg, so neither ruamel.yaml
+    nor fastjsonschema is imported; the first run imported them."""
+    for names, _ in repeat_backup_runs:
         assert {n for n in names if n.split(".")[0] in BITMAP_ONLY or n.startswith(BITMAP_ONLY)} == set()
-    first, again = (heavy_among(names) for names, _ in runs)
+    first, again = (heavy_among(names) for names, _ in repeat_backup_runs)
     assert {"ruamel.yaml", "fastjsonschema"} <= first
     assert {n for n in again if n.startswith(("ruamel", "fastjsonschema", "yaml", "jsonschema"))} == set()
+
+
+# What only restore, verify, mount, the repositories' own tools or a restic repository (the test's is borg)
+# need, and the standard modules nothing on a backup's path needs (each costs a backup's start-up
+# milliseconds: uuid imports platform, hashlib and secrets load OpenSSL, tempfile and secrets import random).
+NOT_ON_THE_BACKUP_PATH = (
+    "kvm_borg.restore_plan", "kvm_borg.live_restore_plan", "kvm_borg.archive_meta", "kvm_borg.restore_refusals",
+    "kvm_borg.restore_files", "kvm_borg.xml_sanitize", "kvm_borg.mountinfo", "kvm_borg.pipeline.restore",
+    "kvm_borg.pipeline.live_restore", "kvm_borg.pipeline.archive", "kvm_borg.pipeline.archive_mount",
+    "kvm_borg.backends.tool_commands", "kvm_borg.backends.restic.commands", "kvm_borg.engine.live_pull",
+    "libvirt_qemu", "libvirtmod_qemu",
+    "uuid", "platform", "secrets", "hashlib", "_hashlib", "tempfile", "random",
+)
+
+
+def test_a_backup_imports_no_restore_only_module_and_no_costly_standard_module_it_does_not_use(repeat_backup_runs):
+    for names, _ in repeat_backup_runs:
+        assert names & set(NOT_ON_THE_BACKUP_PATH) == set()
+
+
+def test_the_backup_path_guard_sees_such_a_module_when_one_is_imported():
+    names, proc = imported_modules("-c", "import kvm_borg.cli, kvm_borg.restore_plan, uuid, hashlib")
+    assert proc.returncode == 0, proc.stderr
+    assert {"kvm_borg.restore_plan", "uuid", "platform", "hashlib", "_hashlib"} <= names & set(NOT_ON_THE_BACKUP_PATH)

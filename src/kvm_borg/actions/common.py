@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvm_borg.atomic import create_exclusive
-from kvm_borg.backends.tool_commands import choose_repository
 from kvm_borg.config import Settings, select_repositories
 from kvm_borg.engine import lifecycle
 from kvm_borg.engine.connection import Connection
@@ -92,6 +90,8 @@ def ensure_embedded_default(ctx: Context, repo: dict, backend: RepositoryBackend
     prepare_state_dir(ctx.settings)
     passphrase = Path(repo["passphrase_file"])
     if not os.path.lexists(passphrase):
+        import secrets  # only the first use pays its import (hashlib, random): not every backup's start-up
+
         create_exclusive(passphrase, (secrets.token_urlsafe(32) + "\n").encode(), 0o600)
     if backend.init():
         marker = ctx.settings.state_dir / NOTICE_MARKER
@@ -136,6 +136,8 @@ def open_tool_repository(ctx: Context, name: str | None, kind: str, command: str
     The backend's `command_environment` says what a run gets (a backend that cannot run its tool by
     hand raises a UsageError there, see models.BackendBase); argv is built from the built-in borg
     and restic backends' `binary` (and borg's `lock_wait`, restic's `options`)."""
+    from kvm_borg.backends.tool_commands import choose_repository  # not on a backup's path (start-up time)
+
     repo = choose_repository(ctx.settings.repositories, name, kind, command)
     [(repo, backend)] = open_repositories(ctx, [repo["name"]])
     return repo, backend

@@ -18,9 +18,9 @@ QEMU 7.2 that shape them:
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 import re
-import secrets
 import time
 import xml.etree.ElementTree as ET
 
@@ -42,7 +42,7 @@ def new_checkpoint_name(now: float, suffix: str | None = None) -> str:
     """Given a time (seconds since the epoch) and optionally 8 hex digits, return a fresh checkpoint
     name `kvm-borg.<YYYYmmddTHHMMSSZ>.<8 hex>` (random digits unless given): unique, so a name libvirt
     lost track of is never reused ("Bitmap already exists"), and sorting by name sorts by time."""
-    digits = suffix if suffix is not None else secrets.token_hex(4)
+    digits = suffix if suffix is not None else os.urandom(4).hex()  # secrets.token_hex, without importing secrets
     if not re.fullmatch(r"[0-9a-f]{8}", digits):
         raise ValueError(f"checkpoint suffix must be 8 hex digits, not {digits!r}")
     return f"{CHECKPOINT_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now))}.{digits}"

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 
 import libvirt
-import libvirt_qemu
 
 from kvm_borg.engine.libvirt_errors import translated
 from kvm_borg.errors import EngineError, KvmBorgError
@@ -157,6 +156,8 @@ def check_running(dom) -> None:
 def agent_command(dom, execute: str, arguments: dict | None = None, timeout: float = 5) -> object:
     """Given a running domain, a guest agent command name, its arguments and a timeout in seconds (at least
     1), send it through the guest agent; return the reply's "return" value."""
+    import libvirt_qemu  # only verify asks the guest agent: a backup's start-up does not load libvirtmod_qemu
+
     command = {"execute": execute} if arguments is None else {"execute": execute, "arguments": arguments}
     with translated():
         reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(command), max(1, int(timeout)), 0)

@@ -21,7 +21,6 @@ import stat
 import subprocess
 from pathlib import Path
 
-from kvm_borg import mountinfo
 from kvm_borg.atomic import write_atomic
 from kvm_borg.models import RecoveryReport
 from kvm_borg.errors import KvmBorgError
@@ -82,6 +81,8 @@ def remove_record(settings, uuid: str) -> None:
 
 def mount_points() -> set[str]:
     """Return the mount points of this mount namespace (from /proc/self/mountinfo, escapes decoded)."""
+    from kvm_borg import mountinfo  # imported here: a backup registers the plugin that imports this module
+
     return mountinfo.mount_points()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from kvm_borg import journal, live_restore_plan, retention, run_record, run_state
+from kvm_borg import journal, retention, run_record, run_state
 from kvm_borg.errors import KvmBorgError
 from kvm_borg.models import PruneResult, RunSummary
 
@@ -19,6 +19,9 @@ def prune_repository(settings, repo: dict, backend, domains: list[str] | None, d
     """Given the Settings, one repository, its backend and domain names (None: every domain with kvm-borg
     archives in it), prune each domain with its policy and compact once; return
     {repository, results (PruneResults), error, compacted}."""
+    # Imported here: a backup imports this module, and live_restore_plan imports the restore plan's modules.
+    from kvm_borg import live_restore_plan
+
     outcome = {"repository": repo["name"], "results": [], "error": None, "compacted": False}
     readers = live_restore_plan.readers_of(journal.list_entries(settings.journal_dir), repo["name"])
     if readers and not dry_run:  # its archive is being read: prune and compact wait until the pull is done

@@ -13,7 +13,6 @@ import logging
 import os
 import posixpath
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -261,6 +260,8 @@ class BorgRepository(BackendBase):
         argv = commands.make_extract_command(
             self.binary, self.location, archive, [archive_path], sparse=True, lock_wait=self.lock_wait
         )
+        import tempfile  # only a restore extracts: not imported on a backup's start-up
+
         try:
             workdir = tempfile.mkdtemp(prefix=".kvm-borg-extract-", dir=destination.parent)
         except OSError as exc:

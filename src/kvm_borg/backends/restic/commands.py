@@ -14,8 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-COMPRESSION_MODES = ("auto", "off", "max")
-
 _VERSION = re.compile(r"\brestic (\d+)\.(\d+)\.(\d+)")
 _TIMESTAMP = re.compile(r"^(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z$")
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 from kvm_borg.config_schema import (
     PASSPHRASE_KEYS, PASSPHRASE_NOT_BOTH, SSH_COMMAND, STRING, UPLOAD_RATELIMIT, STRING_LIST, any_of_keys, key, one_of, optional,
 )
-from kvm_borg.backends.restic.commands import COMPRESSION_MODES
 from kvm_borg.hookspecs import hookimpl
+
+# restic's `--compression` values. Kept here, not in .commands: every run builds the schema, and a run with no
+# restic repository then imports nothing else of restic's.
+COMPRESSION_MODES = ("auto", "off", "max")
 
 RESTIC_REPOSITORY = {
     "properties": {
