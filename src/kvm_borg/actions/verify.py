@@ -122,6 +122,8 @@ def _live_drill(ctx: Context, report: VerifyReport, repository: dict, backend, o
     agent = {"channel": False}
 
     def before_start(defined_xml: str, result) -> None:
+        if not defined_xml:
+            raise KvmBorgError(f"the verify copy {options.name} is not defined")
         problems = live_isolation_violations(defined_xml, images=set(result.disks.values()),
                                              backings=result.backings, scratch_dir=options.target_dir)
         if problems:
