@@ -10,6 +10,7 @@ from guest import build
 from guest.fixtures import guest_artifacts, guest_factory  # noqa: F401
 from harness import DiskSpec, run_cli
 from kvm_borg import mountinfo
+from kvm_borg.restore_plan import safe_file_name
 from support import cli_env, write_config
 
 TWO_DISKS = [DiskSpec("vda", "qcow2", 32), DiskSpec("vdb", "raw", 32)]
@@ -23,9 +24,10 @@ def backup(name, config) -> str:
     return result["stores"][0]["archive"]
 
 
-def assert_nothing_left(libvirt_conn, config_dir):
+def assert_nothing_left(libvirt_conn, config_dir, original: str):
+    """No verify copy of `original` (other sessions' drills may run meanwhile), no scratch directory."""
     names = [d.name() for d in libvirt_conn.listAllDomains(0)]
-    assert not [n for n in names if n.startswith("kvm-borg-verify-")]
+    assert not [n for n in names if n.startswith(f"kvm-borg-verify-{safe_file_name(original)[:40]}-")]
     verify_dir = config_dir / "state" / "verify"
     assert not verify_dir.exists() or list(verify_dir.iterdir()) == []
 
@@ -51,7 +53,7 @@ def test_verify_restores_to_scratch_and_checks_every_disk(domain_factory, image_
     assert report["disks"]["vdb"]["check"] == "not applicable to raw"
     assert {d["virtual_size"] for d in report["disks"].values()} == {32 << 20}
     assert report["boot"] is None
-    assert_nothing_left(libvirt_conn, image_dir / "kb")
+    assert_nothing_left(libvirt_conn, image_dir / "kb", domain.name)
 
 
 def test_verify_boot_without_agent_waits_for_the_copy_to_keep_running(domain_factory, image_dir, tmp_path,
@@ -65,7 +67,7 @@ def test_verify_boot_without_agent_waits_for_the_copy_to_keep_running(domain_fac
     assert report["ok"] and report["boot"]["sign_of_life"] == "still running after 3s"
     assert report["rto_seconds"] >= report["restore_seconds"] + 3
     assert domain.is_active()  # the original is untouched
-    assert_nothing_left(libvirt_conn, image_dir / "kb")
+    assert_nothing_left(libvirt_conn, image_dir / "kb", domain.name)
 
 
 @pytest.mark.slow
@@ -82,12 +84,12 @@ def test_verify_boot_of_a_real_guest_reports_rto(guest_factory, image_dir, tmp_p
     assert 0 < report["restore_seconds"] < report["rto_seconds"]
     print(f"verify --boot: restore {report['restore_seconds']:.1f}s, RTO {report['rto_seconds']:.1f}s")
     assert guest.dom.isActive()
-    assert_nothing_left(libvirt_conn, image_dir / "kb")
+    assert_nothing_left(libvirt_conn, image_dir / "kb", guest.name)
     proc = run_cli("verify", guest.name, config=config, env=cli_env())  # the human-readable report
     assert proc.returncode == 0 and "verify ok" in proc.stdout
 
     # The same archive booted live: the drill's RTO is the time to the guest's first sign of life while its
-    # 64 MiB disk still comes from the archive (pulled at 1 MiB/s: not done when the agent answers).
+    # 64 MiB disk still comes from the archive.
     proc = run_cli("verify", guest.name, "--boot", "--live", "--pull-bandwidth", "1", "--json", config=config,
                    env=cli_env())
     assert proc.returncode == 0, proc.stderr
@@ -98,7 +100,9 @@ def test_verify_boot_of_a_real_guest_reports_rto(guest_factory, image_dir, tmp_p
     assert live["boot"]["sign_of_life"] == "guest agent answered guest-ping"
     assert 0 < live["running_after_seconds"] < live["sign_of_life_after_seconds"] == live["rto_seconds"]
     assert live["restore_seconds"] == live["running_after_seconds"]
-    assert live["pull"] == {"done": False, "done_after_seconds": None, "not_pulled": ["vda"]}
+    pull = live["pull"]  # 64 s at 1 MiB/s: still pulling when the agent answers, unless the host is very loaded
+    assert (pull == {"done": False, "done_after_seconds": None, "not_pulled": ["vda"]}
+            or pull["done"] and pull["not_pulled"] == [] and 60 < pull["done_after_seconds"] <= live["rto_seconds"]), pull
     assert guest.dom.isActive()
-    assert_nothing_left(libvirt_conn, image_dir / "kb")
+    assert_nothing_left(libvirt_conn, image_dir / "kb", guest.name)
     assert_no_exposure_left(image_dir / "kb")
