@@ -68,6 +68,20 @@ def test_verify_boot_without_agent_waits_for_the_copy_to_keep_running(domain_fac
     assert report["rto_seconds"] >= report["restore_seconds"] + 3
     assert domain.is_active()  # the original is untouched
     assert_nothing_left(libvirt_conn, image_dir / "kb", domain.name)
+    # Booted live: the same sign of life, while (or after) its disk is pulled in; then all of it is gone.
+    proc = run_cli("verify", domain.name, "--boot", "--live", "--alive-seconds", "3", "--json", config=config,
+                   env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    live = json.loads(proc.stdout)
+    assert live["ok"] and live["live"] and live["boot"]["sign_of_life"] == "still running after 3s", live
+    assert live["sign_of_life_after_seconds"] >= live["running_after_seconds"] + 3
+    assert live["pull"]["done"] == (live["pull"]["not_pulled"] == [])
+    assert live["pull"]["done"] == (live["pull"]["done_after_seconds"] is not None)
+    assert domain.is_active()
+    assert_nothing_left(libvirt_conn, image_dir / "kb", domain.name)
+    assert_no_exposure_left(image_dir / "kb")
+    bad = run_cli("verify", domain.name, "--live", config=config, env=cli_env())
+    assert bad.returncode == 2 and "it needs --boot" in bad.stdout + bad.stderr
 
 
 @pytest.mark.slow
