@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import xml.etree.ElementTree as ET
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import libvirt
 import pytest
 
-from harness import DiskSpec, DomainFactory, make_dir, run_cli, start_cli, wait_for
+from harness import (DiskSpec, DomainFactory, create_image, make_dir, qemu_img_compare, run_cli, start_cli, tmpfs,
+                     wait_for, wait_state)
 from guest.fixtures import guest_artifacts, guest_factory  # noqa: F401 (fixtures)
 from harness.bitmap import bitmap_settings, short_scratch_dir
 from kvm_borg import mountinfo
@@ -125,7 +128,8 @@ def assert_nothing_left(config: Path):
                 if Path(f"/proc/{pid}").exists()}
     assert not commands, commands
     assert journal_entries(config) == []
-    assert not any((state_dir(config) / "live").iterdir())
+    live_dir = state_dir(config) / "live"
+    assert not live_dir.exists() or not any(live_dir.iterdir())
 
 
 def test_live_restore_runs_the_copy_before_the_pull_ends_and_leaves_plain_local_images(
@@ -162,6 +166,25 @@ def test_live_restore_runs_the_copy_before_the_pull_ends_and_leaves_plain_local_
                     config=config, env=cli_env())
     assert again.returncode == 2 and f"domain {copy!r} exists" in again.stderr
     assert not (image_dir / "other").exists() and sorted(target_dir.iterdir()) == before
+    assert_nothing_left(config)
+
+
+def test_a_live_restore_without_room_for_its_pulled_disks_is_refused_and_changes_nothing(
+        borg_archive, domain_factory, image_dir, libvirt_conn):
+    domain, config = borg_archive
+    copy = domain_factory.domain_name("live no room copy")
+    # 2 disks of 8 MiB: the pulled local images need 16 MiB and their qcow2 metadata; 12 MiB are there.
+    with tmpfs(image_dir / "small", "12m") as small:
+        target_dir = small / "copy"
+        proc = run_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", target_dir,
+                       config=config, env=cli_env())
+        assert proc.returncode == 2, proc.stderr
+        [line] = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert f"not enough free space in {target_dir} for a live restore" in line, line
+        needed = 2 * ((8 << 20) + (8 << 20) // 4096 + (1 << 20))
+        assert f"need up to {needed} bytes" in line and "are free" in line
+        assert list(small.iterdir()) == []  # not even the target directory was made
+    assert copy not in [d.name() for d in libvirt_conn.listAllDomains(0)]
     assert_nothing_left(config)
 
 
@@ -306,4 +329,89 @@ def test_real_guest_answers_before_the_pull_ends_pauses_on_a_dead_mount_and_reco
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     build.wait_for_agent(dom, timeout=60)
     assert targets_with_backing(dom.XMLDesc(0)) == set()
+    assert_nothing_left(config)
+
+
+def test_live_restore_of_a_shut_off_copy_is_flattened_offline_by_recover(
+        borg_archive, domain_factory, image_dir, libvirt_conn, leftovers):
+    domain, config = borg_archive
+    leftovers.append(config)
+    copy = domain_factory.domain_name("live offline copy")
+
+    proc, dom = start_slow_live_restore(domain, copy, image_dir, config, libvirt_conn)
+    disks = {d["target"]: d["overlay"] for d in journal_entries(config)[0]["disks"]}
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    dom.destroy()  # the copy is shut off with its pull not done: recover cannot pull, it copies offline
+    assert targets_with_backing(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) == {"vda", "vdb"}
+
+    recovered = run_cli("recover", copy, "--json", config=config, env=cli_env())
+    assert recovered.returncode == 0, recovered.stderr
+    [outcome] = json.loads(recovered.stdout)
+    assert outcome["ok"] and any("shut off: copied the archived data" in a for a in outcome["actions"]), outcome
+    assert not dom.isActive()
+    assert_flat_and_equal(domain, dom, disks, libvirt_conn)
+    assert_nothing_left(config)
+    dom.create()  # it runs without the archive now
+    wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+    dom.destroy()
+
+
+UEFI_TPM_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>
+    <nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'/>
+    <boot dev='hd'/>
+  </os>
+  <features><acpi/></features>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{disk}'/>
+      <target dev='vda' bus='virtio'/></disk>
+    <tpm model='tpm-tis'><backend type='emulator' version='2.0'/></tpm>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def test_live_restore_of_a_uefi_domain_with_a_tpm_brings_its_nvram_and_tpm_state(
+        domain_factory, image_dir, tmp_path, libvirt_conn, leftovers):
+    # TCG, as tests/test_restore.py's UEFI test (OVMF_CODE_4M pauses at once under this host's nested KVM).
+    name = domain_factory.domain_name("live uefi")
+    disk = create_image(make_dir(image_dir / "uefi") / "vda.qcow2", "qcow2", 8, "pattern", 3)
+    os.chmod(disk, 0o644)
+    dom = libvirt_conn.defineXML(UEFI_TPM_XML.format(name=name, disk=disk))
+    domain_factory.track_path(f"/var/lib/libvirt/swtpm/{dom.UUIDString()}")
+    dom.create()  # libvirt makes the NVRAM file from its template, swtpm the TPM state
+    wait_state(dom, libvirt.VIR_DOMAIN_RUNNING)
+    dom.destroy()  # at once: waiting for OVMF to write a variable takes a minute under TCG on a loaded host
+    nvram = Path(ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).findtext("./os/nvram"))
+    archived_vars = nvram.read_bytes()[:-16] + b"kvm-borg-nvram-!"  # not the template's: the archive's own
+    nvram.write_bytes(archived_vars)
+    tpm_state = Path(f"/var/lib/libvirt/swtpm/{dom.UUIDString()}/tpm2/tpm2-00.permall").read_bytes()
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    leftovers.append(config)
+    backup(SimpleNamespace(name=name), config)
+    copy = domain_factory.domain_name("live uefi copy")
+
+    proc = start_cli("restore", name, "--live", "--name", copy, "--target-dir", image_dir / "copy", "--json",
+                     config=config, env=cli_env())
+    copy_dom = wait_running_from_archive(libvirt_conn, copy, proc)
+    domain_factory.track_path(f"/var/lib/libvirt/swtpm/{copy_dom.UUIDString()}")
+    # Read at once: OVMF takes seconds under TCG before it writes a variable or starts the TPM.
+    restored_vars = Path(ET.fromstring(copy_dom.XMLDesc(0)).findtext("./os/nvram")).read_bytes()
+    restored_tpm = Path(f"/var/lib/libvirt/swtpm/{copy_dom.UUIDString()}/tpm2/tpm2-00.permall").read_bytes()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["nvram"] == ET.fromstring(copy_dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)).findtext("./os/nvram")
+    assert result["nvram"].startswith("/var/lib/libvirt/qemu/nvram/") and restored_vars == archived_vars
+    assert result["tpm"] == f"/var/lib/libvirt/swtpm/{copy_dom.UUIDString()}" and restored_tpm == tpm_state
+    assert copy_dom.isActive() and targets_with_backing(copy_dom.XMLDesc(0)) == set()
+    assert qemu_img_compare(disk, result["disks"]["vda"], "qcow2", "qcow2")
     assert_nothing_left(config)

@@ -219,6 +219,11 @@ def add_verify(subparsers) -> None:
     parser.add_argument("--alive-seconds", type=float, default=DEFAULT_ALIVE_SECONDS, metavar="SECONDS",
                         help="without a guest agent: the copy must still run after this long "
                              f"(default {DEFAULT_ALIVE_SECONDS:g})")
+    parser.add_argument("--live", action="store_true",
+                        help="with --boot: boot the copy the way restore --live does (running from the archive "
+                             "while its disks are pulled in); the RTO is the time to its first sign of life")
+    parser.add_argument("--pull-bandwidth", metavar="MIB", type=int, default=0,
+                        help="with --live: pull each disk at most MIB MiB/s (default: unlimited)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run="kvm_borg.actions.verify:run_from_args")
 

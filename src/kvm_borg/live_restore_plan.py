@@ -47,6 +47,42 @@ def overlay_argv(local: str, backing: str, backing_format: str, virtual_size: in
             str(virtual_size)]
 
 
+# A local qcow2 image of 64 KiB clusters holds at most every cluster of the disk, plus 8 bytes of L2 table
+# and 2 of refcount per cluster (1/6554 of the size: 1/4096 covers it) and the header, L1 and refcount
+# tables (1 MiB covers a disk of some TiB).
+QCOW2_METADATA_SHARE = 4096
+QCOW2_FIXED_BYTES = 1 << 20
+
+
+def local_image_bound(virtual_size: int) -> int:
+    """Given a disk's virtual size (meta.json's, already checked by archive_meta.check_size), return the most
+    bytes its local qcow2 image takes once the pull is done (every cluster written, with its metadata)."""
+    return virtual_size + virtual_size // QCOW2_METADATA_SHARE + QCOW2_FIXED_BYTES
+
+
+def space_needed(images: dict[str, int], filesystem_of) -> dict[object, tuple[str, int]]:
+    """Given {local image path: disk virtual size} and `filesystem_of(directory) -> (key, shown directory)`
+    naming the file system a directory is on, return {key: (shown directory, bytes the images on that file
+    system need at most once pulled)}."""
+    needs: dict[object, tuple[str, int]] = {}
+    for path, virtual_size in sorted(images.items()):
+        key, shown = filesystem_of(posixpath.dirname(path))
+        previous = needs.get(key, (shown, 0))
+        needs[key] = (previous[0], previous[1] + local_image_bound(virtual_size))
+    return needs
+
+
+def space_refusal(needs: dict[object, tuple[str, int]], free: dict[object, int]) -> str | None:
+    """Given space_needed's answer and {file system key: bytes free}, return the refusal of the first file
+    system that lacks room (a live restore that runs out of space mid-pull pauses its guest), or None."""
+    for key, (shown, needed) in needs.items():
+        if free[key] < needed:
+            return (f"not enough free space in {shown} for a live restore: its pulled disks need up to {needed} "
+                    f"bytes ({needed / 2**30:.2f} GiB), {free[key]} bytes ({free[key] / 2**30:.2f} GiB) are free; "
+                    "make room or choose another --target-dir")
+    return None
+
+
 def _disk_target(disk: ET.Element) -> str | None:
     target = disk.find("target")
     return target.get("dev") if target is not None else None
@@ -89,6 +125,16 @@ def targets_with_backing(live_xml: str) -> set[str]:
         store = disk.find("backingStore")
         if store is not None and store.find("source") is not None:
             result.add(_disk_target(disk))
+    return result
+
+
+def backing_sources(domain_xml: str) -> dict[str, str]:
+    """Given a domain XML, return {disk target: the file of its first backing store} for the disks that have one."""
+    result = {}
+    for disk in ET.fromstring(domain_xml).findall("./devices/disk"):
+        source = disk.find("backingStore/source")
+        if source is not None:
+            result[_disk_target(disk)] = source.get("file") or source.get("dev") or repr(dict(source.attrib))
     return result
 
 

@@ -161,3 +161,33 @@ def test_the_exposure_lives_under_state_dir_live_by_uuid():
     assert paths.directory == "/var/lib/kvm-borg/live/8f2d1c3e-0000-4000-8000-000000000001"
     assert paths.record == paths.directory + ".json" and paths.work == paths.directory + ".work"
     assert paths.archive == paths.directory + "/archive" and paths.images == paths.directory + "/images"
+
+
+def test_a_local_image_takes_at_most_its_virtual_size_and_its_qcow2_metadata():
+    assert lrp.local_image_bound(0) == 1 << 20
+    size = 1 << 40  # 1 TiB: 16 Mi clusters, 128 MiB of L2 tables, 32 MiB of refcounts
+    assert size + (128 + 32) * 2**20 < lrp.local_image_bound(size) < size + size // 1000
+
+
+def test_the_space_needed_is_summed_per_file_system_the_images_go_to():
+    filesystems = {"/img/a": ("fs1", "/img/a"), "/img/b": ("fs1", "/img/b"), "/other": ("fs2", "/other")}
+    needs = lrp.space_needed({"/img/a/x-vda.qcow2": 10 << 30, "/img/b/x-vdb.qcow2": 1 << 30,
+                              "/other/x-vdc.qcow2": 0}, filesystems.__getitem__)
+    assert needs == {"fs1": ("/img/a", lrp.local_image_bound(10 << 30) + lrp.local_image_bound(1 << 30)),
+                     "fs2": ("/other", lrp.local_image_bound(0))}
+
+
+def test_a_live_restore_without_room_for_its_pulled_disks_is_refused_in_one_line():
+    needs = {"fs1": ("/img", 3 << 30), "fs2": ("/other", 1 << 20)}
+    assert lrp.space_refusal(needs, {"fs1": 3 << 30, "fs2": 1 << 20}) is None
+    refusal = lrp.space_refusal(needs, {"fs1": (3 << 30) - 1, "fs2": 1 << 30})
+    assert refusal == (f"not enough free space in /img for a live restore: its pulled disks need up to {3 << 30} bytes "
+                       f"(3.00 GiB), {(3 << 30) - 1} bytes (3.00 GiB) are free; make room or choose another --target-dir")
+    assert "\n" not in refusal
+    assert "/other" in lrp.space_refusal(needs, {"fs1": 3 << 30, "fs2": 0})
+
+
+def test_backing_sources_name_each_disks_first_backing_file():
+    live = lrp.live_domain_xml(DOMAIN, {"vda": ("/live/u/archive/vda.qcow2", "qcow2")})
+    assert lrp.backing_sources(live) == {"vda": "/live/u/archive/vda.qcow2"}
+    assert lrp.backing_sources(DOMAIN) == {}

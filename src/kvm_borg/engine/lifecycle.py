@@ -164,10 +164,10 @@ def agent_command(dom, execute: str, arguments: dict | None = None, timeout: flo
     return json.loads(reply)["return"]
 
 
-def wait_for_sign_of_life(dom, agent: bool, timeout: float, alive_seconds: float) -> dict:
+def wait_for_sign_of_life(dom, agent: bool, timeout: float, alive_seconds: float, poll=None) -> dict:
     """Given a started domain, whether it has a guest agent channel, how long to wait for the agent and
-    (without one) how long it must keep running, return {sign_of_life, seconds}; a dead or silent
-    guest is a KvmBorgError.
+    (without one) how long it must keep running, and a callable `poll()` to call between two looks (None:
+    nothing), return {sign_of_life, seconds}; a dead or silent guest is a KvmBorgError.
 
     With a guest agent channel the sign is an answered guest-ping; without one, the domain
     still running (not paused, not crashed) after `alive_seconds`."""
@@ -175,6 +175,8 @@ def wait_for_sign_of_life(dom, agent: bool, timeout: float, alive_seconds: float
     if agent:
         last = "no answer"
         while time.monotonic() - started < timeout:
+            if poll is not None:
+                poll()
             check_running(dom)
             try:
                 agent_command(dom, "guest-ping", timeout=5)
@@ -185,6 +187,8 @@ def wait_for_sign_of_life(dom, agent: bool, timeout: float, alive_seconds: float
         raise KvmBorgError(f"the guest agent did not answer within {timeout:.0f}s ({last})")
     deadline = started + alive_seconds
     while time.monotonic() < deadline:
+        if poll is not None:
+            poll()
         check_running(dom)
         time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
     check_running(dom)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,6 +69,8 @@ class LiveRestoreResult:
     warnings: list[str] = field(default_factory=list)
     running_after_seconds: float = 0.0
     seconds: float = 0.0
+    drill: dict | None = None  # what the drill callback found (verify --boot --live)
+    backings: dict[str, str] = field(default_factory=dict)  # {target: the exposed archived image}
 
     def as_dict(self) -> dict:
         return {
@@ -115,19 +118,29 @@ def check_live_options(options: RestoreOptions) -> None:
 
 
 def run_live_restore(settings, conn, repo: dict, backend: RepositoryBackend, options: RestoreOptions, *,
-                     bandwidth: int = 0, on_started=None) -> LiveRestoreResult:
+                     bandwidth: int = 0, on_started=None, before_start=None, drill=None) -> LiveRestoreResult:
     """Given the Settings, a libvirt connection, the repository (config entry and backend), RestoreOptions
     (passed by check_live_options), a pull bandwidth per disk in bytes/s (0: unlimited) and a callback
     `on_started(result)` called once the domain runs, restore the domain live; return the result once the
     pull is done. A refusal changes nothing; a failure after the start leaves the domain running and the
-    journal entry for `kvm-borg recover` (KvmBorgError saying so)."""
+    journal entry for `kvm-borg recover` (KvmBorgError saying so).
+
+    The restore drill (`verify --boot --live`) also gives `before_start(defined_xml, result)`, which raises to
+    keep the defined copy from starting (it is then undone like any failure before the start), and
+    `drill(dom, result, advance_pull)`, called once the copy runs: it waits for what it wants while calling
+    `advance_pull()` now and then (which starts each disk's pull in turn and returns whether all are done)
+    and returns its findings (result.drill); then the copy is discarded whatever happened: the pull
+    stopped, the domain destroyed and undefined, its files and the exposure removed, the entry dropped
+    (result.warnings names what could not be removed; a SIGKILL leaves the entry, and `recover` discards
+    the copy)."""
     try:
-        return _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_started)
+        return _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_started, before_start, drill)
     except EngineError as exc:
         raise KvmBorgError(f"live restore failed: {exc}") from None
 
 
-def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_started) -> LiveRestoreResult:
+def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_started, before_start,
+                      drill) -> LiveRestoreResult:
     started_at = time.monotonic()
     chosen = archive_reading.choose(backend, settings, options.domain, options.archive, options.host)
     archive = chosen.name
@@ -147,8 +160,10 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
         raise RefusedError(f"domain {plan.domain!r} has an unfinished entry in the journal; run "
                            f"'kvm-borg recover {plan.domain}' first")
     archived_xml, xml_text = restored_xml(backend, archive, meta, entries, live_plan, options)
-    xml_text, sanitize_warnings = sanitized_xml(conn, xml_text, live_plan)
+    xml_text, sanitize_warnings = sanitized_xml(conn, xml_text, live_plan, isolate=options.isolate,
+                                                scratch_dir=target_dir if options.isolate else None)
     check_refusals(conn, live_plan, live_plan.destinations(), define=True, overwrite=False)
+    check_free_space(live_plan)
     paths = exposure_paths(settings.state_dir, plan.uuid)
     if os.path.lexists(paths.directory) or os.path.lexists(paths.record):
         raise RefusedError(f"{paths.directory} exists: an earlier live restore of UUID {plan.uuid} left it")
@@ -164,13 +179,14 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
                         overlay=d.image.destination) for d in live_plan.disks],
             extra={"repository": repo["name"], "archive": archive, "original": plan.original_name, "record": paths.record,
                    "directory": paths.directory, "created": live_plan.destinations(),
-                   "qemu_uid": qemu[0] if qemu else None})
+                   "qemu_uid": qemu[0] if qemu else None, **({"drill": True} if drill is not None else {})})
         journal.write_entry(settings.journal_dir, entry)
         dom = None
         try:
             backings = expose(backend, repo["name"], archive, plan, paths, qemu)
             for disk in entry.disks:
                 disk.base = backings[disk.target]
+            result.backings = dict(backings)
             journal.write_entry(settings.journal_dir, entry)
             files = replace(live_plan, disks=[])  # NVRAM, TPM state, the XML file: as a restore writes them
             written = _Written()
@@ -185,6 +201,8 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
             entry.stage = "defining"
             journal.write_entry(settings.journal_dir, entry)
             dom = lifecycle.define(conn, live_domain_xml(xml_text, {t: (backings[t], formats[t]) for t in backings}))
+            if before_start is not None:
+                before_start(lifecycle.inactive_xml(conn, plan.domain) or "", result)
             lifecycle.start(dom)
         except BaseException:
             with signals.shielded():  # a second signal must not cut the cleanup short
@@ -197,6 +215,14 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
                  result.running_after_seconds)
         if on_started is not None:
             on_started(result)
+        if drill is not None:
+            try:
+                result.drill = drill(dom, result, lambda: advance_pull(dom, set(backings), bandwidth))
+            finally:
+                with signals.shielded():
+                    result.warnings += _abandon(settings, conn, entry, backend, defined=True)
+            result.seconds = time.monotonic() - started_at
+            return result
         try:
             pull_in(dom, set(backings), bandwidth=bandwidth, progress=settings.progress)
         except BaseException as exc:
@@ -207,6 +233,33 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
         result.warnings += problems
     result.seconds = time.monotonic() - started_at
     return result
+
+
+def _existing_ancestor(directory: str) -> str:
+    """Given a directory that may not exist yet, return it or its nearest existing ancestor."""
+    path = os.path.abspath(directory)
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _filesystem_of(directory: str) -> tuple[int, str]:
+    """Given a directory (perhaps not made yet), return (the st_dev of the file system it will be on, it)."""
+    return os.stat(_existing_ancestor(directory)).st_dev, directory
+
+
+def check_free_space(plan) -> None:
+    """Given the live restore's plan (disks on their local images), refuse it (RefusedError) when a file system
+    the local images go to has less free space than they take once pulled (sizes from meta.json, checked by
+    archive_meta): without it the pull would run out of space and pause the guest (error_policy stop)."""
+    needs = live_restore_plan.space_needed({d.image.destination: d.virtual_size for d in plan.disks},
+                                           _filesystem_of)
+    free = {}
+    for key, (shown, _needed) in needs.items():
+        free[key] = shutil.disk_usage(_existing_ancestor(shown)).free
+    refusal = live_restore_plan.space_refusal(needs, free)
+    if refusal is not None:
+        raise RefusedError(refusal)
 
 
 class _Written:
@@ -283,6 +336,24 @@ def pull_in(dom, targets: set[str], *, bandwidth: int = 0, progress: bool = Fals
             update(finished)
 
 
+def advance_pull(dom, targets: set[str], bandwidth: int = 0) -> bool:
+    """Given a running domain, its disk targets and a bandwidth per disk in bytes/s (0: unlimited), keep one
+    pull going: start the next disk's pull (sorted) when none runs; return whether no target has a backing
+    file left. A KvmBorgError when the domain stopped or the guest is paused on a disk error."""
+    if not live_pull.is_active(dom):
+        raise KvmBorgError("the domain stopped")
+    if live_pull.paused_by_io_error(dom):
+        raise KvmBorgError("the guest is paused: a read from the archive failed")
+    backed = live_pull.backed_targets(dom) & targets
+    for target in sorted(backed):
+        if live_pull.pull_progress(dom, target) is not None:
+            return False
+    if backed:
+        live_pull.start_pull(dom, min(backed), bandwidth)
+        return False
+    return True
+
+
 def finish(settings, conn, dom, entry: Entry, backend: RepositoryBackend) -> list[str]:
     """Given a domain whose pull is done, make sure its persistent definition has no backing file left,
     withdraw the exposure and drop the journal entry; return the problems (the entry then stays)."""
@@ -311,26 +382,28 @@ def withdraw(entry: Entry, backend: RepositoryBackend) -> list[str]:
     return archive_mount.teardown(record, lambda _repo, path: backend.unmount(path))
 
 
-def _abandon(settings, conn, entry: Entry, backend: RepositoryBackend, *, defined: bool) -> None:
-    """Undo a live restore that failed before its domain ran: undefine the domain it defined, remove every
-    file it created and its exposure, drop the entry (kept when the exposure cannot be withdrawn)."""
+def _abandon(settings, conn, entry: Entry, backend: RepositoryBackend, *, defined: bool) -> list[str]:
+    """Undo a live restore that failed before its domain ran (or a drill's copy): destroy and undefine the
+    domain it defined, remove every file it created and its exposure, drop the entry (kept when the exposure
+    cannot be withdrawn); return the problems (also logged)."""
+    problems = []
     if defined:
         dom = lifecycle.lookup(conn, entry.domain)
         if dom is not None and dom.UUIDString() == entry.uuid:
-            for problem in lifecycle.remove(conn, entry.domain):
-                log.error("%s", problem)
+            problems += lifecycle.remove(conn, entry.domain)
     for path in entry.extra.get("created", []):
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.error("cannot remove %s: %s", path, exc.strerror)
-    problems = withdraw(entry, backend)
-    for problem in problems:
-        log.error("cleanup after the failed live restore: %s (run 'kvm-borg recover %s')", problem, entry.domain)
-    if not problems:
+            problems.append(f"cannot remove {path}: {exc.strerror}")
+    exposure = withdraw(entry, backend)
+    for problem in problems + exposure:
+        log.error("cleanup of the live restore: %s (run 'kvm-borg recover %s')", problem, entry.domain)
+    if not exposure:
         journal.remove_entry(settings.journal_dir, entry.uuid)
+    return problems + exposure
 
 
 # --- recovery ----------------------------------------------------------------------------------
@@ -404,6 +477,12 @@ def recover_live_restore(entry: Entry, connection, settings) -> RecoveryReport:
         if dom is None or entry.stage in ("exposing", "defining") and not live_pull.is_active(dom):
             _abandon(settings, conn, entry, backend, defined=dom is not None)
             report.did("the live restore had not started the domain: its files and the exposure are removed")
+            return report
+        if entry.extra.get("drill"):
+            problems = _abandon(settings, conn, entry, backend, defined=True)
+            if problems:
+                raise KvmBorgError(f"domain {entry.domain!r}: {problems[0]}")
+            report.did("removed the restore drill's copy, its files and the exposure of the archive")
             return report
         if not _exposure_alive(entry):
             _reexpose(settings, conn, entry, backend, report)
