@@ -1,7 +1,8 @@
 """`python -m bench`: the whole benchmark suite (bench/suite.py); `python -m bench fixed-cost [...]`: only
 the fixed-cost case (bench/fixed_cost.py); `python -m bench incremental [...]`: the changed-block case,
 bitmap vs snapshot method (bench/incremental.py); `python -m bench jobs [...]`: parallel domains, --jobs 2 vs
---jobs 1 (bench/jobs.py)."""
+--jobs 1 (bench/jobs.py); `python -m bench restore [...]`: full and live restore against borg's and restic's own
+tools (bench/restore.py)."""
 
 import sys
 
@@ -11,6 +12,10 @@ if sys.argv[1:2] == ["fixed-cost"]:
     raise SystemExit(main(sys.argv[2:]))
 if sys.argv[1:2] == ["jobs"]:
     from bench.jobs import main
+
+    raise SystemExit(main(sys.argv[2:]))
+if sys.argv[1:2] == ["restore"]:
+    from bench.restore import main
 
     raise SystemExit(main(sys.argv[2:]))
 if sys.argv[1:2] == ["incremental"]:
