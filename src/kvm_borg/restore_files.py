@@ -25,8 +25,8 @@ from kvm_borg.errors import UsageError
 from kvm_borg.models import RepositoryBackend
 from kvm_borg.pipeline.segments_read import DenseOutput, SparseFileOutput, read_segments
 from kvm_borg.restore_plan import RestoreDisk
-from kvm_borg.sparse import SparseWriter
-from kvm_borg.tools import ToolError, run_tool
+from kvm_borg.sparse import SparseWriter, dig_holes
+from kvm_borg.tools import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,12 @@ def extraction_parts(archive_path: str) -> list[str]:
     return parts
 
 
-def dig_holes_argv(fd: int) -> list[str]:
-    """Given an open file descriptor, return the `fallocate --dig-holes` argv that turns its all-zero blocks
-    into holes (the file is named /dev/fd/N: the tool inherits it)."""
-    return ["fallocate", "--dig-holes", f"/dev/fd/{fd}"]
-
-
 def open_extracted(workdir: str, archive_path: str) -> tuple[int, int]:
     """Given a private directory and the stored path a backend extracted below it, return (fd of the directory
-    holding the file, fd of the file, read-only). Each directory on the way is opened O_NOFOLLOW|O_DIRECTORY
-    and the file O_NOFOLLOW: a symlink anywhere, a missing file, or anything but a regular file with one
-    link (a device, a FIFO, a hard link) is a UsageError naming the path; nothing is followed."""
+    holding the file, fd of the file, read-write). Each directory on the way is opened O_NOFOLLOW|O_DIRECTORY
+    and the file, once lstat says it is a regular file, O_NOFOLLOW: a symlink anywhere, a missing file, or
+    anything but a regular file with one link (a device, a FIFO, a hard link) is a UsageError naming the
+    path; nothing is followed, no device opened."""
     parts = extraction_parts(archive_path)
     directory = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -113,12 +108,19 @@ def open_extracted(workdir: str, archive_path: str) -> tuple[int, int]:
             inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
             os.close(directory)
             directory = inner
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+        seen = os.stat(parts[-1], dir_fd=directory, follow_symlinks=False)
+        if not stat.S_ISREG(seen.st_mode):  # never opened: a device or FIFO is not even touched
+            raise UsageError(f"{archive_path} was not extracted as a regular file; refused")
+        fd = os.open(parts[-1], os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                     dir_fd=directory)
     except OSError as exc:
         os.close(directory)
         raise UsageError(f"{archive_path} was not extracted as a regular file ({exc.strerror}); refused") from None
+    except UsageError:
+        os.close(directory)
+        raise
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
         os.close(fd)
         os.close(directory)
         raise UsageError(f"{archive_path} was not extracted as a regular file; refused")
@@ -140,9 +142,9 @@ def replace_extracted(backend: RepositoryBackend, archive: str, archive_path: st
         directory, fd = open_extracted(workdir, archive_path)
         try:
             try:
-                run_tool(dig_holes_argv(fd), what="dig holes in the restored image", timeout=None, pass_fds=(fd,))
-            except ToolError as exc:  # only space: the data is right; borg's own holes stay
-                log.warning("%s", exc)
+                dig_holes(fd)  # borg leaves only all-zero chunks as holes; kvm-borg's restores hole every zero block
+            except OSError as exc:  # only space: the data is right, borg's own holes stay
+                log.warning("cannot dig holes in %s: %s", destination, exc.strerror or exc)
             os.fchown(fd, *owner)
             os.fchmod(fd, mode)  # exactly `mode`, whatever the archive recorded
             os.fsync(fd)

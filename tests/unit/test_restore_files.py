@@ -11,7 +11,6 @@ import pytest
 from kvm_borg.errors import UsageError
 from kvm_borg.models import BackendBase
 from kvm_borg.restore_files import (
-    dig_holes_argv,
     extraction_parts,
     make_dirs,
     rebase_argv,
@@ -196,7 +195,3 @@ def test_small_files_and_the_nvram_stream_never_go_through_the_tool(tmp_path):
     backend = Extracts(forbidden)
     backend.stream_file = lambda archive, archive_path, write: write(b"VARS")
     assert restore_file(backend, "a", "nvram.fd", str(tmp_path / "nvram.fd"), sparse=False) == 4
-
-
-def test_dig_holes_names_the_inherited_descriptor():
-    assert dig_holes_argv(7) == ["fallocate", "--dig-holes", "/dev/fd/7"]

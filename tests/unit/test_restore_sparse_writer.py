@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kvm_borg.sparse import BLOCK, SEGMENT, SparseWriter
+from kvm_borg.sparse import BLOCK, SEGMENT, SparseWriter, dig_holes
 
 
 def _stream(rng: random.Random) -> tuple[bytes, int]:
@@ -83,3 +83,44 @@ def test_sparse_writer_hands_what_it_restored_to_writeback_in_steps(tmp_path, mo
     covered = [(offset, offset + length) for offset, length, _a in advised]
     assert covered[0][0] == 0 and all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # in order, no gap
     assert covered[-1][1] >= 5 << 20 and all(end - start >= 1 << 20 for start, end in covered)
+
+
+# --- dig_holes: the same holes in a file another tool wrote (borg extract --sparse) ---------------------
+
+
+def test_dig_holes_makes_every_aligned_zero_block_a_hole_and_keeps_the_content(tmp_path):
+    MiB = 1 << 20
+    path = tmp_path / "extracted.raw"
+    pieces = [(3 * MiB + 512, os.urandom(5 * MiB)),  # unaligned data with zeros written around it
+              (12 * MiB, b"\0" * 8192 + os.urandom(4096) + b"\0" * (MiB - 12288)),  # a 4 KiB island
+              (20 * MiB + 100, b"x")]  # one byte: its block stays
+    with open(path, "wb") as handle:
+        handle.write(b"\0" * 24 * MiB)  # every byte written as data, as borg writes a chunk that is not all zero
+        for offset, data in pieces:
+            handle.seek(offset)
+            handle.write(data)
+        handle.truncate(26 * MiB)  # and a hole borg made itself at the end
+    expected = path.read_bytes()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        punched = dig_holes(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == expected
+    allocated = os.stat(path).st_blocks * 512
+    data = 5 * MiB + 4096 + 4096 + 4096  # the run (its two partial blocks), the island, the byte's block
+    assert allocated <= data + 8192, (allocated, data)
+    assert punched >= 24 * MiB - data - 8192
+
+
+def test_dig_holes_of_a_file_without_zero_blocks_changes_nothing(tmp_path):
+    path = tmp_path / "random.raw"
+    path.write_bytes(os.urandom(3 * (1 << 20) + 17))
+    before = path.read_bytes()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert dig_holes(fd) == 0
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == before
