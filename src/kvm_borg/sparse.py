@@ -18,6 +18,17 @@ _ZERO_SEGMENT = bytes(SEGMENT)
 _ZERO_BLOCK = bytes(BLOCK)
 
 
+def maybe_zero_blocks(data, length: int) -> bool:
+    """Given bytes (or a bytearray) and how many of them count, return False when none of its whole aligned
+    blocks can be all zeros (not one starts with 8 zero bytes: a look at 8 bytes per 4 KiB, no scan), True
+    when one may be (the caller then looks closer)."""
+    whole = length - length % BLOCK
+    if not whole:
+        return False
+    words = memoryview(data)[:whole].cast("Q")[::BLOCK // 8]  # the first 8 bytes of each block
+    return 0 in words.tolist()
+
+
 class SparseWriter:
     """Writes a stream into a file descriptor, leaving holes where whole blocks are zero."""
 
@@ -65,7 +76,8 @@ class SparseWriter:
 
     def _emit(self, data: bytes, length: int) -> None:
         """Write data[:length] at `offset`, leaving the block-aligned all-zero blocks as holes."""
-        if data.find(_ZERO_BLOCK, 0, length) == -1:  # the common case: no block of zeros at all, one write
+        if not maybe_zero_blocks(data, length) or data.find(_ZERO_BLOCK, 0, length) == -1:
+            # the common case: no block of zeros at all, one write
             self._write(data, 0, length)
         else:
             run_start = None  # start (index in data) of a run of blocks to write
@@ -149,7 +161,7 @@ def dig_holes(fd: int) -> int:
             if length <= 0:
                 break
             run_start = None
-            found = buffer.find(_ZERO_BLOCK, 0, length)
+            found = buffer.find(_ZERO_BLOCK, 0, length) if maybe_zero_blocks(buffer, length) else -1
             while found != -1:
                 block = found + (-found % BLOCK)  # the first aligned block at or after the zeros
                 if block + BLOCK > length:

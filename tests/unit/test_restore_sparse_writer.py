@@ -124,3 +124,19 @@ def test_dig_holes_of_a_file_without_zero_blocks_changes_nothing(tmp_path):
     finally:
         os.close(fd)
     assert path.read_bytes() == before
+
+
+def test_the_zero_block_prefilter_never_misses_an_aligned_zero_block():
+    from kvm_borg.sparse import maybe_zero_blocks
+    dense = b"\x01" * (BLOCK * 8)
+    assert not maybe_zero_blocks(dense, len(dense))
+    with_block = dense[:BLOCK * 3] + bytes(BLOCK) + dense[BLOCK * 4:]
+    assert maybe_zero_blocks(with_block, len(with_block))
+    assert maybe_zero_blocks(bytearray(with_block), len(with_block))
+    # 4 KiB of zeros across two blocks, ending 4 bytes into the second: no aligned block is all zero
+    unaligned = b"\x01" * 4 + bytes(BLOCK) + b"\x01" * (BLOCK - 4)
+    assert not maybe_zero_blocks(unaligned, len(unaligned))
+    starts_zero = b"\x01" * 100 + bytes(BLOCK) + b"\x01" * (BLOCK - 100)  # block 2 starts with zeros: a closer look
+    assert maybe_zero_blocks(starts_zero, len(starts_zero))
+    assert not maybe_zero_blocks(bytes(BLOCK - 1), BLOCK - 1)  # a partial block is never a hole
+    assert not maybe_zero_blocks(with_block, BLOCK * 3)  # only the bytes that count are looked at
