@@ -270,7 +270,7 @@ REFUSED = {
         t.path(_image(t, "vdb")).unlink(), os.link(t.path(_image(t)), t.path(_image(t, "vdb")))),
         "not a regular file"),
     "image directory is a symlink out of the archive": ("borg", lambda t, k: _symlinked_image_dir(t),
-                                                        "not in the archive"),
+                                                        "archive lacks image of disk"),
     "image is a fifo": ("borg", lambda t, k: t.replace_with_fifo(_image(t)), "not a regular file"),
     "image is a directory": ("borg", lambda t, k: t.replace_with_dir(_image(t)), "not a regular file"),
     "nvram is a symlink": ("borg", lambda t, k: (meta_edit(lambda m, k2, t2: _with_nvram(m, t2))(t, k),
