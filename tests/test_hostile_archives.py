@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import stat
+import subprocess
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,16 @@ def _backing(meta, tree: Tree | None = None, **layer):
             xml_file.write_text(ET.tostring(root, encoding="unicode"))
 
 
+def _symlinked_image_dir(tree: Tree) -> None:
+    """Move the images' directory out of the tree (beside it) and leave a symlink to it in its place: borg
+    stores the symlink, never what lies below it, so the images' paths name nothing stored."""
+    directory = tree.path(_image(tree)).parent
+    outside = tree.root.parent / f"{tree.root.name}-images-outside"
+    shutil.copytree(directory, outside)
+    shutil.rmtree(directory)
+    os.symlink(outside, directory)
+
+
 def _image(tree: Tree, target: str = "vda") -> str:
     return next(d["archive_path"] for d in tree.meta()["disks"] if d["target"] == target)
 
@@ -255,6 +266,11 @@ REFUSED = {
                                "not a regular file"),
     "image is a device node (restic)": ("restic", lambda t, k: t.replace_with_device(_image(t), "c", 1, 3),
                                         "not a regular file"),
+    "image is a hard link to another stored file": ("borg", lambda t, k: (
+        t.path(_image(t, "vdb")).unlink(), os.link(t.path(_image(t)), t.path(_image(t, "vdb")))),
+        "not a regular file"),
+    "image directory is a symlink out of the archive": ("borg", lambda t, k: _symlinked_image_dir(t),
+                                                        "archive lacks image of disk"),
     "image is a fifo": ("borg", lambda t, k: t.replace_with_fifo(_image(t)), "not a regular file"),
     "image is a directory": ("borg", lambda t, k: t.replace_with_dir(_image(t)), "not a regular file"),
     "nvram is a symlink": ("borg", lambda t, k: (meta_edit(lambda m, k2, t2: _with_nvram(m, t2))(t, k),
@@ -336,6 +352,35 @@ def test_hostile_archive_restores_confined_with_local_modes(source, case, tmp_pa
     finally:
         if os.path.lexists(nvram):
             os.unlink(nvram)
+
+
+def test_the_images_xattrs_and_flags_stay_in_the_archive(source, tmp_path, marker):
+    """borg extracts the images itself: of the archive's metadata only the bytes land, never an xattr (a
+    capability, a label) or a file flag, whatever the stored file carries; owner and mode are this host's."""
+    def edit(tree: Tree) -> None:
+        for target in ("vda", "vdb"):
+            path = tree.path(_image(tree, target))
+            os.setxattr(path, "user.kvm_borg_test", marker.encode())
+            os.setxattr(path, "trusted.kvm_borg_test", marker.encode())
+            subprocess.run(["chattr", "+d", str(path)], check=True)  # nodump: borg stores Linux flags
+            os.chmod(path, 0o4777)
+
+    archive = craft(source, "borg", edit, tmp_path)
+    target = tmp_path / "target"
+    watch = Watch(marker, target)
+    proc = restore(source, "borg", archive, "--target-dir", target, "--json")
+    assert proc.returncode == 0, proc.stderr
+    disks = json.loads(proc.stdout)["disks"]
+    watch.assert_nothing_outside()
+    assert sorted(p.name for p in target.iterdir()) == sorted([Path(p).name for p in disks.values()] +
+                                                              [f"{source.domain.name}.xml"])  # no leftover
+    for disk, path in disks.items():
+        assert os.listxattr(path) == [], (disk, os.listxattr(path))
+        flags = subprocess.run(["lsattr", "-d", path], capture_output=True, text=True, check=True).stdout.split()[0]
+        assert "d" not in flags, flags
+        st = os.lstat(path)
+        assert stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
+        assert source.domain.verify_fill(disk, path, source.domain.formats[disk])
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "../../etc/cron.d/x", "tab\there", "n" * 201])

@@ -374,6 +374,7 @@ def _collect_output(process: subprocess.Popen, on_stderr_line, on_stdout=None) -
         if on_stderr_line is not None:
             on_stderr_line(line)
 
+    streamed = on_stdout is not None
     with selectors.DefaultSelector() as selector:
         if process.stdout is not None:
             selector.register(process.stdout, selectors.EVENT_READ, "stdout")
@@ -382,7 +383,9 @@ def _collect_output(process: subprocess.Popen, on_stderr_line, on_stdout=None) -
         selector.register(process.stderr, selectors.EVENT_READ, "stderr")
         while selector.get_map():
             for key, _ in selector.select():
-                data = os.read(key.fd, 65536)
+                # A streamed stdout is read a pipe's worth at a time: fewer, larger pieces for the
+                # consumer (a restore's sparse writer), 16x fewer trips through this loop.
+                data = os.read(key.fd, STREAM_PIPE_BYTES if streamed and key.data == "stdout" else 65536)
                 if not data:
                     selector.unregister(key.fileobj)
                 elif key.data == "stdout":

@@ -1,11 +1,11 @@
 """Plain data passed between the steps and the plugins, and the two ports' contracts (FrozenSource,
-RepositoryBackend). No I/O except BackendBase's default `stream_file` and RecoveryReport's log lines."""
+RepositoryBackend). No I/O except BackendBase's default `stream_file` and `read_files` (through the backend) and RecoveryReport's log lines."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -282,6 +282,20 @@ class RepositoryBackend(Protocol):
         """Write one stored file to `destination` (sparse where the backend can)."""
         ...
 
+    def extract_into(self, archive: str, archive_path: str, workdir: str) -> bool:
+        """Given an archive, one stored regular file and an empty private directory on the destination's file
+        system, let the backend's own tool write the file at `workdir/archive_path` (sparse, none of the
+        archive's flags, ACLs or xattrs applied) and return True; return False, writing nothing, when the
+        backend has no such path (restore then streams the file through `stream_file`). The caller checks
+        what was written (a regular file, no symlink on the way) before it renames it into place."""
+        ...
+
+    def read_files(self, archive: str, archive_paths: Sequence[str], limit: int) -> dict[str, bytes]:
+        """Given an archive, stored regular files (meta.json, the domain XMLs) and a size limit per file, return
+        {path: bytes} of those the archive holds as regular files, in as few runs of the tool as it can (borg:
+        one); a file larger than `limit` is a UsageError."""
+        ...
+
     def archive_path(self, host_path: str) -> str:
         """The path under which `host_path` is stored in this backend's archives."""
         ...
@@ -368,6 +382,15 @@ class BackendBase:
                 while data := handle.read(4 << 20):
                     write(data)
 
+    def extract_into(self, archive: str, archive_path: str, workdir: str) -> bool:
+        """Return False: restore streams this backend's files (`stream_file`)."""
+        return False
+
+    def read_files(self, archive: str, archive_paths: Sequence[str], limit: int) -> dict[str, bytes]:
+        """Given an archive, stored paths and a size limit per file, return {path: bytes}, one `stream_file`
+        each (a file larger than `limit` is a UsageError)."""
+        return read_files_one_by_one(self, archive, archive_paths, limit)
+
     def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
         """Raise UsageError: this backend cannot read a stored directory as a tar stream (segmented disks)."""
         raise self._cannot("read segmented disks (a stored directory as a tar stream)")
@@ -404,3 +427,25 @@ class RecoveryReport:
     def warn(self, text: str) -> None:
         log.warning("domain '%s': %s", self.domain, text)
         self.warnings.append(text)
+
+
+def read_files_one_by_one(backend, archive: str, archive_paths: Sequence[str], limit: int) -> dict[str, bytes]:
+    """Given a backend, an archive, stored paths and a size limit per file, return {path: bytes}, read with one
+    `stream_file` each (a file larger than `limit` is a UsageError naming it)."""
+    return {path: _read_one(backend, archive, path, limit) for path in archive_paths}
+
+
+def _read_one(backend, archive: str, archive_path: str, limit: int) -> bytes:
+    """Given a backend, an archive, a stored path and a size limit, return the file's bytes (UsageError above it)."""
+    parts: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise UsageError(f"{archive_path} in {archive} is larger than {limit} bytes")
+        parts.append(bytes(data))
+
+    backend.stream_file(archive, archive_path, collect)
+    return b"".join(parts)

@@ -1,6 +1,7 @@
-"""Writing restored files: each stored file streamed from the archive into a temporary name beside its
-destination (kvm_borg.atomic.replace_streamed), sparse where it is an image, with an owner and mode
-chosen on this host, and renamed into place; or written into a block device as it is. Backing chains
+"""Writing restored files: an image written by the backend's own tool into a private directory beside its
+destination (borg extract --sparse: `replace_extracted`), checked, holes dug, or streamed from the archive
+into a temporary name beside it (kvm_borg.atomic.replace_streamed; restic, small files), sparse where it
+is an image, with an owner and mode chosen on this host, and renamed into place; or written into a block device as it is. Backing chains
 are rebased onto the restored layers (`qemu-img rebase -u`). A segmented disk (layout "segments") is
 read segment by segment (kvm_borg.pipeline.segments_read) into the temporary file, raw and sparse,
 and a qcow2 original is converted there (`qemu-img convert -f raw -O qcow2 -o compat=1.1`, from a
@@ -11,18 +12,23 @@ Missing directories are created 0711 (QEMU must traverse them, nobody may list t
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
+import shutil
 import stat
 import tempfile
 from pathlib import Path
 
-from kvm_borg.atomic import replace_streamed, temp_names, write_all
+from kvm_borg.atomic import fsync_dir, replace_streamed, temp_names, write_all
+from kvm_borg.errors import UsageError
 from kvm_borg.models import RepositoryBackend
 from kvm_borg.pipeline.segments_read import DenseOutput, SparseFileOutput, read_segments
 from kvm_borg.restore_plan import RestoreDisk
-from kvm_borg.sparse import SparseWriter
+from kvm_borg.sparse import SparseWriter, dig_holes
 from kvm_borg.tools import run_tool
+
+log = logging.getLogger(__name__)
 
 COPY_CHUNK = 4 << 20
 _TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -54,11 +60,19 @@ def make_dirs(path: str) -> None:
 
 def restore_file(backend: RepositoryBackend, archive: str, archive_path: str, destination: str, *,
                  sparse: bool = True) -> int:
-    """Given an archive, a stored path and its destination, stream the file into a temporary name beside the
+    """Given an archive, a stored path and its destination, write the file into a temporary name beside the
     destination (holes left for zero blocks when `sparse`), give it its local owner and mode, fsync it and
-    rename it into place; return its size in bytes."""
+    rename it into place; return its size in bytes.
+
+    An image (`sparse`) is written by the backend's own tool where it can (`extract_into`: borg extract
+    into a private directory beside the destination, checked, holes dug where it wrote zero blocks),
+    else streamed through kvm-borg's sparse writer (`stream_file`: restic dump)."""
     make_dirs(posixpath.dirname(destination))
     uid, gid, mode = local_owner(destination)
+    if sparse:
+        size = replace_extracted(backend, archive, archive_path, destination, mode, (uid, gid))
+        if size is not None:
+            return size
 
     def fill(fd: int) -> int:
         if not sparse:
@@ -69,6 +83,82 @@ def restore_file(backend: RepositoryBackend, archive: str, archive_path: str, de
         return writer.close()
 
     return replace_streamed(destination, fill, mode, owner=(uid, gid))
+
+
+def extraction_parts(archive_path: str) -> list[str]:
+    """Given a stored path (already checked by archive_meta.check_archive_path), return its components, the
+    path a backend writes below its private directory; one that is absolute, empty or climbs with `.`/`..`
+    is a UsageError (a second guard: nothing may be written outside that directory)."""
+    parts = archive_path.split("/")
+    if not archive_path or archive_path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise UsageError(f"stored path {archive_path!r} is not a plain relative path; refused")
+    return parts
+
+
+def open_extracted(workdir: str, archive_path: str) -> tuple[int, int]:
+    """Given a private directory and the stored path a backend extracted below it, return (fd of the directory
+    holding the file, fd of the file, read-write). Each directory on the way is opened O_NOFOLLOW|O_DIRECTORY
+    and the file, once lstat says it is a regular file, O_NOFOLLOW: a symlink anywhere, a missing file, or
+    anything but a regular file with one link (a device, a FIFO, a hard link) is a UsageError naming the
+    path; nothing is followed, no device opened."""
+    parts = extraction_parts(archive_path)
+    directory = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        seen = os.stat(parts[-1], dir_fd=directory, follow_symlinks=False)
+        if not stat.S_ISREG(seen.st_mode):  # never opened: a device or FIFO is not even touched
+            raise UsageError(f"{archive_path} was not extracted as a regular file; refused")
+        fd = os.open(parts[-1], os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC,
+                     dir_fd=directory)
+    except OSError as exc:
+        os.close(directory)
+        raise UsageError(f"{archive_path} was not extracted as a regular file ({exc.strerror}); refused") from None
+    except UsageError:
+        os.close(directory)
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
+        os.close(fd)
+        os.close(directory)
+        raise UsageError(f"{archive_path} was not extracted as a regular file; refused")
+    return directory, fd
+
+
+def replace_extracted(backend: RepositoryBackend, archive: str, archive_path: str, destination: str, mode: int,
+                      owner: tuple[int, int]) -> int | None:
+    """Given an archive, a stored regular file, its destination and the local mode and owner, let the backend
+    write the file into a private directory beside the destination (`extract_into`), check what it wrote
+    (open_extracted), dig holes where it wrote zero blocks, give it `owner` and `mode`, fsync it and rename
+    it onto the destination (the directory fsync'd); return its size, or None when the backend cannot
+    (nothing written: the caller streams). The private directory is removed whatever happens."""
+    parent = posixpath.dirname(destination)
+    workdir = tempfile.mkdtemp(prefix=f".{posixpath.basename(destination)}.kvm-borg-", dir=parent)  # 0700
+    try:
+        if not backend.extract_into(archive, archive_path, workdir):
+            return None
+        directory, fd = open_extracted(workdir, archive_path)
+        try:
+            try:
+                dig_holes(fd)  # borg leaves only all-zero chunks as holes; kvm-borg's restores hole every zero block
+            except OSError as exc:  # only space: the data is right, borg's own holes stay
+                log.warning("cannot dig holes in %s: %s", destination, exc.strerror or exc)
+            os.fchown(fd, *owner)
+            os.fchmod(fd, mode)  # exactly `mode`, whatever the archive recorded
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        try:
+            os.replace(posixpath.basename(archive_path), destination, src_dir_fd=directory)
+        finally:
+            os.close(directory)
+        fsync_dir(Path(parent))
+        return size
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def convert_argv(raw: str, target: str) -> list[str]:

@@ -1,11 +1,14 @@
 """Writing a stream of bytes into a file, leaving all-zero blocks as holes: the one sparse writer
-that restore and the restic backend use.
+that restore and the restic backend use; and `dig_holes`, which makes the same holes in a file
+another tool wrote (borg extract --sparse leaves only its all-zero 4 MiB chunks as holes).
 
 In: an open file descriptor and the stream's pieces, in order. Out: a file whose bytes equal the
 stream, whose block-aligned all-zero blocks are holes, and whose length is the stream's length."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 
 BLOCK = 4096  # hole granularity: a file system block
@@ -13,6 +16,17 @@ SEGMENT = 64 * 1024  # zero test of a larger piece first, blocks only inside mix
 WRITEBACK = 64 * 1024 * 1024  # a written file's pages are handed to writeback in steps of this size
 _ZERO_SEGMENT = bytes(SEGMENT)
 _ZERO_BLOCK = bytes(BLOCK)
+
+
+def maybe_zero_blocks(data, length: int) -> bool:
+    """Given bytes (or a bytearray) and how many of them count, return False when none of its whole aligned
+    blocks can be all zeros (not one starts with 8 zero bytes: a look at 8 bytes per 4 KiB, no scan), True
+    when one may be (the caller then looks closer)."""
+    whole = length - length % BLOCK
+    if not whole:
+        return False
+    words = memoryview(data)[:whole].cast("Q")[::BLOCK // 8]  # the first 8 bytes of each block
+    return 0 in words.tolist()
 
 
 class SparseWriter:
@@ -62,7 +76,8 @@ class SparseWriter:
 
     def _emit(self, data: bytes, length: int) -> None:
         """Write data[:length] at `offset`, leaving the block-aligned all-zero blocks as holes."""
-        if data.find(_ZERO_BLOCK, 0, length) == -1:  # the common case: no block of zeros at all, one write
+        if not maybe_zero_blocks(data, length) or data.find(_ZERO_BLOCK, 0, length) == -1:
+            # the common case: no block of zeros at all, one write
             self._write(data, 0, length)
         else:
             run_start = None  # start (index in data) of a run of blocks to write
@@ -93,3 +108,71 @@ class SparseWriter:
         while done < len(view):
             done += os.pwrite(self.fd, view[done:], self.offset + start + done)
         self.written += len(view)
+
+
+# --- holes in a file another tool wrote ------------------------------------------------------------
+
+DIG_READ = 4 << 20  # read back this much at a time
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = None
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    """Deallocate [offset, offset+length) of the file (fallocate PUNCH_HOLE|KEEP_SIZE: reads as zeros after)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _data_ranges(fd: int, size: int):
+    """Given a file and its size, yield (start, end) of its data ranges (SEEK_DATA/SEEK_HOLE: holes skipped)."""
+    position = 0
+    while position < size:
+        try:
+            start = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after `position`
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        position = end
+
+
+def dig_holes(fd: int) -> int:
+    """Given a file descriptor open for reading and writing, turn each block-aligned all-zero block of the file's data into a hole, reading only its data ranges
+    (holes already there are skipped); return the bytes deallocated. The content is unchanged.
+
+    A piece without a zero block anywhere (the common case: one `find`) costs one read; only pieces with
+    zeros are looked at block by block."""
+    size = os.fstat(fd).st_size
+    buffer = bytearray(DIG_READ)
+    view = memoryview(buffer)
+    punched = 0
+    for start, end in _data_ranges(fd, size):
+        position = start - start % BLOCK
+        while position < end:
+            length = os.preadv(fd, [view[:min(DIG_READ, end - position)]], position)
+            if length <= 0:
+                break
+            run_start = None
+            found = buffer.find(_ZERO_BLOCK, 0, length) if maybe_zero_blocks(buffer, length) else -1
+            while found != -1:
+                block = found + (-found % BLOCK)  # the first aligned block at or after the zeros
+                if block + BLOCK > length:
+                    break
+                if buffer[block:block + BLOCK] == _ZERO_BLOCK:
+                    run_start = block
+                    block += BLOCK
+                    while block + BLOCK <= length and buffer[block:block + BLOCK] == _ZERO_BLOCK:
+                        block += BLOCK
+                    _punch(fd, position + run_start, block - run_start)
+                    punched += block - run_start
+                found = buffer.find(_ZERO_BLOCK, block, length) if block < length else -1
+            position += length
+    return punched

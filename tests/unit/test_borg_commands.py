@@ -15,6 +15,7 @@ from kvm_borg.backends.borg.commands import (
     make_check_command,
     make_create_command,
     make_export_tar_command,
+    make_export_files_command,
     make_extract_command,
     make_info_command,
     make_init_command,
@@ -116,6 +117,19 @@ def test_extract_command_names_exact_paths_sparse():
     )
     to_stdout = make_extract_command("borg", "/r", "a", ["x"], stdout=True)
     assert "--stdout" in to_stdout and "--sparse" not in to_stdout
+
+
+def test_plain_extract_applies_none_of_the_archives_flags_acls_xattrs_or_names():
+    assert make_extract_command("borg", "/r", "a", ["var/lib/x.raw"], plain=True) == (
+        "borg", "extract", "--log-json", "--sparse", "--noflags", "--noacls", "--noxattrs", "--numeric-ids",
+        "/r::a", "pf:var/lib/x.raw",
+    )
+
+
+def test_export_files_command_names_each_file_exactly_and_writes_the_tar_to_stdout():
+    assert make_export_files_command("borg", "/r{x}", "a", ["s/meta.json", "s/domain.xml"], lock_wait=3) == (
+        "borg", "export-tar", "--log-json", "--lock-wait", "3", "/r{{x}}::a", "-", "pf:s/meta.json", "pf:s/domain.xml",
+    )
 
 
 def test_check_command():

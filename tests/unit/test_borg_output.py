@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 
 import pytest
 
-from kvm_borg.backends.borg.output import entry_kind, is_foreign, parse_create_stats, parse_items, parse_version
+from kvm_borg.backends.borg.output import (
+    entry_kind,
+    is_foreign,
+    parse_create_stats,
+    parse_files_tar,
+    parse_items,
+    parse_version,
+)
 
 
 def test_items_are_read_line_by_line_skipping_blank_lines():
@@ -73,3 +82,34 @@ def test_the_delete_command_names_one_archive():
 
     assert make_delete_command("borg", "/r", "web-20261201T120000Z", lock_wait=5) == (
         "borg", "delete", "--log-json", "--lock-wait", "5", "/r::web-20261201T120000Z")
+
+
+def _tar(*members) -> bytes:
+    """Given (name, bytes) or (name, ("link", tarfile type)), return an uncompressed tar of them, as borg
+    export-tar writes one."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:", format=tarfile.GNU_FORMAT) as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(content, bytes):
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+            else:
+                info.type = content[1]
+                info.linkname = "/etc/shadow"
+                tar.addfile(info)
+    return out.getvalue()
+
+
+def test_files_tar_gives_the_regular_files_asked_for_and_leaves_out_the_rest():
+    data = _tar(("s/meta.json", b'{"kvm_borg": 1}'), ("s/domain.xml", ("link", tarfile.SYMTYPE)), ("s/other", b"x"),
+                ("s/domain-live.xml", ("link", tarfile.LNKTYPE)))
+    assert parse_files_tar(data, ["s/meta.json", "s/domain.xml", "s/domain-live.xml"], 100, "a") == {
+        "s/meta.json": b'{"kvm_borg": 1}'}
+
+
+def test_files_tar_refuses_a_file_over_the_limit_and_an_unreadable_tar():
+    with pytest.raises(ValueError, match="s/meta.json in a is larger than 4 bytes"):
+        parse_files_tar(_tar(("s/meta.json", b"12345")), ["s/meta.json"], 4, "a")
+    with pytest.raises(ValueError, match="unreadable tar"):
+        parse_files_tar(b"\x01" * 700, ["s/meta.json"], 4, "a")

@@ -147,3 +147,61 @@ def test_domain_xml_must_be_a_regular_utf8_file_of_the_archive():
     backend.files["s/web/domain.xml"] = b"\xff<domain/>"
     with pytest.raises(UsageError, match="is not UTF-8"):
         archive_select.read_domain_xml(backend, "arch", meta, {"s/web/domain.xml": "file"})
+
+
+class CountedReads(Entries):
+    """Counts the backend calls that read files, and answers read_files itself as borg does: in one call."""
+
+    def __init__(self, files, kinds, withheld=()):
+        super().__init__(files)
+        self.kinds, self.calls, self.withheld = kinds, [], withheld
+
+    def read_files(self, archive, archive_paths, limit):
+        self.calls.append(list(archive_paths))
+        return {p: self.files[p] for p in archive_paths if p not in self.withheld}
+
+    def stream_file(self, archive, archive_path, write):
+        self.calls.append(archive_path)
+        write(self.files[archive_path])
+
+
+META = {"kvm_borg": 1, "archive": "web-1", "created": "2026-12-01T00:00:00+00:00", "host": "hv1",
+        "domain": {"name": "web", "uuid": "8a1c9f7e-2b3d-4c5e-9f60-7182a3b4c5d6", "running": False},
+        "disks": [], "files": {"domain_xml": "s/web/domain.xml"}}
+
+
+def test_meta_json_and_both_xmls_are_read_in_one_call_and_the_xml_is_not_read_again():
+    import json
+    files = {"s/web/meta.json": json.dumps(META).encode(), "s/web/domain.xml": b"<domain/>",
+             "s/web/domain-live.xml": b"<domain id='1'/>", "s/web/vda.raw": b"x"}
+    backend = CountedReads(files, {p: "file" for p in files})
+    read = archive_select.read_archive_files(backend, "web-1", "web")
+    assert backend.calls == [["s/web/meta.json", "s/web/domain.xml", "s/web/domain-live.xml"]]  # never the image
+    assert read.meta["domain"]["name"] == "web" and read.small["s/web/domain-live.xml"] == b"<domain id='1'/>"
+    assert archive_select.read_domain_xml(backend, "web-1", read.meta, read.entries, read.small) == \
+        ("s/web/domain.xml", "<domain/>")
+    assert len(backend.calls) == 1
+
+
+def test_small_files_wanted_are_regular_candidates_and_the_regular_xmls_beside_them():
+    entries = {"a/meta.json": "file", "a/domain.xml": "symlink", "a/domain-live.xml": "file",
+               "b/meta.json": "symlink", "b/domain.xml": "file", "meta.json": "file", "domain.xml": "file"}
+    assert archive_select.small_files_wanted(entries) == ["a/meta.json", "a/domain-live.xml", "meta.json",
+                                                          "domain.xml"]
+
+
+def test_a_meta_json_the_tool_did_not_hand_over_as_a_regular_file_is_refused():
+    import json
+    backend = CountedReads({"s/web/meta.json": json.dumps(META).encode()}, {"s/web/meta.json": "file"},
+                           withheld={"s/web/meta.json"})  # listed as a file, then not a regular tar member
+    with pytest.raises(UsageError, match="its meta.json s/web/meta.json is a changed file, not a regular file"):
+        archive_select.read_archive(backend, "web-1", "web")
+    assert backend.calls == [["s/web/meta.json"]]  # asked for (listed as a file), not handed over
+
+
+def test_backend_base_reads_small_files_one_by_one_within_the_limit():
+    backend = Stored({"a/meta.json": b"{}", "a/domain.xml": b"x" * 10})
+    assert backend.read_files("arch", ["a/meta.json", "a/domain.xml"], 10) == {
+        "a/meta.json": b"{}", "a/domain.xml": b"x" * 10}
+    with pytest.raises(UsageError, match="a/domain.xml in arch is larger than 4 bytes"):
+        backend.read_files("arch", ["a/domain.xml"], 4)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kvm_borg.sparse import BLOCK, SEGMENT, SparseWriter
+from kvm_borg.sparse import BLOCK, SEGMENT, SparseWriter, dig_holes
 
 
 def _stream(rng: random.Random) -> tuple[bytes, int]:
@@ -83,3 +83,60 @@ def test_sparse_writer_hands_what_it_restored_to_writeback_in_steps(tmp_path, mo
     covered = [(offset, offset + length) for offset, length, _a in advised]
     assert covered[0][0] == 0 and all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # in order, no gap
     assert covered[-1][1] >= 5 << 20 and all(end - start >= 1 << 20 for start, end in covered)
+
+
+# --- dig_holes: the same holes in a file another tool wrote (borg extract --sparse) ---------------------
+
+
+def test_dig_holes_makes_every_aligned_zero_block_a_hole_and_keeps_the_content(tmp_path):
+    MiB = 1 << 20
+    path = tmp_path / "extracted.raw"
+    pieces = [(3 * MiB + 512, os.urandom(5 * MiB)),  # unaligned data with zeros written around it
+              (12 * MiB, b"\0" * 8192 + os.urandom(4096) + b"\0" * (MiB - 12288)),  # a 4 KiB island
+              (20 * MiB + 100, b"x")]  # one byte: its block stays
+    with open(path, "wb") as handle:
+        handle.write(b"\0" * 24 * MiB)  # every byte written as data, as borg writes a chunk that is not all zero
+        for offset, data in pieces:
+            handle.seek(offset)
+            handle.write(data)
+        handle.truncate(26 * MiB)  # and a hole borg made itself at the end
+    expected = path.read_bytes()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        punched = dig_holes(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == expected
+    allocated = os.stat(path).st_blocks * 512
+    data = 5 * MiB + 4096 + 4096 + 4096  # the run (its two partial blocks), the island, the byte's block
+    assert allocated <= data + 8192, (allocated, data)
+    assert punched >= 24 * MiB - data - 8192
+
+
+def test_dig_holes_of_a_file_without_zero_blocks_changes_nothing(tmp_path):
+    path = tmp_path / "random.raw"
+    path.write_bytes(os.urandom(3 * (1 << 20) + 17))
+    before = path.read_bytes()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert dig_holes(fd) == 0
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == before
+
+
+def test_the_zero_block_prefilter_never_misses_an_aligned_zero_block():
+    from kvm_borg.sparse import maybe_zero_blocks
+    dense = b"\x01" * (BLOCK * 8)
+    assert not maybe_zero_blocks(dense, len(dense))
+    with_block = dense[:BLOCK * 3] + bytes(BLOCK) + dense[BLOCK * 4:]
+    assert maybe_zero_blocks(with_block, len(with_block))
+    assert maybe_zero_blocks(bytearray(with_block), len(with_block))
+    # 4 KiB of zeros across two blocks, ending 4 bytes into the second: no aligned block is all zero
+    unaligned = b"\x01" * 4 + bytes(BLOCK) + b"\x01" * (BLOCK - 4)
+    assert not maybe_zero_blocks(unaligned, len(unaligned))
+    starts_zero = b"\x01" * 100 + bytes(BLOCK) + b"\x01" * (BLOCK - 100)  # block 2 starts with zeros: a closer look
+    assert maybe_zero_blocks(starts_zero, len(starts_zero))
+    assert not maybe_zero_blocks(bytes(BLOCK - 1), BLOCK - 1)  # a partial block is never a hole
+    assert not maybe_zero_blocks(with_block, BLOCK * 3)  # only the bytes that count are looked at

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from kvm_borg import archive_choice, archive_meta, restore_plan
 from kvm_borg.errors import UsageError
+from kvm_borg.metadata import LIVE_XML_NAME, PERSISTENT_XML_NAME
 from kvm_borg.models import RepositoryBackend
 
 log = logging.getLogger(__name__)
@@ -119,19 +121,56 @@ def archive_entries(backend: RepositoryBackend, archive: str) -> dict[str, str]:
 
 def read_archive(backend: RepositoryBackend, archive: str, domain: str | None) -> tuple[dict, dict[str, str]]:
     """Given an archive and the domain wanted (None: the only one), return (its meta.json, checked whole,
-    {path: kind} of its entries).
+    {path: kind} of its entries); see read_archive_files."""
+    found = read_archive_files(backend, archive, domain)
+    return found.meta, found.entries
+
+
+@dataclass
+class ArchiveFiles:
+    """What read_archive_files read: the checked meta.json, {path: kind} of the entries, and the bytes of the
+    small files read with it ({archive path: bytes}: meta.json candidates and the domain XMLs beside them)."""
+
+    meta: dict
+    entries: dict[str, str]
+    small: dict[str, bytes] = field(default_factory=dict)
+
+
+def small_files_wanted(entries: dict[str, str]) -> list[str]:
+    """Given {path: kind} of an archive, return the small files read in one go: every meta.json candidate
+    that is a regular file, and the domain XMLs listed as regular files beside it (where kvm-borg's
+    staging directory puts them)."""
+    wanted = []
+    for candidate in restore_plan.meta_candidates(sorted(entries)):
+        if entries[candidate] != "file":
+            continue
+        wanted.append(candidate)
+        directory = posixpath.dirname(candidate)
+        for name in (PERSISTENT_XML_NAME, LIVE_XML_NAME):
+            sibling = posixpath.join(directory, name) if directory else name
+            if entries.get(sibling) == "file":
+                wanted.append(sibling)
+    return wanted
+
+
+def read_archive_files(backend: RepositoryBackend, archive: str, domain: str | None) -> ArchiveFiles:
+    """Given an archive and the domain wanted (None: the only one), return its ArchiveFiles: meta.json checked
+    whole, the entries, and the small files read in one backend call (`read_files`: borg runs once for
+    meta.json and both XMLs).
 
     meta.json is found by listing: a regular file ending in /meta.json whose JSON carries the
     `kvm_borg` marker. A candidate that is not a regular file, not UTF-8 or not JSON is reported
     when no good one is found; a marked one with a bad key is refused (archive_meta.check_meta)."""
     entries = archive_entries(backend, archive)
+    small = backend.read_files(archive, small_files_wanted(entries), MAX_META_BYTES)
     found, problems = [], []
     for candidate in restore_plan.meta_candidates(sorted(entries)):
-        if entries[candidate] != "file":
-            problems.append(f"its meta.json {candidate} is a {entries[candidate]}, not a regular file; refused")
+        if entries[candidate] != "file" or candidate not in small:
+            kind = entries[candidate] if entries[candidate] != "file" else "changed file"
+            problems.append(f"its meta.json {candidate} is a {kind}, not a regular file; refused")
             continue
         try:
-            data = json.loads(read_bytes(backend, archive, candidate).decode("utf-8"))
+            data = json.loads(small[candidate].decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             problems.append(f"its meta.json {candidate} is not valid JSON")
             continue
@@ -149,13 +188,15 @@ def read_archive(backend: RepositoryBackend, archive: str, domain: str | None) -
             raise UsageError(f"archive {archive} holds domain {', '.join(map(repr, names))}, not {domain!r}")
     if len(found) > 1:
         raise UsageError(f"archive {archive} holds {len(found)} kvm-borg meta.json files; refusing to guess")
-    return found[0], entries
+    return ArchiveFiles(found[0], entries, small)
 
 
-def read_domain_xml(backend: RepositoryBackend, archive: str, meta: dict, entries: dict[str, str]) -> tuple[str, str]:
-    """Given an archive, its checked meta.json and entries, return (the domain XML's path in the archive, the
-    archived persistent domain XML as text); a missing one, one that is not a regular file or not UTF-8 is a
-    UsageError."""
+def read_domain_xml(backend: RepositoryBackend, archive: str, meta: dict, entries: dict[str, str],
+                    small: dict[str, bytes] | None = None) -> tuple[str, str]:
+    """Given an archive, its checked meta.json and entries (and the small files read with them, if any),
+    return (the domain XML's path in the archive, the archived persistent domain XML as text); a missing
+    one, one that is not a regular file or not UTF-8 is a UsageError. Read from `small` when it is there,
+    else with one more backend call."""
     xml_archive_path = archive_meta.check_archive_path(meta["files"]["domain_xml"], "domain XML")
     if xml_archive_path not in entries:
         raise UsageError(f"archive {archive} lacks the domain XML {xml_archive_path}")
@@ -163,6 +204,9 @@ def read_domain_xml(backend: RepositoryBackend, archive: str, meta: dict, entrie
         raise UsageError(f"archive {archive} holds the domain XML {xml_archive_path} as a "
                          f"{entries[xml_archive_path]}, not a regular file; refused")
     try:
-        return xml_archive_path, read_bytes(backend, archive, xml_archive_path).decode("utf-8")
+        data = (small or {}).get(xml_archive_path)
+        if data is None:
+            data = read_bytes(backend, archive, xml_archive_path)
+        return xml_archive_path, data.decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"archive {archive}: the domain XML {xml_archive_path} is not UTF-8") from None

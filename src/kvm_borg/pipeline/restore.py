@@ -146,7 +146,8 @@ def _run_restore(settings, conn, repo: dict, backend: RepositoryBackend, options
     started_at = time.monotonic()
     chosen = archive_reading.choose(backend, settings, options.domain, options.archive, options.host)
     archive = chosen.name
-    meta, entries = archive_reading.read_archive(backend, archive, options.domain)
+    read = archive_reading.read_archive_files(backend, archive, options.domain)  # meta.json + XMLs: one call
+    meta, entries = read.meta, read.entries
     archive_reading.check_meta_host(meta, chosen, archive)
     paths = frozenset(entries)
 
@@ -163,7 +164,7 @@ def _run_restore(settings, conn, repo: dict, backend: RepositoryBackend, options
                                      archive_types=entries)
     xml_text = archived_xml = None
     if plan.xml_path:
-        archived_xml, xml_text = restored_xml(backend, archive, meta, entries, plan, options)
+        archived_xml, xml_text = restored_xml(backend, archive, meta, entries, plan, options, small=read.small)
     define = options.define or options.start
     if plan.in_place or options.overwrite:
         uuids = [plan.original_uuid] + [d.uuid for d in [lifecycle.facts(conn, plan.original_name)] if d is not None]
@@ -279,9 +280,10 @@ def _undefine_quietly(conn, name: str) -> str:
 
 
 def restored_xml(backend: RepositoryBackend, archive: str, meta: dict, entries: dict[str, str], plan: RestorePlan,
-                  options: RestoreOptions) -> tuple[str, str]:
-    """Given the plan, return (the archived persistent XML, that XML rewritten for the restored domain)."""
-    xml_archive_path, archived_xml = archive_reading.read_domain_xml(backend, archive, meta, entries)
+                  options: RestoreOptions, small: dict[str, bytes] | None = None) -> tuple[str, str]:
+    """Given the plan (and the small files read with meta.json, if any), return (the archived persistent XML,
+    that XML rewritten for the restored domain)."""
+    xml_archive_path, archived_xml = archive_reading.read_domain_xml(backend, archive, meta, entries, small)
     firmware = meta.get("firmware")
     try:
         if "firmware" not in meta and restore_plan.declared_nvram(archived_xml):

@@ -149,16 +149,20 @@ def make_extract_command(
     sparse: bool = True,
     stdout: bool = False,
     lock_wait: int | None = None,
+    plain: bool = False,
 ) -> tuple[str, ...]:
     """Given an archive and the archive paths to extract, return the `borg extract` argv (into the cwd, or to stdout).
 
     Each path is passed as a `pf:` pattern, so it names exactly one item and is never read as a
-    pattern of another style."""
+    pattern of another style. `plain`: the archive's metadata beyond the bytes is not applied
+    (`--noflags --noacls --noxattrs --numeric-ids`: no immutable flag, ACL or capability from an
+    untrusted archive; the caller sets owner and mode itself)."""
     return (
         (binary, "extract")
         + _common_flags(lock_wait)
         + (("--sparse",) if sparse and not stdout else ())
         + (("--stdout",) if stdout else ())
+        + (("--noflags", "--noacls", "--noxattrs", "--numeric-ids") if plain else ())
         + (archive_location(repo, archive),)
         + tuple(f"pf:{path}" for path in paths)
     )
@@ -174,6 +178,20 @@ def make_export_tar_command(
         (binary, "export-tar")
         + _common_flags(lock_wait)
         + (archive_location(repo, archive), "-", f"pp:{path}")
+    )
+
+
+def make_export_files_command(
+    binary: str, repo: str, archive: str, paths: Sequence[str], *, lock_wait: int | None = None
+) -> tuple[str, ...]:
+    """Given an archive and stored paths (regular files), return the `borg export-tar ARCHIVE - pf:P...` argv:
+    one uncompressed tar of exactly those items on stdout (members named by their archive paths; `pf:`
+    names one item each, never what lies below or beside it)."""
+    return (
+        (binary, "export-tar")
+        + _common_flags(lock_wait)
+        + (archive_location(repo, archive), "-")
+        + tuple(f"pf:{path}" for path in paths)
     )
 
 

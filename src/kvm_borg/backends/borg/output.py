@@ -1,14 +1,17 @@
-"""Reading what borg prints: its `--log-json` stderr records, its JSON on stdout and `prune --list` lines.
+"""Reading what borg prints: its `--log-json` stderr records, its JSON on stdout, `prune --list` lines and the
+tar of a few small stored files (`export-tar`).
 
 Pure: text goes in, records and values come out; nothing here runs borg.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+import tarfile
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -228,3 +231,25 @@ def _is_new_files_cache(message: str) -> bool:
     return "files cache" in message and (
         "No such file or directory" in message or message.startswith("Continuing without files cache")
     )
+
+
+def parse_files_tar(data: bytes, wanted: Collection[str], limit: int, archive: str) -> dict[str, bytes]:
+    """Given an uncompressed tar (borg export-tar of stored files), the archive paths asked for, a size limit
+    per file and the archive's name (for messages), return {path: bytes} of its members that were asked for
+    and are regular files (others are left out: the caller refuses what is missing). A member larger than
+    `limit` is a ValueError worded as the one-file read words it; an unreadable tar is a ValueError."""
+    wanted = {str(p).lstrip("/") for p in wanted}
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                name = member.name.lstrip("/")
+                if name not in wanted or not member.isreg():
+                    continue
+                if member.size > limit:
+                    raise ValueError(f"{name} in {archive} is larger than {limit} bytes")
+                handle = tar.extractfile(member)
+                found[name] = handle.read() if handle is not None else b""
+    except tarfile.TarError as exc:
+        raise ValueError(f"borg export-tar of {archive} printed an unreadable tar ({exc})") from None
+    return found

@@ -40,12 +40,13 @@ from kvm_borg.backends.borg.output import (
     failed,
     is_foreign,
     parse_create_stats,
+    parse_files_tar,
     parse_items,
     parse_prune_line,
     parse_version,
 )
 from kvm_borg.config_formats import rate_kib_per_second
-from kvm_borg.errors import KvmBorgError
+from kvm_borg.errors import KvmBorgError, UsageError
 from kvm_borg.execute import CommandError, CommandResult, run_command
 from kvm_borg.models import ArchiveInfo, ArchiveRequest, BackendBase, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import progress_of, transfer_progress
@@ -277,6 +278,52 @@ class BorgRepository(BackendBase):
             os.replace(extracted, destination)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def extract_into(self, archive: str, archive_path: str, workdir: str) -> bool:
+        """Given an archive, one stored regular file and an empty private directory, let borg write the file at
+        `workdir/archive_path` (`borg extract --sparse`: all-zero chunks are holes; no flags, ACLs or xattrs
+        from the archive); return True. Borg refuses paths that are absolute or climb with `..`, and never
+        follows a symlink on the way; the caller checks what was written. A borg failure, or a path the
+        archive does not hold, is a BorgError."""
+        argv = commands.make_extract_command(self.binary, self.location, archive, [archive_path], sparse=True,
+                                             lock_wait=self.lock_wait, plain=True)
+        result, log = self._run(argv, cwd=workdir)
+        if failed(result.returncode):
+            raise self._error("extract", log, result)
+        if any("never matched" in w for w in log.warnings):
+            raise BorgError(f"repository {self.name!r}: {archive_path} is not in {archive}")
+        return True
+
+    def read_files(self, archive: str, archive_paths: Sequence[str], limit: int) -> dict[str, bytes]:
+        """Given an archive, stored regular files and a size limit per file, return {path: bytes} of those the
+        archive holds as regular files, read in ONE borg run (`borg export-tar - pf:...`, every chunk
+        authenticated); a path it lacks, or holds as anything else, is left out. A file larger than `limit`
+        is a UsageError; a borg failure or an unreadable tar a BorgError."""
+        if not archive_paths:
+            return {}
+        budget = len(archive_paths) * (limit + 1024) + 10240  # the files, their tar headers and the end blocks
+        parts: list[bytes] = []
+        size = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal size
+            size += len(data)
+            if size > budget:
+                raise UsageError(f"the small files asked for in {archive} are larger than {limit} bytes each")
+            parts.append(bytes(data))
+
+        argv = commands.make_export_files_command(self.binary, self.location, archive, archive_paths,
+                                                  lock_wait=self.lock_wait)
+        result, log = self._run(argv, on_stdout=collect)
+        if failed(result.returncode):
+            raise self._error("export-tar", log, result)
+        data = b"".join(parts)
+        try:
+            return parse_files_tar(data, archive_paths, limit, archive)
+        except ValueError as exc:
+            if "larger than" in str(exc):
+                raise UsageError(str(exc)) from None
+            raise BorgError(f"repository {self.name!r}: {exc}") from None
 
     def archive_path(self, host_path: str) -> str:
         """Given an absolute host path, return the path borg stores it under (without the leading "/")."""

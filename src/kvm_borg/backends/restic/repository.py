@@ -40,7 +40,7 @@ from kvm_borg.execute import (
     run_command,
     start_detached,
 )
-from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult
+from kvm_borg.models import ArchiveInfo, ArchiveRequest, CheckResult, PruneResult, StoreResult, read_files_one_by_one
 from kvm_borg.progress import progress_of, transfer_progress
 from kvm_borg.redact import redact_url
 from kvm_borg.sizes import content_size
@@ -273,6 +273,16 @@ class ResticRepository:
                                 on_stdout=write)
         if result.returncode != 0:
             raise self._error("dump", log, result)
+
+    def extract_into(self, archive: str, archive_path: str, workdir: str) -> bool:
+        """Return False: restore streams restic's files (`restic dump` into kvm-borg's sparse writer; restic 0.14
+        has no sparse restore)."""
+        return False
+
+    def read_files(self, archive: str, archive_paths: Sequence[str], limit: int) -> dict[str, bytes]:
+        """Given an archive, stored paths and a size limit per file, return {path: bytes}, one `restic dump`
+        each (a file larger than `limit` is a UsageError)."""
+        return read_files_one_by_one(self, archive, archive_paths, limit)
 
     def stream_tar(self, archive: str, archive_path: str, write: Callable[[bytes], None]) -> None:
         """Given an archive and one stored directory, pass a tar stream of it (and what lies below it) to
