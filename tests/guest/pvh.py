@@ -33,19 +33,22 @@ def has_pvh_entry(elf: bytes) -> bool:
     note of type XEN_ELFNOTE_PHYS32_ENTRY (QEMU's PVH boot needs it)."""
     if elf[:4] != ELF_MAGIC or elf[4] != 2 or elf[5] != 1:  # ELFCLASS64, little-endian
         return False
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
-    for i in range(phnum):
-        p_type, _flags, offset, _vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
-        if p_type != PT_NOTE:
-            continue
-        pos, end = offset, offset + filesz
-        while pos + 12 <= end:
-            namesz, descsz, n_type = struct.unpack_from("<III", elf, pos)
-            name = elf[pos + 12:pos + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
-                return True
-            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    try:
+        phoff, = struct.unpack_from("<Q", elf, 0x20)
+        phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+        for i in range(phnum):
+            p_type, _flags, offset, _vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
+            if p_type != PT_NOTE:
+                continue
+            pos, end = offset, offset + filesz
+            while pos + 12 <= end:
+                namesz, descsz, n_type = struct.unpack_from("<III", elf, pos)
+                name = elf[pos + 12:pos + 12 + namesz].rstrip(b"\0")
+                if name == b"Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
+                    return True
+                pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    except struct.error:  # truncated: not a bootable ELF
+        return False
     return False
 
 
