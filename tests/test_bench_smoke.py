@@ -74,7 +74,7 @@ def test_bench_incremental_runs_every_phase_for_both_methods(libvirt_conn, run_i
     name = f"kbtest-{run_id}-incr"
     argv = [sys.executable, "-m", "bench", "incremental", "--quick", "--data-mib", "8", "--disk-mib", "64",
             "--segment-mib", "0.25", "--sweep-mib", "0.0625,0.25", "--sweep-backends", "borg", "--guest-runs", "1",
-            "--guest-disk-mib", "64", "--guest-idle-s", "0.5",
+            "--guest-disk-mib", "64", "--guest-idle-s", "0.5", "--guest-pvh",
             "--no-drop-caches", "--name", name, "--workdir", str(run_dir / "bench-incr"),
             "--cache-dir", str(run_dir / "bench-cache"), "--out-dir", str(out)]
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
