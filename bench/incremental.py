@@ -84,6 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guest-boot-timeout", type=float, default=180,
                    help="seconds the guest may take to boot (TCG on a loaded host is slow)")
     p.add_argument("--guest-quiesce", default="auto", help="quiesce mode of the guest's backups")
+    p.add_argument("--guest-pvh", action="store_true",
+                   help="boot the guest's kernel through its PVH entry (tests/guest/pvh.py): the same kernel without "
+                        "its TCG decompression, a faster boot; what is measured once it runs is unchanged")
+    p.add_argument("--guest-idle-s", type=float, default=3.0,
+                   help="idle window before each guest backup, the reference its stall is compared with (s)")
     p.add_argument("--phases", default=",".join(PHASES), help=f"phases to run ({','.join(PHASES)})")
     p.add_argument("--no-drop-caches", action="store_true", help="only evict the image, not the whole page cache")
     p.add_argument("--name", default="kvm-borg-bench-incr", help="the domain's name (the guest's gets -guest)")
@@ -481,6 +486,10 @@ def phase_guest(args, results: dict, methods: list[str]) -> None:
     conn = libvirt.open(args.uri)
     name = f"{args.name}-guest"
     artifacts = build.build_guest_artifacts()
+    if args.guest_pvh:
+        from guest.pvh import pvh_artifacts  # noqa: PLC0415
+
+        artifacts = pvh_artifacts(artifacts)
     workdir = build.make_scratch_dir("bench-incr-guest-")
     build.remove_guest(conn, name)
     runs = results["guest"] = []
@@ -516,7 +525,7 @@ def phase_guest(args, results: dict, methods: list[str]) -> None:
         try:
             for n in range(args.guest_runs + 1):  # run 0 of each method is its first (full) backup
                 for method in (methods if n % 2 == 0 else methods[::-1]):
-                    row = _guest_backup(build, watcher, guest, configs[method], env, method)
+                    row = _guest_backup(build, watcher, guest, configs[method], env, method, args.guest_idle_s)
                     row["run"] = n
                     runs.append(row)
                     print(f"guest run {n} {method:<8} backup {row['seconds']:.2f}s stall {row['stall_ms']:.0f} ms "
@@ -552,9 +561,9 @@ def _window(seq_times, start_us: float, end_us: float) -> tuple[float, float]:
     return gap / 1000, inside / ((end_us - start_us) / 1e6)
 
 
-def _guest_backup(build, watcher, guest, config: Path, env: dict, method: str) -> dict:
+def _guest_backup(build, watcher, guest, config: Path, env: dict, method: str, idle_s: float) -> dict:
     idle_start = time.monotonic()
-    time.sleep(3.0)
+    time.sleep(idle_s)
     started = time.monotonic()
     proc = subprocess.run([KVM_BORG, "--config", str(config), "-q", "backup", guest.name, "--json"], env=env,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)

@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--commit-runs", type=int, default=2, help="backups per amount written")
     p.add_argument("--guest-runs", type=int, default=3, help="backups of the real guest per quiesce mode")
     p.add_argument("--guest-modes", default="auto,off", help="quiesce modes for the guest phase")
+    p.add_argument("--guest-idle-s", type=float, default=2.0,
+                   help="idle window before each guest backup, the reference its stall is compared with (s)")
     p.add_argument("--fixed-runs", type=int, default=7, help="paired rounds of the fixed-cost case")
     p.add_argument("--fixed-data-mib", type=int, default=16, help="real files on the fixed-cost case's small disk (MiB)")
     p.add_argument("--fixed-disk-mib", type=int, default=128, help="virtual size of that small disk (MiB)")
@@ -315,7 +317,7 @@ def phase_guest(args, results: dict) -> None:
 
     modes = [m.strip() for m in args.guest_modes.split(",") if m.strip()]
     gargs = guest_impact.parse_args(["--runs", str(args.guest_runs), "--modes", ",".join(modes),
-                                     "--name", f"{args.name}-guest"])
+                                     "--name", f"{args.name}-guest", "--idle-s", str(args.guest_idle_s)])
     runs, description, manifest = guest_impact.measure(gargs, modes)
     results["guest"] = {"modes": modes, "runs": [dataclasses.asdict(r) for r in runs],
                         "report": guest_impact.render(runs, modes, gargs, description, manifest)}

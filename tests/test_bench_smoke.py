@@ -23,8 +23,8 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
     out = tmp_path / "performance"
     name = f"kbtest-{run_id}-bench"  # the harness sweeps what a crashed run leaves
     argv = [sys.executable, "-m", "bench", "--data-mib", "8", "--disk-mib", "64", "--runs", "1",
-            "--repeat-rounds", "1", "--restore-runs", "1", "--commit-write-mib", "0,8", "--commit-runs", "1",
-            "--guest-runs", "1", "--guest-modes", "auto", "--fixed-runs", "1", "--fixed-data-mib", "4",
+            "--repeat-rounds", "1", "--levels", "0,1", "--restore-runs", "1", "--commit-write-mib", "0,8", "--commit-runs", "1",
+            "--guest-runs", "1", "--guest-modes", "auto", "--guest-idle-s", "0.5", "--fixed-runs", "1", "--fixed-data-mib", "4",
             "--fixed-disk-mib", "32", "--name", name, "--workdir", str(run_dir / "bench"),
             "--out-dir", str(out)]
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,
@@ -47,7 +47,7 @@ def test_bench_suite_runs_every_case_and_writes_its_table_and_plots(libvirt_conn
     assert "borg, chunker `buzhash,19,23,21,4095`" in table  # case 9
     targets = [line for line in table.split("## Targets")[1].split("##")[0].splitlines() if line.startswith("| ")]
     assert len(targets) == 1 + 6 and not any("not measured" in line for line in targets), targets
-    assert [s["level"] for s in results["repeat"]["steps"]] == [0.0, 1.0, 10.0]
+    assert [s["level"] for s in results["repeat"]["steps"]] == [0.0, 1.0]  # unchanged, then changed blocks
     assert {r["mib"] for r in results["commit"]} == {0, 8}
     assert [r["mode"] for r in results["guest"]["runs"]] == ["auto"]
     assert (out / "guest-impact.md").read_text().startswith("# Guest impact")
@@ -74,7 +74,7 @@ def test_bench_incremental_runs_every_phase_for_both_methods(libvirt_conn, run_i
     name = f"kbtest-{run_id}-incr"
     argv = [sys.executable, "-m", "bench", "incremental", "--quick", "--data-mib", "8", "--disk-mib", "64",
             "--segment-mib", "0.25", "--sweep-mib", "0.0625,0.25", "--sweep-backends", "borg", "--guest-runs", "1",
-            "--guest-disk-mib", "64",
+            "--guest-disk-mib", "64", "--guest-idle-s", "0.5", "--guest-pvh",
             "--no-drop-caches", "--name", name, "--workdir", str(run_dir / "bench-incr"),
             "--cache-dir", str(run_dir / "bench-cache"), "--out-dir", str(out)]
     proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL,

@@ -4,6 +4,7 @@ records survive a hard power-off, and a graceful agent shutdown leaves a clean f
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import libvirt
 import pytest
@@ -35,6 +36,17 @@ def test_parse_and_check_records_unit():
     assert not corrupt.ok and corrupt.count == 2
 
     assert build.check_records([]) == build.RecordCheck(0, None, True, False)
+
+
+def test_guest_kernel_is_the_vmlinuz_payload_booted_through_its_pvh_entry(guest_artifacts):
+    """The fixture's kernel is Debian's vmlinuz itself, decompressed: the same ELF, with the PVH note QEMU needs."""
+    from guest import pvh
+
+    assert guest_artifacts.manifest["boot"] == "pvh", guest_artifacts
+    elf = guest_artifacts.kernel.read_bytes()
+    assert pvh.has_pvh_entry(elf)
+    assert pvh.decompressed_kernel(Path(guest_artifacts.manifest["bzimage"]).read_bytes()) == elf
+    assert not pvh.has_pvh_entry(elf[:64]) and pvh.decompressed_kernel(b"no xz payload here") is None
 
 
 @pytest.mark.slow
