@@ -1,0 +1,192 @@
+"""Network disks against the real stack: an NBD export served by `qemu-nbd` on 127.0.0.1 attached to a
+running test domain beside a file disk (README "Network disks", docs/operations.md).
+
+The promises, one test each: `method: auto` backs the network disk up with the file disk in one
+pull-mode backup job, into borg and restic, reading it in full every run (a raw disk holds no bitmap:
+it is `checkpoint='no'`) while the file disk goes incremental, and `restore --disk vdb --to FILE` gives
+the served content, also after a guest write; an explicit `method: snapshot` leaves the network disk
+out with a warning (exit 1) that names it; a whole-domain restore writes the network disk into a local
+file, points the restored XML at it and says so. One domain and one export for the module; 8 MiB disks.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from harness import DiskSpec, DomainFactory, make_dir, qemu_img_compare, run_cli
+from harness.bitmap import KiB, MiB, archive_of, backup, disk_stats, restore_disk, short_scratch_dir
+from harness.images import create_image, image_info
+from support import write_config, write_passphrase
+
+SIZE_MIB = 8
+SEGMENT = 256 * KiB
+SEGMENTS = SIZE_MIB * MiB // SEGMENT
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_qemu_nbd(image: Path, port: int, log: Path) -> subprocess.Popen:
+    """`qemu-nbd` serving the raw `image` on 127.0.0.1:`port` as export "netdisk" until stopped."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            ["qemu-nbd", "--persistent", "--shared=8", "-f", "raw", "-b", "127.0.0.1", "-p", str(port),
+             "-x", "netdisk", str(image)],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text(errors="replace")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"qemu-nbd did not listen on {port}: {log.read_text(errors='replace')}")
+
+
+def network_disk_xml(port: int) -> ET.Element:
+    return ET.fromstring(
+        f"<disk type='network' device='disk'><driver name='qemu' type='raw'/>"
+        f"<source protocol='nbd' name='netdisk'><host name='127.0.0.1' port='{port}'/></source>"
+        f"<target dev='vdb' bus='virtio'/></disk>")
+
+
+class Setup:
+    def __init__(self, domain, served: Path, port: int, work: Path, scratch: Path):
+        self.domain, self.served, self.port, self.work, self.scratch = domain, served, port, work, scratch
+
+    def config(self, name: str, method: str) -> Path:
+        """A config with a fresh borg and a fresh restic repository, method `method`."""
+        directory = make_dir(self.work / name)
+        repositories = [
+            {"name": "borg", "type": "borg", "path": str(directory / "borg-repo"),
+             "passphrase_file": str(write_passphrase(directory / "borg.pass"))},
+            {"name": "restic", "type": "restic", "url": str(directory / "restic-repo"),
+             "passphrase_file": str(write_passphrase(directory / "restic.pass"))},
+        ]
+        return write_config(directory / "kb", repositories, plugins=[], method=method,
+                            segment_size=f"{SEGMENT // KiB}KiB", scratch_dir=str(self.scratch))
+
+
+@pytest.fixture(scope="module")
+def setup(libvirt_conn, run_dir, run_id):
+    """A running domain: vda a qcow2 file disk, vdb an NBD network disk served by qemu-nbd from a raw file."""
+    work = make_dir(run_dir / f"netdisk-{secrets.token_hex(3)}")
+    scratch = short_scratch_dir(run_dir)
+    factory = DomainFactory(libvirt_conn, work, run_id, label="netdisk")
+    served = create_image(work / "served.raw", "raw", SIZE_MIB, "pattern", seed=77)
+    port = free_port()
+    server = start_qemu_nbd(served, port, work / "qemu-nbd.log")
+    try:
+        domain = factory.make(disks=[DiskSpec("vda", "qcow2", SIZE_MIB)], running=False,
+                              name=f"netdisk-{secrets.token_hex(2)}")
+        root = ET.fromstring(domain.xml(inactive=True))
+        root.find("devices").append(network_disk_xml(port))
+        libvirt_conn.defineXML(ET.tostring(root, encoding="unicode"))
+        domain.start()
+        yield Setup(domain, served, port, work, scratch)
+    finally:
+        errors = factory.cleanup()
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        assert not errors, errors
+
+
+def assert_restores_served(setup: Setup, config: Path, archive_by_repo: dict[str, str], tmp_path: Path) -> None:
+    """vdb restored from each repository's archive equals the served file: raw, same size, same bytes."""
+    for repository, archive in archive_by_repo.items():
+        destination = restore_disk(config, setup.domain.name, "vdb", tmp_path / f"vdb-{repository}-{archive}.raw",
+                                   archive, repository)
+        assert image_info(destination)["format"] == "raw"
+        assert destination.stat().st_size == SIZE_MIB * MiB
+        assert qemu_img_compare(destination, setup.served, "raw", "raw", strict=True), (repository, archive)
+        destination.unlink()
+
+
+def test_auto_backs_up_a_network_disk_in_full_each_run_beside_an_incremental_file_disk(setup, tmp_path):
+    config = setup.config("auto", "auto")
+    name = setup.domain.name
+
+    first = backup(config, name)
+    assert first["exit_code"] == 0, first
+    assert first["method"] == "bitmap", first
+    stats = disk_stats(first)
+    assert sorted(stats) == ["vda", "vdb"]  # both disks, one backup job
+    assert stats["vdb"]["full_read_reason"] == "raw network disk: no bitmap"
+    assert stats["vdb"]["segments_dirty"] == stats["vdb"]["segments_total"] == SEGMENTS
+    archives = {repo: archive_of(first, repo) for repo in ("borg", "restic")}
+    assert_restores_served(setup, config, archives, tmp_path)
+    # The new checkpoint carries a bitmap for the file disk only: a raw network disk cannot hold one.
+    [checkpoint] = [c for c in setup.domain.dom.listAllCheckpoints(0) if c.getName().startswith("kvm-borg.")]
+    modes = {d.get("name"): d.get("checkpoint") for d in ET.fromstring(checkpoint.getXMLDesc(0)).findall("./disks/disk")}
+    assert modes == {"vda": "bitmap", "vdb": "no"}, modes
+
+    # A guest write on each disk: vda reads only what changed, vdb is read in full again.
+    setup.domain.hmp_write("vdb", 0x5A, 3 * MiB + 4 * KiB, 64 * KiB)
+    setup.domain.hmp_write("vda", 0x5B, 1 * MiB, 64 * KiB)
+    second = backup(config, name)
+    assert second["exit_code"] == 0, second
+    stats = disk_stats(second)
+    assert stats["vdb"]["full_read_reason"] == "raw network disk: no bitmap"
+    assert stats["vdb"]["segments_dirty"] == SEGMENTS
+    assert stats["vda"]["full_read_reason"] is None and stats["vda"]["segments_dirty"] == 1, stats["vda"]
+    assert_restores_served(setup, config, {repo: archive_of(second, repo) for repo in ("borg", "restic")}, tmp_path)
+    # ... and the first archives still hold the content before the write
+    before = restore_disk(config, name, "vdb", tmp_path / "before.raw", archives["borg"], "borg")
+    assert not qemu_img_compare(before, setup.served, "raw", "raw", strict=True)
+    with open(before, "rb") as handle:
+        handle.seek(3 * MiB + 4 * KiB)
+        assert handle.read(64 * KiB) != bytes([0x5A]) * (64 * KiB)
+
+
+def test_explicit_snapshot_leaves_the_network_disk_out_with_a_warning_naming_it(setup, tmp_path):
+    config = setup.config("snapshot", "snapshot")
+    result = backup(config, setup.domain.name, expect=(1,))
+    assert result["method"] == "snapshot"
+    assert [d["target"] for d in result["disks"]] == ["vda"]
+    [warning] = [w for w in result["warnings"] if "vdb" in w]
+    assert f"nbd://127.0.0.1:{setup.port}/netdisk" in warning and "NOT backed up" in warning
+    assert "set method auto or bitmap" in warning
+    assert "NOT backed up" in result["stderr"]
+    # the archive says so too, and has no vdb to restore
+    proc = run_cli("restore", setup.domain.name, "--disk", "vdb", "--to", tmp_path / "x.raw", "--repo", "restic",
+                   config=config)
+    assert proc.returncode == 2 and "has no disk vdb" in proc.stderr, proc.stderr
+    assert setup.domain.is_active()
+
+
+def test_a_whole_domain_restore_writes_the_network_disk_to_a_local_file_and_points_the_xml_at_it(setup, tmp_path):
+    config = setup.config("copy", "auto")
+    backup(config, setup.domain.name)
+    target = make_dir(tmp_path / "copy")
+    copy = f"{setup.domain.name}-copy"
+    proc = run_cli("restore", setup.domain.name, "--target-dir", target, "--name", copy, "--repo", "borg", "--json",
+                   config=config, timeout=300)
+    assert proc.returncode == 1, proc.stderr  # the warning below
+    result = json.loads(proc.stdout)
+    local = target / f"{copy}-vdb.raw"
+    assert result["disks"]["vdb"] == str(local)
+    assert qemu_img_compare(local, setup.served, "raw", "raw", strict=True)
+    [warning] = [w for w in result["warnings"] if "network disk" in w]
+    assert f"nbd://127.0.0.1:{setup.port}/netdisk" in warning and str(local) in warning
+    disks = {d.find("target").get("dev"): d for d in ET.parse(result["xml"]).getroot().findall("./devices/disk")}
+    assert disks["vdb"].get("type") == "file" and disks["vdb"].find("source").attrib == {"file": str(local)}
