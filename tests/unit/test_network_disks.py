@@ -160,3 +160,22 @@ def test_a_copy_writes_a_network_disk_into_the_target_dir():
     plan = restore_plan.plan_restore(meta(NBD), PATHS, target_dir="/restore", new_name="web2")
     assert plan.disks[0].image.destination == "/restore/web2-vdb.raw"
     assert "network disk nbd://" in plan.warnings[0]
+
+
+def test_the_planner_leaves_out_only_the_network_disks_the_method_cannot_read():
+    from types import SimpleNamespace
+
+    from kvm_borg.engine import planning
+
+    disks = dx.choose_disks(DOMAIN)[0]
+    settings = SimpleNamespace(method="snapshot", domains_method={"web": "auto"})
+    kept, left_out = planning.leave_out_network_disks(settings, "web", True, "bitmap", disks, None)
+    assert kept == disks and left_out == []
+    kept, left_out = planning.leave_out_network_disks(settings, "db", True, "snapshot", disks, None)
+    assert [d.target for d in kept] == ["vda"]
+    assert [(s.target, d.source) for s, d in left_out] == [
+        ("vdb", "nbd://127.0.0.1:10900/exp"), ("vdc", "rbd://mon1:6789,mon2/pool/img"),
+        ("vdd", "nbd:///run/nbd.sock/q")]
+    assert all("set method auto or bitmap" in s.reason for s, _ in left_out)
+    kept, left_out = planning.leave_out_network_disks(settings, "web", False, "snapshot", disks[:1], None)
+    assert kept == disks[:1] and left_out == []  # no network disk: nothing to say
