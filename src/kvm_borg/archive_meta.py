@@ -7,8 +7,9 @@ a path that leaves the archive, a UUID that is not one, a format qemu-img does n
 domain name libvirt would refuse: one line, before anything is written.
 
 Paths the archive records about the host it came from (`original_source`, backing `path`,
-`firmware.nvram`) and a network disk's `network` (protocol, name, hosts) are informational only: they must be well formed (absolute, normalized) but
-are never used as destinations (see restore_plan).
+`firmware.nvram`) are informational only: they must be well formed (absolute, normalized) but
+are never used as destinations (see restore_plan). So is a network disk's `network` (protocol, name,
+hosts: short printable text, shown in a warning): restore never connects to a host an archive names.
 """
 
 from __future__ import annotations

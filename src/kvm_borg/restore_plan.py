@@ -231,7 +231,7 @@ def plan_restore(
         else:
             destination = posixpath.join(directory_for(target), f"{stem}-{target}.{fmt}")
         if network is not None:
-            warnings.append(network_origin_warning(target, network, destination, with_xml and not disks))
+            warnings.append(network_origin_warning(target, network, destination, with_xml and not disks, fmt))
         segments = check_segments(entry, f"disk {target}")
         if segments is not None:
             image = RestoreFile(present(entry["archive_path"], f"segment directory of disk {target}", "dir"),
@@ -301,15 +301,17 @@ def network_label(network: dict) -> str:
     return f"{network['protocol']}://{hosts}/{network.get('name') or ''}"
 
 
-def network_origin_warning(target: str, network: dict, destination: str, with_xml: bool) -> str:
+def network_origin_warning(target: str, network: dict, destination: str, with_xml: bool, fmt: str = "raw") -> str:
     """Given a restored disk that was a network disk at backup time, its checked `network` entry, where it is
-    written and whether a domain XML is written too, return the warning that says so: the network volume is
-    not touched (kvm-borg never connects to the hosts an archive names); writing it back is the sysadmin's
-    step (`--disk TARGET --to /dev/...` onto the volume mapped as a block device: docs/operations.md)."""
+    written, whether a domain XML is written too and its format, return the warning that says so: the
+    network volume is not touched (kvm-borg never connects to the hosts an archive names); writing it back
+    is the sysadmin's step (a raw disk: `--disk TARGET --to /dev/...` onto the volume mapped as a block
+    device; qcow2: `qemu-img convert` of the restored file; docs/operations.md)."""
     xml = "; the restored domain's XML points at that file" if with_xml else ""
+    back = (f"map it as a block device and use --disk {target} --to DEVICE --overwrite" if fmt == "raw"
+            else "qemu-img convert the restored file onto it")
     return (f"disk {target} was the network disk {network_label(network)} at backup time: restored to the local "
-            f"file {destination}{xml}; the network volume was not touched (to write it back, map it as a block "
-            f"device and use --disk {target} --to DEVICE --overwrite)")
+            f"file {destination}{xml}; the network volume was not touched (to write it back, {back})")
 
 
 # --- the domain XML ----------------------------------------------------------------------------
