@@ -179,3 +179,14 @@ def test_the_planner_leaves_out_only_the_network_disks_the_method_cannot_read():
     assert all("set method auto or bitmap" in s.reason for s, _ in left_out)
     kept, left_out = planning.leave_out_network_disks(settings, "web", False, "snapshot", disks[:1], None)
     assert kept == disks[:1] and left_out == []  # no network disk: nothing to say
+
+
+def test_a_network_qcow2_level_is_read_from_its_header_only_and_briefly():
+    from kvm_borg.engine import planning
+
+    argv = planning.network_qcow2_compat_argv("nbd://127.0.0.1:10900/exp")
+    assert argv == ["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", "nbd://127.0.0.1:10900/exp"]
+    assert "--backing-chain" not in argv  # a backing file named on the server is never opened here
+    assert planning.NETWORK_PROBE_TIMEOUT <= 30
+    rbd = next(d for d in dx.choose_disks(DOMAIN)[0] if d.target == "vdc")
+    assert planning.disk_qcow2_compat(rbd) is None  # no URL for rbd: nothing is run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -14,10 +15,11 @@ from kvm_borg.config import Settings
 from kvm_borg.engine.backup_job import is_own_checkpoint
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.domain_xml import choose_disks, is_overlay_path, network_image_url, overlay_path
-from kvm_borg.engine.images import qcow2_compat
+from kvm_borg.engine.images import qcow2_compat, qemu_img_argv
 from kvm_borg.engine.libvirt_errors import translating
 from kvm_borg.engine.versions import backup_api_problem
-from kvm_borg.errors import RefusedError
+from kvm_borg.errors import KvmBorgError, RefusedError
+from kvm_borg.tools import tool_output
 from kvm_borg.models import DiskPlan, DomainPlan, SkippedDisk
 
 log = logging.getLogger(__name__)
@@ -58,13 +60,34 @@ def bitmap_problem(connection: Connection) -> str | None:
     return _BITMAP_PROBLEMS[connection.uri]
 
 
+# qemu-img asking a network server for a qcow2 header: a server that takes one client at a time (qemu-nbd's
+# default --shared=1, QEMU being that client) never answers, and an unknown level only costs a full read.
+NETWORK_PROBE_TIMEOUT = 15.0
+
+
+def network_qcow2_compat_argv(url: str) -> list[str]:
+    """Given a network disk's URL (domain_xml.network_image_url), return the `qemu-img info` argv reading its
+    qcow2 header only (force-shared, no backing file opened)."""
+    return qemu_img_argv("info", "-U", "--output=json", "-f", "qcow2", url)
+
+
 def disk_qcow2_compat(disk: DiskPlan) -> str | None:
     """Given a qcow2 DiskPlan, return its compat level ("1.1", "0.10"), or None when unknown: a network disk
-    is asked through its URL where domain_xml.network_image_url builds one (NBD), else not at all."""
+    is asked through its URL where domain_xml.network_image_url builds one (NBD; at most
+    NETWORK_PROBE_TIMEOUT seconds), else not at all."""
     if disk.network is None:
         return qcow2_compat(disk.source)
     url = network_image_url(disk.network)
-    return qcow2_compat(url) if url else None
+    if url is None:
+        return None
+    try:
+        info = json.loads(tool_output(network_qcow2_compat_argv(url), what=f"read the qcow2 header of {url}",
+                                      timeout=NETWORK_PROBE_TIMEOUT))
+    except (KvmBorgError, ValueError) as exc:
+        log.info("disk %s: qcow2 level of %s unknown (%s): read in full", disk.target, url, exc)
+        return None
+    compat = ((info.get("format-specific") or {}).get("data") or {}).get("compat") if isinstance(info, dict) else None
+    return compat if isinstance(compat, str) else None
 
 
 def choose_method(settings: Settings, name: str, running: bool, disks, connection: Connection | None = None) -> str:
