@@ -3,10 +3,11 @@ running test domain beside a file disk (README "Network disks", docs/operations.
 
 The promises, one test each: `method: auto` backs the network disks up with the file disk in one
 pull-mode backup job, into borg and restic, reading a raw one in full every run (it holds no bitmap:
-`checkpoint='no'`) while the file disk and a qcow2 network disk go incremental, and `restore --disk vdb --to FILE` gives
-the served content, also after a guest write; an explicit `method: snapshot` leaves the network disk
-out with a warning (exit 1) that names it; a whole-domain restore writes the network disk into a local
-file, points the restored XML at it and says so. One domain and one export for the module; 8 MiB disks.
+`checkpoint='no'`) while the file disk and a qcow2 network disk go incremental, and `restore --disk
+vdb --to FILE` gives the served content, also after a guest write; an explicit `method: snapshot`
+leaves the network disks out with a warning (exit 1) that names them; a whole-domain restore writes
+a network disk into a local file, points the restored XML at it and says so. One domain and its two
+exports for the module; 8 MiB disks, 256 KiB segments.
 """
 
 from __future__ import annotations
@@ -191,6 +192,8 @@ def test_explicit_snapshot_leaves_the_network_disk_out_with_a_warning_naming_it(
                    config=config)
     assert proc.returncode == 2 and "has no disk vdb" in proc.stderr, proc.stderr
     assert setup.domain.is_active()
+    live = setup.domain.live_sources()  # merged back; the network disks were never touched
+    assert live["vda"] == str(setup.domain.disks["vda"]) and live["vdb"] == live["vdc"] == "netdisk", live
 
 
 def test_a_whole_domain_restore_writes_the_network_disk_to_a_local_file_and_points_the_xml_at_it(setup, tmp_path):
