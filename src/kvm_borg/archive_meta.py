@@ -8,7 +8,8 @@ domain name libvirt would refuse: one line, before anything is written.
 
 Paths the archive records about the host it came from (`original_source`, backing `path`,
 `firmware.nvram`) are informational only: they must be well formed (absolute, normalized) but
-are never used as destinations (see restore_plan).
+are never used as destinations (see restore_plan). So is a network disk's `network` (protocol, name,
+hosts: short printable text, shown in a warning): restore never connects to a host an archive names.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ MAX_SEGMENT_SIZE = 1 << 30
 MAX_SEGMENT_COUNT = 1 << 32
 #: The formats a segmented disk is restored in (its content is raw; qcow2 is converted at restore).
 SEGMENT_FORMATS = frozenset({"raw", "qcow2"})
+#: A network disk's protocol as libvirt names it (nbd, rbd, iscsi, gluster, http...), and its hosts' count.
+NETWORK_PROTOCOL_RE = re.compile(r"^[a-z][a-z0-9+]{0,15}$")
+MAX_NETWORK_HOSTS = 16
 _TARGET_RE = re.compile(r"^[a-z][a-z0-9]{0,31}$")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -199,6 +203,41 @@ def _type(value: object, types, where: str, expected: str, optional: bool = Fals
     return value
 
 
+def _text(value: object, where: str, limit: int, optional: bool = True) -> str | None:
+    """A string of at most `limit` characters and no control character (it is printed in warnings)."""
+    text = _type(value, str, where, "a string", optional=optional)
+    if text is not None and (len(text) > limit or _CONTROL_RE.search(text)):
+        raise UsageError(f"archive meta.json: {where}: longer than {limit} characters or with a control character")
+    return text
+
+
+def check_network(network: object, where: str) -> dict | None:
+    """Given a disk's `network` entry (a network disk at backup time: protocol, name, hosts), return it when
+    well formed, None when absent; else a UsageError. Informational only: restore prints it in a warning
+    and never connects to these hosts, so it needs only to be short, printable text."""
+    if network is None:
+        return None
+    where = f"{where}.network"
+    network = _type(network, dict, where, "an object")
+    protocol = _text(network.get("protocol"), f"{where}.protocol", 16, optional=False)
+    if not NETWORK_PROTOCOL_RE.match(protocol):
+        raise UsageError(f"archive meta.json: {where}.protocol: not a disk protocol: {protocol!r}")
+    _text(network.get("name"), f"{where}.name", 1024)
+    for index, host in enumerate(_list(network.get("hosts"), f"{where}.hosts", MAX_NETWORK_HOSTS)):
+        host_where = f"{where}.hosts[{index}]"
+        _type(host, dict, host_where, "an object")
+        _text(host.get("name"), f"{host_where}.name", 255)
+        port = _text(host.get("port"), f"{host_where}.port", 5)
+        if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+            raise UsageError(f"archive meta.json: {host_where}.port: not a port: {port!r}")
+        transport = _text(host.get("transport"), f"{host_where}.transport", 8)
+        if transport is not None and transport not in ("tcp", "unix", "rdma"):
+            raise UsageError(f"archive meta.json: {host_where}.transport: not tcp, unix or rdma: {transport!r}")
+        if host.get("socket") is not None:
+            check_host_path(host.get("socket"), f"socket of {host_where}")
+    return network
+
+
 def _list(value: object, where: str, limit: int, optional: bool = True) -> list:
     if value is None and optional:
         return []
@@ -232,7 +271,9 @@ def check_meta(meta: object) -> dict:
         check_size(disk.get("virtual_size"), f"{where}.virtual_size")
         check_archive_path(disk.get("archive_path"), f"image of disk {target}")
         check_segments(disk, where)
-        check_host_path(disk.get("original_source"), f"original source of disk {target}")
+        network = check_network(disk.get("network"), where)
+        if network is None or disk.get("original_source") is not None:
+            check_host_path(disk.get("original_source"), f"original source of disk {target}")
         _type(disk.get("block_device"), bool, f"{where}.block_device", "true or false", optional=True)
         for key in ("source_type", "read_from"):
             _type(disk.get(key), str, f"{where}.{key}", "a string", optional=True)

@@ -12,6 +12,10 @@ A disk backed up by the bitmap method (layout "segments") is a directory instead
 guest-visible content, flattened, cut into segment files named `%08d` by index, each `size` bytes (the
 last one shorter) or empty when the whole segment reads as zeros, plus a `manifest.json`; its meta.json
 entry carries `"layout": "segments"` and `"segments": {"size": S, "count": C}` (see README, "Archive layout").
+
+A network disk (nbd, rbd, iscsi...: always segmented, read through the backup job) has no host path:
+its entry carries `"source_type": "network"`, `"original_source": null` and `"network": {"protocol",
+"name", "hosts": [{"name", "port", "transport", "socket"}]}`, informational (restore writes a file).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 from kvm_borg import __version__
 from kvm_borg.atomic import write_atomic
-from kvm_borg.models import DomainPlan, FreezeResult, FrozenDisk
+from kvm_borg.models import DiskPlan, DomainPlan, FreezeResult, FrozenDisk
 
 META_NAME = "meta.json"
 PERSISTENT_XML_NAME = "domain.xml"
@@ -68,6 +72,16 @@ def segment_fields(disk: FrozenDisk) -> dict:
     return {"layout": "segments", "segments": {"size": disk.segment_size, "count": disk.segment_count}}
 
 
+def network_fields(disk: DiskPlan) -> dict:
+    """Given a DiskPlan, return the meta.json keys of a network disk ({"network": {...}}), {} for any other."""
+    if disk.network is None:
+        return {}
+    hosts = [{key: value for key, value in (("name", h.name), ("port", h.port), ("transport", h.transport),
+                                            ("socket", h.socket)) if value is not None}
+             for h in disk.network.hosts]
+    return {"network": {"protocol": disk.network.protocol, "name": disk.network.name, "hosts": hosts}}
+
+
 def build_meta(
     plan: DomainPlan,
     freeze: FreezeResult,
@@ -90,13 +104,14 @@ def build_meta(
                 "target": disk.target,
                 "format": disk.driver_type,
                 "virtual_size": disk.virtual_size,
-                "original_source": disk.original_source,
+                "original_source": None if planned.network is not None else disk.original_source,
                 "source_type": planned.source_type,
                 "read_from": disk.path,
                 "archive_path": relative_archive_path(disk.path),
                 "block_device": disk.is_block_device,
                 "backing_chain": backing_layers(disk),
                 **segment_fields(disk),
+                **network_fields(planned),
             }
         )
     files = {"domain_xml": relative_archive_path(os.path.join(staging_dir, PERSISTENT_XML_NAME))}

@@ -34,16 +34,33 @@ def holds_bitmaps(fmt: str, qcow2_compat: str | None) -> bool:
 
 
 def choose_method(configured: str, domains_method: Mapping[str, str], name: str, running: bool,
-                  disk_formats: Iterable[tuple[str, str | None]]) -> str:
-    """Given the config's `method` and `domains_method`, a domain's name, whether it runs and its chosen
-    disks' [(format, qcow2 compat or None)], return "snapshot" or "bitmap": the configured method,
-    where `auto` means bitmap for a running domain with at least one qcow2 v3 disk, else snapshot."""
+                  disk_formats: Iterable[tuple[str, str | None]], network: bool = False) -> str:
+    """Given the config's `method` and `domains_method`, a domain's name, whether it runs, its chosen
+    disks' [(format, qcow2 compat or None)] and whether one of them is a network disk, return "snapshot"
+    or "bitmap": the configured method, where `auto` means bitmap for a running domain with at least one
+    qcow2 v3 disk or a network disk (only the bitmap method's backup job reads one), else snapshot."""
     method = configured_method(configured, domains_method, name)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     if method != "auto":
         return method
-    return "bitmap" if running and any(holds_bitmaps(fmt, compat) for fmt, compat in disk_formats) else "snapshot"
+    wants_bitmap = network or any(holds_bitmaps(fmt, compat) for fmt, compat in disk_formats)
+    return "bitmap" if running and wants_bitmap else "snapshot"
+
+
+def network_disk_reason(method: str, running: bool, configured: str, why_not_bitmap: str | None = None) -> str | None:
+    """Given the method chosen for a domain, whether it runs, the method configured for it and (when `auto`
+    fell back to snapshot) why the bitmap method cannot run here, return why its network disks are left
+    out of this backup (a skip reason starting "network disk"), or None when they are read: only a running
+    domain's pull-mode backup job (the bitmap method) reads a network disk; an external snapshot would
+    have to create an overlay on the network storage, and a shut-off domain has no QEMU to read through."""
+    if method == "bitmap" and running:
+        return None
+    if not running:
+        return "network disk of a shut-off domain: only a running domain's backup job reads it; back it up running"
+    if configured == "snapshot":
+        return "network disk: method snapshot cannot read it; set method auto or bitmap for this domain"
+    return f"network disk: the bitmap method cannot run here ({why_not_bitmap or 'see kvm-borg doctor'})"
 
 
 def missing_bitmap_modules(find_spec: Callable[[str], object] = importlib.util.find_spec) -> list[str]:

@@ -14,14 +14,40 @@ from kvm_borg.errors import UsageError, exit_code
 
 
 @dataclass(frozen=True)
+class NetworkHost:
+    """One `<host>` of a network disk's `<source>`: a server name and port, or a unix socket."""
+
+    name: str | None = None
+    port: str | None = None
+    transport: str | None = None  # "tcp" (libvirt's default), "unix", "rdma"
+    socket: str | None = None  # transport "unix"
+
+
+@dataclass(frozen=True)
+class NetworkSource:
+    """Where a disk of type `network` lives: `<source protocol='nbd|rbd|iscsi|gluster|...' name='...'>` and
+    its hosts. Recorded in meta.json (informational: restore never connects to it)."""
+
+    protocol: str
+    name: str | None
+    hosts: tuple[NetworkHost, ...] = ()
+
+    def label(self) -> str:
+        """Return a one-line description for logs and warnings, e.g. "nbd://127.0.0.1:10809/exp"."""
+        hosts = ",".join(h.socket or (h.name or "") + (f":{h.port}" if h.port else "") for h in self.hosts)
+        return f"{self.protocol}://{hosts}/{self.name or ''}"
+
+
+@dataclass(frozen=True)
 class DiskPlan:
     """One disk of a domain chosen for backup, as its XML describes it."""
 
     target: str  # guest device name, e.g. "vda"
-    source: str  # host path of the active image (file or block device)
-    source_type: str  # "file" or "block"
+    source: str  # host path of the active image (file or block device); a network disk: its label()
+    source_type: str  # "file", "block" or "network"
     driver_type: str  # image format: "qcow2", "raw", ...
     backing_chain: tuple[str, ...] = ()  # backing files below `source`, top first
+    network: NetworkSource | None = None  # a disk of type network: where it lives (source is then no path)
 
 
 @dataclass(frozen=True)
@@ -45,6 +71,7 @@ class DomainPlan:
     quiesce: str  # "auto" | "required" | "off"
     method: str = "snapshot"  # how the disks are frozen and read: "snapshot" | "bitmap" (changed blocks)
     full_read: bool = False  # `backup --full`: the bitmap method reads every segment this run
+    warnings: tuple[str, ...] = ()  # what the run must report about the plan (a network disk left out)
 
 
 @dataclass(frozen=True)

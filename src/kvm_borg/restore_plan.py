@@ -215,7 +215,10 @@ def plan_restore(
     for target in chosen:
         entry = archived[target]
         fmt = entry["format"]
-        if in_place:
+        network = entry.get("network")
+        if in_place and network is not None and not (local_disks.get(target) and local_disks[target].source):
+            destination = posixpath.join(image_dir, f"{stem}-{target}.{fmt}")  # the network volume stays as it is
+        elif in_place:
             local = local_disks.get(target)
             if local is None or not local.source:
                 raise UsageError(f"disk {target} of the archive is not a file disk of the local domain {name!r}; "
@@ -227,6 +230,8 @@ def plan_restore(
             destination = local.source
         else:
             destination = posixpath.join(directory_for(target), f"{stem}-{target}.{fmt}")
+        if network is not None:
+            warnings.append(network_origin_warning(target, network, destination, with_xml and not disks, fmt))
         segments = check_segments(entry, f"disk {target}")
         if segments is not None:
             image = RestoreFile(present(entry["archive_path"], f"segment directory of disk {target}", "dir"),
@@ -287,6 +292,26 @@ def plan_restore(
             raise UsageError(f"two restored files would both be written to {path}")
         seen.add(path)
     return plan
+
+
+def network_label(network: dict) -> str:
+    """Given a disk's checked `network` entry from meta.json, return it as one line ("nbd://10.0.0.1:10809/vm")."""
+    hosts = ",".join(str(h.get("socket") or (h.get("name") or "") + (f":{h['port']}" if h.get("port") else ""))
+                     for h in network.get("hosts") or [])
+    return f"{network['protocol']}://{hosts}/{network.get('name') or ''}"
+
+
+def network_origin_warning(target: str, network: dict, destination: str, with_xml: bool, fmt: str = "raw") -> str:
+    """Given a restored disk that was a network disk at backup time, its checked `network` entry, where it is
+    written, whether a domain XML is written too and its format, return the warning that says so: the
+    network volume is not touched (kvm-borg never connects to the hosts an archive names); writing it back
+    is the sysadmin's step (a raw disk: `--disk TARGET --to /dev/...` onto the volume mapped as a block
+    device; qcow2: `qemu-img convert` of the restored file; docs/operations.md)."""
+    xml = "; the restored domain's XML points at that file" if with_xml else ""
+    back = (f"map it as a block device and use --disk {target} --to DEVICE --overwrite" if fmt == "raw"
+            else "qemu-img convert the restored file onto it")
+    return (f"disk {target} was the network disk {network_label(network)} at backup time: restored to the local "
+            f"file {destination}{xml}; the network volume was not touched (to write it back, {back})")
 
 
 # --- the domain XML ----------------------------------------------------------------------------

@@ -27,12 +27,12 @@ def test_backs_up_file_and_block_disks_and_says_why_others_are_skipped():
     assert [(d.target, d.source, d.source_type, d.driver_type) for d in chosen] == [
         ("vda", "/img/a.qcow2", "file", "qcow2"),
         ("vdb", "/dev/vg/lv", "block", "raw"),
+        ("vdc", "rbd:///p/x", "network", "raw"),  # kept or left out by the method (test_network_disks.py)
     ]
     assert chosen[0].backing_chain == ("/img/base.raw",)
     reasons = {s.target: s.reason for s in skipped}
     assert reasons == {
         "hdc": "device is a cdrom",
-        "vdc": "network disk",
         "vdd": "shareable disk",
         "vde": "read-only disk",
         "fda": "device is a floppy",
@@ -41,9 +41,10 @@ def test_backs_up_file_and_block_disks_and_says_why_others_are_skipped():
 
 
 def test_configured_exclusions_are_skipped_with_reason():
-    chosen, skipped = dx.choose_disks(DOMAIN, ["vdb"])
+    chosen, skipped = dx.choose_disks(DOMAIN, ["vdb", "vdc"])
     assert [d.target for d in chosen] == ["vda"]
     assert dx.SkippedDisk("vdb", "excluded by configuration") in skipped
+    assert dx.SkippedDisk("vdc", "excluded by configuration") in skipped  # a network disk too
 
 
 def test_snapshot_xml_names_every_disk_and_gives_explicit_overlays():

@@ -7,6 +7,9 @@ QEMU 7.2 that shape them:
   writable by the domain's DAC user (`qemu_owner`); libvirt creates the qcow2 scratch files (0600,
   owned by QEMU) and deletes them when the job ends, even when QEMU is killed; the socket file stays.
 - A raw disk cannot carry a checkpoint bitmap ("unsupported for storage type raw"): `checkpoint='no'`.
+- Network disks (`type='network'`) take part in a pull-mode job like file disks, given an explicit scratch
+  file: a raw one as `checkpoint='no'`, a qcow2 one (over NBD) with a bitmap that QEMU keeps in the qcow2 on
+  the server (tests/test_network_disk.py).
 - REDEFINE|REDEFINE_VALIDATE of a checkpoint's own XML fails ("missing or broken bitmap") once its
   bitmap is gone or inconsistent (QEMU killed with SIGKILL); it needs a running domain. `virsh
   destroy` (SIGTERM) closes the image cleanly and keeps the bitmaps.

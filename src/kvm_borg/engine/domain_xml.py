@@ -11,11 +11,13 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-from kvm_borg.models import DiskPlan, SkippedDisk
+from kvm_borg.models import DiskPlan, NetworkHost, NetworkSource, SkippedDisk
 
 OVERLAY_MARK = ".kvm-borg-"
 OVERLAY_RE = re.compile(r"\.kvm-borg-\d{8}T\d{6}Z\.qcow2$")
-SKIPPED_DISK_TYPES = ("network", "volume", "nvme", "vhostuser", "dir")
+# Disk types never backed up. A `network` disk (nbd, rbd, iscsi, gluster...) is a candidate: the planner keeps it
+# only where the bitmap method's pull-mode backup job reads it (kvm_borg.method_choice.network_disk_reason).
+SKIPPED_DISK_TYPES = ("volume", "nvme", "vhostuser", "dir")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,17 @@ class DiskXml:
     mirror: bool
     mirror_ready: bool
     backing_chain: tuple[str, ...]
+    network: NetworkSource | None = None  # type network: its protocol, name and hosts
+
+
+def _network_source(disk: ET.Element) -> NetworkSource | None:
+    """Given a `<disk type='network'>`, return its NetworkSource, or None when its `<source>` names no protocol."""
+    source = disk.find("source")
+    if source is None or not source.get("protocol"):
+        return None
+    hosts = tuple(NetworkHost(name=h.get("name"), port=h.get("port"), transport=h.get("transport"),
+                              socket=h.get("socket")) for h in source.findall("host"))
+    return NetworkSource(protocol=source.get("protocol"), name=source.get("name"), hosts=hosts)
 
 
 def _backing_chain(disk: ET.Element) -> tuple[str, ...]:
@@ -57,30 +70,36 @@ def parse_disks(domain_xml: str) -> list[DiskXml]:
         source = disk.find("source")
         driver = disk.find("driver")
         mirror = disk.find("mirror")
+        network = _network_source(disk) if disk.get("type") == "network" else None
         disks.append(
             DiskXml(
                 target=target.get("dev") if target is not None else "",
                 device=disk.get("device", "disk"),
                 disk_type=disk.get("type", "file"),
-                source=(source.get("file") or source.get("dev")) if source is not None else None,
+                source=network.label() if network is not None else
+                (source.get("file") or source.get("dev")) if source is not None else None,
                 driver_type=driver.get("type") if driver is not None else None,
                 readonly=disk.find("readonly") is not None,
                 shareable=disk.find("shareable") is not None,
                 mirror=mirror is not None,
                 mirror_ready=mirror is not None and mirror.get("ready") == "yes",
                 backing_chain=_backing_chain(disk),
+                network=network,
             )
         )
     return disks
 
 
 def skip_reason(disk: DiskXml) -> str | None:
-    """Given a DiskXml, return why it is not backed up (cdrom, network...), or None to back it up."""
+    """Given a DiskXml, return why it is not backed up (cdrom, volume, shareable...), or None to back it up. A
+    network disk is backed up (None) where the method allows: see kvm_borg.method_choice.network_disk_reason."""
     if disk.device != "disk":
         return f"device is a {disk.device}"
     if disk.disk_type in SKIPPED_DISK_TYPES:
         return f"{disk.disk_type} disk"
-    if disk.disk_type not in ("file", "block"):
+    if disk.disk_type == "network" and disk.network is None:
+        return "network disk without a protocol"
+    if disk.disk_type not in ("file", "block", "network"):
         return f"unsupported disk type {disk.disk_type}"
     if disk.shareable:
         return "shareable disk"
@@ -94,7 +113,8 @@ def skip_reason(disk: DiskXml) -> str | None:
 def choose_disks(
     domain_xml: str, excluded_targets: list[str] | tuple[str, ...] = ()
 ) -> tuple[list[DiskPlan], list[SkippedDisk]]:
-    """Given a domain's XML and targets to exclude, return (disks to back up, skipped disks with reasons)."""
+    """Given a domain's XML and targets to exclude, return (disks to back up, skipped disks with reasons). A
+    network disk is among the disks to back up, with source_type "network" and its NetworkSource."""
     chosen, skipped = [], []
     for disk in parse_disks(domain_xml):
         reason = skip_reason(disk)
@@ -110,6 +130,7 @@ def choose_disks(
                 source_type=disk.disk_type,
                 driver_type=disk.driver_type or "raw",
                 backing_chain=disk.backing_chain,
+                network=disk.network,
             )
         )
     return chosen, skipped
@@ -215,3 +236,23 @@ def has_guest_agent_channel(domain_xml: str) -> bool:
     return any(
         t.get("name") == "org.qemu.guest_agent.0" for t in root.findall("./devices/channel/target")
     )
+
+
+NBD_DEFAULT_PORT = "10809"
+
+
+def network_image_url(network: NetworkSource) -> str | None:
+    """Given a network disk's NetworkSource, return the URL qemu-img opens it by (to read a qcow2 disk's
+    compat level), or None where kvm-borg does not build one: an NBD export over TCP
+    (`nbd://HOST:PORT/NAME`) or a unix socket (`nbd+unix:///NAME?socket=PATH`); other protocols need
+    credentials or configuration kvm-borg does not hold (rbd, iscsi...)."""
+    if network.protocol != "nbd" or not network.hosts:
+        return None
+    host = network.hosts[0]
+    name = network.name or ""
+    if host.transport == "unix":
+        return f"nbd+unix:///{name}?socket={host.socket}" if host.socket else None
+    if not host.name or host.transport not in (None, "tcp"):
+        return None
+    server = f"[{host.name}]" if ":" in host.name else host.name
+    return f"nbd://{server}:{host.port or NBD_DEFAULT_PORT}/{name}"

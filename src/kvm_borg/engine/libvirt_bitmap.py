@@ -25,7 +25,7 @@ from kvm_borg.engine import backup_job, images
 from kvm_borg.engine.connection import Connection
 from kvm_borg.engine.libvirt_errors import translated, translating
 from kvm_borg.engine.libvirt_snapshot import quiesce_decision, record_stage, resume_if_paused_by_io_error
-from kvm_borg.engine.planning import DomainHandle
+from kvm_borg.engine.planning import DomainHandle, disk_qcow2_compat
 from kvm_borg.errors import EngineError, KvmBorgError, RefusedError
 from kvm_borg.models import DiskPlan, DiskReadStats, DomainPlan, FreezeResult, FrozenDisk, RecoveryReport, ReleaseResult
 
@@ -47,11 +47,15 @@ def recovery_command(name: str) -> str:
 # --- deciding (pure) ----------------------------------------------------------------------------
 
 
-def no_bitmap_reason(driver_type: str, qcow2_compat: str | None) -> str | None:
-    """Given a disk's format and (qcow2) compat level, return why it cannot carry a checkpoint bitmap
-    (raw, qcow2 v2...), or None when it can (qcow2 v3)."""
+def no_bitmap_reason(driver_type: str, qcow2_compat: str | None, network: bool = False) -> str | None:
+    """Given a disk's format, (qcow2) compat level and whether it is a network disk, return why it cannot
+    carry a checkpoint bitmap (raw, qcow2 v2, a network qcow2 disk whose level kvm-borg cannot read...), or
+    None when it can (qcow2 v3). Such a disk is `checkpoint='no'` and read in full every run."""
+    kind = "network disk" if network else "disk"
     if driver_type != "qcow2":
-        return f"{driver_type} disk: no bitmap"
+        return f"{driver_type} {kind}: no bitmap"
+    if network and qcow2_compat is None:
+        return "qcow2 network disk of unknown compat level: no bitmap (kvm-borg reads the level of NBD exports only)"
     if not method_choice.holds_bitmaps(driver_type, qcow2_compat):
         return f"qcow2 image of compat {qcow2_compat or 'unknown'}: no bitmap (needs qcow2 v3)"
     return None
@@ -303,10 +307,10 @@ class BitmapSource(SegmentSource):
                 bitmap_disks = backup_job.checkpoint_bitmap_disks(backup_job.checkpoint_description(dom, state.checkpoint))
         runs = []
         for index, disk in enumerate(self.plan.disks):
-            compat = images.qcow2_compat(disk.source) if disk.driver_type == "qcow2" else None
-            no_bitmap = no_bitmap_reason(disk.driver_type, compat)
+            compat = disk_qcow2_compat(disk) if disk.driver_type == "qcow2" else None
+            no_bitmap = no_bitmap_reason(disk.driver_type, compat, network=disk.network is not None)
             virtual_size = int(dom.blockInfo(disk.target, 0)[0])
-            image = image_identity(disk.source)
+            image = image_identity(disk.source) if disk.network is None else None  # a network disk: no file
             previous = state.disks.get(disk.target) if state is not None else None
             reason = full_read_reason(
                 no_bitmap=no_bitmap, full_requested=self.plan.full_read, state=state, checkpoint_problem=problem,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,12 +14,13 @@ from kvm_borg import journal, method_choice
 from kvm_borg.config import Settings
 from kvm_borg.engine.backup_job import is_own_checkpoint
 from kvm_borg.engine.connection import Connection
-from kvm_borg.engine.domain_xml import choose_disks, is_overlay_path, overlay_path
-from kvm_borg.engine.images import qcow2_compat
+from kvm_borg.engine.domain_xml import choose_disks, is_overlay_path, network_image_url, overlay_path
+from kvm_borg.engine.images import qcow2_compat, qemu_img_argv
 from kvm_borg.engine.libvirt_errors import translating
 from kvm_borg.engine.versions import backup_api_problem
-from kvm_borg.errors import RefusedError
-from kvm_borg.models import DomainPlan
+from kvm_borg.errors import KvmBorgError, RefusedError
+from kvm_borg.tools import tool_output
+from kvm_borg.models import DiskPlan, DomainPlan, SkippedDisk
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +60,46 @@ def bitmap_problem(connection: Connection) -> str | None:
     return _BITMAP_PROBLEMS[connection.uri]
 
 
+# qemu-img asking a network server for a qcow2 header: a server that takes one client at a time (qemu-nbd's
+# default --shared=1, QEMU being that client) never answers, and an unknown level only costs a full read.
+NETWORK_PROBE_TIMEOUT = 15.0
+
+
+def network_qcow2_compat_argv(url: str) -> list[str]:
+    """Given a network disk's URL (domain_xml.network_image_url), return the `qemu-img info` argv reading its
+    qcow2 header only (force-shared, no backing file opened)."""
+    return qemu_img_argv("info", "-U", "--output=json", "-f", "qcow2", url)
+
+
+def disk_qcow2_compat(disk: DiskPlan) -> str | None:
+    """Given a qcow2 DiskPlan, return its compat level ("1.1", "0.10"), or None when unknown: a network disk
+    is asked through its URL where domain_xml.network_image_url builds one (NBD; at most
+    NETWORK_PROBE_TIMEOUT seconds), else not at all."""
+    if disk.network is None:
+        return qcow2_compat(disk.source)
+    url = network_image_url(disk.network)
+    if url is None:
+        return None
+    try:
+        info = json.loads(tool_output(network_qcow2_compat_argv(url), what=f"read the qcow2 header of {url}",
+                                      timeout=NETWORK_PROBE_TIMEOUT))
+    except (KvmBorgError, ValueError) as exc:
+        log.info("disk %s: qcow2 level of %s unknown (%s): read in full", disk.target, url, exc)
+        return None
+    compat = ((info.get("format-specific") or {}).get("data") or {}).get("compat") if isinstance(info, dict) else None
+    return compat if isinstance(compat, str) else None
+
+
 def choose_method(settings: Settings, name: str, running: bool, disks, connection: Connection | None = None) -> str:
     """Given the settings, a domain's name, whether it runs, its chosen DiskPlans and the connection, return
     its method: "snapshot" or "bitmap" (kvm_borg.method_choice; qcow2 compat levels are read only for
-    `auto`). `auto` falls back to snapshot, with an info line, where the bitmap method cannot run here."""
+    `auto`; a network disk makes `auto` choose bitmap for a running domain). `auto` falls back to snapshot,
+    with an info line, where the bitmap method cannot run here."""
     auto = method_choice.configured_method(settings.method, settings.domains_method, name) == "auto"
-    formats = [(d.driver_type, qcow2_compat(d.source) if auto and d.driver_type == "qcow2" else None) for d in disks]
-    method = method_choice.choose_method(settings.method, settings.domains_method, name, running, formats)
+    network = any(getattr(d, "network", None) is not None for d in disks)
+    formats = [(d.driver_type, qcow2_compat(d.source) if auto and d.driver_type == "qcow2" and
+                getattr(d, "network", None) is None else None) for d in disks]
+    method = method_choice.choose_method(settings.method, settings.domains_method, name, running, formats, network)
     if auto and method == "bitmap" and connection is not None:
         problem = bitmap_problem(connection)
         if problem:
@@ -99,9 +134,16 @@ def make_plan(handle: DomainHandle, settings: Settings, excluded_targets: list[s
     disks, skipped = choose_disks(xml, excluded_targets)
     for skip in skipped:
         log.info("domain '%s': skipping disk %s (%s)", name, skip.target, skip.reason)
+    method = choose_method(settings, name, running, disks, handle.connection) if disks else settings.method
+    disks, left_out = leave_out_network_disks(settings, name, running, method, disks, handle.connection)
+    warnings = tuple(f"domain '{name}': disk {s.target} ({d.source}) is NOT backed up: {s.reason}"
+                     for s, d in left_out)
+    for warning in warnings:
+        log.warning("%s", warning)
+    skipped = [*skipped, *(s for s, _ in left_out)]
     if not disks:
-        raise RefusedError(f"domain '{name}' has no disk to back up")
-    method = choose_method(settings, name, running, disks, handle.connection)
+        raise RefusedError(f"domain '{name}' has no disk to back up"
+                           + "".join(f"; {w.split(': ', 1)[1]}" for w in warnings))
     checkpoints = _checkpoint_names(dom) if method == "snapshot" else []
     if checkpoints:
         raise RefusedError(
@@ -133,7 +175,24 @@ def make_plan(handle: DomainHandle, settings: Settings, excluded_targets: list[s
         quiesce=settings.quiesce,
         method=method,
         full_read=settings.full_read,
+        warnings=warnings,
     )
+
+
+def leave_out_network_disks(settings: Settings, name: str, running: bool, method: str, disks: list[DiskPlan],
+                            connection: Connection | None) -> tuple[list[DiskPlan], list[tuple[SkippedDisk, DiskPlan]]]:
+    """Given the settings, a domain's name, whether it runs, its chosen method and disks, return (the disks to
+    back up, [(SkippedDisk, DiskPlan)] of the network disks this method cannot read): see
+    method_choice.network_disk_reason. The caller warns about each one left out: never silently."""
+    network = [d for d in disks if d.network is not None]
+    if not network:
+        return disks, []
+    configured = method_choice.configured_method(settings.method, settings.domains_method, name)
+    why_not = bitmap_problem(connection) if connection is not None and configured == "auto" else None
+    reason = method_choice.network_disk_reason(method, running, configured, why_not)
+    if reason is None:
+        return disks, []
+    return [d for d in disks if d.network is None], [(SkippedDisk(d.target, reason), d) for d in network]
 
 
 def check_overlay_room(name: str, overlays: list[str], min_free: int) -> None:

@@ -154,6 +154,8 @@ def backup_locked(ctx, handle: DomainHandle, backends, excluded: list[str], resu
     signals.check_stop()  # a parallel run being interrupted starts nothing more
     timestamp = fresh_timestamp(previous_timestamp)
     plan = make_plan(handle, settings, excluded, timestamp)
+    if previous_timestamp is None:  # the live retry plans again: its warnings are the first plan's
+        result.warnings.extend(plan.warnings)
     source = choose_source(ctx, handle, plan)
     staging_dir = settings.staging_dir / plan.uuid
     archive = metadata.archive_name(name, timestamp)

@@ -55,6 +55,7 @@ def _freeze_locked(ctx, handle, expose_dir: Path, excluded: list[str], outcome: 
     settings, name = ctx.settings, handle.name
     timestamp = metadata.utc_timestamp()
     plan = make_plan(handle, settings, excluded, timestamp)
+    outcome["warnings"].extend(plan.warnings)
     domain_dir = expose_dir / name
     if os.path.lexists(domain_dir):
         raise RefusedError(f"domain '{name}': {domain_dir} exists (left by an earlier freeze?): "
