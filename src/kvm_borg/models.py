@@ -456,23 +456,35 @@ class RecoveryReport:
         self.warnings.append(text)
 
 
+class BoundedBytes:
+    """A `write` callable for streamed bytes that keeps at most `limit` of them: given the limit and the
+    message of the UsageError raised once more arrive, collect the pieces; `value()` returns them joined.
+    (Untrusted archives: a "small" file must not fill the memory.)"""
+
+    def __init__(self, limit: int, too_large: str):
+        self.limit, self.too_large = limit, too_large
+        self.size = 0
+        self.parts: list[bytes] = []
+
+    def __call__(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise UsageError(self.too_large)
+        self.parts.append(bytes(data))
+
+    def value(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def read_small_file(backend, archive: str, archive_path: str, limit: int) -> bytes:
+    """Given a backend, an archive, a stored path and a size limit, return the file's bytes, read with one
+    `stream_file` (more than `limit` bytes is a UsageError naming it)."""
+    collect = BoundedBytes(limit, f"{archive_path} in {archive} is larger than {limit} bytes")
+    backend.stream_file(archive, archive_path, collect)
+    return collect.value()
+
+
 def read_files_one_by_one(backend, archive: str, archive_paths: Sequence[str], limit: int) -> dict[str, bytes]:
     """Given a backend, an archive, stored paths and a size limit per file, return {path: bytes}, read with one
     `stream_file` each (a file larger than `limit` is a UsageError naming it)."""
-    return {path: _read_one(backend, archive, path, limit) for path in archive_paths}
-
-
-def _read_one(backend, archive: str, archive_path: str, limit: int) -> bytes:
-    """Given a backend, an archive, a stored path and a size limit, return the file's bytes (UsageError above it)."""
-    parts: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise UsageError(f"{archive_path} in {archive} is larger than {limit} bytes")
-        parts.append(bytes(data))
-
-    backend.stream_file(archive, archive_path, collect)
-    return b"".join(parts)
+    return {path: read_small_file(backend, archive, path, limit) for path in archive_paths}

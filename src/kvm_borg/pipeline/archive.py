@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from kvm_borg import archive_choice, archive_meta, restore_plan
 from kvm_borg.errors import UsageError
 from kvm_borg.metadata import LIVE_XML_NAME, PERSISTENT_XML_NAME
-from kvm_borg.models import RepositoryBackend
+from kvm_borg.models import RepositoryBackend, read_small_file
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,7 @@ def check_meta_host(meta: dict, chosen: Chosen, archive: str) -> None:
 def read_bytes(backend: RepositoryBackend, archive: str, archive_path: str, limit: int = MAX_META_BYTES) -> bytes:
     """Given an archive and a stored path, return the stored file's bytes (a small file: more than `limit`
     bytes is a UsageError)."""
-    parts: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise UsageError(f"{archive_path} in {archive} is larger than {limit} bytes")
-        parts.append(data)
-
-    backend.stream_file(archive, archive_path, collect)
-    return b"".join(parts)
+    return read_small_file(backend, archive, archive_path, limit)
 
 
 def archive_entries(backend: RepositoryBackend, archive: str) -> dict[str, str]:

@@ -48,7 +48,7 @@ from kvm_borg.backends.borg.output import (
 from kvm_borg.config_formats import rate_kib_per_second
 from kvm_borg.errors import KvmBorgError, UsageError
 from kvm_borg.execute import CommandError, CommandResult, run_command
-from kvm_borg.models import ArchiveInfo, ArchiveRequest, BackendBase, CheckResult, PruneResult, StoreResult
+from kvm_borg.models import ArchiveInfo, ArchiveRequest, BackendBase, BoundedBytes, CheckResult, PruneResult, StoreResult
 from kvm_borg.progress import progress_of, transfer_progress
 from kvm_borg.redact import redact_url
 
@@ -302,22 +302,13 @@ class BorgRepository(BackendBase):
         if not archive_paths:
             return {}
         budget = len(archive_paths) * (limit + 1024) + 10240  # the files, their tar headers and the end blocks
-        parts: list[bytes] = []
-        size = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal size
-            size += len(data)
-            if size > budget:
-                raise UsageError(f"the small files asked for in {archive} are larger than {limit} bytes each")
-            parts.append(bytes(data))
-
+        collect = BoundedBytes(budget, f"the small files asked for in {archive} are larger than {limit} bytes each")
         argv = commands.make_export_files_command(self.binary, self.location, archive, archive_paths,
                                                   lock_wait=self.lock_wait)
         result, log = self._run(argv, on_stdout=collect)
         if failed(result.returncode):
             raise self._error("export-tar", log, result)
-        data = b"".join(parts)
+        data = collect.value()
         try:
             return parse_files_tar(data, archive_paths, limit, archive)
         except ValueError as exc:
