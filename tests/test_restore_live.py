@@ -169,6 +169,34 @@ def test_live_restore_runs_the_copy_before_the_pull_ends_and_leaves_plain_local_
     assert_nothing_left(config)
 
 
+SPARSE_WRITES = [(0x5A, 3 << 20, 1 << 20), (0x6B, 41 << 20, 2 << 20)]  # 3 MiB of data on a 64 MiB disk
+
+
+def test_live_restored_images_are_sparse_and_owned_as_libvirt_needs(
+        domain_factory, image_dir, tmp_path, libvirt_conn, leftovers):
+    """As for a full restore: the pulled image allocates only the archived data (zeros read from the archive are
+    not written as data), and it is owned as libvirt gives QEMU its images (the running original's owner),
+    never open to others."""
+    domain = domain_factory.make(disks=[DiskSpec("vda", "raw", 64, fill=SPARSE_WRITES)], name="live sparse")
+    config = write_config(image_dir / "kb", repo_path=tmp_path / "repo")
+    leftovers.append(config)
+    backup(domain, config)
+    copy = domain_factory.domain_name("live sparse copy")
+    proc = run_cli("restore", domain.name, "--live", "--name", copy, "--target-dir", image_dir / "copy", "--json",
+                   config=config, env=cli_env())
+    assert proc.returncode == 0, proc.stderr
+    [path] = json.loads(proc.stdout)["disks"].values()
+    dom = libvirt_conn.lookupByName(copy)
+    assert dom.isActive()
+    st, original = os.stat(path), os.stat(domain.disks["vda"])
+    data = sum(length for _pattern, _offset, length in SPARSE_WRITES)
+    assert st.st_blocks * 512 <= data * 1.05 + (1 << 20), (st.st_blocks * 512, data)  # + qcow2 metadata
+    assert domain.verify_fill("vda", path, "qcow2")
+    assert (st.st_uid, st.st_gid) == (original.st_uid, original.st_gid) and not st.st_mode & 0o007
+    assert_flat_and_equal(domain, dom, {"vda": path}, libvirt_conn)
+    assert_nothing_left(config)
+
+
 def test_a_live_restore_without_room_for_its_pulled_disks_is_refused_and_changes_nothing(
         borg_archive, domain_factory, image_dir, libvirt_conn):
     domain, config = borg_archive
