@@ -144,7 +144,8 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
     started_at = time.monotonic()
     chosen = archive_reading.choose(backend, settings, options.domain, options.archive, options.host)
     archive = chosen.name
-    meta, entries = archive_reading.read_archive(backend, archive, options.domain)
+    read = archive_reading.read_archive_files(backend, archive, options.domain)  # meta.json + XMLs: one call
+    meta, entries = read.meta, read.entries
     archive_reading.check_meta_host(meta, chosen, archive)
     target_dir = os.path.abspath(options.target_dir) if options.target_dir else None
     local = local_disks(conn, meta["domain"]["name"]) if target_dir is None else None
@@ -159,7 +160,7 @@ def _run_live_restore(settings, conn, repo, backend, options, bandwidth, on_star
     if unfinished_journal_entry(settings.journal_dir, plan.domain, [plan.uuid]):
         raise RefusedError(f"domain {plan.domain!r} has an unfinished entry in the journal; run "
                            f"'kvm-borg recover {plan.domain}' first")
-    archived_xml, xml_text = restored_xml(backend, archive, meta, entries, live_plan, options)
+    archived_xml, xml_text = restored_xml(backend, archive, meta, entries, live_plan, options, small=read.small)
     xml_text, sanitize_warnings = sanitized_xml(conn, xml_text, live_plan, isolate=options.isolate,
                                                 scratch_dir=target_dir if options.isolate else None)
     check_refusals(conn, live_plan, live_plan.destinations(), define=True, overwrite=False)
