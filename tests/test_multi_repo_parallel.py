@@ -112,6 +112,10 @@ def _raise_alarm(signum, frame):
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_interrupt_in_the_main_thread_stops_every_child_of_the_store_threads(stop_signal):
     backends = [SleepingBackend(n, f"/srv/{n}", 60, stop_signal=stop_signal) for n in ("a", "b", "c")]
+    # As in kvm-borg, where kvm_borg.signals handles SIGINT while a backup runs: a handled signal is reset to
+    # its default in every child. Without it, pytest started as a shell's background job (SIGINT ignored,
+    # as POSIX wants for `cmd &` without job control) would pass the ignored SIGINT on to the children.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGALRM, _raise_alarm)
     signal.setitimer(signal.ITIMER_REAL, 1.0)
     try:
@@ -120,6 +124,7 @@ def test_interrupt_in_the_main_thread_stops_every_child_of_the_store_threads(sto
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     assert all(b.ended is not None for b in backends)  # every store returned: its child was reaped
     # ... stopped by its stop signal (or never started), not after sleeping its 60 s (returncode 0).
     assert all(b.returncode in (None, -stop_signal) for b in backends)
