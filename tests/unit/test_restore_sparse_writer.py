@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kvm_borg.sparse import BLOCK, SEGMENT, SparseWriter, dig_holes
+from kvm_borg.sparse import BLOCK, SEGMENT, SparseWriter, dig_holes, zero_runs
 
 
 def _stream(rng: random.Random) -> tuple[bytes, int]:
@@ -127,7 +127,11 @@ def test_dig_holes_of_a_file_without_zero_blocks_changes_nothing(tmp_path):
 
 
 def test_the_zero_block_prefilter_never_misses_an_aligned_zero_block():
-    from kvm_borg.sparse import maybe_zero_blocks
+    from kvm_borg.sparse import first_words
+
+    def maybe_zero_blocks(data, length):
+        return 0 in first_words(data, length)
+
     dense = b"\x01" * (BLOCK * 8)
     assert not maybe_zero_blocks(dense, len(dense))
     with_block = dense[:BLOCK * 3] + bytes(BLOCK) + dense[BLOCK * 4:]
@@ -140,3 +144,27 @@ def test_the_zero_block_prefilter_never_misses_an_aligned_zero_block():
     assert maybe_zero_blocks(starts_zero, len(starts_zero))
     assert not maybe_zero_blocks(bytes(BLOCK - 1), BLOCK - 1)  # a partial block is never a hole
     assert not maybe_zero_blocks(with_block, BLOCK * 3)  # only the bytes that count are looked at
+
+
+def _reference_zero_runs(data: bytes, length: int) -> list[tuple[int, int]]:
+    """The maximal runs of whole aligned all-zero blocks in data[:length], block by block."""
+    runs: list[tuple[int, int]] = []
+    for start in range(0, length - length % BLOCK, BLOCK):
+        if data[start:start + BLOCK] == bytes(BLOCK):
+            if runs and runs[-1][1] == start:
+                runs[-1] = (runs[-1][0], start + BLOCK)
+            else:
+                runs.append((start, start + BLOCK))
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_zero_runs_are_exactly_the_maximal_runs_of_aligned_zero_blocks(seed):
+    rng = random.Random(seed)
+    data, _ = _stream(rng)
+    # blocks that start with 8 zero bytes but are not all zeros: looked at closely, never a run
+    data += b"".join(bytes(8) + rng.randbytes(BLOCK - 8) for _ in range(3)) + bytes(SEGMENT) + b"\x04"
+    for length in (len(data), len(data) - rng.randrange(1, BLOCK), SEGMENT + BLOCK, BLOCK - 1):
+        assert list(zero_runs(data, length)) == _reference_zero_runs(data, length), length
+    assert list(zero_runs(bytes(3 * SEGMENT + BLOCK), 3 * SEGMENT + BLOCK)) == [(0, 3 * SEGMENT + BLOCK)]
+    assert list(zero_runs(bytes(b | 1 for b in rng.randbytes(SEGMENT)), SEGMENT)) == []  # no zero byte at all
