@@ -22,7 +22,7 @@ class FakeLibvirt:
 def qcow2_v3(tmp_path):
     path = tmp_path / "vda.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=1.1", str(path), "1M"], check=True)
-    return SimpleNamespace(driver_type="qcow2", source=str(path))
+    return SimpleNamespace(driver_type="qcow2", source=str(path), network=None)  # a DiskPlan of a file disk
 
 
 @pytest.fixture(autouse=True)

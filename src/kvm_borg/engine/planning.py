@@ -96,9 +96,9 @@ def choose_method(settings: Settings, name: str, running: bool, disks, connectio
     `auto`; a network disk makes `auto` choose bitmap for a running domain). `auto` falls back to snapshot,
     with an info line, where the bitmap method cannot run here."""
     auto = method_choice.configured_method(settings.method, settings.domains_method, name) == "auto"
-    network = any(getattr(d, "network", None) is not None for d in disks)
+    network = any(d.network is not None for d in disks)
     formats = [(d.driver_type, qcow2_compat(d.source) if auto and d.driver_type == "qcow2" and
-                getattr(d, "network", None) is None else None) for d in disks]
+                d.network is None else None) for d in disks]
     method = method_choice.choose_method(settings.method, settings.domains_method, name, running, formats, network)
     if auto and method == "bitmap" and connection is not None:
         problem = bitmap_problem(connection)
